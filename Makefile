@@ -1,0 +1,93 @@
+# cmk_lakebase: transparent data encryption with customer-managed keys for stock
+# PostgreSQL. Three artifacts, layered one way (STYLE.md):
+#   libcmk_lakebase_fs.so  the encrypting file layer + crypto, key map, keyring and
+#                          key providers; no reference to server symbols, so it can be
+#                          LD_PRELOADed into initdb and the other stock tools
+#   cmk_lakebase.so        the PostgreSQL module (PGXS MODULE_big); links the layer
+#   pg_cmk                 the command-line tool (initdb, exec, status, key commands)
+# Plus build/cmk_unit_tests (GoogleTest) for the pure C++ layers.
+
+EXTENSION = cmk_lakebase
+EXTVERSION = $(shell grep default_version $(EXTENSION).control | sed -e "s/default_version[[:space:]]*=[[:space:]]*'\([^']*\)'/\1/")
+MODULE_big = cmk_lakebase
+PG_SRCS = $(sort $(wildcard src/pg/*.cpp))
+OBJS = $(PG_SRCS:.cpp=.o)
+DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
+DATA = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql))
+EXTRA_CLEAN = build sql/$(EXTENSION)--$(EXTVERSION).sql $(CORE_OBJS) $(FS_OBJS) $(CLI_OBJS) $(UNIT_OBJS)
+
+# pg_regress runs against an encrypted instance started by test/run_regress.sh.
+REGRESS = cmk_status
+
+PG_CONFIG ?= pg_config
+# No JIT bitcode for a C++ module (would need clang at build time for nothing).
+override with_llvm = no
+
+WERROR ?=
+CMK_CXXFLAGS = -std=c++17 -fPIC -Iinclude -Wall -Wextra $(WERROR) -O2 -g -fvisibility-inlines-hidden
+PG_CXXFLAGS = $(CMK_CXXFLAGS)
+LAYER = build/libcmk_lakebase_fs.so
+SHLIB_LINK = -Lbuild -lcmk_lakebase_fs -Wl,-rpath,'$(pkglibdir)' -lstdc++
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+PG_BINDIR := $(shell $(PG_CONFIG) --bindir)
+PG_PKGLIBDIR := $(shell $(PG_CONFIG) --pkglibdir)
+
+CORE_SRCS = $(sort $(wildcard src/core/*.cpp))
+FS_SRCS = $(sort $(wildcard src/fs/*.cpp))
+CLI_SRCS = $(sort $(wildcard src/cli/*.cpp))
+UNIT_SRCS = $(sort $(wildcard test/unit/*.cpp))
+CORE_OBJS = $(CORE_SRCS:.cpp=.o)
+FS_OBJS = $(FS_SRCS:.cpp=.o)
+CLI_OBJS = $(CLI_SRCS:.cpp=.o)
+UNIT_OBJS = $(UNIT_SRCS:.cpp=.o)
+CORE_LIBS = -lcrypto -lcurl -ldl -lpthread
+
+# Compiled-in locations, so that pg_cmk finds initdb and the layer without a PATH.
+CMK_DEFS = -DCMK_PG_BINDIR='"$(PG_BINDIR)"' -DCMK_PKGLIBDIR='"$(PG_PKGLIBDIR)"' \
+	-DCMK_VERSION='"$(EXTVERSION)"'
+
+src/core/%.o: src/core/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
+
+# The interposers define open(), read(), ...: glibc's fortify wrappers must be off here.
+src/fs/%.o: src/fs/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -c -o $@ $<
+
+src/cli/%.o: src/cli/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
+
+src/pg/%.o: src/pg/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) $(CPPFLAGS) -I$(includedir_server) -c -o $@ $<
+
+test/unit/%.o: test/unit/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
+
+$(LAYER): $(CORE_OBJS) $(FS_OBJS)
+	@mkdir -p build
+	$(CXX) -shared -o $@ $^ -Wl,-soname,libcmk_lakebase_fs.so -Wl,-z,now $(CORE_LIBS)
+
+build/pg_cmk: $(CLI_OBJS) $(CORE_OBJS)
+	@mkdir -p build
+	$(CXX) -o $@ $^ $(CORE_LIBS)
+
+build/cmk_unit_tests: $(UNIT_OBJS) $(CORE_OBJS)
+	@mkdir -p build
+	$(CXX) -o $@ $^ -lgtest -lgtest_main $(CORE_LIBS)
+
+$(shlib): $(LAYER)
+
+all: $(LAYER) build/pg_cmk
+
+unit: build/cmk_unit_tests
+
+sql/$(EXTENSION)--$(EXTVERSION).sql: sql/$(EXTENSION).sql
+	cp $< $@
+
+install: install-cmk
+.PHONY: install-cmk unit
+install-cmk: $(LAYER) build/pg_cmk
+	$(INSTALL_SHLIB) $(LAYER) '$(DESTDIR)$(pkglibdir)/libcmk_lakebase_fs.so'
+	$(INSTALL_PROGRAM) build/pg_cmk '$(DESTDIR)$(bindir)/pg_cmk'

@@ -1,0 +1,40 @@
+// File classes (DESIGN §4): which files under a data directory are ciphertext at rest
+// and under which kind of key. Classification is by the path relative to the data
+// directory ("base/5/16384.1", "pg_tblspc/16390/PG_15_202209061/5/16391"); pure
+// string logic, no I/O.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace cmk {
+
+enum class FileClass : uint8_t {
+    Plaintext = 0,     // documented plaintext list (and anything outside the data directory)
+    Relation = 1,      // base/*/*, global/*, tablespaces: DEK per segment
+    Wal = 2,           // pg_wal segments, xlogtemp.*, .partial, RECOVERYXLOG: DEK per segment
+    Slru = 3,          // pg_xact, pg_multixact/*, pg_subtrans, pg_commit_ts, pg_serial: DEK per file
+    TwoPhase = 4,      // pg_twophase/*: DEK per file
+    TempFile = 5,      // pgsql_tmp*: per-boot key
+    TempRelation = 6,  // t<backend>_<relfilenode>*: per-boot key
+    Spill = 7,         // pg_replslot/*/*.spill: per-boot key
+    Notify = 8,        // pg_notify/*: per-boot key
+};
+
+const char* file_class_name(FileClass c);
+// Durable classes have a DEK in the key map; ephemeral classes derive theirs from
+// the per-boot key; plaintext has none.
+bool is_encrypted(FileClass c);
+bool is_durable(FileClass c);
+bool is_ephemeral(FileClass c);
+
+// rel: path relative to the data directory, lexically normalized (no "." or ".."
+// components, no leading or doubled '/'). Tablespace files must be given in their
+// "pg_tblspc/<oid>/..." form.
+FileClass classify_relative(const std::string& rel);
+
+// Lexical normalization of a path (collapses "//", "/./", "dir/../"); keeps it
+// absolute or relative as given. Returns "" for an empty path.
+std::string normalize_path(const std::string& p);
+
+}  // namespace cmk
