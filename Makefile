@@ -60,7 +60,7 @@ src/cli/%.o: src/cli/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
 
 src/pg/%.o: src/pg/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
-	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) $(CPPFLAGS) -I$(includedir_server) -c -o $@ $<
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -isystem $(includedir_server) $(CPPFLAGS) -c -o $@ $<
 
 test/unit/%.o: test/unit/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<

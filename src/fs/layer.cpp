@@ -1,0 +1,1271 @@
+// The encrypting file layer (DESIGN §3, §4): classifies each path under the data
+// directory, keeps per-descriptor cipher state, encrypts on write and decrypts on read
+// with a length-preserving cipher, and carries a file's key through rename, link and
+// unlink. Shared by both installations: LD_PRELOAD (tools) and GOT hooks (server).
+//
+// Unit layout: a file is a sequence of 8 KiB units; unit i covers
+// [i*8K, min((i+1)*8K, size)). Each unit is AES-256-XTS encrypted with the unit number
+// as tweak, over its current length (the last unit of an odd-length file is shorter,
+// and is re-encrypted when the file grows or shrinks). A unit whose bytes on disk are
+// all zero reads as zeros (holes, never-written pages); a unit of zeros is written as
+// zeros (it reveals only what a hole already would).
+#include <dirent.h>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cmk_lakebase/crypto.hpp"
+#include "cmk_lakebase/fileclass.hpp"
+#include "cmk_lakebase/keymap.hpp"
+#include "cmk_lakebase/keyring.hpp"
+#include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/layer.hpp"
+#include "cmk_lakebase/sys.hpp"
+#include "layer_internal.hpp"
+
+namespace cmk::fs {
+namespace detail {
+
+const Real& real() {
+    static const Real r = [] {
+        void* h = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
+        if (!h) h = dlopen("libc.so.6", RTLD_LAZY);
+        auto sym = [h](const char* name) -> void* {
+            void* p = h ? dlsym(h, name) : nullptr;
+            if (!p) {
+                const char msg[] = "cmk_lakebase: cannot resolve the C library's file functions\n";
+                (void)!::syscall(1 /* SYS_write */, 2, msg, sizeof msg - 1);
+                std::abort();
+            }
+            return p;
+        };
+        Real x{};
+#define CMK_RESOLVE(field, name) x.field = reinterpret_cast<decltype(x.field)>(sym(name))
+        CMK_RESOLVE(open, "open");
+        CMK_RESOLVE(openat, "openat");
+        CMK_RESOLVE(close, "close");
+        CMK_RESOLVE(read, "read");
+        CMK_RESOLVE(write, "write");
+        CMK_RESOLVE(pread, "pread");
+        CMK_RESOLVE(pwrite, "pwrite");
+        CMK_RESOLVE(readv, "readv");
+        CMK_RESOLVE(writev, "writev");
+        CMK_RESOLVE(preadv, "preadv");
+        CMK_RESOLVE(pwritev, "pwritev");
+        CMK_RESOLVE(preadv2, "preadv2");
+        CMK_RESOLVE(pwritev2, "pwritev2");
+        CMK_RESOLVE(renameat2, "renameat2");
+        CMK_RESOLVE(rename, "rename");
+        CMK_RESOLVE(linkat, "linkat");
+        CMK_RESOLVE(unlinkat, "unlinkat");
+        CMK_RESOLVE(unlink, "unlink");
+        CMK_RESOLVE(truncate, "truncate");
+        CMK_RESOLVE(ftruncate, "ftruncate");
+        CMK_RESOLVE(fallocate, "fallocate");
+        CMK_RESOLVE(posix_fallocate, "posix_fallocate");
+        CMK_RESOLVE(dup, "dup");
+        CMK_RESOLVE(dup2, "dup2");
+        CMK_RESOLVE(dup3, "dup3");
+        CMK_RESOLVE(fcntl, "fcntl");
+        CMK_RESOLVE(mmap, "mmap");
+        CMK_RESOLVE(copy_file_range, "copy_file_range");
+        CMK_RESOLVE(lseek, "lseek");
+#undef CMK_RESOLVE
+        return x;
+    }();
+    return r;
+}
+
+void log_line(const std::string& msg) {
+    std::string line = "cmk_lakebase: " + msg + "\n";
+    (void)!real().write(2, line.data(), line.size());
+}
+
+}  // namespace detail
+
+using detail::real;
+using detail::log_line;
+
+namespace {
+
+constexpr size_t U = kUnitSize;
+constexpr size_t kChunk = 1 << 20;  // largest span encrypted per system call
+
+// One file's data key, shared by every descriptor open on it in this process.
+struct FileKey {
+    explicit FileKey(const SecureBytes& k) : cipher(k.data()), fingerprint(key_fingerprint(k.data(), k.size())) {}
+    std::mutex mu;
+    XtsCipher cipher;
+    std::string fingerprint;
+};
+
+struct FileCtx {
+    FileClass cls = FileClass::Plaintext;
+    std::string rel;
+    std::mutex key_mu;
+    std::shared_ptr<FileKey> key;  // null: durable file opened empty, key looked up or made at first use
+    bool fresh = false;            // created by this open (O_EXCL): make a new key, never reuse
+    bool append = false;           // caller asked for O_APPEND (emulated: we need pwrite)
+    std::atomic<int64_t> known_size{0};
+    std::atomic<int> refs{1};
+};
+
+// ---- the process-wide state -------------------------------------------------------
+
+struct State {
+    std::atomic<Mode> mode{Mode::Off};
+    std::atomic<bool> wiped{false};
+    std::once_flag env_once;
+    std::string env_datadir;  // CMK_LAKEBASE_PGDATA (preload mode)
+    std::string env_keyring_dir;
+    std::mutex init_mu;
+    bool init_failed = false;
+
+    std::string datadir;       // absolute, lexically normalized
+    std::string datadir_real;  // realpath (may appear later, while initdb creates it)
+    std::string keyring_dir;
+    Keyring keyring;
+    std::unique_ptr<KeyProvider> provider;
+    SecureBytes kek;
+    SecureBytes per_boot;
+    std::unique_ptr<KeyMap> keymap;
+    pid_t keymap_pid = 0;
+    std::mutex keymap_mu;
+
+    std::mutex ts_mu;
+    std::vector<std::pair<std::string, std::string>> tablespaces;  // real target -> oid
+    struct timespec ts_mtime {};
+};
+
+State& st() {
+    static State* s = new State();  // never destroyed: interposers run during exit
+    return *s;
+}
+
+thread_local int tl_in_layer = 0;  // re-entry guard (our own libc use during init)
+
+struct ReentryGuard {
+    ReentryGuard() { ++tl_in_layer; }
+    ~ReentryGuard() { --tl_in_layer; }
+};
+
+// ---- descriptor table ---------------------------------------------------------------
+
+constexpr int kTableSize = 1 << 16;
+std::atomic<FileCtx*>* fd_table() {
+    static std::atomic<FileCtx*>* t = [] {
+        void* p = std::calloc(kTableSize, sizeof(std::atomic<FileCtx*>));
+        if (!p) std::abort();
+        return static_cast<std::atomic<FileCtx*>*>(p);
+    }();
+    return t;
+}
+std::mutex& big_fd_mu() {
+    static std::mutex* m = new std::mutex();
+    return *m;
+}
+std::unordered_map<int, FileCtx*>& big_fds() {
+    static auto* m = new std::unordered_map<int, FileCtx*>();
+    return *m;
+}
+
+FileCtx* ctx_get(int fd) {
+    if (fd < 0) return nullptr;
+    if (fd < kTableSize) return fd_table()[fd].load(std::memory_order_acquire);
+    std::lock_guard<std::mutex> g(big_fd_mu());
+    auto it = big_fds().find(fd);
+    return it == big_fds().end() ? nullptr : it->second;
+}
+
+void ctx_release(FileCtx* c) {
+    if (c && c->refs.fetch_sub(1) == 1) delete c;
+}
+
+// Installs c for fd (taking one reference) and drops whatever was there.
+void ctx_set(int fd, FileCtx* c) {
+    FileCtx* old;
+    if (fd < kTableSize) {
+        old = fd_table()[fd].exchange(c, std::memory_order_acq_rel);
+    } else {
+        std::lock_guard<std::mutex> g(big_fd_mu());
+        auto& m = big_fds();
+        auto it = m.find(fd);
+        old = it == m.end() ? nullptr : it->second;
+        if (c)
+            m[fd] = c;
+        else if (it != m.end())
+            m.erase(it);
+    }
+    ctx_release(old);
+}
+
+// ---- bounce buffers -----------------------------------------------------------------
+
+struct Bounce {
+    uint8_t* p = nullptr;
+    size_t cap = 0;
+    ~Bounce() { std::free(p); }
+    uint8_t* get(size_t n) {
+        if (n > cap) {
+            std::free(p);
+            p = nullptr;
+            cap = 0;
+            size_t want = (n + 4095) & ~size_t(4095);
+            void* q = nullptr;
+            if (posix_memalign(&q, 4096, want) != 0) return nullptr;
+            p = static_cast<uint8_t*>(q);
+            cap = want;
+        }
+        return p;
+    }
+};
+thread_local Bounce tl_bounce;
+thread_local Bounce tl_bounce2;
+
+bool all_zero(const uint8_t* p, size_t n) {
+    // Pages with data almost always differ from zero in their first bytes.
+    size_t head = std::min<size_t>(n, 16);
+    for (size_t i = 0; i < head; i++)
+        if (p[i]) return false;
+    if (n <= 16) return true;
+    return p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
+}
+
+// ---- paths --------------------------------------------------------------------------
+
+bool starts_with_dir(const std::string& s, const std::string& dir) {
+    return !dir.empty() && s.size() > dir.size() && s.compare(0, dir.size(), dir) == 0 &&
+           s[dir.size()] == '/';
+}
+
+std::string real_path(const std::string& p) {
+    char buf[PATH_MAX];
+    if (::realpath(p.c_str(), buf)) return buf;
+    return "";
+}
+
+void env_once() {
+    State& s = st();
+    std::call_once(s.env_once, [&s] {
+        const char* d = ::getenv("CMK_LAKEBASE_PGDATA");
+        if (d && *d == '/') s.env_datadir = normalize_path(d);
+        const char* k = ::getenv("CMK_LAKEBASE_KEYRING_DIR");
+        if (k && *k) s.env_keyring_dir = k;
+    });
+}
+
+// The data directory paths are compared against, in any mode ("" if none).
+const std::string& datadir_for_resolve() {
+    State& s = st();
+    if (s.mode.load(std::memory_order_acquire) != Mode::Off) return s.datadir;
+    env_once();
+    return s.env_datadir;
+}
+
+void refresh_tablespaces(const std::string& datadir) {
+    State& s = st();
+    std::string dir = datadir + "/pg_tblspc";
+    struct stat sb;
+    if (::stat(dir.c_str(), &sb) != 0) return;
+    std::lock_guard<std::mutex> g(s.ts_mu);
+    if (sb.st_mtim.tv_sec == s.ts_mtime.tv_sec && sb.st_mtim.tv_nsec == s.ts_mtime.tv_nsec &&
+        !s.tablespaces.empty())
+        return;
+    s.ts_mtime = sb.st_mtim;
+    s.tablespaces.clear();
+    DIR* d = ::opendir(dir.c_str());
+    if (!d) return;
+    while (struct dirent* e = ::readdir(d)) {
+        std::string name = e->d_name;
+        if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+        std::string target = real_path(dir + "/" + name);
+        if (!target.empty()) s.tablespaces.emplace_back(target, name);
+    }
+    ::closedir(d);
+}
+
+struct Resolved {
+    std::string rel;
+    FileClass cls = FileClass::Plaintext;
+};
+
+std::string absolute_of(int dirfd, const char* path) {
+    if (path[0] == '/') return normalize_path(path);
+    std::string base;
+    if (dirfd == AT_FDCWD) {
+        char buf[PATH_MAX];
+        if (!::getcwd(buf, sizeof buf)) return "";
+        base = buf;
+    } else {
+        char link[64], buf[PATH_MAX];
+        snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);
+        ssize_t n = ::readlink(link, buf, sizeof buf - 1);
+        if (n <= 0) return "";
+        buf[n] = 0;
+        base = buf;
+    }
+    return normalize_path(base + "/" + path);
+}
+
+// Where a path lies relative to the data directory, and its class. nullopt: outside.
+std::optional<Resolved> resolve(int dirfd, const char* path) {
+    if (!path || !*path) return std::nullopt;
+    const std::string& dd = datadir_for_resolve();
+    if (dd.empty()) return std::nullopt;
+    std::string abs = absolute_of(dirfd, path);
+    if (abs.empty()) return std::nullopt;
+    State& s = st();
+    std::string rel;
+    if (starts_with_dir(abs, dd)) {
+        rel = abs.substr(dd.size() + 1);
+    } else {
+        if (s.datadir_real.empty() && s.mode.load() != Mode::Off) s.datadir_real = real_path(dd);
+        const std::string& ddr = s.datadir_real;
+        if (starts_with_dir(abs, ddr)) {
+            rel = abs.substr(ddr.size() + 1);
+        } else {
+            // A tablespace reached by its own path (tools); the server itself always
+            // goes through pg_tblspc/<oid>.
+            for (int pass = 0; pass < 2 && rel.empty(); pass++) {
+                if (pass == 1) refresh_tablespaces(dd);
+                std::lock_guard<std::mutex> g(s.ts_mu);
+                for (auto& [target, oid] : s.tablespaces)
+                    if (starts_with_dir(abs, target)) {
+                        rel = "pg_tblspc/" + oid + abs.substr(target.size());
+                        break;
+                    }
+            }
+            if (rel.empty()) return std::nullopt;
+        }
+    }
+    return Resolved{rel, classify_relative(rel)};
+}
+
+// ---- keys -----------------------------------------------------------------------------
+
+KeyMap& keymap() {
+    State& s = st();
+    // flock() locks belong to the open file description: a forked child must not share
+    // its parent's, or the two would not exclude each other. Reopen after fork.
+    pid_t me = ::getpid();
+    if (s.keymap_pid != me) {
+        std::lock_guard<std::mutex> g(s.keymap_mu);
+        if (s.keymap_pid != me) {
+            s.keymap.reset(new KeyMap(s.keyring_dir, s.kek, s.keyring.cluster_id,
+                                      s.keyring.kek_generation));
+            s.keymap_pid = me;
+        }
+    }
+    return *s.keymap;
+}
+
+std::shared_ptr<FileKey> ephemeral_key(dev_t dev, ino_t ino) {
+    State& s = st();
+    std::string info = "cmk_lakebase ephemeral v1 " + std::to_string((unsigned long long)dev) +
+                       " " + std::to_string((unsigned long long)ino);
+    SecureBytes k = hkdf_sha256(s.per_boot.data(), s.per_boot.size(), info, kXtsKeySize);
+    return std::make_shared<FileKey>(k);
+}
+
+// The key of a context, finding or (for_write) making it. null with errno on failure.
+std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
+    std::lock_guard<std::mutex> g(c->key_mu);
+    if (st().wiped.load()) {
+        errno = EIO;
+        return nullptr;
+    }
+    if (c->key) return c->key;
+    try {
+        KeyMap& km = keymap();
+        if (!c->fresh) {
+            km.refresh();
+            if (auto k = km.get(c->rel)) {
+                c->key = std::make_shared<FileKey>(*k);
+                return c->key;
+            }
+        }
+        if (!for_write) {
+            errno = 0;  // no key yet: only an empty file is consistent with that
+            return nullptr;
+        }
+        SecureBytes k = km.create(c->rel, c->cls);
+        c->fresh = false;
+        c->key = std::make_shared<FileKey>(k);
+        return c->key;
+    } catch (const std::exception& e) {
+        log_line(std::string("key lookup failed for \"") + c->rel + "\": " + e.what());
+        errno = EIO;
+        return nullptr;
+    }
+}
+
+void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t len) {
+    std::lock_guard<std::mutex> g(k.mu);
+    for (size_t pos = 0; pos < len; pos += U) {
+        size_t n = std::min(U, len - pos);
+        uint8_t* p = buf + pos;
+        if (enc) {
+            if (all_zero(p, n)) continue;
+            k.cipher.encrypt(first_unit + pos / U, p, p, n);
+        } else {
+            if (all_zero(p, n)) continue;
+            k.cipher.decrypt(first_unit + pos / U, p, p, n);
+        }
+    }
+}
+
+// WAL pages are rewritten while other processes (walsender, logical decoding) read
+// them; an XTS unit read half-old half-new would decrypt to garbage, so WAL I/O takes
+// an open-file-description lock over the units it touches.
+struct UnitLock {
+    UnitLock(int fd, FileClass cls, off_t start, off_t len, bool write) : fd_(fd) {
+        if (cls != FileClass::Wal) return;
+        struct flock fl {};
+        fl.l_type = write ? F_WRLCK : F_RDLCK;
+        fl.l_whence = SEEK_SET;
+        fl.l_start = start;
+        fl.l_len = len;
+        while (real().fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
+            if (errno != EINTR) return;  // e.g. write lock on a read-only fd: go unlocked
+        }
+        start_ = start;
+        len_ = len;
+        locked_ = true;
+    }
+    ~UnitLock() {
+        if (!locked_) return;
+        int saved = errno;
+        struct flock fl {};
+        fl.l_type = F_UNLCK;
+        fl.l_whence = SEEK_SET;
+        fl.l_start = start_;
+        fl.l_len = len_;
+        real().fcntl(fd_, F_OFD_SETLK, &fl);
+        errno = saved;
+    }
+    int fd_;
+    off_t start_ = 0, len_ = 0;
+    bool locked_ = false;
+};
+
+// ---- read ---------------------------------------------------------------------------------
+
+ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
+    if (len == 0) return real().pread(fd, buf, 0, off);
+    std::shared_ptr<FileKey> key = ensure_key(c, false);
+    if (!key) {
+        if (errno != 0) return -1;
+        // No key: the file must be empty (nothing was ever written through a key).
+        ssize_t r = real().pread(fd, buf, std::min<size_t>(len, 1), off);
+        if (r > 0) {
+            log_line("no data encryption key for non-empty file \"" + c->rel + "\"");
+            errno = EIO;
+            return -1;
+        }
+        return r;
+    }
+    size_t total = 0;
+    while (total < len) {
+        off_t o = off + total;
+        size_t want = std::min(len - total, kChunk);
+        off_t span_start = o - (o % U);
+        size_t span_len = ((o + want + U - 1) / U) * U - span_start;
+        bool direct = (o % U == 0) && (want % U == 0);
+        uint8_t* b = direct ? buf + total : tl_bounce.get(span_len);
+        if (!b) {
+            errno = ENOMEM;
+            return total ? ssize_t(total) : -1;
+        }
+        ssize_t n;
+        {
+            UnitLock lk(fd, c->cls, span_start, span_len, false);
+            n = sys::pread_full(fd, b, span_len, span_start);
+        }
+        if (n < 0) return total ? ssize_t(total) : -1;
+        if (st().wiped.load()) {
+            errno = EIO;
+            return -1;
+        }
+        try {
+            crypt_units(*key, false, b, span_start / U, size_t(n));
+        } catch (const std::exception& e) {
+            log_line(std::string("decrypt failed: ") + e.what());
+            errno = EIO;
+            return -1;
+        }
+        size_t avail = size_t(n) > size_t(o - span_start) ? size_t(n) - size_t(o - span_start) : 0;
+        size_t got = std::min(avail, want);
+        if (!direct && got) std::memcpy(buf + total, b + (o - span_start), got);
+        total += got;
+        if (got < want) break;  // end of file
+    }
+    return ssize_t(total);
+}
+
+// ---- write --------------------------------------------------------------------------------
+
+// Re-encrypts unit u of a file whose size changes from old_size to new_size (the unit
+// holds the end of the file in at least one of them). Extends with zeros.
+int reshape_unit(FileCtx* c, FileKey& key, int fd, uint64_t u, int64_t old_size, int64_t new_size) {
+    int64_t start = int64_t(u) * U;
+    size_t old_len = old_size > start ? size_t(std::min<int64_t>(U, old_size - start)) : 0;
+    size_t new_len = new_size > start ? size_t(std::min<int64_t>(U, new_size - start)) : 0;
+    if (old_len == new_len || new_len == 0) return 0;
+    uint8_t* b = tl_bounce2.get(U);
+    if (!b) {
+        errno = ENOMEM;
+        return -1;
+    }
+    std::memset(b, 0, U);
+    UnitLock lk(fd, c->cls, start, U, true);
+    if (old_len) {
+        ssize_t n = sys::pread_full(fd, b, old_len, start);
+        if (n < 0) return -1;
+        if (size_t(n) < old_len) std::memset(b + n, 0, old_len - n);
+        crypt_units(key, false, b, u, old_len);
+    }
+    crypt_units(key, true, b, u, new_len);
+    if (sys::pwrite_full(fd, b, new_len, start) < 0) return -1;
+    return 0;
+}
+
+int64_t file_size(int fd) {
+    struct stat sb;
+    if (::fstat(fd, &sb) != 0) return -1;
+    return sb.st_size;
+}
+
+ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, size_t len, off_t off) {
+    int64_t end = off + int64_t(len);
+    int64_t size = c->known_size.load(std::memory_order_relaxed);
+    bool extends = end > size;
+    if (extends || size % U) {
+        size = file_size(fd);
+        if (size < 0) return -1;
+        extends = end > size;
+    }
+    uint64_t u0 = uint64_t(off) / U;
+    uint64_t u1 = uint64_t(end - 1) / U;
+    int64_t new_size = std::max<int64_t>(size, end);
+    // The old last unit, if partial and before the span, grows: re-encrypt it first.
+    if (extends && size % U && uint64_t(size) / U < u0) {
+        if (reshape_unit(c, key, fd, uint64_t(size) / U, size, new_size) != 0) return -1;
+    }
+    int64_t span_start = int64_t(u0) * U;
+    int64_t span_end = std::min<int64_t>(int64_t(u1 + 1) * U, new_size);
+    size_t span_len = size_t(span_end - span_start);
+    uint8_t* b = tl_bounce.get(span_len);
+    if (!b) {
+        errno = ENOMEM;
+        return -1;
+    }
+    UnitLock lk(fd, c->cls, span_start, span_end - span_start, true);
+    // Old contents are needed only in the first and last unit, where the write leaves
+    // part of the unit as it was; they are decrypted over their old lengths.
+    bool keep_head = off > span_start && size > span_start;
+    bool keep_tail = size > end && end < span_end;
+    if (off > span_start || end < span_end) std::memset(b, 0, span_len);
+    auto load_unit = [&](uint64_t u) -> bool {
+        int64_t us = int64_t(u) * U;
+        size_t ol = size_t(std::min<int64_t>(U, size - us));
+        ssize_t n = sys::pread_full(fd, b + (us - span_start), ol, us);
+        if (n < 0) return false;
+        crypt_units(key, false, b + (us - span_start), u, size_t(n));
+        return true;
+    };
+    if (keep_head && !load_unit(u0)) return -1;
+    if (keep_tail && !(keep_head && u1 == u0) && !load_unit(u1)) return -1;
+    std::memcpy(b + (off - span_start), buf, len);
+    crypt_units(key, true, b, u0, span_len);
+    if (st().wiped.load()) {
+        errno = EIO;
+        return -1;
+    }
+    ssize_t w = sys::pwrite_full(fd, b, span_len, span_start);
+    if (w < 0) return -1;
+    int64_t cur = c->known_size.load(std::memory_order_relaxed);
+    while (new_size > cur && !c->known_size.compare_exchange_weak(cur, new_size)) {
+    }
+    return ssize_t(len);
+}
+
+ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off) {
+    if (len == 0) return real().pwrite(fd, buf, 0, off);
+    std::shared_ptr<FileKey> key = ensure_key(c, true);
+    if (!key) {
+        if (errno == 0) errno = EIO;
+        return -1;
+    }
+    size_t total = 0;
+    try {
+        while (total < len) {
+            size_t n = std::min(len - total, kChunk);
+            ssize_t w = enc_pwrite_chunk(c, *key, fd, buf + total, n, off + total);
+            if (w < 0) return total ? ssize_t(total) : -1;
+            total += size_t(w);
+        }
+    } catch (const std::exception& e) {
+        log_line(std::string("encrypt failed: ") + e.what());
+        errno = EIO;
+        return total ? ssize_t(total) : -1;
+    }
+    return ssize_t(total);
+}
+
+// Size change of an encrypted file: fix the unit that holds the (old or new) end.
+int enc_resize(FileCtx* c, int fd, int64_t new_size) {
+    int64_t size = file_size(fd);
+    if (size < 0) return -1;
+    if (size == new_size) return 0;
+    std::shared_ptr<FileKey> key = ensure_key(c, false);
+    if (!key) {
+        if (errno != 0) return -1;
+        if (size == 0) return 0;
+        errno = EIO;
+        return -1;
+    }
+    try {
+        if (new_size < size && new_size % U) {
+            if (reshape_unit(c, *key, fd, uint64_t(new_size) / U, size, new_size) != 0) return -1;
+        } else if (new_size > size && size % U) {
+            if (reshape_unit(c, *key, fd, uint64_t(size) / U, size, new_size) != 0) return -1;
+        }
+    } catch (const std::exception& e) {
+        log_line(std::string("resize failed: ") + e.what());
+        errno = EIO;
+        return -1;
+    }
+    c->known_size.store(new_size);
+    return 0;
+}
+
+// ---- initialization -------------------------------------------------------------------
+
+std::string kms_hint(KmsErrorKind k, const KeyConfig& cfg) {
+    switch (k) {
+        case KmsErrorKind::Revoked:
+            if (cfg.provider == "local")
+                return "If the key was disabled on purpose this is the kill switch at work. "
+                       "To restore access: pg_cmk key enable " + cfg.key_id + " --key-store " +
+                       (cfg.options.count("key_store") ? cfg.options.at("key_store") : "DIR") + ".";
+            return "Restore the key (or this cluster's access to it) in the KMS, then start again.";
+        case KmsErrorKind::Unavailable:
+            return "Check that the key provider is reachable, then start again.";
+        case KmsErrorKind::Config:
+        default:
+            return "Correct the key configuration in cmk_lakebase/keyring.json.";
+    }
+}
+
+// Loads keyring, unwraps the KEK, opens the key map. Throws LayerError.
+void load_keys(State& s, const std::string& datadir, const std::string& keyring_dir) {
+    s.datadir = normalize_path(datadir);
+    s.datadir_real = real_path(s.datadir);
+    s.keyring_dir = keyring_dir.empty() ? keyring_dir_for(s.datadir) : keyring_dir;
+    try {
+        s.keyring = load_keyring(s.keyring_dir);
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: cannot load the keyring of data directory \"" + s.datadir + "\"",
+                         e.what(),
+                         "Create encrypted clusters with \"pg_cmk initdb\"; a plaintext cluster cannot "
+                         "run with cmk_lakebase in shared_preload_libraries.");
+    }
+    const KeyConfig& cfg = s.keyring.config;
+    std::string who = "key \"" + cfg.key_id + "\" of provider \"" + cfg.provider + "\"";
+    try {
+        s.provider = make_provider(cfg);
+        s.kek = unlock_keyring(s.keyring, *s.provider);
+    } catch (const KmsError& e) {
+        throw LayerError("cmk_lakebase: could not unwrap the key-encryption key with " + who,
+                         std::string("The key provider said: ") + e.what(), kms_hint(e.kind, cfg));
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: could not unwrap the key-encryption key with " + who, e.what(),
+                         "The keyring cmk_lakebase/keyring.json may have been modified, or belong to "
+                         "another cluster.");
+    }
+    try {
+        s.keymap.reset(new KeyMap(s.keyring_dir, s.kek, s.keyring.cluster_id, s.keyring.kek_generation));
+        s.keymap_pid = ::getpid();
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: the key map of data directory \"" + s.datadir + "\" is unusable",
+                         e.what(),
+                         "Restore the data directory together with its cmk_lakebase/ directory from "
+                         "the same backup.");
+    }
+    s.per_boot = random_key(32);
+}
+
+// Preload mode: initialize on the first touch of the data directory.
+bool ensure_active() {
+    State& s = st();
+    Mode m = s.mode.load(std::memory_order_acquire);
+    if (m != Mode::Off) return true;
+    if (tl_in_layer) return false;
+    env_once();
+    if (s.env_datadir.empty()) return false;
+    std::lock_guard<std::mutex> g(s.init_mu);
+    if (s.mode.load() != Mode::Off) return true;
+    if (s.init_failed) return false;
+    ReentryGuard guard;
+    try {
+        load_keys(s, s.env_datadir, s.env_keyring_dir);
+    } catch (const LayerError& e) {
+        s.init_failed = true;
+        log_line(std::string(e.what()) + "\nDETAIL: " + e.detail + "\nHINT: " + e.hint);
+        ::_exit(1);
+    } catch (const std::exception& e) {
+        s.init_failed = true;
+        log_line(std::string("initialization failed: ") + e.what());
+        ::_exit(1);
+    }
+    s.mode.store(Mode::Preload, std::memory_order_release);
+    return true;
+}
+
+// Refuses to start when a durable encrypted file with data has no key.
+void check_every_file_has_key(State& s) {
+    std::vector<std::string> missing;
+    size_t count = 0;
+    std::vector<std::string> stack{""};
+    while (!stack.empty()) {
+        std::string rel = stack.back();
+        stack.pop_back();
+        std::string abs = rel.empty() ? s.datadir : s.datadir + "/" + rel;
+        DIR* d = ::opendir(abs.c_str());
+        if (!d) continue;
+        while (struct dirent* e = ::readdir(d)) {
+            std::string name = e->d_name;
+            if (name == "." || name == "..") continue;
+            std::string r = rel.empty() ? name : rel + "/" + name;
+            if (r == kKeyringDirName) continue;
+            struct stat sb;
+            if (::stat((abs + "/" + name).c_str(), &sb) != 0) continue;  // follows pg_tblspc links
+            if (S_ISDIR(sb.st_mode)) {
+                stack.push_back(r);
+            } else if (S_ISREG(sb.st_mode) && sb.st_size > 0) {
+                FileClass c = classify_relative(r);
+                if (is_durable(c) && !s.keymap->contains(r)) {
+                    count++;
+                    if (missing.size() < 5) missing.push_back(r);
+                }
+            }
+        }
+        ::closedir(d);
+    }
+    if (count) {
+        std::string list;
+        for (auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+        throw LayerError("cmk_lakebase: " + std::to_string(count) +
+                             " data file(s) have no data encryption key in the key map",
+                         "First files without a key: " + list + ".",
+                         "The key map cmk_lakebase/keymap is damaged or truncated, or files were copied "
+                         "in from another cluster. Restore the data directory together with its "
+                         "cmk_lakebase/ directory from the same backup.");
+    }
+}
+
+// Rewrites a whole file from one encoding to another in place (class change on
+// rename). A null key means plaintext.
+int transcode(const std::string& abs, const std::shared_ptr<FileKey>& from,
+              const std::shared_ptr<FileKey>& to) {
+    int fd = sys::open(abs.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int64_t size = file_size(fd);
+    std::vector<uint8_t> b(U);
+    int rc = 0;
+    for (int64_t pos = 0; pos < size && rc == 0; pos += U) {
+        size_t n = size_t(std::min<int64_t>(U, size - pos));
+        if (sys::pread_full(fd, b.data(), n, pos) != ssize_t(n)) {
+            rc = -1;
+            break;
+        }
+        if (from) crypt_units(*from, false, b.data(), uint64_t(pos) / U, n);
+        if (to) crypt_units(*to, true, b.data(), uint64_t(pos) / U, n);
+        if (sys::pwrite_full(fd, b.data(), n, pos) < 0) rc = -1;
+    }
+    std::fill(b.begin(), b.end(), 0);
+    if (rc == 0 && ::fsync(fd) != 0) rc = -1;
+    int saved = errno;
+    sys::close(fd);
+    errno = saved;
+    return rc;
+}
+
+}  // namespace
+
+// ===== operations =============================================================================
+
+namespace detail {
+
+int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
+    std::optional<Resolved> r;
+    if (!tl_in_layer && !(flags & O_PATH)) r = resolve(dirfd, path);
+    if (!r || !is_encrypted(r->cls) || !ensure_active()) return real().openat(dirfd, path, flags, mode);
+    State& s = st();
+    int rflags = flags;
+    bool append = flags & O_APPEND;
+    rflags &= ~O_APPEND;  // pwrite() on an O_APPEND descriptor ignores its offset
+    if ((rflags & O_ACCMODE) == O_WRONLY) rflags = (rflags & ~O_ACCMODE) | O_RDWR;  // for read-modify-write
+    int fd = real().openat(dirfd, path, rflags, mode);
+    if (fd < 0 && (flags & O_ACCMODE) == O_WRONLY && errno == EACCES)
+        fd = real().openat(dirfd, path, flags & ~O_APPEND, mode);
+    if (fd < 0) return fd;
+    struct stat sb;
+    if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) return fd;
+    if (s.wiped.load()) {
+        real().close(fd);
+        errno = EIO;
+        return -1;
+    }
+    auto* c = new FileCtx();
+    c->cls = r->cls;
+    c->rel = r->rel;
+    c->append = append;
+    c->known_size.store(sb.st_size);
+    try {
+        if (is_ephemeral(r->cls)) {
+            c->key = ephemeral_key(sb.st_dev, sb.st_ino);
+        } else if ((flags & O_CREAT) && (flags & O_EXCL)) {
+            c->fresh = true;  // a new file: a new key at its first write
+        } else {
+            // Bind the key at open: the descriptor keeps it even if the name moves on
+            // (a recycled WAL segment read by a walsender, for instance).
+            KeyMap& km = keymap();
+            km.refresh();
+            if (auto k = km.get(r->rel)) {
+                c->key = std::make_shared<FileKey>(*k);
+            } else if (sb.st_size > 0) {
+                log_line("no data encryption key for non-empty file \"" + r->rel +
+                         "\" (key map damaged or truncated, or a file from elsewhere)");
+                delete c;
+                real().close(fd);
+                errno = EIO;
+                return -1;
+            }
+        }
+    } catch (const std::exception& e) {
+        log_line(std::string("cannot open \"") + r->rel + "\": " + e.what());
+        delete c;
+        real().close(fd);
+        errno = EIO;
+        return -1;
+    }
+    ctx_set(fd, c);
+    return fd;
+}
+
+int op_close(int fd) {
+    if (ctx_get(fd)) ctx_set(fd, nullptr);
+    return real().close(fd);
+}
+
+bool op_is_encrypted_fd(int fd) { return ctx_get(fd) != nullptr; }
+
+void op_dup(int oldfd, int newfd) {
+    if (newfd < 0 || oldfd == newfd) return;
+    FileCtx* c = ctx_get(oldfd);
+    if (c) c->refs.fetch_add(1);
+    ctx_set(newfd, c);
+}
+
+ssize_t op_pread(int fd, void* buf, size_t n, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().pread(fd, buf, n, off);
+    return enc_pread(c, fd, static_cast<uint8_t*>(buf), n, off);
+}
+
+ssize_t op_pwrite(int fd, const void* buf, size_t n, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().pwrite(fd, buf, n, off);
+    return enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, off);
+}
+
+ssize_t op_read(int fd, void* buf, size_t n) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().read(fd, buf, n);
+    off_t cur = real().lseek(fd, 0, SEEK_CUR);
+    if (cur < 0) return -1;
+    ssize_t r = enc_pread(c, fd, static_cast<uint8_t*>(buf), n, cur);
+    if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
+    return r;
+}
+
+ssize_t op_write(int fd, const void* buf, size_t n) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().write(fd, buf, n);
+    off_t cur = c->append ? off_t(file_size(fd)) : real().lseek(fd, 0, SEEK_CUR);
+    if (cur < 0) return -1;
+    ssize_t r = enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, cur);
+    if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
+    return r;
+}
+
+namespace {
+size_t iov_total(const struct iovec* iov, int cnt) {
+    size_t t = 0;
+    for (int i = 0; i < cnt; i++) t += iov[i].iov_len;
+    return t;
+}
+}  // namespace
+
+ssize_t op_preadv(int fd, const struct iovec* iov, int cnt, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return off < 0 ? real().readv(fd, iov, cnt) : real().preadv(fd, iov, cnt, off);
+    size_t total = iov_total(iov, cnt);
+    std::vector<uint8_t> tmp(total);
+    ssize_t r = off < 0 ? op_read(fd, tmp.data(), total) : enc_pread(c, fd, tmp.data(), total, off);
+    if (r <= 0) return r;
+    size_t pos = 0;
+    for (int i = 0; i < cnt && pos < size_t(r); i++) {
+        size_t k = std::min(iov[i].iov_len, size_t(r) - pos);
+        std::memcpy(iov[i].iov_base, tmp.data() + pos, k);
+        pos += k;
+    }
+    std::fill(tmp.begin(), tmp.end(), 0);
+    return r;
+}
+
+ssize_t op_pwritev(int fd, const struct iovec* iov, int cnt, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return off < 0 ? real().writev(fd, iov, cnt) : real().pwritev(fd, iov, cnt, off);
+    size_t total = iov_total(iov, cnt);
+    std::vector<uint8_t> tmp(total);
+    size_t pos = 0;
+    for (int i = 0; i < cnt; i++) {
+        std::memcpy(tmp.data() + pos, iov[i].iov_base, iov[i].iov_len);
+        pos += iov[i].iov_len;
+    }
+    ssize_t r = off < 0 ? op_write(fd, tmp.data(), total) : enc_pwrite(c, fd, tmp.data(), total, off);
+    std::fill(tmp.begin(), tmp.end(), 0);
+    return r;
+}
+
+int op_ftruncate(int fd, off_t len) {
+    FileCtx* c = ctx_get(fd);
+    if (c && enc_resize(c, fd, len) != 0) return -1;
+    return real().ftruncate(fd, len);
+}
+
+int op_truncate(const char* path, off_t len) {
+    std::optional<Resolved> r = tl_in_layer ? std::nullopt : resolve(AT_FDCWD, path);
+    if (!r || !is_encrypted(r->cls) || !ensure_active()) return real().truncate(path, len);
+    if (len == 0) return real().truncate(path, 0);  // nothing of the old content remains
+    int fd = op_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int rc = op_ftruncate(fd, len);
+    int saved = errno;
+    op_close(fd);
+    errno = saved;
+    return rc;
+}
+
+int op_fallocate(int fd, int mode, off_t off, off_t len, bool posix) {
+    FileCtx* c = ctx_get(fd);
+    if (c && (posix || mode == 0)) {
+        int64_t size = file_size(fd);
+        if (size >= 0 && off + len > size && enc_resize(c, fd, off + len) != 0)
+            return posix ? errno : -1;
+    }
+    return posix ? real().posix_fallocate(fd, off, len) : real().fallocate(fd, mode, off, len);
+}
+
+ssize_t op_copy_file_range(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags) {
+    if (!ctx_get(fdin) && !ctx_get(fdout))
+        return real().copy_file_range(fdin, offin, fdout, offout, len, flags);
+    // Each side has its own key: copy through the layer (decrypt, re-encrypt).
+    std::vector<uint8_t> b(std::min<size_t>(len, kChunk));
+    size_t done = 0;
+    while (done < len) {
+        size_t want = std::min(len - done, b.size());
+        ssize_t r = offin ? op_pread(fdin, b.data(), want, *offin) : op_read(fdin, b.data(), want);
+        if (r < 0) return done ? ssize_t(done) : -1;
+        if (r == 0) break;
+        ssize_t w = offout ? op_pwrite(fdout, b.data(), size_t(r), *offout) : op_write(fdout, b.data(), size_t(r));
+        if (w < 0) return done ? ssize_t(done) : -1;
+        if (offin) *offin += r;
+        if (offout) *offout += w;
+        done += size_t(w);
+        if (w < r) break;
+    }
+    std::fill(b.begin(), b.end(), 0);
+    return ssize_t(done);
+}
+
+int op_unlinkat(int dirfd, const char* path, int flags) {
+    std::optional<Resolved> r;
+    if (!tl_in_layer && !(flags & AT_REMOVEDIR)) r = resolve(dirfd, path);
+    int rc = real().unlinkat(dirfd, path, flags);
+    if (rc != 0 || !r || !is_durable(r->cls) || !ensure_active()) return rc;
+    int saved = errno;
+    try {
+        keymap().remove(r->rel);  // crypto-shredding: the segment's key is gone
+    } catch (const std::exception& e) {
+        log_line("could not remove the key of \"" + r->rel + "\": " + e.what());
+    }
+    errno = saved;
+    return rc;
+}
+
+namespace {
+// The key a file at `rel` (class cls, inode of sb) is encrypted under now.
+std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, bool* missing) {
+    *missing = false;
+    if (is_ephemeral(r.cls)) return ephemeral_key(sb.st_dev, sb.st_ino);
+    KeyMap& km = keymap();
+    km.refresh();
+    if (auto k = km.get(r.rel)) return std::make_shared<FileKey>(*k);
+    *missing = sb.st_size > 0;
+    return nullptr;
+}
+}  // namespace
+
+int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, unsigned flags) {
+    auto do_rename = [&] { return real().renameat2(olddirfd, from, newdirfd, to, flags); };
+    if (tl_in_layer) return do_rename();
+    std::optional<Resolved> rf = resolve(olddirfd, from), rt = resolve(newdirfd, to);
+    FileClass cf = rf ? rf->cls : FileClass::Plaintext;
+    FileClass ct = rt ? rt->cls : FileClass::Plaintext;
+    struct stat sb;
+    bool have = ::fstatat(olddirfd, from, &sb, AT_SYMLINK_NOFOLLOW) == 0;
+    bool is_dir = have && S_ISDIR(sb.st_mode);
+    if ((!is_encrypted(cf) && !is_encrypted(ct) && !is_dir) || !have || !(rf || rt) || !ensure_active())
+        return do_rename();
+    try {
+        KeyMap& km = keymap();
+        if (is_dir) {
+            // Durable keys below a renamed directory follow it.
+            int rc = do_rename();
+            if (rc != 0 || !rf || !rt) return rc;
+            int saved = errno;
+            km.refresh();
+            std::string pf = rf->rel + "/";
+            for (const std::string& id : km.identities())
+                if (id.compare(0, pf.size(), pf) == 0) {
+                    std::string nid = rt->rel + "/" + id.substr(pf.size());
+                    km.move(id, nid, classify_relative(nid), false);
+                }
+            errno = saved;
+            return 0;
+        }
+        if (!S_ISREG(sb.st_mode)) return do_rename();
+        if (is_durable(cf) && is_durable(ct)) {
+            km.refresh();
+            if (!km.contains(rf->rel)) {
+                int rc = do_rename();
+                if (rc == 0) km.remove(rt->rel);  // the new file has no key: drop any stale one
+                return rc;
+            }
+            km.move(rf->rel, rt->rel, ct, true);
+            int rc = do_rename();
+            int saved = errno;
+            if (rc == 0) km.remove(rf->rel);
+            errno = saved;
+            return rc;
+        }
+        if (is_ephemeral(cf) && is_ephemeral(ct)) return do_rename();  // key follows the inode
+        // The class changes (e.g. pg_wal/xlogtemp.N -> 00000002.history, read by
+        // PostgreSQL through stdio): rewrite the contents in the new encoding first.
+        bool missing = false;
+        std::shared_ptr<FileKey> src;
+        if (is_encrypted(cf)) {
+            src = current_key(*rf, sb, &missing);
+            if (missing) {
+                log_line("no data encryption key for \"" + rf->rel + "\"");
+                errno = EIO;
+                return -1;
+            }
+        }
+        std::shared_ptr<FileKey> dst;
+        if (is_durable(ct)) {
+            dst = std::make_shared<FileKey>(km.create(rt->rel, ct));
+        } else if (is_ephemeral(ct)) {
+            dst = ephemeral_key(sb.st_dev, sb.st_ino);
+        }
+        std::string abs = absolute_of(olddirfd, from);
+        if ((src || dst) && transcode(abs, src, dst) != 0) return -1;
+        int rc = do_rename();
+        int saved = errno;
+        if (rc == 0) {
+            if (is_durable(cf)) km.remove(rf->rel);
+            if (!is_durable(ct) && rt) km.remove(rt->rel);
+        }
+        errno = saved;
+        return rc;
+    } catch (const std::exception& e) {
+        log_line(std::string("rename of \"") + from + "\" failed: " + e.what());
+        errno = EIO;
+        return -1;
+    }
+}
+
+int op_linkat(int olddirfd, const char* from, int newdirfd, const char* to, int flags) {
+    if (tl_in_layer) return real().linkat(olddirfd, from, newdirfd, to, flags);
+    std::optional<Resolved> rf = resolve(olddirfd, from), rt = resolve(newdirfd, to);
+    FileClass cf = rf ? rf->cls : FileClass::Plaintext;
+    FileClass ct = rt ? rt->cls : FileClass::Plaintext;
+    if ((!is_encrypted(cf) && !is_encrypted(ct)) || !ensure_active())
+        return real().linkat(olddirfd, from, newdirfd, to, flags);
+    if (is_ephemeral(cf) && is_ephemeral(ct)) return real().linkat(olddirfd, from, newdirfd, to, flags);
+    if (!(is_durable(cf) && is_durable(ct))) {
+        errno = EXDEV;  // one inode cannot hold two encodings; callers fall back to copying
+        return -1;
+    }
+    try {
+        KeyMap& km = keymap();
+        km.refresh();
+        if (!km.contains(rf->rel)) return real().linkat(olddirfd, from, newdirfd, to, flags);
+        km.move(rf->rel, rt->rel, ct, true);
+        int rc = real().linkat(olddirfd, from, newdirfd, to, flags);
+        int saved = errno;
+        if (rc != 0) km.remove(rt->rel);
+        errno = saved;
+        return rc;
+    } catch (const std::exception& e) {
+        log_line(std::string("link of \"") + from + "\" failed: " + e.what());
+        errno = EIO;
+        return -1;
+    }
+}
+
+}  // namespace detail
+
+// ===== public API =============================================================================
+
+const char* mode_name(Mode m) {
+    switch (m) {
+        case Mode::Preload:
+            return "preload";
+        case Mode::Got:
+            return "got";
+        default:
+            return "off";
+    }
+}
+
+void start_server(const std::string& datadir) {
+    State& s = st();
+    std::string dd = normalize_path(datadir);
+    if (s.mode.load() == Mode::Off) {
+        // Preloaded but not yet touched the data directory? Initialize through it.
+        env_once();
+        if (!s.env_datadir.empty() && real_path(s.env_datadir) == real_path(dd)) ensure_active();
+    }
+    Mode m = s.mode.load();
+    if (m == Mode::Preload) {
+        if (real_path(s.datadir) != real_path(dd))
+            throw LayerError("cmk_lakebase: the preloaded file layer serves another data directory",
+                             "It serves \"" + s.datadir + "\", the server runs on \"" + dd + "\".",
+                             "Start the server without LD_PRELOAD, or with CMK_LAKEBASE_PGDATA set to its "
+                             "data directory.");
+        return;  // tool-style preload already intercepts every call
+    }
+    if (m == Mode::Got) return;
+    std::lock_guard<std::mutex> g(s.init_mu);
+    {
+        ReentryGuard guard;
+        load_keys(s, dd, "");
+        check_every_file_has_key(s);
+    }
+    detail::install_got();
+    s.mode.store(Mode::Got, std::memory_order_release);
+}
+
+LayerInfo info() {
+    State& s = st();
+    LayerInfo i;
+    i.mode = s.mode.load();
+    if (i.mode == Mode::Off) return i;
+    i.data_directory = s.datadir;
+    i.provider = s.keyring.config.provider;
+    i.key_id = s.keyring.config.key_id;
+    i.kek_fingerprint = s.keyring.kek_fingerprint;
+    i.kek_generation = s.keyring.kek_generation;
+    i.cluster_id = s.keyring.cluster_id;
+    i.keys_wiped = s.wiped.load();
+    i.per_boot_key_present = !s.per_boot.empty() && !i.keys_wiped;
+    try {
+        KeyMap& km = keymap();
+        km.refresh();
+        i.dek_count = km.size();
+    } catch (const std::exception&) {
+        i.dek_count = 0;
+    }
+    return i;
+}
+
+FileKeyInfo describe_file(const std::string& relpath) {
+    State& s = st();
+    FileKeyInfo fi;
+    fi.file_class = classify_relative(relpath);
+    struct stat sb;
+    std::string abs = s.datadir + "/" + relpath;
+    fi.exists = ::stat(abs.c_str(), &sb) == 0;
+    fi.encrypted = is_encrypted(fi.file_class) && s.mode.load() != Mode::Off;
+    fi.key_kind = "none";
+    if (!fi.encrypted || !fi.exists) return fi;
+    if (is_ephemeral(fi.file_class)) {
+        fi.key_kind = "per-boot";
+        if (!s.wiped.load()) fi.fingerprint = ephemeral_key(sb.st_dev, sb.st_ino)->fingerprint;
+        return fi;
+    }
+    KeyMap& km = keymap();
+    km.refresh();
+    if (auto fp = km.fingerprint(relpath)) {
+        fi.key_kind = "dek";
+        fi.fingerprint = *fp;
+    } else if (sb.st_size > 0) {
+        fi.encrypted = false;  // a keyless non-empty file: unreadable, report it
+    } else {
+        fi.key_kind = "dek";  // empty: its key is made at the first write
+    }
+    return fi;
+}
+
+KeyStatus provider_status() {
+    State& s = st();
+    if (s.mode.load() == Mode::Off || !s.provider) {
+        KeyStatus ks;
+        ks.health = KeyHealth::Unavailable;
+        ks.state = "unknown";
+        ks.detail = "the encrypting file layer is not active";
+        return ks;
+    }
+    try {
+        return s.provider->status();
+    } catch (const KmsError& e) {
+        KeyStatus ks;
+        ks.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
+        ks.state = "error";
+        ks.detail = e.what();
+        return ks;
+    }
+}
+
+void wipe_keys() {
+    State& s = st();
+    s.wiped.store(true);
+    s.kek.wipe();
+    s.per_boot.wipe();
+    // Open descriptors keep their FileKey objects; they refuse to work from now on
+    // (checked on every read and write) and are destroyed as descriptors close.
+}
+
+}  // namespace cmk::fs
