@@ -14,7 +14,8 @@ PG_SRCS = $(sort $(wildcard src/pg/*.cpp))
 OBJS = $(PG_SRCS:.cpp=.o)
 DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql))
-EXTRA_CLEAN = build sql/$(EXTENSION)--$(EXTVERSION).sql $(CORE_OBJS) $(FS_OBJS) $(CLI_OBJS) $(UNIT_OBJS)
+EXTRA_CLEAN = build sql/$(EXTENSION)--$(EXTVERSION).sql $(CORE_OBJS) $(FS_OBJS) $(CLI_OBJS) \
+	$(UNIT_OBJS) $(LAYER_TEST_OBJS)
 
 # pg_regress runs against an encrypted instance started by test/run_regress.sh.
 REGRESS = cmk_status
@@ -39,6 +40,8 @@ CORE_SRCS = $(sort $(wildcard src/core/*.cpp))
 FS_SRCS = $(sort $(wildcard src/fs/*.cpp))
 CLI_SRCS = $(sort $(wildcard src/cli/*.cpp))
 UNIT_SRCS = $(sort $(wildcard test/unit/*.cpp))
+LAYER_TEST_SRCS = $(sort $(wildcard test/layer/*.cpp))
+LAYER_TEST_OBJS = $(LAYER_TEST_SRCS:.cpp=.o)
 CORE_OBJS = $(CORE_SRCS:.cpp=.o)
 FS_OBJS = $(FS_SRCS:.cpp=.o)
 CLI_OBJS = $(CLI_SRCS:.cpp=.o)
@@ -62,6 +65,9 @@ src/cli/%.o: src/cli/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 src/pg/%.o: src/pg/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -isystem $(includedir_server) $(CPPFLAGS) -c -o $@ $<
 
+test/layer/%.o: test/layer/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
+
 test/unit/%.o: test/unit/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
 
@@ -77,11 +83,16 @@ build/cmk_unit_tests: $(UNIT_OBJS) $(CORE_OBJS)
 	@mkdir -p build
 	$(CXX) -o $@ $^ -lgtest -lgtest_main $(CORE_LIBS)
 
+# Run with the layer preloaded by itself (see test/layer/layer_test.cpp).
+build/cmk_layer_tests: $(LAYER_TEST_OBJS) $(CORE_OBJS) $(LAYER)
+	@mkdir -p build
+	$(CXX) -o $@ $(LAYER_TEST_OBJS) $(CORE_OBJS) -lgtest $(CORE_LIBS)
+
 $(shlib): $(LAYER)
 
 all: $(LAYER) build/pg_cmk
 
-unit: build/cmk_unit_tests
+unit: build/cmk_unit_tests build/cmk_layer_tests
 
 sql/$(EXTENSION)--$(EXTVERSION).sql: sql/$(EXTENSION).sql
 	cp $< $@

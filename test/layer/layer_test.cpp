@@ -1,0 +1,394 @@
+// Tests of the encrypting file layer as a process sees it: the binary re-executes
+// itself with the layer preloaded (LD_PRELOAD) on a scratch data directory, then does
+// ordinary libc file calls and checks (a) that every call behaves exactly like a plain
+// file (against an in-memory model, random offsets and lengths, truncation, append,
+// sequential I/O), and (b) what is on disk, read with raw system calls that bypass the
+// layer: ciphertext for encrypted classes, plaintext for the documented plaintext
+// list, zeros for zero pages, keys created, moved and destroyed with their files.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cmk_lakebase/keymap.hpp"
+#include "cmk_lakebase/keyring.hpp"
+#include "cmk_lakebase/kms.hpp"
+
+namespace {
+
+std::string g_data;  // the scratch data directory
+
+std::string P(const std::string& rel) { return g_data + "/" + rel; }
+
+// Raw access, bypassing the layer.
+std::vector<uint8_t> raw_read(const std::string& path) {
+    int fd = int(syscall(SYS_openat, AT_FDCWD, path.c_str(), O_RDONLY));
+    std::vector<uint8_t> out;
+    if (fd < 0) return out;
+    uint8_t buf[65536];
+    for (;;) {
+        long n = syscall(SYS_read, fd, buf, sizeof buf);
+        if (n <= 0) break;
+        out.insert(out.end(), buf, buf + n);
+    }
+    syscall(SYS_close, fd);
+    return out;
+}
+
+void raw_write(const std::string& path, const std::vector<uint8_t>& data) {
+    int fd = int(syscall(SYS_openat, AT_FDCWD, path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600));
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(syscall(SYS_write, fd, data.data(), data.size()), long(data.size()));
+    syscall(SYS_close, fd);
+}
+
+cmk::KeyMap open_keymap() {
+    std::string kdir = cmk::keyring_dir_for(g_data);
+    cmk::Keyring kr = cmk::load_keyring(kdir);
+    auto prov = cmk::make_provider(kr.config);
+    cmk::SecureBytes kek = cmk::unlock_keyring(kr, *prov);
+    return cmk::KeyMap(kdir, kek, kr.cluster_id, kr.kek_generation);
+}
+
+bool keymap_has(const std::string& rel) {
+    cmk::KeyMap km = open_keymap();
+    return km.contains(rel);
+}
+
+std::vector<uint8_t> random_bytes(std::mt19937& rng, size_t n) {
+    std::vector<uint8_t> v(n);
+    for (auto& b : v) b = uint8_t(rng() % 255 + 1);  // never zero: zero units are special
+    return v;
+}
+
+// True if any 32-byte window of the plaintext with non-zero data appears in raw.
+bool leaks(const std::vector<uint8_t>& raw, const std::vector<uint8_t>& plain) {
+    if (raw.size() != plain.size()) return false;
+    for (size_t i = 0; i + 32 <= plain.size(); i += 512) {
+        bool zero = true;
+        for (size_t j = 0; j < 32; j++) zero &= plain[i + j] == 0;
+        if (!zero && std::memcmp(raw.data() + i, plain.data() + i, 32) == 0) return true;
+    }
+    return false;
+}
+
+void mkdirs(const std::string& rel) {
+    std::string acc = g_data;
+    size_t pos = 0;
+    while ((pos = rel.find('/', pos)) != std::string::npos) {
+        ::mkdir((g_data + "/" + rel.substr(0, pos)).c_str(), 0700);
+        pos++;
+    }
+}
+
+// Random operations against an in-memory model.
+void model_test(const std::string& rel, unsigned seed, int ops) {
+    std::mt19937 rng(seed);
+    mkdirs(rel);
+    std::string path = P(rel);
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    std::vector<uint8_t> model;
+    for (int i = 0; i < ops; i++) {
+        int op = int(rng() % 10);
+        if (op <= 3) {  // pwrite at a random (often unaligned) place
+            size_t off = rng() % 70000, len = 1 + rng() % 20000;
+            if (rng() % 3 == 0) off = (off / 8192) * 8192, len = 8192 * (1 + rng() % 3);
+            auto d = random_bytes(rng, len);
+            ASSERT_EQ(::pwrite(fd, d.data(), len, off), ssize_t(len)) << strerror(errno);
+            if (model.size() < off + len) model.resize(off + len, 0);
+            std::memcpy(model.data() + off, d.data(), len);
+        } else if (op <= 5) {  // pread anywhere, possibly past the end
+            size_t off = rng() % 80000, len = 1 + rng() % 20000;
+            std::vector<uint8_t> got(len);
+            ssize_t n = ::pread(fd, got.data(), len, off);
+            size_t expect = off >= model.size() ? 0 : std::min(len, model.size() - off);
+            ASSERT_EQ(n, ssize_t(expect)) << "op " << i;
+            ASSERT_EQ(0, std::memcmp(got.data(), model.data() + off, expect)) << "op " << i << " off " << off;
+        } else if (op == 6) {  // truncate (shrink or grow)
+            size_t len = rng() % 60000;
+            ASSERT_EQ(::ftruncate(fd, len), 0) << strerror(errno);
+            model.resize(len, 0);
+        } else if (op == 7) {  // sequential write()
+            size_t off = rng() % 50000, len = 1 + rng() % 3000;
+            auto d = random_bytes(rng, len);
+            ASSERT_EQ(::lseek(fd, off, SEEK_SET), off_t(off));
+            ASSERT_EQ(::write(fd, d.data(), len), ssize_t(len));
+            ASSERT_EQ(::lseek(fd, 0, SEEK_CUR), off_t(off + len));
+            if (model.size() < off + len) model.resize(off + len, 0);
+            std::memcpy(model.data() + off, d.data(), len);
+        } else if (op == 8) {  // sequential read()
+            size_t off = rng() % 50000, len = 1 + rng() % 3000;
+            ASSERT_EQ(::lseek(fd, off, SEEK_SET), off_t(off));
+            std::vector<uint8_t> got(len);
+            ssize_t n = ::read(fd, got.data(), len);
+            size_t expect = off >= model.size() ? 0 : std::min(len, model.size() - off);
+            ASSERT_EQ(n, ssize_t(expect));
+            ASSERT_EQ(0, std::memcmp(got.data(), model.data() + off, expect));
+        } else {  // reopen: state must come from the key map / inode, not the descriptor
+            ASSERT_EQ(::close(fd), 0);
+            fd = ::open(path.c_str(), O_RDWR);
+            ASSERT_GE(fd, 0) << strerror(errno);
+        }
+        struct stat sb;
+        ASSERT_EQ(::fstat(fd, &sb), 0);
+        ASSERT_EQ(size_t(sb.st_size), model.size()) << "size differs after op " << i;
+    }
+    ::close(fd);
+    std::vector<uint8_t> raw = raw_read(path);
+    ASSERT_EQ(raw.size(), model.size());
+    EXPECT_FALSE(leaks(raw, model)) << "plaintext found on disk for " << rel;
+    // Read it all back through a fresh descriptor.
+    fd = ::open(path.c_str(), O_RDONLY);
+    std::vector<uint8_t> all(model.size() + 10);
+    ASSERT_EQ(::pread(fd, all.data(), all.size(), 0), ssize_t(model.size()));
+    EXPECT_EQ(0, std::memcmp(all.data(), model.data(), model.size()));
+    ::close(fd);
+}
+
+TEST(Layer, RelationRandomAccess) { model_test("base/1/16384", 1, 400); }
+TEST(Layer, RelationSecondSegment) { model_test("base/1/16384.1", 2, 200); }
+TEST(Layer, TablespaceRelation) { model_test("pg_tblspc/16390/PG_15_202209061/1/16391", 3, 150); }
+TEST(Layer, TempFileRandomAccess) { model_test("base/pgsql_tmp/pgsql_tmp4242.0", 4, 300); }
+TEST(Layer, TempRelation) { model_test("base/1/t3_16400", 5, 150); }
+TEST(Layer, TwoPhaseOddLengths) { model_test("pg_twophase/000001F4", 6, 200); }
+TEST(Layer, SpillFile) { model_test("pg_replslot/s1/xid-600-lsn-0-1000000.spill", 7, 150); }
+TEST(Layer, SlruAndNotify) {
+    model_test("pg_xact/0000", 8, 100);
+    model_test("pg_notify/0000", 9, 100);
+}
+TEST(Layer, WalSegment) { model_test("pg_wal/000000010000000000000001", 10, 150); }
+
+TEST(Layer, DurableFilesGetKeysThatDieWithThem) {
+    mkdirs("base/1/x");
+    std::string rel = "base/1/20000";
+    int fd = ::open(P(rel).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    EXPECT_FALSE(keymap_has(rel)) << "a key is made at the first write, not before";
+    std::vector<uint8_t> page(8192, 'x');
+    ASSERT_EQ(::pwrite(fd, page.data(), page.size(), 0), 8192);
+    ::close(fd);
+    EXPECT_TRUE(keymap_has(rel));
+    ASSERT_EQ(::unlink(P(rel).c_str()), 0);
+    EXPECT_FALSE(keymap_has(rel)) << "unlink must destroy the segment's key";
+}
+
+TEST(Layer, AppendMode) {
+    mkdirs("pg_replslot/s2/x");
+    std::string path = P("pg_replslot/s2/xid-1-lsn-0-1.spill");
+    std::string expect;
+    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_APPEND, 0600);
+    ASSERT_GE(fd, 0);
+    for (int i = 0; i < 50; i++) {
+        std::string rec = "change " + std::to_string(i) + std::string(size_t(i * 37 % 500), 'a' + i % 26) + ";";
+        ::lseek(fd, 0, SEEK_SET);  // O_APPEND ignores the offset
+        ASSERT_EQ(::write(fd, rec.data(), rec.size()), ssize_t(rec.size()));
+        expect += rec;
+    }
+    ::close(fd);
+    fd = ::open(path.c_str(), O_RDONLY);
+    std::string got(expect.size(), '\0');
+    ASSERT_EQ(::read(fd, &got[0], got.size()), ssize_t(got.size()));
+    ::close(fd);
+    EXPECT_EQ(got, expect);
+    auto raw = raw_read(path);
+    EXPECT_EQ(std::string(raw.begin(), raw.end()).find("change 1"), std::string::npos);
+}
+
+TEST(Layer, ZeroPagesStayZeroAndHolesReadAsZero) {
+    std::string path = P("base/1/20001");
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    std::vector<uint8_t> zero(8192, 0), data(8192, 7);
+    ASSERT_EQ(::pwrite(fd, data.data(), 8192, 0), 8192);
+    ASSERT_EQ(::pwrite(fd, zero.data(), 8192, 8192 * 2), 8192);  // block 1 is a hole
+    ASSERT_EQ(::pwrite(fd, data.data(), 8192, 8192 * 3), 8192);
+    std::vector<uint8_t> got(8192 * 4);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    ::close(fd);
+    for (size_t i = 8192; i < 8192 * 3; i++) ASSERT_EQ(got[i], 0) << i;
+    auto raw = raw_read(path);
+    ASSERT_EQ(raw.size(), 8192u * 4);
+    for (size_t i = 8192; i < 8192 * 3; i++) ASSERT_EQ(raw[i], 0) << "zero unit written as zeros";
+    EXPECT_NE(0, std::memcmp(raw.data(), data.data(), 8192));
+}
+
+TEST(Layer, RenameCarriesTheKey) {
+    mkdirs("pg_wal/x");
+    std::string tmp = P("pg_wal/xlogtemp.777"), seg = P("pg_wal/000000010000000000000002");
+    ::unlink(tmp.c_str());
+    int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    std::vector<uint8_t> page(8192, 'w');
+    for (int i = 0; i < 4; i++) ASSERT_EQ(::pwrite(fd, page.data(), 8192, i * 8192), 8192);
+    ::close(fd);
+    ASSERT_EQ(::rename(tmp.c_str(), seg.c_str()), 0);
+    EXPECT_FALSE(keymap_has("pg_wal/xlogtemp.777"));
+    EXPECT_TRUE(keymap_has("pg_wal/000000010000000000000002"));
+    fd = ::open(seg.c_str(), O_RDONLY);
+    std::vector<uint8_t> got(8192);
+    ASSERT_EQ(::pread(fd, got.data(), 8192, 3 * 8192), 8192);
+    ::close(fd);
+    EXPECT_EQ(got, page);
+}
+
+TEST(Layer, RenameToPlaintextClassDecrypts) {
+    // PostgreSQL writes timeline history files as pg_wal/xlogtemp.N, renames them to
+    // NNNNNNNN.history and reads them through stdio: they must end up plaintext.
+    std::string tmp = P("pg_wal/xlogtemp.778"), hist = P("pg_wal/00000002.history");
+    ::unlink(tmp.c_str());
+    int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    std::string text = "1\t0/3000000\tno recovery target specified\n";
+    ASSERT_EQ(::write(fd, text.data(), text.size()), ssize_t(text.size()));
+    ::close(fd);
+    auto enc = raw_read(tmp);
+    EXPECT_NE(std::string(enc.begin(), enc.end()), text);
+    ASSERT_EQ(::rename(tmp.c_str(), hist.c_str()), 0);
+    auto raw = raw_read(hist);
+    EXPECT_EQ(std::string(raw.begin(), raw.end()), text);
+    EXPECT_FALSE(keymap_has("pg_wal/xlogtemp.778"));
+}
+
+TEST(Layer, PlaintextClassIsUntouched) {
+    std::string path = P("PG_VERSION");
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ASSERT_EQ(::write(fd, "15\n", 3), 3);
+    ::close(fd);
+    auto raw = raw_read(path);
+    EXPECT_EQ(std::string(raw.begin(), raw.end()), "15\n");
+}
+
+TEST(Layer, KeylessDataFileIsRefused) {
+    std::vector<uint8_t> junk(8192, 'j');
+    raw_write(P("base/1/20002"), junk);
+    errno = 0;
+    int fd = ::open(P("base/1/20002").c_str(), O_RDONLY);
+    EXPECT_EQ(fd, -1);
+    EXPECT_EQ(errno, EIO);
+}
+
+TEST(Layer, DupSharesTheCipherState) {
+    std::string path = P("base/1/20003");
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    int fd2 = ::dup(fd);
+    ::close(fd);
+    std::vector<uint8_t> page(8192, 'd');
+    ASSERT_EQ(::pwrite(fd2, page.data(), 8192, 0), 8192);
+    ::close(fd2);
+    auto raw = raw_read(path);
+    EXPECT_NE(raw, page);
+    fd = ::open(path.c_str(), O_RDONLY);
+    std::vector<uint8_t> got(8192);
+    ASSERT_EQ(::read(fd, got.data(), 8192), 8192);
+    ::close(fd);
+    EXPECT_EQ(got, page);
+}
+
+TEST(Layer, DirectIo) {
+    std::string path = P("base/1/20004");
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_DIRECT, 0600);
+    if (fd < 0 && errno == EINVAL) GTEST_SKIP() << "filesystem without O_DIRECT";
+    ASSERT_GE(fd, 0);
+    void* buf = nullptr;
+    ASSERT_EQ(posix_memalign(&buf, 4096, 16384), 0);
+    std::memset(buf, 'o', 16384);
+    ASSERT_EQ(::pwrite(fd, buf, 16384, 0), 16384) << strerror(errno);
+    std::memset(buf, 0, 16384);
+    ASSERT_EQ(::pread(fd, buf, 16384, 0), 16384) << strerror(errno);
+    for (int i = 0; i < 16384; i++) ASSERT_EQ(static_cast<char*>(buf)[i], 'o');
+    std::free(buf);
+    ::close(fd);
+}
+
+TEST(Layer, ManyProcessesCreateSegmentsAtOnce) {
+    std::vector<pid_t> kids;
+    for (int k = 0; k < 4; k++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            std::vector<uint8_t> page(8192, char('A' + k));
+            for (int i = 0; i < 25; i++) {
+                std::string p = P("base/1/" + std::to_string(30000 + k * 100 + i));
+                int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+                if (fd < 0 || ::pwrite(fd, page.data(), 8192, 0) != 8192) _exit(1);
+                ::close(fd);
+            }
+            _exit(0);
+        }
+        kids.push_back(pid);
+    }
+    for (pid_t p : kids) {
+        int status = 0;
+        waitpid(p, &status, 0);
+        ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 25; i++) {
+            std::string p = P("base/1/" + std::to_string(30000 + k * 100 + i));
+            int fd = ::open(p.c_str(), O_RDONLY);
+            ASSERT_GE(fd, 0) << p << ": " << strerror(errno);
+            std::vector<uint8_t> got(8192);
+            ASSERT_EQ(::pread(fd, got.data(), 8192, 0), 8192);
+            ::close(fd);
+            ASSERT_EQ(got, std::vector<uint8_t>(8192, char('A' + k))) << p;
+        }
+}
+
+// Re-executes this binary with the layer preloaded on a fresh scratch data directory.
+int reexec(int argc, char** argv) {
+    const char* layer = std::getenv("CMK_LAKEBASE_LAYER");
+    if (!layer) layer = "build/libcmk_lakebase_fs.so";
+    char tmpl[] = "/tmp/cmk_layer_test.XXXXXX";
+    if (!mkdtemp(tmpl)) return 2;
+    std::string root = tmpl;
+    std::string data = root + "/data", keys = root + "/keys";
+    ::mkdir(data.c_str(), 0700);
+    for (const char* d : {"base", "base/1", "pg_wal", "pg_tblspc"}) ::mkdir((data + "/" + d).c_str(), 0700);
+    cmk::LocalKeyStore store(keys);
+    store.ensure_dir();
+    store.create("test-key");
+    auto prov = cmk::make_provider(cmk::KeyConfig{"local", "test-key", {{"key_store", keys}}});
+    cmk::SecureBytes kek;
+    cmk::Keyring kr = cmk::create_keyring(*prov, kek);
+    std::string kdir = cmk::keyring_dir_for(data);
+    ::mkdir(kdir.c_str(), 0700);
+    cmk::save_keyring(kdir, kr);
+    cmk::KeyMap::create_empty(kdir, kr.cluster_id, kr.kek_generation);
+    // A tablespace outside the data directory, linked as PostgreSQL does.
+    std::string ts = root + "/ts";
+    ::mkdir(ts.c_str(), 0700);
+    if (::symlink(ts.c_str(), (data + "/pg_tblspc/16390").c_str()) != 0) return 2;
+    char real_layer[PATH_MAX];
+    if (!realpath(layer, real_layer)) {
+        fprintf(stderr, "layer %s not found (build it first)\n", layer);
+        return 2;
+    }
+    setenv("LD_PRELOAD", real_layer, 1);
+    setenv("CMK_LAKEBASE_PGDATA", data.c_str(), 1);
+    setenv("CMK_LAYER_TEST_ROOT", root.c_str(), 1);
+    execv("/proc/self/exe", argv);
+    (void)argc;
+    return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (!std::getenv("CMK_LAKEBASE_PGDATA")) return reexec(argc, argv);
+    g_data = std::getenv("CMK_LAKEBASE_PGDATA");
+    ::testing::InitGoogleTest(&argc, argv);
+    int rc = RUN_ALL_TESTS();
+    std::string root = std::getenv("CMK_LAYER_TEST_ROOT");
+    if (rc == 0) std::system(("rm -rf '" + root + "'").c_str());
+    return rc;
+}
