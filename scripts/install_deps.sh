@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything cmk_lakebase needs to build and test on Debian 12, as root.
+# Idempotent: packages already present are left alone (apt-get install is a no-op).
+#
+# Notes on package names (Debian 12):
+#  - pgbench, pg_waldump, pg_checksums, pg_amcheck and the amcheck extension ship in
+#    postgresql-15 itself; there is no postgresql-contrib-15 package.
+#  - pg_regress and the PostgreSQL::Test::* TAP modules ship in postgresql-client-15
+#    (a dependency of postgresql-15).
+#  - postgresql-server-dev-15 may upgrade postgresql-15 to the same minor version.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "install_deps.sh: must run as root" >&2
+	exit 1
+fi
+
+packages=(
+	build-essential g++ make
+	postgresql-15 postgresql-client-15 postgresql-server-dev-15
+	libssl-dev libcurl4-openssl-dev rapidjson-dev
+	libgtest-dev googletest
+	libipc-run-perl perl procps
+	python3-pykmip python3-botocore
+)
+
+missing=()
+for p in "${packages[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+		missing+=("$p")
+	fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+	echo "install_deps.sh: all ${#packages[@]} packages already installed"
+	exit 0
+fi
+
+echo "install_deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+echo "install_deps.sh: done"

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Runs every test of cmk_lakebase: installs the packages, builds with -Werror, installs
+# the extension, then runs the GoogleTest units, pg_regress (on a temporary encrypted
+# instance, test/run_regress.sh) and the TAP tests (test/t/*.pl, prove) as the
+# "postgres" OS user (initdb refuses root). Prints a summary; the last line is
+# "N passed, M failed", counting GoogleTest tests, pg_regress tests and TAP
+# assertions (a TAP file that dies or bails out counts at least one failure; a step
+# that cannot run at all, e.g. the build, counts one failure). Exits non-zero if
+# anything failed.
+#
+# As root (CI):       bash test/run_all.sh
+# As another user:    CMK_SKIP_INSTALL=1 bash test/run_all.sh
+#                     (packages and the product must already be installed; builds and
+#                      runs the unit tests in the work tree, runs the rest as you)
+# Other knobs:        CMK_TESTS="test/t/010_refusals.pl ..." runs only those TAP files;
+#                     CMK_KEEP_SCRATCH=1 keeps the scratch directory even on success.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+t_start=$(date +%s)
+pg_bindir=/usr/lib/postgresql/15/bin
+pgxs_perl=/usr/lib/postgresql/15/lib/pgxs/src/test/perl
+pg_regress=/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress
+tap_timeout=${CMK_TAP_TIMEOUT:-900}
+
+total_pass=0
+total_fail=0
+summary=()
+
+record() { # record NAME PASSED FAILED [NOTE]
+	total_pass=$((total_pass + $2))
+	total_fail=$((total_fail + $3))
+	local verdict=PASS
+	[ "$3" -eq 0 ] || verdict=FAIL
+	summary+=("$(printf '%-4s %-34s %5d passed %5d failed  %s' "$verdict" "$1" "$2" "$3" "${4:-}")")
+}
+
+finish() {
+	local elapsed=$(($(date +%s) - t_start))
+	echo
+	echo "===================== cmk_lakebase test summary ====================="
+	local line
+	for line in "${summary[@]}"; do echo "$line"; done
+	echo "total time: ${elapsed}s"
+	echo "${total_pass} passed, ${total_fail} failed"
+	[ "$total_fail" -eq 0 ]
+	exit $?
+}
+
+is_root=0
+[ "$(id -u)" -eq 0 ] && is_root=1
+if [ "$is_root" -eq 0 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
+	echo "run_all.sh: run as root (it installs packages and the extension)," >&2
+	echo "            or set CMK_SKIP_INSTALL=1 to test an installed product as yourself" >&2
+	exit 1
+fi
+
+logdir=$(mktemp -d /tmp/cmk_run_all_logs.XXXXXX)
+chmod 755 "$logdir"
+
+# --- 1. dependencies, build, install
+if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
+	echo "== installing packages"
+	if ! bash scripts/install_deps.sh; then
+		record "install packages" 0 1
+		finish
+	fi
+fi
+
+echo "== make WERROR=-Werror"
+if ! make WERROR=-Werror >"$logdir/make.log" 2>&1; then
+	tail -n 80 "$logdir/make.log"
+	record "build (-Werror)" 0 1 "see make output above"
+	finish
+fi
+record "build (-Werror)" 1 0
+
+if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
+	echo "== make install"
+	if ! make install >"$logdir/install.log" 2>&1; then
+		tail -n 40 "$logdir/install.log"
+		record "make install" 0 1
+		finish
+	fi
+	record "make install" 1 0
+fi
+
+# --- 2. GoogleTest units
+echo "== unit tests (GoogleTest)"
+if make WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
+	set +e
+	timeout -k 10 600 build/cmk_unit_tests >"$logdir/unit.log" 2>&1
+	unit_rc=$?
+	set -e
+	cat "$logdir/unit.log"
+	u_pass=$(sed -n 's/^\[  PASSED  \] \([0-9][0-9]*\) test.*/\1/p' "$logdir/unit.log" | tail -n 1)
+	u_fail=$(sed -n 's/^\[  FAILED  \] \([0-9][0-9]*\) test.*/\1/p' "$logdir/unit.log" | tail -n 1)
+	u_pass=${u_pass:-0}
+	u_fail=${u_fail:-0}
+	if [ "$unit_rc" -ne 0 ] && [ "$u_fail" -eq 0 ]; then
+		u_fail=1 # crashed or timed out before its summary
+	fi
+	record "unit tests (GoogleTest)" "$u_pass" "$u_fail" "exit $unit_rc"
+else
+	tail -n 80 "$logdir/unit_build.log"
+	record "unit tests: build" 0 1
+fi
+
+# --- 3. scratch directory for the server tests, writable by the test user
+if [ "$is_root" -eq 1 ]; then
+	test_user=postgres
+	as_user() { runuser -u postgres -- "$@"; }
+else
+	test_user=$(id -un)
+	as_user() { "$@"; }
+fi
+scratch=$(mktemp -d /tmp/cmk_tests.XXXXXX)
+chmod 755 "$scratch"
+cp -a test sql expected "$scratch/"
+[ "$is_root" -eq 1 ] && chown -R postgres: "$scratch" "$logdir"
+cd "$scratch"
+
+test_env=(env -u PGPORT -u PGHOST -u PGDATA -u PGDATABASE -u PGUSER
+	PATH="$pg_bindir:$PATH"
+	PERL5LIB="$pgxs_perl:$scratch/test/perl"
+	PG_REGRESS="$pg_regress"
+	TESTDIR="$scratch"
+	HOME="$(getent passwd "$test_user" | cut -d: -f6)")
+
+# Stops any server a test left running under the scratch directory.
+stop_leftovers() {
+	local pidfile
+	while IFS= read -r pidfile; do
+		as_user "${test_env[@]}" pg_ctl -D "$(dirname "$pidfile")" -m immediate -w stop \
+			>/dev/null 2>&1 || true
+	done < <(find "$scratch" -name postmaster.pid 2>/dev/null)
+}
+
+# --- 4. pg_regress on an encrypted instance
+echo "== pg_regress (encrypted instance)"
+set +e
+as_user "${test_env[@]}" timeout -k 10 600 bash "$scratch/test/run_regress.sh" \
+	>"$logdir/regress.log" 2>&1
+regress_rc=$?
+set -e
+cat "$logdir/regress.log"
+r_total=$(grep -Eo 'All [0-9]+ tests passed' "$logdir/regress.log" | grep -Eo '[0-9]+' | tail -n 1 || true)
+if [ -n "$r_total" ]; then
+	r_pass=$r_total
+	r_fail=0
+else
+	r_fail=$(grep -Eo '[0-9]+ of [0-9]+ tests failed' "$logdir/regress.log" | head -n 1 || true)
+	if [ -n "$r_fail" ]; then
+		r_all=$(echo "$r_fail" | awk '{print $3}')
+		r_fail=$(echo "$r_fail" | awk '{print $1}')
+		r_pass=$((r_all - r_fail))
+	else
+		r_pass=0
+		r_fail=1
+	fi
+fi
+if [ "$regress_rc" -ne 0 ] && [ "$r_fail" -eq 0 ]; then
+	r_fail=1
+fi
+record "pg_regress" "$r_pass" "$r_fail" "exit $regress_rc"
+
+# --- 5. TAP
+if [ -n "${CMK_TESTS:-}" ]; then
+	read -r -a tap_files <<<"$CMK_TESTS"
+else
+	tap_files=(test/t/*.pl)
+fi
+for f in "${tap_files[@]}"; do
+	[ -e "$f" ] || continue
+	name=$(basename "$f" .pl)
+	echo "== TAP $f"
+	t0=$(date +%s)
+	set +e
+	as_user "${test_env[@]}" timeout -k 10 "$tap_timeout" prove -v --timer "$f" \
+		>"$logdir/tap_$name.log" 2>&1
+	tap_rc=$?
+	set -e
+	stop_leftovers
+	cat "$logdir/tap_$name.log"
+	tests=$(sed -n 's/^Files=[0-9]*, Tests=\([0-9]*\),.*/\1/p' "$logdir/tap_$name.log" | tail -n 1)
+	tests=${tests:-0}
+	failed=$(sed -n 's/.*Failed \([0-9]*\)\/[0-9]* subtests.*/\1/p' "$logdir/tap_$name.log" | tail -n 1)
+	failed=${failed:-0}
+	if [ "$tap_rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+		failed=1 # died, bailed out, bad plan or timed out
+	fi
+	passed=$((tests - failed))
+	[ "$passed" -ge 0 ] || passed=0
+	if [ "$tap_rc" -ne 0 ]; then
+		echo "---- $name failed: last lines of its logs ----"
+		for lf in "$scratch/tmp_check/log/regress_log_$name" "$scratch"/tmp_check/log/"${name}"_*.log; do
+			[ -f "$lf" ] || continue
+			echo "---- $lf"
+			tail -n 120 "$lf"
+		done
+	fi
+	record "TAP $name" "$passed" "$failed" "exit $tap_rc, $(($(date +%s) - t0))s"
+done
+
+cd "$root"
+if [ "$total_fail" -eq 0 ] && [ "${CMK_KEEP_SCRATCH:-0}" != 1 ]; then
+	rm -rf "$scratch" "$logdir"
+else
+	echo "run_all.sh: test files kept in $scratch, logs in $logdir"
+fi
+finish
