@@ -76,11 +76,17 @@ SELECT cmk_lakebase.relation_is_encrypted('pg_class') AS pg_class,
 SELECT DISTINCT file_class, encrypted, key_kind
 FROM cmk_lakebase.relation_keys('pg_class');
 
--- An unlogged table: main and init forks, durable keys.
-CREATE UNLOGGED TABLE cmk_unlogged (id int);
+-- An unlogged table and its index: main and init forks, durable keys. The heap's
+-- init fork is an empty file: its key is made at its first write, so it has none yet;
+-- the index's init fork holds a metapage and has its key.
+CREATE UNLOGGED TABLE cmk_unlogged (id int PRIMARY KEY);
 INSERT INTO cmk_unlogged VALUES (1);
-SELECT fork, encrypted, key_kind, dek_fingerprint ~ '^[0-9a-f]{32}$' AS dek_fingerprint_ok
+SELECT fork, encrypted, key_kind, dek_fingerprint ~ '^[0-9a-f]{32}$' AS dek_fingerprint_ok,
+       (pg_stat_file(path, true)).size AS size
 FROM cmk_lakebase.relation_keys('cmk_unlogged')
+ORDER BY fork;
+SELECT fork, encrypted, key_kind, dek_fingerprint ~ '^[0-9a-f]{32}$' AS dek_fingerprint_ok
+FROM cmk_lakebase.relation_keys('cmk_unlogged_pkey')
 ORDER BY fork;
 
 -- A temporary table: ephemeral, keyed from the per-boot key.

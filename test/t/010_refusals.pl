@@ -8,6 +8,7 @@
 use strict;
 use warnings;
 
+use File::Basename ();
 use File::Copy qw(copy);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -167,6 +168,10 @@ isnt(fatal_block($log), '', 'copy without the key store: FATAL in log') or diag(
 my @hits = scan_for_markers($copydir, $marker);
 is_deeply(\@hits, [], 'copy of the cluster holds no plaintext marker')
   or diag(join("\n", @hits));
+# Control: the same scan does find the marker where it is in plaintext (the server
+# log, which has log_statement = all), so the empty result above means something.
+my @control = scan_for_markers(File::Basename::dirname($node->logfile), $marker);
+ok(scalar(@control) > 0, 'scan control: the marker is found in the plaintext server log');
 $copy->stop('immediate', fail_ok => 1) if $started;
 rename("$store.away", $store) or die "rename $store.away: $!";
 ($started, $log) = try_start($copy);
