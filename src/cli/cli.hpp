@@ -1,0 +1,96 @@
+// Shared pieces of the pg_cmk command-line tool: the two kinds of failure it reports
+// (usage errors, exit 2; runtime errors, exit 1), a small option parser, path and
+// process helpers, and one entry point per command. Only src/cli uses this header.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace cmk::cli {
+
+// Bad arguments: reported as one error line plus a pointer to `pg_cmk COMMAND --help`,
+// exit 2. `command` is what goes into that pointer ("initdb", "key create", "" for the
+// top level).
+struct UsageError : std::runtime_error {
+    UsageError(std::string cmd, const std::string& msg) : std::runtime_error(msg), command(std::move(cmd)) {}
+    std::string command;
+};
+
+// A runtime failure the tool explains itself (what failed, what to do): exit 1.
+struct CliError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// --- option parsing -------------------------------------------------------------
+
+struct OptSpec {
+    const char* long_name;  // without "--"
+    char short_name;        // 0 if none
+    bool takes_value;
+};
+
+struct ParsedArgs {
+    std::vector<std::pair<std::string, std::string>> options;  // long name -> value
+    std::vector<std::string> positional;
+    std::vector<std::string> rest;  // everything after "--" (or the first positional)
+    bool dash_dash = false;         // rest came from an explicit "--"
+
+    bool has(const std::string& name) const;
+    // Last value given for name, or def.
+    std::string get(const std::string& name, const std::string& def = "") const;
+};
+
+// Parses args (the words after the command). Accepts "--name value", "--name=value",
+// "-X value", "-Xvalue"; "--" ends options. With stop_at_positional the first
+// non-option word also ends options (it and the rest go to `rest`), so that a tool's
+// own options are never taken for ours. "--help" and "-?" are always known.
+ParsedArgs parse_args(const std::string& command, const std::vector<std::string>& args,
+                      const std::vector<OptSpec>& specs, bool stop_at_positional = false);
+
+// --- paths ------------------------------------------------------------------------
+
+std::string current_dir();
+// Lexically absolute (relative to the working directory), normalized.
+std::string make_absolute(const std::string& p);
+// Absolute form of a directory that may not exist yet: realpath of its parent (which
+// must exist) + its last component. Throws CliError.
+std::string absolute_new_dir(const std::string& p);
+// realpath() of an existing directory. Throws CliError naming `what`.
+std::string existing_dir(const std::string& p, const std::string& what);
+bool path_exists(const std::string& p);
+bool is_directory(const std::string& p);
+std::string parent_dir(const std::string& abs);  // of an absolute, normalized path
+std::string base_name(const std::string& abs);
+// Removes a directory tree (no symlink following); best effort.
+void remove_tree(const std::string& dir);
+
+// --- running PostgreSQL tools under the layer -------------------------------------
+
+// Absolute path of the encrypting file layer to preload: $CMK_LAKEBASE_LAYER, else
+// CMK_PKGLIBDIR/libcmk_lakebase_fs.so. Throws CliError if it is not there.
+std::string layer_path();
+// The PostgreSQL bindir: $CMK_LAKEBASE_PG_BINDIR, else the compiled-in CMK_PG_BINDIR.
+std::string pg_bindir();
+// A tool name without '/' is looked up in pg_bindir(), then PATH; a name with '/' is
+// taken as is. Returns "" if no executable is found.
+std::string find_tool(const std::string& name);
+// The current environment with LD_PRELOAD (layer first, any other copy of the layer
+// removed), CMK_LAKEBASE_PGDATA and, if keyring_dir is non-empty,
+// CMK_LAKEBASE_KEYRING_DIR set; an inherited CMK_LAKEBASE_KEYRING_DIR is dropped.
+std::vector<std::string> layer_environment(const std::string& layer, const std::string& pgdata,
+                                           const std::string& keyring_dir);
+
+// Data directory of an existing encrypted cluster (absolute); throws CliError if the
+// directory is missing or has no cmk_lakebase/keyring.json.
+std::string encrypted_datadir(const std::string& given);
+
+// --- commands (args: the words after the command name) ----------------------------
+
+int cmd_initdb(const std::vector<std::string>& args);
+int cmd_exec(const std::vector<std::string>& args);
+int cmd_status(const std::vector<std::string>& args);
+int cmd_key(const std::vector<std::string>& args);
+int cmd_bench_cipher(const std::vector<std::string>& args);
+
+}  // namespace cmk::cli

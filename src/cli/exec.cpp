@@ -1,0 +1,73 @@
+// `pg_cmk exec`: runs a stock PostgreSQL tool (pg_waldump, pg_checksums, pg_resetwal,
+// ...) on an encrypted cluster by replacing this process with it, the encrypting file
+// layer preloaded and pointed at the data directory. The exit status is the tool's.
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+
+namespace cmk::cli {
+namespace {
+
+const char kExecUsage[] =
+    "pg_cmk exec runs a PostgreSQL tool on a cluster encrypted by cmk_lakebase, with\n"
+    "the encrypting file layer preloaded, so that the tool reads and writes the\n"
+    "cluster's files as plaintext.\n"
+    "\n"
+    "Usage:\n"
+    "  pg_cmk exec -D DATADIR -- TOOL [ARGS...]\n"
+    "\n"
+    "Options:\n"
+    "  -D, --pgdata=DATADIR   data directory of the encrypted cluster\n"
+    "  -?, --help             show this help, then exit\n"
+    "\n"
+    "TOOL is a name looked up in the PostgreSQL bindir first, then in PATH, or a path.\n"
+    "Pass the data directory to the tool as well if it needs one, e.g.\n"
+    "  pg_cmk exec -D /srv/pg -- pg_checksums --check -D /srv/pg\n"
+    "The exit status is the tool's.\n";
+
+}  // namespace
+
+int cmd_exec(const std::vector<std::string>& args) {
+    const std::string cmdname = "exec";
+    ParsedArgs a = parse_args(cmdname, args, {{"pgdata", 'D', true}}, true);
+    if (a.has("help")) {
+        std::fputs(kExecUsage, stdout);
+        return 0;
+    }
+    if (!a.has("pgdata") || a.get("pgdata").empty())
+        throw UsageError(cmdname, "no data directory given (-D DATADIR)");
+    if (a.rest.empty() || a.rest[0].empty())
+        throw UsageError(cmdname, "no tool given (pg_cmk exec -D DATADIR -- TOOL [ARGS...])");
+
+    const std::string datadir = encrypted_datadir(a.get("pgdata"));
+    const std::string layer = layer_path();
+    const std::string& tool = a.rest[0];
+    std::string path = find_tool(tool);
+    if (path.empty())
+        throw CliError("tool \"" + tool + "\" not found in " + pg_bindir() + " or PATH; give its path");
+
+    std::vector<std::string> env = layer_environment(layer, datadir, "");
+    // argv[0] is the resolved path: PostgreSQL tools find their siblings (pg_upgrade,
+    // pg_rewind run postgres) through it.
+    std::vector<std::string> tool_args = a.rest;
+    tool_args[0] = path;
+    std::vector<char*> argv;
+    for (const auto& s : tool_args) argv.push_back(const_cast<char*>(s.c_str()));
+    argv.push_back(nullptr);
+    std::vector<char*> envp;
+    for (const auto& s : env) envp.push_back(const_cast<char*>(s.c_str()));
+    envp.push_back(nullptr);
+
+    std::fflush(stdout);
+    std::fflush(stderr);
+    execve(path.c_str(), argv.data(), envp.data());
+    throw CliError("cannot run \"" + path + "\": " + std::strerror(errno));
+}
+
+}  // namespace cmk::cli

@@ -1,0 +1,99 @@
+// pg_cmk: the command-line tool of cmk_lakebase (docs/CONTRACTS.md, "pg_cmk command
+// line"). Dispatches to one function per command and turns every failure into the
+// contract's form: one line "pg_cmk: error: ..." on stderr, exit 2 for bad arguments
+// (plus a pointer to the command's --help), exit 1 for anything else.
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+
+#ifndef CMK_VERSION
+#define CMK_VERSION "unknown"
+#endif
+
+namespace {
+
+const char kUsage[] =
+    "pg_cmk manages PostgreSQL clusters encrypted by cmk_lakebase (transparent data\n"
+    "encryption with customer-managed keys).\n"
+    "\n"
+    "Usage:\n"
+    "  pg_cmk initdb -D DATADIR [--provider local] [--key-store DIR] [--key-id ID]\n"
+    "                [--create-key] [-- INITDB_ARGS...]\n"
+    "  pg_cmk exec -D DATADIR -- TOOL [ARGS...]\n"
+    "  pg_cmk status -D DATADIR [--json]\n"
+    "  pg_cmk key create|enable|disable|delete|show KEY_ID [--key-store DIR]\n"
+    "  pg_cmk key list [--key-store DIR]\n"
+    "  pg_cmk bench-cipher [--seconds N]\n"
+    "  pg_cmk --version\n"
+    "\n"
+    "Commands:\n"
+    "  initdb        create a new encrypted cluster (runs the stock initdb under the layer)\n"
+    "  exec          run a PostgreSQL tool on an encrypted cluster\n"
+    "  status        show the key configuration and whether the key is usable\n"
+    "  key           manage keys in the local key store\n"
+    "  bench-cipher  measure the page cipher's throughput\n"
+    "\n"
+    "Run \"pg_cmk COMMAND --help\" for the options of a command.\n";
+
+// Error text from lower layers may span lines; the contract wants one line.
+std::string one_line(std::string s) {
+    for (char& c : s)
+        if (c == '\n' || c == '\r') c = ' ';
+    while (!s.empty() && s.back() == ' ') s.pop_back();
+    return s;
+}
+
+void print_error(const std::string& msg) {
+    std::fprintf(stderr, "pg_cmk: error: %s\n", one_line(msg).c_str());
+}
+
+int run(int argc, char** argv) {
+    using namespace cmk::cli;
+    if (argc < 2) throw UsageError("", "no command given");
+    std::string cmd = argv[1];
+    std::vector<std::string> args(argv + 2, argv + argc);
+
+    if (cmd == "--help" || cmd == "-?" || cmd == "help") {
+        std::fputs(kUsage, stdout);
+        return 0;
+    }
+    if (cmd == "--version" || cmd == "-V") {
+        std::printf("pg_cmk (cmk_lakebase) %s\n", CMK_VERSION);
+        return 0;
+    }
+    if (cmd == "initdb") return cmd_initdb(args);
+    if (cmd == "exec") return cmd_exec(args);
+    if (cmd == "status") return cmd_status(args);
+    if (cmd == "key") return cmd_key(args);
+    if (cmd == "bench-cipher") return cmd_bench_cipher(args);
+    if (!cmd.empty() && cmd[0] == '-') throw UsageError("", "unrecognized option \"" + cmd + "\"");
+    throw UsageError("", "unknown command \"" + cmd + "\"");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        int rc = run(argc, argv);
+        if (std::fflush(stdout) != 0) {
+            print_error("could not write the output");
+            return 1;
+        }
+        return rc;
+    } catch (const cmk::cli::UsageError& e) {
+        print_error(e.what());
+        if (e.command.empty())
+            std::fprintf(stderr, "Try \"pg_cmk --help\".\n");
+        else
+            std::fprintf(stderr, "Try \"pg_cmk %s --help\".\n", e.command.c_str());
+        return 2;
+    } catch (const std::exception& e) {
+        // CliError, KeyringError, KeyMapError, CryptoError, system errors: their
+        // messages already say what failed.
+        print_error(e.what());
+        return 1;
+    }
+}
