@@ -1,0 +1,54 @@
+// Key provider dispatch (kms.hpp): validates a key configuration and returns the
+// provider for it. Only the local provider is compiled into this build; the cloud
+// and KMIP providers are named so that a configuration for them fails with a clear
+// "not supported" instead of "unknown".
+#include "cmk_lakebase/kms.hpp"
+
+#include <pwd.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+namespace cmk {
+
+// kms_local.cpp
+std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);
+
+const char* key_health_name(KeyHealth h) {
+    switch (h) {
+        case KeyHealth::Ok: return "ok";
+        case KeyHealth::Unavailable: return "unavailable";
+        case KeyHealth::Revoked: return "revoked";
+    }
+    return "unknown";
+}
+
+std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
+    if (cfg.provider.empty())
+        throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    if (cfg.provider == "local") return make_local_provider(cfg);
+    for (const char* p : {"aws", "azure", "gcp", "vault", "kmip"}) {
+        if (cfg.provider == p)
+            throw KmsError(KmsErrorKind::Config,
+                           "key provider \"" + cfg.provider + "\" is not supported in this build");
+    }
+    throw KmsError(KmsErrorKind::Config,
+                   "provider: unknown key provider \"" + cfg.provider +
+                       "\" (known: local, aws, azure, gcp, vault, kmip)");
+}
+
+std::string default_local_key_store() {
+    const char* env = std::getenv("CMK_LAKEBASE_KEY_STORE");
+    if (env && *env) return env;
+    const char* home = std::getenv("HOME");
+    std::string h = home && *home ? home : "";
+    if (h.empty()) {
+        struct passwd* pw = getpwuid(getuid());
+        if (pw && pw->pw_dir) h = pw->pw_dir;
+    }
+    if (h.empty()) h = "/";
+    if (h.size() > 1 && h.back() == '/') h.pop_back();
+    return (h == "/" ? "" : h) + "/.cmk_lakebase/keys";
+}
+
+}  // namespace cmk
