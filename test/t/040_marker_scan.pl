@@ -47,6 +47,7 @@ use CmkTest;
 my $N_ROWS     = 1000;     # heap, btree, hash, gin, tablespace tables
 my $N_SORT     = 40000;    # ~4 MB through a 64 kB work_mem sort
 my $N_HJ       = 20000;    # per side of the spilling hash join
+my $N_HOLD     = 20000;    # WITH HOLD cursor materialized through 64 kB
 my $N_TEMP     = 20000;    # ~2 MB temp table through 800 kB of temp_buffers
 my $N_LOGICAL  = 5000;     # rows of the big transactions decoded with 64 kB
 my $N_NOTIFY   = 100;      # NOTIFY transactions, 2 kB payload each (> 8 SLRU pages)
@@ -62,8 +63,8 @@ sub new_markers
 	my %m;
 	for my $kind (
 		qw(heap toast btree hash gin wal unlogged largeobject rewrite template
-		tsheap tsindex tsmove temptable sort hashjoin logical logicalpeek notify gid
-		twophaserow))
+		tsheap tsindex tsmove temptable holdcursor sort hashjoin logical logicalpeek
+		notify gid twophaserow))
 	{
 		$m{$kind} = "CMKMARK_${kind}_" . random_hex();
 	}
@@ -169,8 +170,8 @@ sub check_ephemeral_files_exist
 		"$name: hash join temp files exist in the tablespace's pgsql_tmp during the scan");
 	my $tt = $node->{marker_temp_relpath};
 	ok(-s "$d/$tt", "$name: temp table file $tt exists with data during the scan");
-	ok(scalar(grep { -s $_ } files_under("$d/pg_replslot/cmk_spill", qr/\.spill$/)),
-		"$name: logical decoding spill files exist during the scan");
+	ok(scalar(grep { -s $_ } files_under("$d/pg_replslot/cmk_spill", $node->{marker_spill_re})),
+		"$name: the open transaction's logical decoding spill files exist during the scan");
 	ok(scalar(grep { -s $_ } files_under("$d/pg_notify")),
 		"$name: pg_notify has written pages during the scan");
 	ok(scalar(grep { -s $_ } files_under("$d/pg_twophase")),
@@ -251,6 +252,8 @@ CREATE TABLE hj_a (id int, v text);
 CREATE TABLE hj_b (id int, v text);
 INSERT INTO hj_a SELECT g, '$m->{hashjoin}:a:' || g FROM generate_series(1, $N_HJ) g;
 INSERT INTO hj_b SELECT g, '$m->{hashjoin}:b:' || g FROM generate_series(1, $N_HJ) g;
+CREATE TABLE hold_src (id int, v text);
+INSERT INTO hold_src SELECT g, '$m->{holdcursor}:' || g FROM generate_series(1, $N_HOLD) g;
 ANALYZE sort_src, hj_a, hj_b;
 
 CREATE TABLE logical_t (id int, v text);
@@ -292,6 +295,8 @@ INSERT INTO tmpl_t SELECT g, '$m->{template}:' || g FROM generate_series(1, $N_R
 	$node->safe_psql('postgres', q{
 CREATE DATABASE cmk_db_wal TEMPLATE cmk_tmpl STRATEGY wal_log;
 CREATE DATABASE cmk_db_copy TEMPLATE cmk_tmpl STRATEGY file_copy;
+CREATE DATABASE cmk_db_moved TEMPLATE cmk_tmpl STRATEGY wal_log;
+ALTER DATABASE cmk_db_moved SET TABLESPACE cmk_ts;
 });
 
 	# Logical decoding spill files kept alive: pg_recvlogical streams slot cmk_spill
@@ -313,10 +318,12 @@ CREATE DATABASE cmk_db_copy TEMPLATE cmk_tmpl STRATEGY file_copy;
 				"SELECT active FROM pg_replication_slots WHERE slot_name = 'cmk_spill'") eq 't';
 		}) or diag("pg_recvlogical stderr: $rerr");
 
-	# Session A: a temp table bigger than temp_buffers, then (in one open transaction)
-	# a sorting cursor and a hash-joining cursor, each fetched once so that their
-	# temp files are written and stay until the transaction ends. The hash join's
-	# temp files go to the tablespace (temp_tablespaces).
+	# Session A: a temp table bigger than temp_buffers; a WITH HOLD cursor, whose
+	# result is materialized at commit into a tuplestore that spills to a temp file
+	# living across transactions; then (in one open transaction) a sorting cursor
+	# and a hash-joining cursor, each fetched once so that their temp files are
+	# written and stay until the transaction ends. The hash join's temp files go to
+	# the tablespace (temp_tablespaces).
 	my $sa = $node->background_psql('postgres', on_error_stop => 1);
 	$node->{marker_sa} = $sa;
 	$sa->query_safe(qq{
@@ -326,6 +333,13 @@ INSERT INTO temp_t SELECT g, '$m->{temptable}:' || g || ':' || md5(g::text)
   FROM generate_series(1, $N_TEMP) g;
 });
 	$node->{marker_temp_relpath} = $sa->query_safe("SELECT pg_relation_filepath('temp_t')");
+	$sa->query_safe(q{
+SET work_mem = '64kB';
+BEGIN;
+DECLARE hold_c CURSOR WITH HOLD FOR SELECT id, v FROM hold_src;
+COMMIT;
+RESET work_mem;
+});
 	$sa->query_safe(q{
 BEGIN;
 SET LOCAL work_mem = '64kB';
@@ -355,14 +369,20 @@ DECLARE hj_c CURSOR FOR SELECT a.id, md5(a.v || b.v) FROM hj_a a JOIN hj_b b ON 
 	# Session B: the big logical transaction, left open.
 	my $sb = $node->background_psql('postgres', on_error_stop => 1);
 	$node->{marker_sb} = $sb;
+	# The walsender decodes everything since the slot was created (the peek
+	# transaction above spills too, until its commit is decoded), so wait for the
+	# spill file of this very transaction: xid-<xid>-lsn-<hi>-<lo>.spill.
 	$sb->query_safe(
 		"BEGIN; INSERT INTO logical_t SELECT 100000 + g, '$m->{logical}:' || g || ':' || md5(g::text) "
 		  . "FROM generate_series(1, $N_LOGICAL) g");
+	my $xid = $sb->query_safe(
+		'SELECT pg_current_xact_id()::text::bigint % 4294967296');
+	$node->{marker_spill_re} = qr/^xid-$xid-lsn-[0-9A-F]+-[0-9A-F]+\.spill$/;
 	wait_for(
-		'spill files in pg_replslot/cmk_spill',
+		"spill files of transaction $xid in pg_replslot/cmk_spill",
 		sub {
 			scalar grep { -s $_ }
-			  files_under($node->data_dir . '/pg_replslot/cmk_spill', qr/\.spill$/);
+			  files_under($node->data_dir . '/pg_replslot/cmk_spill', $node->{marker_spill_re});
 		});
 
 	# A prepared transaction whose GID carries a marker; the checkpoint writes its
@@ -401,11 +421,14 @@ PREPARE TRANSACTION 'gid_$m->{gid}';
 			qr{^PGDATA/base/$db_oid{cmk_db_wal}/\d+$} ],
 		[ 'CREATE DATABASE STRATEGY file_copy', 'template',
 			qr{^PGDATA/base/$db_oid{cmk_db_copy}/\d+$} ],
+		[ 'ALTER DATABASE SET TABLESPACE', 'template',
+			qr{^TBLSPC/PG_15_\d+/$db_oid{cmk_db_moved}/\d+$} ],
 		[ 'tablespace heap',         'tsheap',   $rel->('ts_t') ],
 		[ 'tablespace index',        'tsindex',  $rel->('ts_t_k') ],
 		[ 'table moved to tablespace', 'tsmove', $rel->('tsmove_t') ],
 		[ 'temp table',              'temptable', relpath_re($node->{marker_temp_relpath}) ],
 		[ 'sort temp file',          'sort',     qr{^PGDATA/base/pgsql_tmp/pgsql_tmp} ],
+		[ 'WITH HOLD cursor temp file', 'holdcursor', qr{^PGDATA/base/pgsql_tmp/pgsql_tmp} ],
 		[ 'hash join temp file (tablespace)', 'hashjoin',
 			qr{^TBLSPC/PG_15_\d+/pgsql_tmp/pgsql_tmp} ],
 		[ 'logical decoding spill file', 'logical',
@@ -450,6 +473,18 @@ sub finish_sessions
 		"$name: spilled hash join reads back all $N_HJ pairs")
 	  or diag('got ' . scalar(@joined) . " rows, $bad wrong");
 	$sa->query_safe('COMMIT');
+
+	# WITH HOLD cursor: every row back from its tuplestore file.
+	my @held = grep { length } split /\n/, $sa->query_safe('FETCH ALL FROM hold_c');
+	my $held_bad = grep {
+		my ($id, $v) = split /\|/;
+		$v ne "$m->{holdcursor}:$id"
+	} @held;
+	my %held_ids = map { (split /\|/)[0] => 1 } @held;
+	ok(@held == $N_HOLD && !$held_bad && keys(%held_ids) == $N_HOLD,
+		"$name: WITH HOLD cursor reads back all $N_HOLD rows")
+	  or diag('got ' . scalar(@held) . " rows, $held_bad wrong");
+	$sa->query_safe('CLOSE hold_c');
 
 	is( $sa->query_safe(
 			"SELECT count(*) = $N_TEMP AND md5(string_agg(v, ',' ORDER BY id)) = "
@@ -551,7 +586,7 @@ sub read_back
 				  . "RESET enable_seqscan; RESET enable_bitmapscan; "
 				  . "SELECT md5(string_agg(v, ',' ORDER BY id)) = "
 				  . $series->("'$m->{template}:' || g", $N_ROWS) . ' FROM tmpl_t' ]
-		} qw(cmk_tmpl cmk_db_wal cmk_db_copy));
+		} qw(cmk_tmpl cmk_db_wal cmk_db_copy cmk_db_moved));
 	for my $c (@checks)
 	{
 		my ($what, $db, $sql) = @$c;
