@@ -49,6 +49,19 @@ finish() {
 	exit $?
 }
 
+# Prints a log, shortened in the middle when it is very long (keeps CI logs readable).
+show_log() {
+	local n
+	n=$(wc -l <"$1")
+	if [ "$n" -gt 4000 ]; then
+		head -n 2000 "$1"
+		echo "... [run_all.sh: $((n - 3000)) lines omitted] ..."
+		tail -n 1000 "$1"
+	else
+		cat "$1"
+	fi
+}
+
 is_root=0
 [ "$(id -u)" -eq 0 ] && is_root=1
 if [ "$is_root" -eq 0 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
@@ -94,7 +107,7 @@ if make WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
 	timeout -k 10 600 build/cmk_unit_tests >"$logdir/unit.log" 2>&1
 	unit_rc=$?
 	set -e
-	cat "$logdir/unit.log"
+	show_log "$logdir/unit.log"
 	u_pass=$(sed -n 's/^\[  PASSED  \] \([0-9][0-9]*\) test.*/\1/p' "$logdir/unit.log" | tail -n 1)
 	u_fail=$(sed -n 's/^\[  FAILED  \] \([0-9][0-9]*\) test.*/\1/p' "$logdir/unit.log" | tail -n 1)
 	u_pass=${u_pass:-0}
@@ -145,7 +158,7 @@ as_user "${test_env[@]}" timeout -k 10 600 bash "$scratch/test/run_regress.sh" \
 	>"$logdir/regress.log" 2>&1
 regress_rc=$?
 set -e
-cat "$logdir/regress.log"
+show_log "$logdir/regress.log"
 r_total=$(grep -Eo 'All [0-9]+ tests passed' "$logdir/regress.log" | grep -Eo '[0-9]+' | tail -n 1 || true)
 if [ -n "$r_total" ]; then
 	r_pass=$r_total
@@ -183,7 +196,7 @@ for f in "${tap_files[@]}"; do
 	tap_rc=$?
 	set -e
 	stop_leftovers
-	cat "$logdir/tap_$name.log"
+	show_log "$logdir/tap_$name.log"
 	tests=$(sed -n 's/^Files=[0-9]*, Tests=\([0-9]*\),.*/\1/p' "$logdir/tap_$name.log" | tail -n 1)
 	tests=${tests:-0}
 	failed=$(sed -n 's/.*Failed \([0-9]*\)\/[0-9]* subtests.*/\1/p' "$logdir/tap_$name.log" | tail -n 1)
