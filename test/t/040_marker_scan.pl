@@ -605,6 +605,64 @@ sub read_back
 	return;
 }
 
+# Parallel query shares temp files between processes (SharedFileSet directories
+# pgsql_tmp/pgsql_tmp<pid>.<n>.fileset/): a worker writes a batch or a sorted run under
+# the per-boot key, another process reads it. These files cannot be kept open for a
+# scan (cursors never run in parallel), so this checks that they read back correctly:
+# a parallel hash join that spills into batches, and a parallel CREATE INDEX (its
+# workers always hand their sorted runs to the leader through shared tape files; a
+# parallel worker needs 32 MB of maintenance_work_mem, so nothing smaller), verified
+# by trace_sort's messages and amcheck.
+sub parallel_checks
+{
+	my ($node) = @_;
+	my $name = $node->name;
+	my $m    = $node->{markers};
+	my $set = q{
+SET max_parallel_workers_per_gather = 2;
+SET max_parallel_maintenance_workers = 2;
+SET parallel_setup_cost = 0;
+SET parallel_tuple_cost = 0;
+SET min_parallel_table_scan_size = 0;
+SET enable_mergejoin = off;
+SET enable_nestloop = off;
+SET work_mem = '64kB';
+SET maintenance_work_mem = '96MB';
+};
+	my $join = 'SELECT count(*), sum(hashtext(a.v || b.v)::bigint) FROM hj_a a JOIN hj_b b ON a.id = b.id';
+	my $plan = $node->safe_psql('postgres',
+		"$set EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) $join");
+	my ($batches) = $plan =~ /Batches: (\d+)/;
+	ok( $plan =~ /Parallel Hash Join/
+		  && $plan =~ /Workers Launched: [12]/
+		  && ($batches // 0) > 1,
+		"$name: the parallel hash join runs in parallel and spills into batches")
+	  or diag($plan);
+	is( $node->safe_psql('postgres', "$set $join"),
+		$node->safe_psql(
+			'postgres',
+			"SELECT count(*), sum(hashtext('$m->{hashjoin}:a:' || g || '$m->{hashjoin}:b:' || g)::bigint) "
+			  . "FROM generate_series(1, $N_HJ) g"),
+		"$name: parallel hash join through shared temp files returns the right rows");
+
+	my ($rc, $out, $err) = $node->psql('postgres',
+		"$set SET trace_sort = on; SET client_min_messages = log; "
+		  . "CREATE INDEX sort_src_v ON sort_src (v)");
+	ok( $rc == 0
+		  && $err =~ /parallel external sort of worker [0-9]+ ended/
+		  && $err =~ /final merge/,
+		"$name: CREATE INDEX sorted in parallel workers, merged by the leader from their tapes")
+	  or diag("rc=$rc\n$err");
+	is( $node->safe_psql(
+			'postgres',
+			"SELECT count(*) FROM (SELECT bt_index_check('sort_src_v', true)) s; "
+			  . "SET enable_seqscan = off; SET enable_bitmapscan = off; "
+			  . "SELECT count(*) FROM sort_src WHERE v = '$m->{sort}:31337'"),
+		"1\n1",
+		"$name: index built by a parallel sort passes amcheck and finds its key");
+	return;
+}
+
 sub report_hits
 {
 	my ($label, @hits) = @_;
@@ -634,6 +692,7 @@ for my $e (@{ $plain->{marker_expect} })
 }
 $plain->start;
 read_back($plain);
+parallel_checks($plain);
 $plain->stop('fast');
 
 # ---------------------------------------------------------------- encrypted node
@@ -668,6 +727,7 @@ SKIP:
 	  or report_hits('PRODUCT BUG: plaintext in the encrypted cluster (stopped)', @stopped);
 	$enc->start;
 	read_back($enc);
+	parallel_checks($enc);
 	$enc->stop('fast');
 }
 
