@@ -33,6 +33,7 @@
 #                           WAL-flush floor from TPC-B and shows more of the CPU cost)
 #   BENCH_WORKLOADS="tpcb select"
 #   BENCH_CIPHER_SECONDS=3  seconds per direction for the cipher comparison
+#   BENCH_CIPHER_ROUNDS=3   alternations pg_cmk/openssl (medians are compared)
 #   BENCH_SKIP_PGBENCH=0    1: only the cipher comparison
 #   BENCH_DIR=              work directory (default: a new one under /tmp); removed at
 #                           the end unless BENCH_KEEP=1
@@ -52,6 +53,7 @@ BENCH_SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-32MB}
 BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-tpcb select}
 BENCH_CIPHER_SECONDS=${BENCH_CIPHER_SECONDS:-3}
+BENCH_CIPHER_ROUNDS=${BENCH_CIPHER_ROUNDS:-3}
 BENCH_SKIP_PGBENCH=${BENCH_SKIP_PGBENCH:-0}
 BENCH_KEEP=${BENCH_KEEP:-0}
 BENCH_STRICT=${BENCH_STRICT:-0}
@@ -72,11 +74,12 @@ is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 [ "$(id -u)" -eq 0 ] || die "run as root (servers run as '$PG_USER' through runuser)"
 id "$PG_USER" >/dev/null 2>&1 || die "no '$PG_USER' OS user"
 for v in BENCH_SECONDS BENCH_ROUNDS BENCH_SCALE BENCH_CLIENTS BENCH_JOBS BENCH_WARMUP \
-	BENCH_CIPHER_SECONDS; do
+	BENCH_CIPHER_SECONDS BENCH_CIPHER_ROUNDS; do
 	is_uint "${!v}" || die "$v must be a non-negative integer (got '${!v}')"
 done
-if [ "$BENCH_ROUNDS" -lt 1 ] || [ "$BENCH_SECONDS" -lt 1 ] || [ "$BENCH_SCALE" -lt 1 ]; then
-	die "BENCH_ROUNDS, BENCH_SECONDS and BENCH_SCALE must be at least 1"
+if [ "$BENCH_ROUNDS" -lt 1 ] || [ "$BENCH_SECONDS" -lt 1 ] || [ "$BENCH_SCALE" -lt 1 ] ||
+	[ "$BENCH_CIPHER_ROUNDS" -lt 1 ] || [ "$BENCH_CIPHER_SECONDS" -lt 1 ]; then
+	die "BENCH_ROUNDS, BENCH_SECONDS, BENCH_SCALE and BENCH_CIPHER_* must be at least 1"
 fi
 for w in $BENCH_WORKLOADS; do
 	case $w in tpcb|select) ;; *) die "unknown workload '$w' in BENCH_WORKLOADS (tpcb, select)" ;; esac
@@ -272,16 +275,17 @@ EOF
 			"$label" "$me" "$mp" "$r" "$t" "$v")"
 		add_summary "$(printf '             runs: encrypted [%s ]  plaintext [%s ]' \
 			"${TPS[enc,$workload]}" "${TPS[plain,$workload]}")"
+		# Same-round pairs cancel slow drift of the host; shown as a cross-check.
+		read -r -a e_runs <<<"${TPS[enc,$workload]}"
+		read -r -a p_runs <<<"${TPS[plain,$workload]}"
+		pairs=()
+		for i in "${!e_runs[@]}"; do pairs+=("$(ratio "${e_runs[$i]}" "${p_runs[$i]}")"); done
+		add_summary "$(printf '             per-round ratios: %s  (median %s)' "${pairs[*]}" \
+			"$(median "${pairs[@]}" | awk '{ printf "%.3f", $1 }')")"
 	done
 fi
 
 # ------------------------------------------------------------------ (b) page cipher
-
-log "page cipher: pg_cmk bench-cipher --seconds $BENCH_CIPHER_SECONDS"
-cipher_out=$("$PG_BINDIR/pg_cmk" bench-cipher --seconds "$BENCH_CIPHER_SECONDS") ||
-	die "pg_cmk bench-cipher failed"
-read -r tag cmk_enc cmk_dec <<<"$(echo "$cipher_out" | grep '^page_cipher_mb_per_s ')"
-[ "${tag:-}" = page_cipher_mb_per_s ] || die "unexpected pg_cmk bench-cipher output: $cipher_out"
 
 openssl_mb_per_s() { # extra openssl speed options -> MB/s (10^6 bytes/s)
 	local out last
@@ -292,15 +296,35 @@ openssl_mb_per_s() { # extra openssl speed options -> MB/s (10^6 bytes/s)
 	echo "$last" | awk '$1 ~ /^(AES-256-XTS|aes-256-xts)$/ { v = $NF; sub(/k$/, "", v); printf "%.1f\n", v / 1000; ok = 1 }
 		END { if (!ok) exit 1 }' || die "cannot parse openssl speed output: $last"
 }
-log "page cipher: openssl speed -evp aes-256-xts -bytes 8192 (encrypt, then -decrypt)"
-ossl_enc=$(openssl_mb_per_s)
-ossl_dec=$(openssl_mb_per_s -decrypt)
+
+# Alternate the two tools so that frequency/neighbour noise on the host hits both.
+declare -A CIPHER=()
+for ((cr = 1; cr <= BENCH_CIPHER_ROUNDS; cr++)); do
+	log "page cipher round $cr/$BENCH_CIPHER_ROUNDS: pg_cmk bench-cipher --seconds $BENCH_CIPHER_SECONDS;" \
+		"openssl speed -evp aes-256-xts -bytes 8192 (encrypt, then -decrypt)"
+	cipher_out=$("$PG_BINDIR/pg_cmk" bench-cipher --seconds "$BENCH_CIPHER_SECONDS") ||
+		die "pg_cmk bench-cipher failed"
+	read -r tag c_enc c_dec <<<"$(echo "$cipher_out" | grep '^page_cipher_mb_per_s ' || true)"
+	[ "${tag:-}" = page_cipher_mb_per_s ] || die "unexpected pg_cmk bench-cipher output: $cipher_out"
+	o_enc=$(openssl_mb_per_s)
+	o_dec=$(openssl_mb_per_s -decrypt)
+	CIPHER[cmk,enc]="${CIPHER[cmk,enc]:-} $c_enc"
+	CIPHER[cmk,dec]="${CIPHER[cmk,dec]:-} $c_dec"
+	CIPHER[ossl,enc]="${CIPHER[ossl,enc]:-} $o_enc"
+	CIPHER[ossl,dec]="${CIPHER[ossl,dec]:-} $o_dec"
+	printf '[%s] page cipher MB/s  pg_cmk encrypt %.1f decrypt %.1f   openssl encrypt %.1f decrypt %.1f\n' \
+		"$(date +%H:%M:%S)" "$c_enc" "$c_dec" "$o_enc" "$o_dec"
+done
 for dir in enc dec; do
-	if [ $dir = enc ]; then a=$cmk_enc; b=$ossl_enc; label="encrypt"; else a=$cmk_dec; b=$ossl_dec; label="decrypt"; fi
+	if [ $dir = enc ]; then label="encrypt"; else label="decrypt"; fi
+	# shellcheck disable=SC2086
+	a=$(median ${CIPHER[cmk,$dir]})
+	# shellcheck disable=SC2086
+	b=$(median ${CIPHER[ossl,$dir]})
 	r=$(ratio "$a" "$b")
 	v=$(verdict "$r" "$TARGET_CIPHER")
 	[ "$v" = PASS ] || MISSED=1
-	add_summary "$(printf 'page cipher %s  pg_cmk %9.1f MB/s  openssl %9.1f MB/s  ratio %s  (target >= %s)  %s' \
+	add_summary "$(printf 'page cipher %s  median pg_cmk %9.1f MB/s  openssl %9.1f MB/s  ratio %s  (target >= %s)  %s' \
 		"$label" "$a" "$b" "$r" "$TARGET_CIPHER" "$v")"
 done
 
@@ -315,6 +339,7 @@ if [ "$BENCH_SKIP_PGBENCH" != 1 ]; then
 		"-M $BENCH_PROTOCOL, $BENCH_ROUNDS round(s) x ${BENCH_SECONDS}s per mode (+${BENCH_WARMUP}s warm-up)," \
 		"synchronous_commit $BENCH_SYNC_COMMIT"
 fi
+echo "page cipher: AES-256-XTS, 8 KiB units, $BENCH_CIPHER_ROUNDS round(s) x ${BENCH_CIPHER_SECONDS}s per tool and direction"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 echo "========================================================================"
 
