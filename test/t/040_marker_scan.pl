@@ -1,12 +1,15 @@
 # Marker scan: the acceptance test of DESIGN §4's file-class table. One workload writes
 # a unique random marker string through every path where PostgreSQL stores data
 # (heap, TOAST, btree/hash/GIN indexes, WAL, large objects, a table rewrite, an
-# unlogged table, a temp table, a sort and a hash join spilling to temp files, CREATE
-# DATABASE with both strategies, a tablespace, logical decoding spill files, NOTIFY
-# payloads in pg_notify, a prepared transaction's state file) and keeps the ephemeral
-# files alive (open cursors, open transactions, a streaming pg_recvlogical) while
-# every byte of every regular file under the data directory and the tablespace is
-# searched for every marker; then again after a clean stop.
+# unlogged table, a temp table, a sort, a hash join and a WITH HOLD cursor spilling to
+# temp files, CREATE DATABASE with both strategies, a tablespace (a table and index
+# created there, a table moved there, a database moved there, temp files there),
+# logical decoding spill files, NOTIFY payloads in pg_notify, a prepared transaction's
+# state file) and keeps the ephemeral files alive (open cursors, open transactions, a
+# streaming pg_recvlogical) while every byte of every regular file under the data
+# directory and the tablespace is searched for every marker; then again after a clean
+# stop. Parallel query's shared temp files (parallel hash join, parallel CREATE INDEX)
+# cannot be held open for a scan; they are checked by reading results back.
 #
 # The same workload runs on two nodes in this test:
 #   - a plaintext (stock) node: the markers must be found, each in the file where its
@@ -33,7 +36,6 @@ use strict;
 use warnings;
 
 use Digest::MD5 qw(md5_hex);
-use File::Basename qw(basename);
 use IPC::Run ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
