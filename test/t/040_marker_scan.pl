@@ -727,6 +727,16 @@ SKIP:
 	is(scalar(@stopped), 0,
 		'enc: no marker in any file under the data directory or the tablespace (after clean stop)')
 	  or report_hits('PRODUCT BUG: plaintext in the encrypted cluster (stopped)', @stopped);
+
+	# Canary: the same scan of the same directories does report a plaintext marker
+	# planted there (a file the server does not know), so zero hits above is not an
+	# artefact of where or how the scan looks.
+	my $canary = $enc->data_dir . '/cmk_scan_canary';
+	PostgreSQL::Test::Utils::append_to_file($canary, "xx$enc->{markers}{heap}xx");
+	my @canary_hits = scan_node($enc);
+	unlink $canary or die "unlink $canary: $!";
+	is_deeply(\@canary_hits, [ [ 'PGDATA/cmk_scan_canary', 'heap' ] ],
+		'enc: the scan finds a plaintext marker planted in the encrypted data directory');
 	$enc->start;
 	read_back($enc);
 	parallel_checks($enc);
