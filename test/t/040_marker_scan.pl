@@ -442,6 +442,17 @@ PREPARE TRANSACTION 'gid_$m->{gid}';
 	return $node;
 }
 
+# query_safe() on a background session without BackgroundPsql's note() of the whole
+# output: the big result sets (tens of thousands of rows, 100 x 2 kB notifications)
+# would otherwise fill the test log with markers and padding.
+sub quiet_query
+{
+	my ($session, $sql) = @_;
+	no warnings 'redefine';
+	local *PostgreSQL::Test::BackgroundPsql::note = sub { };
+	return $session->query_safe($sql);
+}
+
 # Reads back, in the still running node, what only the background sessions can see,
 # then ends them. Every check compares against values recomputed independently.
 sub finish_sessions
@@ -453,7 +464,7 @@ sub finish_sessions
 
 	# Sort: every row, in md5 order.
 	my @sorted = grep { length } split /\n/,
-	  $node->{marker_sort_first} . "\n" . $sa->query_safe('FETCH ALL FROM sort_c');
+	  $node->{marker_sort_first} . "\n" . quiet_query($sa, 'FETCH ALL FROM sort_c');
 	my @md5s = map { md5_hex($_) } @sorted;
 	my $in_order = 1;
 	for my $i (1 .. $#md5s) { $in_order = 0, last if $md5s[ $i - 1 ] gt $md5s[$i] }
@@ -465,7 +476,7 @@ sub finish_sessions
 
 	# Hash join: every pair, each with the right md5 of both sides.
 	my @joined = grep { length } split /\n/,
-	  $node->{marker_hj_first} . "\n" . $sa->query_safe('FETCH ALL FROM hj_c');
+	  $node->{marker_hj_first} . "\n" . quiet_query($sa, 'FETCH ALL FROM hj_c');
 	my $bad = grep {
 		my ($id, $h) = split /\|/;
 		$h ne md5_hex("$m->{hashjoin}:a:$id$m->{hashjoin}:b:$id")
@@ -477,7 +488,7 @@ sub finish_sessions
 	$sa->query_safe('COMMIT');
 
 	# WITH HOLD cursor: every row back from its tuplestore file.
-	my @held = grep { length } split /\n/, $sa->query_safe('FETCH ALL FROM hold_c');
+	my @held = grep { length } split /\n/, quiet_query($sa, 'FETCH ALL FROM hold_c');
 	my $held_bad = grep {
 		my ($id, $v) = split /\|/;
 		$v ne "$m->{holdcursor}:$id"
@@ -498,11 +509,11 @@ sub finish_sessions
 	# Notifications: the listener reads the whole queue (pages evicted to pg_notify
 	# are read back from disk).
 	# psql prints notifications after the next command's result: COMMIT's output on.
-	my $notes = $sl->query_safe('COMMIT');
+	my $notes = quiet_query($sl, 'COMMIT');
 	wait_for(
 		'notifications at the listener',
 		sub {
-			$notes .= $sl->query_safe('SELECT 1');
+			$notes .= quiet_query($sl, 'SELECT 1');
 			my $n = () = $notes =~ /\Q$m->{notify}\E:\d+:n{2000}"/g;
 			return $n >= $N_NOTIFY;
 		});
