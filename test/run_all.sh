@@ -100,22 +100,28 @@ if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
 	record "make install" 1 0
 fi
 
-# --- 2. GoogleTest units
+# --- 2. GoogleTest units: the pure C++ core, then the file layer preloaded by itself
+run_gtest() { # name binary
+	local name=$1 bin=$2 log rc p f
+	log="$logdir/$(basename "$bin").log"
+	set +e
+	timeout -k 10 600 "$bin" >"$log" 2>&1
+	rc=$?
+	set -e
+	show_log "$log"
+	p=$(sed -n 's/^\[  PASSED  \] \([0-9][0-9]*\) test.*/\1/p' "$log" | tail -n 1)
+	f=$(sed -n 's/^\[  FAILED  \] \([0-9][0-9]*\) test.*/\1/p' "$log" | tail -n 1)
+	p=${p:-0}
+	f=${f:-0}
+	if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+		f=1 # crashed or timed out before its summary
+	fi
+	record "$name" "$p" "$f" "exit $rc"
+}
 echo "== unit tests (GoogleTest)"
 if make WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
-	set +e
-	timeout -k 10 600 build/cmk_unit_tests >"$logdir/unit.log" 2>&1
-	unit_rc=$?
-	set -e
-	show_log "$logdir/unit.log"
-	u_pass=$(sed -n 's/^\[  PASSED  \] \([0-9][0-9]*\) test.*/\1/p' "$logdir/unit.log" | tail -n 1)
-	u_fail=$(sed -n 's/^\[  FAILED  \] \([0-9][0-9]*\) test.*/\1/p' "$logdir/unit.log" | tail -n 1)
-	u_pass=${u_pass:-0}
-	u_fail=${u_fail:-0}
-	if [ "$unit_rc" -ne 0 ] && [ "$u_fail" -eq 0 ]; then
-		u_fail=1 # crashed or timed out before its summary
-	fi
-	record "unit tests (GoogleTest)" "$u_pass" "$u_fail" "exit $unit_rc"
+	run_gtest "unit tests (GoogleTest)" build/cmk_unit_tests
+	run_gtest "file layer tests (GoogleTest, preloaded)" build/cmk_layer_tests
 else
 	tail -n 80 "$logdir/unit_build.log"
 	record "unit tests: build" 0 1

@@ -95,7 +95,8 @@ const Real& real() {
 }
 
 void log_line(const std::string& msg) {
-    std::string line = "cmk_lakebase: " + msg + "\n";
+    static const std::string prefix = "cmk_lakebase: ";
+    std::string line = (msg.compare(0, prefix.size(), prefix) == 0 ? "" : prefix) + msg + "\n";
     (void)!real().write(2, line.data(), line.size());
 }
 
@@ -662,10 +663,12 @@ int enc_resize(FileCtx* c, int fd, int64_t new_size) {
 std::string kms_hint(KmsErrorKind k, const KeyConfig& cfg) {
     switch (k) {
         case KmsErrorKind::Revoked:
-            if (cfg.provider == "local")
-                return "If the key was disabled on purpose this is the kill switch at work. "
-                       "To restore access: pg_cmk key enable " + cfg.key_id + " --key-store " +
-                       (cfg.options.count("key_store") ? cfg.options.at("key_store") : "DIR") + ".";
+            if (cfg.provider == "local") {
+                std::string store = cfg.options.count("key_store") ? cfg.options.at("key_store") : "DIR";
+                return "If the key was disabled, enable it (pg_cmk key enable " + cfg.key_id +
+                       " --key-store " + store + "); if the key store holds other key material under "
+                       "this id, restore the key file " + cfg.key_id + ".key from its backup.";
+            }
             return "Restore the key (or this cluster's access to it) in the KMS, then start again.";
         case KmsErrorKind::Unavailable:
             return "Check that the key provider is reachable, then start again.";

@@ -181,7 +181,9 @@ void for_each_segment(Oid relid, Fn fn) {
         ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
                         errmsg("cmk_lakebase: the encrypting file layer is not active in this server"),
                         errhint("Add cmk_lakebase to shared_preload_libraries and restart.")));
-    Relation rel = relation_open(relid, AccessShareLock);
+    Relation rel = try_relation_open(relid, AccessShareLock);
+    if (!rel)
+        ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE), errmsg("relation with OID %u does not exist", relid)));
     if (!RELKIND_HAS_STORAGE(rel->rd_rel->relkind)) {
         char* name = pstrdup(RelationGetRelationName(rel));
         relation_close(rel, AccessShareLock);
