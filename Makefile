@@ -13,7 +13,8 @@ MODULE_big = cmk_lakebase
 PG_SRCS = $(sort $(wildcard src/pg/*.cpp))
 OBJS = $(PG_SRCS:.cpp=.o)
 DATA_built = sql/$(EXTENSION)--$(EXTVERSION).sql
-DATA = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql))
+# Upgrade steps, and frozen install scripts of earlier versions (to test upgrades).
+DATA = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql)) sql/$(EXTENSION)--0.1.0.sql
 EXTRA_CLEAN = build sql/$(EXTENSION)--$(EXTVERSION).sql $(CORE_OBJS) $(FS_OBJS) $(CLI_OBJS) \
 	$(UNIT_OBJS) $(LAYER_TEST_OBJS)
 

@@ -61,6 +61,16 @@ FileKeyInfo describe_file(const std::string& relpath);
 // The CMK's state as the provider reports it now (one KMS call).
 KeyStatus provider_status();
 
+// The watchdog's probe (DESIGN §5): asks the provider for the CMK's state and, if it
+// says enabled, unwraps the wrapped KEK and compares it (constant time) with the KEK
+// in memory: a different key means the CMK was replaced, which is a revocation.
+struct ProbeResult {
+    KeyHealth health = KeyHealth::Unavailable;
+    std::string detail;      // one line, no key material
+    std::string request_id;  // the provider's, where it has one
+};
+ProbeResult probe_key();
+
 // Kill switch seam: destroys every key the layer holds (KEK, DEKs in use, per-boot
 // key); from then on every encrypted read or write fails with EIO.
 void wipe_keys();

@@ -1262,6 +1262,44 @@ KeyStatus provider_status() {
     }
 }
 
+ProbeResult probe_key() {
+    State& s = st();
+    ProbeResult r;
+    if (s.mode.load() == Mode::Off || !s.provider) {
+        r.detail = "the encrypting file layer is not active";
+        return r;
+    }
+    if (s.wiped.load()) {
+        r.health = KeyHealth::Revoked;
+        r.detail = "keys have been wiped in this server";
+        return r;
+    }
+    try {
+        KeyStatus ks = s.provider->status();
+        r.request_id = ks.request_id;
+        if (ks.health != KeyHealth::Ok) {
+            r.health = ks.health;
+            r.detail = ks.state.empty() ? ks.detail : ks.state + ": " + ks.detail;
+            return r;
+        }
+        SecureBytes k = s.provider->unwrap(s.keyring.wrapped_kek);
+        if (k.size() != s.kek.size() || !ct_equal(k.data(), s.kek.data(), k.size())) {
+            r.health = KeyHealth::Revoked;
+            r.detail = "the key provider unwrapped the key-encryption key to a different key (the CMK was replaced)";
+            return r;
+        }
+        r.health = KeyHealth::Ok;
+        r.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state) + "; unwrap probe matched";
+    } catch (const KmsError& e) {
+        r.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
+        r.detail = e.what();
+    } catch (const std::exception& e) {
+        r.health = KeyHealth::Unavailable;
+        r.detail = e.what();
+    }
+    return r;
+}
+
 void wipe_keys() {
     State& s = st();
     s.wiped.store(true);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cmk_lakebase/layer.hpp"
+#include "cmk_watchdog.hpp"
 
 extern "C" {
 #include "postgres.h"
@@ -81,7 +82,6 @@ void _PG_init(void) {
                              "Off by default: key schedules live in process memory, so server processes "
                              "are made non-dumpable.",
                              &allow_core_dumps, false, PGC_POSTMASTER, 0, NULL, NULL, NULL);
-    MarkGUCPrefixReserved("cmk_lakebase");
 
     Failure f;
     try {
@@ -90,6 +90,9 @@ void _PG_init(void) {
         f.from(e);
     }
     if (f.failed) raise(f, FATAL);
+
+    cmk_watchdog_init();
+    MarkGUCPrefixReserved("cmk_lakebase");
 
     // Keys (and the cipher contexts holding their schedules) must not reach a core
     // file; children inherit this across fork().

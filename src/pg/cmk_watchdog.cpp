@@ -1,0 +1,355 @@
+// The revocation watchdog (DESIGN §5, issue 4): a background worker that, every
+// cmk_lakebase.check_interval, asks the key provider for the CMK's state and probes an
+// unwrap of the wrapped KEK. ok: nothing to do. revoked (disabled, deleted, wrong or
+// replaced key material, access denied): wipe keys, immediate shutdown of the cluster.
+// unavailable (timeouts, unreachable store): keep serving on the cached KEK, retrying
+// with backoff; after cmk_lakebase.kms_outage_grace act per cmk_lakebase.on_kms_outage.
+// What it sees lives in a small shared-memory block read by watchdog_status().
+#include <csignal>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "cmk_lakebase/layer.hpp"
+#include "cmk_watchdog.hpp"
+
+extern "C" {
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+
+PGDLLEXPORT void cmk_watchdog_main(Datum arg);
+PG_FUNCTION_INFO_V1(cmk_watchdog_status);
+PG_FUNCTION_INFO_V1(cmk_check_key_now);
+}
+
+namespace {
+
+enum WatchState { WS_STARTING = 0, WS_OK, WS_UNAVAILABLE, WS_REVOKED };
+const char* state_name(int s) {
+    switch (s) {
+        case WS_OK: return "ok";
+        case WS_UNAVAILABLE: return "unavailable";
+        case WS_REVOKED: return "revoked";
+        default: return "starting";
+    }
+}
+
+enum OutagePolicy { OUTAGE_CONTINUE = 0, OUTAGE_SHUTDOWN = 1 };
+const struct config_enum_entry outage_options[] = {
+    {"continue", OUTAGE_CONTINUE, false},
+    {"shutdown", OUTAGE_SHUTDOWN, false},
+    {NULL, 0, false},
+};
+
+int check_interval_s = 10;
+int kms_outage_grace_s = 3600;
+int on_kms_outage = OUTAGE_CONTINUE;
+
+struct WatchdogShared {
+    slock_t mutex;
+    int state;
+    TimestampTz started;
+    TimestampTz last_check;
+    TimestampTz last_ok;
+    TimestampTz next_check;
+    int consecutive_failures;
+    int64 checks;
+    int64 requested;  // check_key_now() requests, numbered
+    int64 completed;  // highest request number a finished check started after
+    char last_result[512];
+    char request_id[128];
+    pid_t worker_pid;
+    Latch* worker_latch;
+};
+
+WatchdogShared* shared = nullptr;
+shmem_request_hook_type prev_shmem_request_hook = nullptr;
+shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
+
+void watchdog_shmem_request(void) {
+    if (prev_shmem_request_hook) prev_shmem_request_hook();
+    RequestAddinShmemSpace(MAXALIGN(sizeof(WatchdogShared)));
+}
+
+void watchdog_shmem_startup(void) {
+    if (prev_shmem_startup_hook) prev_shmem_startup_hook();
+    LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+    bool found;
+    shared = (WatchdogShared*) ShmemInitStruct("cmk_lakebase watchdog", sizeof(WatchdogShared), &found);
+    if (!found) {
+        memset(shared, 0, sizeof(WatchdogShared));
+        SpinLockInit(&shared->mutex);
+        shared->state = WS_STARTING;
+        // The postmaster unwrapped the KEK through the provider moments ago.
+        shared->started = shared->last_ok = GetCurrentTimestamp();
+    }
+    LWLockRelease(AddinShmemInitLock);
+}
+
+// The probe, across the C++ wall: results come back in plain buffers.
+struct Probe {
+    int health;  // WatchState
+    char detail[512];
+    char request_id[128];
+};
+
+void run_probe(Probe* p) {
+    p->health = WS_UNAVAILABLE;
+    p->detail[0] = p->request_id[0] = 0;
+    try {
+        cmk::fs::ProbeResult r = cmk::fs::probe_key();
+        p->health = r.health == cmk::KeyHealth::Ok        ? WS_OK
+                    : r.health == cmk::KeyHealth::Revoked ? WS_REVOKED
+                                                          : WS_UNAVAILABLE;
+        strlcpy(p->detail, r.detail.c_str(), sizeof p->detail);
+        strlcpy(p->request_id, r.request_id.c_str(), sizeof p->request_id);
+    } catch (const std::exception& e) {
+        strlcpy(p->detail, e.what(), sizeof p->detail);
+    }
+}
+
+struct KeyNames {
+    char provider[64];
+    char key_id[256];
+};
+
+KeyNames key_names() {
+    KeyNames k{};
+    try {
+        cmk::fs::LayerInfo i = cmk::fs::info();
+        strlcpy(k.provider, i.provider.c_str(), sizeof k.provider);
+        strlcpy(k.key_id, i.key_id.c_str(), sizeof k.key_id);
+    } catch (const std::exception&) {
+    }
+    return k;
+}
+
+void wipe_keys_quietly() {
+    try {
+        cmk::fs::wipe_keys();
+    } catch (const std::exception&) {
+    }
+}
+
+}  // namespace
+
+void cmk_watchdog_init(void) {
+    DefineCustomIntVariable("cmk_lakebase.check_interval",
+                            "How often the watchdog asks the key provider whether the CMK is usable.",
+                            "A revoked key shuts the cluster down within about this long.",
+                            &check_interval_s, 10, 1, 3600, PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+    DefineCustomIntVariable("cmk_lakebase.kms_outage_grace",
+                            "How long the server keeps serving on its cached key while the key provider "
+                            "is unavailable before on_kms_outage applies.",
+                            NULL, &kms_outage_grace_s, 3600, 0, INT_MAX / 1000, PGC_SIGHUP, GUC_UNIT_S, NULL,
+                            NULL, NULL);
+    DefineCustomEnumVariable("cmk_lakebase.on_kms_outage",
+                             "What to do when the key provider has been unavailable for longer than "
+                             "kms_outage_grace: continue, or shutdown (a fast, clean shutdown).",
+                             NULL, &on_kms_outage, OUTAGE_CONTINUE, outage_options, PGC_SIGHUP, 0, NULL, NULL,
+                             NULL);
+
+    prev_shmem_request_hook = shmem_request_hook;
+    shmem_request_hook = watchdog_shmem_request;
+    prev_shmem_startup_hook = shmem_startup_hook;
+    shmem_startup_hook = watchdog_shmem_startup;
+
+    BackgroundWorker worker;
+    memset(&worker, 0, sizeof worker);
+    worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
+    worker.bgw_start_time = BgWorkerStart_PostmasterStart;
+    worker.bgw_restart_time = 1;
+    strlcpy(worker.bgw_library_name, "cmk_lakebase", BGW_MAXLEN);
+    strlcpy(worker.bgw_function_name, "cmk_watchdog_main", BGW_MAXLEN);
+    strlcpy(worker.bgw_name, "cmk_lakebase watchdog", BGW_MAXLEN);
+    strlcpy(worker.bgw_type, "cmk_lakebase watchdog", BGW_MAXLEN);
+    RegisterBackgroundWorker(&worker);
+}
+
+void cmk_watchdog_main(Datum) {
+    pqsignal(SIGHUP, SignalHandlerForConfigReload);
+    pqsignal(SIGTERM, die);
+    BackgroundWorkerUnblockSignals();
+
+    SpinLockAcquire(&shared->mutex);
+    shared->worker_pid = MyProcPid;
+    shared->worker_latch = MyLatch;
+    SpinLockRelease(&shared->mutex);
+
+    KeyNames names = key_names();
+    int backoff_ms = 1000;
+    bool outage_shutdown_sent = false;
+    for (;;) {
+        CHECK_FOR_INTERRUPTS();
+        if (ConfigReloadPending) {
+            ConfigReloadPending = false;
+            ProcessConfigFile(PGC_SIGHUP);
+        }
+
+        SpinLockAcquire(&shared->mutex);
+        int64 serving = shared->requested;
+        int previous = shared->state;
+        SpinLockRelease(&shared->mutex);
+
+        Probe p;
+        run_probe(&p);
+        TimestampTz now = GetCurrentTimestamp();
+
+        SpinLockAcquire(&shared->mutex);
+        shared->state = p.health;
+        shared->last_check = now;
+        shared->checks++;
+        strlcpy(shared->last_result, p.detail, sizeof shared->last_result);
+        strlcpy(shared->request_id, p.request_id, sizeof shared->request_id);
+        if (p.health == WS_OK) {
+            shared->last_ok = now;
+            shared->consecutive_failures = 0;
+        } else {
+            shared->consecutive_failures++;
+        }
+        TimestampTz last_ok = shared->last_ok;
+        SpinLockRelease(&shared->mutex);
+
+        if (p.health == WS_REVOKED) {
+            ereport(LOG, (errmsg("cmk_lakebase: key \"%s\" of provider \"%s\" is revoked: %s; shutting the "
+                                 "cluster down",
+                                 names.key_id, names.provider, p.detail),
+                          errhint("Data cannot be read until the key is restored in the key provider; then "
+                                  "start the server again.")));
+            wipe_keys_quietly();
+            // Immediate shutdown: no checkpoint, nothing that needs a key.
+            kill(PostmasterPid, SIGQUIT);
+        } else if (p.health == WS_UNAVAILABLE) {
+            if (previous != WS_UNAVAILABLE)
+                ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" unavailable for key \"%s\": %s; serving "
+                                     "on the cached key",
+                                     names.provider, names.key_id, p.detail)));
+            long secs;
+            int usecs;
+            TimestampDifference(last_ok, now, &secs, &usecs);
+            if (on_kms_outage == OUTAGE_SHUTDOWN && secs >= kms_outage_grace_s && !outage_shutdown_sent) {
+                ereport(LOG, (errmsg("cmk_lakebase: key provider unavailable for longer than kms_outage_grace "
+                                     "(%d s) for key \"%s\"; shutting the cluster down",
+                                     kms_outage_grace_s, names.key_id),
+                              errdetail("Last answer: %s", p.detail)));
+                kill(PostmasterPid, SIGINT);  // fast shutdown: the key is still valid
+                outage_shutdown_sent = true;
+            }
+        } else if (p.health == WS_OK && previous == WS_UNAVAILABLE) {
+            ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" reachable again; key \"%s\" ok", names.provider,
+                                 names.key_id)));
+        }
+
+        // Retry an unavailable provider sooner, backing off to the interval.
+        int wait_ms = check_interval_s * 1000;
+        if (p.health == WS_UNAVAILABLE) {
+            wait_ms = Min(backoff_ms, wait_ms);
+            backoff_ms = Min(backoff_ms * 2, check_interval_s * 1000);
+        } else {
+            backoff_ms = 1000;
+        }
+        SpinLockAcquire(&shared->mutex);
+        shared->completed = serving;
+        shared->next_check = TimestampTzPlusMilliseconds(now, wait_ms);
+        bool pending = shared->requested > serving;
+        SpinLockRelease(&shared->mutex);
+        if (pending) continue;  // a check_key_now() arrived during this check
+
+        (void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, wait_ms, PG_WAIT_EXTENSION);
+        ResetLatch(MyLatch);
+    }
+}
+
+// ---- SQL ----------------------------------------------------------------------------------
+
+namespace {
+void require_shared(void) {
+    if (!shared)
+        ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("cmk_lakebase: the watchdog is not running in this server"),
+                        errhint("Add cmk_lakebase to shared_preload_libraries and restart.")));
+}
+}  // namespace
+
+extern "C" Datum cmk_watchdog_status(PG_FUNCTION_ARGS) {
+    require_shared();
+    WatchdogShared snap;
+    SpinLockAcquire(&shared->mutex);
+    memcpy(&snap, shared, sizeof snap);
+    SpinLockRelease(&shared->mutex);
+    KeyNames names = key_names();
+
+    TupleDesc tupdesc;
+    if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+        ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("return type must be a row type")));
+    Datum values[12];
+    bool nulls[12] = {false};
+    TimestampTz now = GetCurrentTimestamp();
+    values[0] = CStringGetTextDatum(state_name(snap.state));
+    values[1] = CStringGetTextDatum(names.provider);
+    values[2] = CStringGetTextDatum(names.key_id);
+    if (snap.checks) values[3] = TimestampTzGetDatum(snap.last_check); else nulls[3] = true;
+    values[4] = CStringGetTextDatum(snap.last_result);
+    values[5] = Int32GetDatum(snap.consecutive_failures);
+    values[6] = TimestampTzGetDatum(snap.last_ok);
+    Interval* since = (Interval*) palloc0(sizeof(Interval));
+    since->time = now - snap.last_ok;
+    values[7] = IntervalPGetDatum(since);
+    if (snap.checks) values[8] = TimestampTzGetDatum(snap.next_check); else nulls[8] = true;
+    const char* action;
+    char buf[128];
+    if (snap.state == WS_REVOKED)
+        action = "immediate shutdown";
+    else if (snap.state == WS_UNAVAILABLE && on_kms_outage == OUTAGE_SHUTDOWN) {
+        snprintf(buf, sizeof buf, "shutdown at %s",
+                 timestamptz_to_str(TimestampTzPlusMilliseconds(snap.last_ok, (int64) kms_outage_grace_s * 1000)));
+        action = buf;
+    } else if (snap.state == WS_UNAVAILABLE)
+        action = "continue (on_kms_outage = continue)";
+    else
+        action = "none";
+    values[9] = CStringGetTextDatum(action);
+    if (snap.worker_pid) values[10] = Int32GetDatum(snap.worker_pid); else nulls[10] = true;
+    values[11] = Int64GetDatum(snap.checks);
+    PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+extern "C" Datum cmk_check_key_now(PG_FUNCTION_ARGS) {
+    require_shared();
+    SpinLockAcquire(&shared->mutex);
+    int64 mine = ++shared->requested;
+    Latch* latch = shared->worker_latch;
+    SpinLockRelease(&shared->mutex);
+    if (latch) SetLatch(latch);
+    for (int i = 0; i < 300; i++) {
+        SpinLockAcquire(&shared->mutex);
+        bool done = shared->completed >= mine;
+        int state = shared->state;
+        latch = shared->worker_latch;
+        SpinLockRelease(&shared->mutex);
+        if (done) PG_RETURN_TEXT_P(cstring_to_text(state_name(state)));
+        if (latch && i % 20 == 19) SetLatch(latch);  // a restarted worker has a new latch
+        CHECK_FOR_INTERRUPTS();
+        (void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100, PG_WAIT_EXTENSION);
+        ResetLatch(MyLatch);
+    }
+    ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
+                    errmsg("cmk_lakebase: the watchdog did not complete a check within 30 seconds"),
+                    errhint("See watchdog_status() and the server log.")));
+    PG_RETURN_NULL();
+}
