@@ -89,6 +89,14 @@ build/cmk_layer_tests: $(LAYER_TEST_OBJS) $(CORE_OBJS) $(LAYER)
 	@mkdir -p build
 	$(CXX) -o $@ $(LAYER_TEST_OBJS) $(CORE_OBJS) -lgtest $(CORE_LIBS)
 
+# The same units under AddressSanitizer and UBSan (STYLE.md): one compile, own directory.
+SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+build/sanitize/cmk_unit_tests: $(CORE_SRCS) $(UNIT_SRCS) $(wildcard include/cmk_lakebase/*.hpp)
+	@mkdir -p build/sanitize
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) $(SANITIZE) -o $@ $(CORE_SRCS) $(UNIT_SRCS) -lgtest -lgtest_main $(CORE_LIBS)
+
+unit-sanitize: build/sanitize/cmk_unit_tests
+
 $(shlib): $(LAYER)
 
 all: $(LAYER) build/pg_cmk
@@ -99,7 +107,7 @@ sql/$(EXTENSION)--$(EXTVERSION).sql: sql/$(EXTENSION).sql
 	cp $< $@
 
 install: install-cmk
-.PHONY: install-cmk unit
+.PHONY: install-cmk unit unit-sanitize
 install-cmk: $(LAYER) build/pg_cmk
 	$(INSTALL_SHLIB) $(LAYER) '$(DESTDIR)$(pkglibdir)/libcmk_lakebase_fs.so'
 	$(INSTALL_PROGRAM) build/pg_cmk '$(DESTDIR)$(bindir)/pg_cmk'

@@ -13,7 +13,9 @@
 #                     (packages and the product must already be installed; builds and
 #                      runs the unit tests in the work tree, runs the rest as you)
 # Other knobs:        CMK_TESTS="test/t/010_refusals.pl ..." runs only those TAP files;
-#                     CMK_KEEP_SCRATCH=1 keeps the scratch directory even on success.
+#                     CMK_KEEP_SCRATCH=1 keeps the scratch directory even on success;
+#                     CMK_SKIP_UNIT=1 / CMK_SKIP_REGRESS=1 skip those stages (for
+#                     quick runs of a few TAP files; CI runs everything).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -119,9 +121,17 @@ run_gtest() { # name binary
 	record "$name" "$p" "$f" "exit $rc"
 }
 echo "== unit tests (GoogleTest)"
-if make WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
+if [ "${CMK_SKIP_UNIT:-0}" = 1 ]; then
+	echo "(skipped: CMK_SKIP_UNIT=1)"
+elif make WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
 	run_gtest "unit tests (GoogleTest)" build/cmk_unit_tests
 	run_gtest "file layer tests (GoogleTest, preloaded)" build/cmk_layer_tests
+	if make WERROR=-Werror unit-sanitize >"$logdir/sanitize_build.log" 2>&1; then
+		run_gtest "unit tests under ASan+UBSan" build/sanitize/cmk_unit_tests
+	else
+		tail -n 40 "$logdir/sanitize_build.log"
+		record "unit tests under ASan+UBSan: build" 0 1
+	fi
 else
 	tail -n 80 "$logdir/unit_build.log"
 	record "unit tests: build" 0 1
@@ -159,6 +169,9 @@ stop_leftovers() {
 
 # --- 4. pg_regress on an encrypted instance
 echo "== pg_regress (encrypted instance)"
+if [ "${CMK_SKIP_REGRESS:-0}" = 1 ]; then
+	echo "(skipped: CMK_SKIP_REGRESS=1)"
+else
 set +e
 as_user "${test_env[@]}" timeout -k 10 600 bash "$scratch/test/run_regress.sh" \
 	>"$logdir/regress.log" 2>&1
@@ -184,6 +197,7 @@ if [ "$regress_rc" -ne 0 ] && [ "$r_fail" -eq 0 ]; then
 	r_fail=1
 fi
 record "pg_regress" "$r_pass" "$r_fail" "exit $regress_rc"
+fi
 
 # --- 5. TAP
 if [ -n "${CMK_TESTS:-}" ]; then

@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -36,7 +37,11 @@ const char kInitdbUsage[] =
     "\n"
     "Options:\n"
     "  -D, --pgdata=DATADIR   data directory to create (must not exist, or be empty)\n"
-    "  --provider=NAME        key provider (only \"local\" for now; the default)\n"
+    "  --provider=NAME        key provider: local (the default), aws, azure, gcp,\n"
+    "                         vault, kmip (see the README for each one's options)\n"
+    "  --kms-option=KEY=VALUE a provider option (repeatable), e.g. region=eu-west-1;\n"
+    "                         credentials are references (file paths, environment),\n"
+    "                         never secrets\n"
     "  --key-store=DIR        local key store directory, outside the data directory\n"
     "                         (default: $CMK_LAKEBASE_KEY_STORE, else\n"
     "                         $HOME/.cmk_lakebase/keys)\n"
@@ -210,7 +215,8 @@ int cmd_initdb(const std::vector<std::string>& args) {
                                {"provider", 0, true},
                                {"key-store", 0, true},
                                {"key-id", 0, true},
-                               {"create-key", 0, false}});
+                               {"create-key", 0, false},
+                               {"kms-option", 0, true}});
     if (a.has("help")) {
         std::fputs(kInitdbUsage, stdout);
         return 0;
@@ -221,9 +227,21 @@ int cmd_initdb(const std::vector<std::string>& args) {
     if (!a.has("pgdata") || a.get("pgdata").empty())
         throw UsageError(cmdname, "no data directory given (-D DATADIR)");
     const std::string provider_name = a.get("provider", "local");
-    if (provider_name != "local")
-        throw UsageError(
-            cmdname, "provider \"" + provider_name + "\" is not supported by pg_cmk initdb (only \"local\")");
+    const bool local = provider_name == "local";
+    std::map<std::string, std::string> kms_options;
+    for (const auto& o : a.options) {
+        if (o.first != "kms-option") continue;
+        size_t eq = o.second.find('=');
+        if (eq == std::string::npos || eq == 0)
+            throw UsageError(cmdname, "--kms-option wants KEY=VALUE, got \"" + o.second + "\"");
+        kms_options[o.second.substr(0, eq)] = o.second.substr(eq + 1);
+    }
+    if (local && !kms_options.empty())
+        throw UsageError(cmdname, "the local provider takes no --kms-option (its key store is --key-store)");
+    if (!local && (a.has("key-store") || a.has("create-key")))
+        throw UsageError(cmdname, "--key-store and --create-key are for the local provider only");
+    if (!local && !a.has("key-id"))
+        throw UsageError(cmdname, "provider \"" + provider_name + "\" needs --key-id (the key in the KMS)");
     for (const auto& arg : a.rest) {
         if (arg == "-D" || arg.compare(0, 2, "-D") == 0 || arg == "--pgdata" ||
             arg.compare(0, 9, "--pgdata=") == 0)
@@ -231,7 +249,7 @@ int cmd_initdb(const std::vector<std::string>& args) {
                              "give the data directory with pg_cmk's own -D, not in "
                              "the initdb arguments after \"--\"");
     }
-    if (a.has("key-id") && !LocalKeyStore::valid_key_id(a.get("key-id")))
+    if (local && a.has("key-id") && !LocalKeyStore::valid_key_id(a.get("key-id")))
         throw UsageError(cmdname,
                          "invalid key id \"" + a.get("key-id") + "\" (use 1 to 128 of A-Z a-z 0-9 . _ -)");
     if (geteuid() == 0)
@@ -254,8 +272,8 @@ int cmd_initdb(const std::vector<std::string>& args) {
     }
     const std::string parent = parent_dir(datadir);
     const std::string store =
-        make_absolute(a.has("key-store") ? a.get("key-store") : default_local_key_store());
-    if (is_within(store, datadir))
+        local ? make_absolute(a.has("key-store") ? a.get("key-store") : default_local_key_store()) : "";
+    if (local && is_within(store, datadir))
         throw UsageError(cmdname, "the key store \"" + store + "\" must be outside the data directory");
     const std::string layer = layer_path();
     const std::string initdb = find_tool("initdb");
@@ -270,35 +288,40 @@ int cmd_initdb(const std::vector<std::string>& args) {
         throw CliError("staging directory \"" + staging_path +
                        "\" already exists (left by an earlier run?); remove it and retry");
 
-    // --- the key -------------------------------------------------------------------
-    LocalKeyStore ks(store);
-    ks.ensure_dir();
+    // --- the key: the local provider may create one; a KMS key must exist ------------
     std::string key_id = a.get("key-id");
     bool created_key = false;
-    if (!key_id.empty()) {
-        if (a.has("create-key")) {
-            if (ks.exists(key_id))
-                throw CliError("key \"" + key_id + "\" already exists in the local key store " + store +
-                               "; drop --create-key to use it");
+    KeyConfig cfg{provider_name, key_id, kms_options};
+    if (local) {
+        LocalKeyStore ks(store);
+        ks.ensure_dir();
+        if (!key_id.empty()) {
+            if (a.has("create-key")) {
+                if (ks.exists(key_id))
+                    throw CliError("key \"" + key_id + "\" already exists in the local key store " + store +
+                                   "; drop --create-key to use it");
+                ks.create(key_id);
+                created_key = true;
+            } else if (!ks.exists(key_id)) {
+                throw CliError("key \"" + key_id + "\" does not exist in the local key store " + store +
+                               "; create it with: pg_cmk key create " + key_id + " --key-store " + store +
+                               " (or add --create-key)");
+            }
+            require_enabled(ks, key_id);
+        } else {
+            do {
+                std::vector<uint8_t> r = random_bytes(4);
+                key_id = "cmk-" + hex_encode(r.data(), r.size());
+            } while (ks.exists(key_id));
             ks.create(key_id);
             created_key = true;
-        } else if (!ks.exists(key_id)) {
-            throw CliError("key \"" + key_id + "\" does not exist in the local key store " + store +
-                           "; create it with: pg_cmk key create " + key_id + " --key-store " + store +
-                           " (or add --create-key)");
         }
-        require_enabled(ks, key_id);
-    } else {
-        do {
-            std::vector<uint8_t> r = random_bytes(4);
-            key_id = "cmk-" + hex_encode(r.data(), r.size());
-        } while (ks.exists(key_id));
-        ks.create(key_id);
-        created_key = true;
+        cfg = KeyConfig{"local", key_id, {{"key_store", store}}};
     }
 
     // --- keyring and empty key map in the staging directory -------------------------
-    KeyConfig cfg{"local", key_id, {{"key_store", store}}};
+    // make_provider validates the configuration (one line naming the bad field); the
+    // wrap below is the first KMS call and proves the key is usable.
     std::unique_ptr<KeyProvider> provider = make_provider(cfg);
     Keyring kr;
     {
@@ -336,14 +359,14 @@ int cmd_initdb(const std::vector<std::string>& args) {
     std::printf(
         "\npg_cmk: encrypted cluster created\n"
         "  data directory:   %s\n"
-        "  provider:         local\n"
+        "  provider:         %s\n"
         "  key id:           %s%s\n"
         "  key store:        %s\n"
         "  KEK fingerprint:  %s\n"
         "Start the server with:\n"
         "    %s -D %s -l logfile start\n",
-        datadir.c_str(), key_id.c_str(), created_key ? " (created)" : "", store.c_str(),
-        kr.kek_fingerprint.c_str(), pg_ctl.c_str(), datadir.c_str());
+        datadir.c_str(), provider_name.c_str(), key_id.c_str(), created_key ? " (created)" : "",
+        local ? store.c_str() : "-", kr.kek_fingerprint.c_str(), pg_ctl.c_str(), datadir.c_str());
     return 0;
 }
 
