@@ -43,7 +43,11 @@ size_t decode_one(const uint8_t* p, size_t n, int depth, Item& out) {
     uint32_t tag = static_cast<uint32_t>(get_be(p, 3));
     uint8_t t = p[3];
     uint64_t len = get_be(p + 4, 4);
-    if (!valid_type(t)) fail("item " + tag_hex(tag) + " has unknown type 0x" + std::to_string(t));
+    if (!valid_type(t)) {
+        char tb[8];
+        std::snprintf(tb, sizeof tb, "0x%02X", t);
+        fail("item " + tag_hex(tag) + " has unknown type " + tb);
+    }
     Type type = static_cast<Type>(t);
     // Every value occupies its length rounded up to 8; a structure's length is the
     // sum of its members' encodings and is a multiple of 8 by construction.
