@@ -11,7 +11,8 @@ Why the settings: OpenSSL 3 (Debian 12) refuses TLS 1.0, which PyKMIP's default
 "Basic" auth suite asks for, so auth_suite = TLS1.2; its TLS 1.2 suite list keeps the
 ECDHE-RSA ones that an RSA server certificate can use.
 
-Usage: pykmip_server.py --dir DIR --certs CERTDIR [--lifetime SECONDS]
+Usage: pykmip_server.py --dir DIR --certs CERTDIR [--lifetime SECONDS] [--port PORT]
+A restart with the same DIR keeps the keys (SQLite); --port keeps the address.
 """
 import argparse
 import os
@@ -35,12 +36,13 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--certs", required=True)
     ap.add_argument("--lifetime", type=int, default=900)
+    ap.add_argument("--port", type=int, default=0, help="reuse this port (a restart after a stop)")
     args = ap.parse_args()
     d = os.path.abspath(args.dir)
     c = os.path.abspath(args.certs)
     os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     conf = os.path.join(d, "server.conf")
-    port = free_port()
+    port = args.port or free_port()
     with open(conf, "w") as f:
         f.write(
             "[server]\n"
