@@ -435,35 +435,6 @@ private:
     Clock::time_point deadline_;
 };
 
-// What a failed KMIP operation means (the README's table).
-KmsErrorKind classify_failure(kmip::Operation op, kmip::ResultStatus st, uint32_t reason, bool* transient) {
-    using kmip::ResultReason;
-    *transient = false;
-    if (st == kmip::ResultStatus::OperationPending || st == kmip::ResultStatus::OperationUndone) {
-        *transient = true;
-        return KmsErrorKind::Unavailable;
-    }
-    switch (static_cast<ResultReason>(reason)) {
-        case ResultReason::ItemNotFound:                 // destroyed, or never ours
-        case ResultReason::PermissionDenied:             // not Active, or access revoked
-        case ResultReason::AuthenticationNotSuccessful:  // our identity was refused
-        case ResultReason::ObjectArchived:               // taken offline by the KMS admin
-        case ResultReason::KeyValueNotPresent:           // material gone
-            return KmsErrorKind::Revoked;
-        case ResultReason::CryptographicFailure:
-            // Decrypt failing under the right key id means the key no longer is the
-            // one that wrapped our KEK (wrong key material); Encrypt failing is not.
-            return op == kmip::Operation::Decrypt ? KmsErrorKind::Revoked : KmsErrorKind::Unavailable;
-        case ResultReason::GeneralFailure:
-            *transient = true;
-            return KmsErrorKind::Unavailable;
-        default:
-            // Protocol-level refusals (Invalid Message, Operation Not Supported, ...)
-            // say nothing about the key: an outage to fix, never a revocation.
-            return KmsErrorKind::Unavailable;
-    }
-}
-
 class KmipProvider : public KeyProvider {
 public:
     KmipProvider(KeyConfig cfg, Settings s) : cfg_(std::move(cfg)), s_(std::move(s)) {}
@@ -547,7 +518,7 @@ public:
                 throw unavailable("the GetAttributes answer for key " + cfg_.key_id + " has no State");
             uint32_t state = value->as_enumeration();
             st.state = kmip::state_name(state);
-            if (state == static_cast<uint32_t>(kmip::State::Active)) {
+            if (kmip::health_of_state(state) == KeyHealth::Ok) {
                 st.health = KeyHealth::Ok;
                 st.detail = "key " + cfg_.key_id + " is Active at " + where();
             } else {
@@ -647,7 +618,7 @@ private:
             return a;
         }
         bool transient = false;
-        KmsErrorKind kind = classify_failure(op, r.status, r.reason, &transient);
+        KmsErrorKind kind = kmip::classify_failure(op, r.status, r.reason, &transient);
         last_reason_ = r.reason;
         std::string msg = where() + " refused " + what + ": " + kmip::result_reason_name(r.reason);
         if (!r.message.empty()) {
@@ -670,6 +641,42 @@ private:
 };
 
 }  // namespace
+
+namespace kmip {
+
+// What a failed KMIP operation means (the README's table).
+KmsErrorKind classify_failure(Operation op, ResultStatus st, uint32_t reason, bool* transient) {
+    *transient = false;
+    if (st == ResultStatus::OperationPending || st == ResultStatus::OperationUndone) {
+        *transient = true;
+        return KmsErrorKind::Unavailable;
+    }
+    switch (static_cast<ResultReason>(reason)) {
+        case ResultReason::ItemNotFound:                 // destroyed, or never ours
+        case ResultReason::PermissionDenied:             // not Active, or access revoked
+        case ResultReason::AuthenticationNotSuccessful:  // our identity was refused
+        case ResultReason::ObjectArchived:               // taken offline by the KMS admin
+        case ResultReason::KeyValueNotPresent:           // material gone
+            return KmsErrorKind::Revoked;
+        case ResultReason::CryptographicFailure:
+            // Decrypt failing under the right key id means the key no longer is the
+            // one that wrapped our KEK (wrong key material); Encrypt failing is not.
+            return op == Operation::Decrypt ? KmsErrorKind::Revoked : KmsErrorKind::Unavailable;
+        case ResultReason::GeneralFailure:
+            *transient = true;
+            return KmsErrorKind::Unavailable;
+        default:
+            // Protocol-level refusals (Invalid Message, Operation Not Supported, ...)
+            // say nothing about the key: an outage to fix, never a revocation.
+            return KmsErrorKind::Unavailable;
+    }
+}
+
+KeyHealth health_of_state(uint32_t state) {
+    return state == static_cast<uint32_t>(State::Active) ? KeyHealth::Ok : KeyHealth::Revoked;
+}
+
+}  // namespace kmip
 
 std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg) {
     Settings s = read_settings(cfg);

@@ -248,7 +248,8 @@ is($node->safe_psql('postgres', 'SELECT key_state FROM cmk_lakebase.cmk_status()
 my $pm = postmaster_pid($node);
 my ($ret, $stdout, $stderr) =
   $node->psql('postgres', 'SELECT cmk_lakebase.check_key_now()', on_error_stop => 0);
-ok($stdout eq 'revoked' || $ret != 0, "watchdog classifies revoked (answer: '$stdout')");
+ok($stdout eq 'revoked' || $ret != 0,
+	"check_key_now(): revoked, or the session died with the cluster (answer: '$stdout')");
 my $deadline = time + 30;
 sleep 0.05 while alive($pm) && time < $deadline;
 ok(!alive($pm), 'the watchdog shut the cluster down');

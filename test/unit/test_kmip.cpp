@@ -491,3 +491,47 @@ TEST_F(KmipCerts, SilentServerTimesOut) {
     EXPECT_GE(ms, 250) << st.detail;
     EXPECT_NE(st.detail.find("no answer within 300 ms"), std::string::npos) << st.detail;
 }
+
+TEST(KmipMapping, ResultReasonsAndStatesFollowTheReadmeTable) {
+    using kmip::Operation;
+    using kmip::ResultReason;
+    using kmip::ResultStatus;
+    auto kind = [](Operation op, ResultStatus st, ResultReason r, bool* tr) {
+        return kmip::classify_failure(op, st, static_cast<uint32_t>(r), tr);
+    };
+    bool tr = true;
+    for (Operation op : {Operation::Encrypt, Operation::Decrypt, Operation::GetAttributes}) {
+        for (ResultReason r : {ResultReason::ItemNotFound, ResultReason::PermissionDenied,
+                               ResultReason::AuthenticationNotSuccessful, ResultReason::ObjectArchived,
+                               ResultReason::KeyValueNotPresent}) {
+            EXPECT_EQ(kind(op, ResultStatus::OperationFailed, r, &tr), KmsErrorKind::Revoked)
+                << kmip::result_reason_name(static_cast<uint32_t>(r));
+            EXPECT_FALSE(tr);
+        }
+        for (ResultReason r :
+             {ResultReason::InvalidMessage, ResultReason::OperationNotSupported, ResultReason::InvalidField,
+              ResultReason::ResponseTooLarge, ResultReason::IllegalOperation, ResultReason::None}) {
+            EXPECT_EQ(kind(op, ResultStatus::OperationFailed, r, &tr), KmsErrorKind::Unavailable);
+            EXPECT_FALSE(tr) << "a protocol refusal is not retried";
+        }
+        EXPECT_EQ(kind(op, ResultStatus::OperationFailed, ResultReason::GeneralFailure, &tr),
+                  KmsErrorKind::Unavailable);
+        EXPECT_TRUE(tr);
+        EXPECT_EQ(kind(op, ResultStatus::OperationPending, ResultReason::None, &tr),
+                  KmsErrorKind::Unavailable);
+        EXPECT_TRUE(tr);
+        EXPECT_EQ(kind(op, ResultStatus::OperationUndone, ResultReason::PermissionDenied, &tr),
+                  KmsErrorKind::Unavailable);
+    }
+    EXPECT_EQ(
+        kind(Operation::Decrypt, ResultStatus::OperationFailed, ResultReason::CryptographicFailure, &tr),
+        KmsErrorKind::Revoked);
+    EXPECT_EQ(
+        kind(Operation::Encrypt, ResultStatus::OperationFailed, ResultReason::CryptographicFailure, &tr),
+        KmsErrorKind::Unavailable);
+
+    EXPECT_EQ(kmip::health_of_state(2), KeyHealth::Ok);
+    for (uint32_t s : {1u, 3u, 4u, 5u, 6u, 99u}) EXPECT_EQ(kmip::health_of_state(s), KeyHealth::Revoked) << s;
+    EXPECT_EQ(kmip::state_name(3), "Deactivated");
+    EXPECT_EQ(kmip::state_name(1), "Pre-Active");
+}
