@@ -47,7 +47,7 @@ CORE_OBJS = $(CORE_SRCS:.cpp=.o)
 FS_OBJS = $(FS_SRCS:.cpp=.o)
 CLI_OBJS = $(CLI_SRCS:.cpp=.o)
 UNIT_OBJS = $(UNIT_SRCS:.cpp=.o)
-CORE_LIBS = -lcrypto -lcurl -ldl -lpthread
+CORE_LIBS = -lssl -lcrypto -lcurl -ldl -lpthread
 
 # Compiled-in locations, so that pg_cmk finds initdb and the layer without a PATH.
 CMK_DEFS = -DCMK_PG_BINDIR='"$(PG_BINDIR)"' -DCMK_PKGLIBDIR='"$(PG_PKGLIBDIR)"' \

@@ -22,6 +22,7 @@ packages=(
 	libgtest-dev googletest
 	libipc-run-perl perl procps
 	python3-pykmip python3-botocore
+	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 )
 
 missing=()

@@ -1,0 +1,93 @@
+#!/usr/bin/python3
+"""The PyKMIP server (Debian python3-pykmip 0.10) for the KMIP provider tests.
+
+Serves KMIP over mutual TLS 1.2 on 127.0.0.1, on a free port (PyKMIP refuses port 0:
+we ask the kernel for a free one and retry on a lost race; written to DIR/port once
+the server listens), with its SQLite database, config and
+log in DIR. It stops by itself: when its parent process goes away, after a hard
+lifetime limit (--lifetime seconds, default 900), or on SIGTERM/SIGINT.
+
+Why the settings: OpenSSL 3 (Debian 12) refuses TLS 1.0, which PyKMIP's default
+"Basic" auth suite asks for, so auth_suite = TLS1.2; its TLS 1.2 suite list keeps the
+ECDHE-RSA ones that an RSA server certificate can use.
+
+Usage: pykmip_server.py --dir DIR --certs CERTDIR [--lifetime SECONDS] [--port PORT]
+A restart with the same DIR keeps the keys (SQLite); --port keeps the address.
+"""
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from kmip.services.server import server as kmip_server
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--certs", required=True)
+    ap.add_argument("--lifetime", type=int, default=900)
+    ap.add_argument("--port", type=int, default=0, help="reuse this port (a restart after a stop)")
+    args = ap.parse_args()
+    d = os.path.abspath(args.dir)
+    c = os.path.abspath(args.certs)
+    os.makedirs(os.path.join(d, "policies"), exist_ok=True)
+    conf = os.path.join(d, "server.conf")
+    port = args.port or free_port()
+    with open(conf, "w") as f:
+        f.write(
+            "[server]\n"
+            "hostname=127.0.0.1\n"
+            "port={p}\n"
+            "certificate_path={c}/server.pem\n"
+            "key_path={c}/server.key\n"
+            "ca_path={c}/ca.pem\n"
+            "auth_suite=TLS1.2\n"
+            "policy_path={d}/policies\n"
+            "enable_tls_client_auth=True\n"
+            "tls_cipher_suites=TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384,"
+            "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256,TLS_RSA_WITH_AES_256_CBC_SHA256\n"
+            "logging_level=INFO\n"
+            "database_path={d}/pykmip.db\n".format(c=c, d=d, p=port)
+        )
+    port_file = os.path.join(d, "port")
+    if os.path.exists(port_file):
+        os.unlink(port_file)
+
+    parent = os.getppid()
+    started = time.monotonic()
+    srv = kmip_server.KmipServer(config_path=conf, log_path=os.path.join(d, "server.log"))
+
+    def reaper():
+        # Parent death or the lifetime limit: ask serve() to stop, then make sure.
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent or time.monotonic() - started > args.lifetime:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(15)
+                os._exit(1)
+
+    threading.Thread(target=reaper, daemon=True).start()
+    with srv:
+        port = srv._socket.getsockname()[1]
+        tmp = port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("%d\n" % port)
+        os.rename(tmp, port_file)
+        print("pykmip_server: listening on 127.0.0.1:%d" % port, flush=True)
+        srv.serve()
+    print("pykmip_server: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
