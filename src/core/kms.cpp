@@ -17,18 +17,16 @@ std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);  // kms_aw
 
 const char* key_health_name(KeyHealth h) {
     switch (h) {
-        case KeyHealth::Ok:
-            return "ok";
-        case KeyHealth::Unavailable:
-            return "unavailable";
-        case KeyHealth::Revoked:
-            return "revoked";
+        case KeyHealth::Ok: return "ok";
+        case KeyHealth::Unavailable: return "unavailable";
+        case KeyHealth::Revoked: return "revoked";
     }
     return "unknown";
 }
 
 std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
-    if (cfg.provider.empty()) throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    if (cfg.provider.empty())
+        throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "aws") return make_aws_provider(cfg);
     for (const char* p : {"aws", "azure", "gcp", "vault", "kmip"}) {
@@ -36,8 +34,9 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
             throw KmsError(KmsErrorKind::Config,
                            "key provider \"" + cfg.provider + "\" is not supported in this build");
     }
-    throw KmsError(KmsErrorKind::Config, "provider: unknown key provider \"" + cfg.provider +
-                                             "\" (known: local, aws, azure, gcp, vault, kmip)");
+    throw KmsError(KmsErrorKind::Config,
+                   "provider: unknown key provider \"" + cfg.provider +
+                       "\" (known: local, aws, azure, gcp, vault, kmip)");
 }
 
 std::string default_local_key_store() {
