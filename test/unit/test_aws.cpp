@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "cmk_lakebase/aws_sigv4.hpp"
+#include "cmk_lakebase/kms_aws.hpp"
 #include "cmk_lakebase/kms.hpp"
 #include "test_helpers.hpp"
 
@@ -159,4 +160,170 @@ TEST(SigV4, AnyChangeChangesTheSignature) {
     EXPECT_NE(base, sign_with("{\"KeyId\":\"j\"}", "TrentService.DescribeKey", kSecret));
     EXPECT_NE(base, sign_with("{\"KeyId\":\"k\"}", "TrentService.Decrypt", kSecret));
     EXPECT_NE(base, sign_with("{\"KeyId\":\"k\"}", "TrentService.DescribeKey", "other"));
+}
+
+// ------------------------------------------------------------------ configuration
+
+namespace {
+
+// Sets environment variables for one test and restores them after.
+class EnvGuard {
+public:
+    void set(const char* name, const std::string& value) {
+        save(name);
+        ::setenv(name, value.c_str(), 1);
+    }
+    void unset(const char* name) {
+        save(name);
+        ::unsetenv(name);
+    }
+    ~EnvGuard() {
+        for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+            if (it->second.first)
+                ::setenv(it->first.c_str(), it->second.second.c_str(), 1);
+            else
+                ::unsetenv(it->first.c_str());
+        }
+    }
+
+private:
+    void save(const char* name) {
+        const char* v = std::getenv(name);
+        saved_.emplace_back(name, std::make_pair(v != nullptr, v ? std::string(v) : std::string()));
+    }
+    std::vector<std::pair<std::string, std::pair<bool, std::string>>> saved_;
+};
+
+// An environment with no AWS credentials anywhere (no files, no IMDS).
+void clean_aws_env(EnvGuard& g, const cmk_test::TempDir& d) {
+    for (const char* n : {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                          "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+                          "AWS_EC2_METADATA_SERVICE_ENDPOINT"})
+        g.unset(n);
+    g.set("AWS_SHARED_CREDENTIALS_FILE", d.sub("no-credentials"));
+    g.set("AWS_CONFIG_FILE", d.sub("no-config"));
+    g.set("AWS_EC2_METADATA_DISABLED", "true");
+}
+
+cmk::KmsError config_error_of(const cmk::KeyConfig& cfg) {
+    try {
+        cmk::make_provider(cfg);
+    } catch (const cmk::KmsError& e) {
+        return e;
+    }
+    return cmk::KmsError(cmk::KmsErrorKind::Unavailable, "(no error)");
+}
+
+const char kKeyUuid[] = "1234abcd-12ab-34cd-56ef-1234567890ab";
+
+}  // namespace
+
+TEST(AwsConfig, RegionAndKeyIdFormats) {
+    for (const char* r : {"us-east-1", "eu-west-3", "ap-southeast-2", "us-gov-west-1", "cn-north-1",
+                          "us-iso-east-1", "ca-central-1", "me-south-1"})
+        EXPECT_TRUE(cmk::aws::valid_region(r)) << r;
+    for (const char* r : {"", "us-east", "useast1", "US-EAST-1", "us-east-1a", "mars-east-1", "us-middle-1",
+                          "us-east-100", "us_east_1"})
+        EXPECT_FALSE(cmk::aws::valid_region(r)) << r;
+    std::string region;
+    EXPECT_TRUE(cmk::aws::valid_key_id(kKeyUuid));
+    EXPECT_TRUE(cmk::aws::valid_key_id("mrk-1234abcd12ab34cd56ef1234567890ab"));
+    EXPECT_TRUE(cmk::aws::valid_key_id("alias/cmk_lakebase-prod/db1"));
+    EXPECT_TRUE(cmk::aws::valid_key_id("arn:aws:kms:eu-west-1:111122223333:alias/prod", &region));
+    EXPECT_EQ(region, "eu-west-1");
+    EXPECT_TRUE(cmk::aws::valid_key_id(
+        std::string("arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/") + kKeyUuid, &region));
+    EXPECT_EQ(region, "us-gov-west-1");
+    for (const char* k : {"", "alias/", "alias/bad name", "1234", "arn:aws:kms:us-east-1:1111:key/x",
+                          "arn:aws:s3:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                          "arn:aws:kms:us-east-1:111122223333:key/not-a-uuid", "mrk-123"})
+        EXPECT_FALSE(cmk::aws::valid_key_id(k)) << k;
+}
+
+TEST(AwsConfig, IniAndErrorType) {
+    auto ini = cmk::aws::parse_ini(
+        "# comment\n[default]\naws_access_key_id = AKID1\n AWS_Secret_Access_Key=s1 \n; c\n"
+        "[profile dev]\nregion = eu-west-1\nrole_arn=arn:aws:iam::1:role/r\n");
+    EXPECT_EQ(ini["default"]["aws_access_key_id"], "AKID1");
+    EXPECT_EQ(ini["default"]["aws_secret_access_key"], "s1");
+    EXPECT_EQ(ini["profile dev"]["region"], "eu-west-1");
+    EXPECT_EQ(cmk::aws::error_type("com.amazonaws.kms#NotFoundException"), "NotFoundException");
+    EXPECT_EQ(cmk::aws::error_type("AccessDeniedException:http://internal.amazon.com/"),
+              "AccessDeniedException");
+    EXPECT_EQ(cmk::aws::error_type("ThrottlingException"), "ThrottlingException");
+}
+
+// Each bad configuration fails at configuration time with an error naming the field.
+TEST(AwsConfig, BadConfigurationNamesTheField) {
+    cmk_test::TempDir d;
+    EnvGuard g;
+    clean_aws_env(g, d);
+    g.set("AWS_ACCESS_KEY_ID", "AKIDTEST");
+    g.set("AWS_SECRET_ACCESS_KEY", "secret");
+    auto cfg = [](std::map<std::string, std::string> o, std::string key = kKeyUuid) {
+        return cmk::KeyConfig{"aws", key, std::move(o)};
+    };
+    auto expect_config = [](const cmk::KmsError& e, const std::string& field) {
+        EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config) << e.what();
+        EXPECT_EQ(std::string(e.what()).rfind(field + ":", 0), 0u) << e.what();
+        EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
+    };
+    EXPECT_NO_THROW(cmk::make_provider(cfg({{"region", "us-east-1"}})));
+    expect_config(config_error_of(cfg({{"region", "us-east-one"}})), "region");
+    expect_config(config_error_of(cfg({})), "region");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}}, "not/a key")), "key_id");
+    expect_config(config_error_of(cfg({{"region", "eu-west-1"}},
+                                      std::string("arn:aws:kms:us-east-1:111122223333:key/") + kKeyUuid)),
+                  "region");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"ca_file", d.sub("missing.pem")}})),
+                  "ca_file");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"endpoint", "http://kms.example.com"}})),
+                  "endpoint");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"endpoint", "ftp://x"}})), "endpoint");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"regoin", "us-east-1"}})), "regoin");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"timeout_ms", "soon"}})), "timeout_ms");
+    g.unset("AWS_SECRET_ACCESS_KEY");
+    cmk::KmsError e = config_error_of(cfg({{"region", "us-east-1"}}));
+    expect_config(e, "credentials");
+    EXPECT_NE(std::string(e.what()).find("AWS_SECRET_ACCESS_KEY"), std::string::npos) << e.what();
+    g.unset("AWS_ACCESS_KEY_ID");
+    e = config_error_of(cfg({{"region", "us-east-1"}}));
+    expect_config(e, "credentials");
+    EXPECT_NE(std::string(e.what()).find("no AWS credentials found"), std::string::npos) << e.what();
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"profile", "prod"}})), "profile");
+    expect_config(config_error_of(cfg({{"region", "us-east-1"}, {"web_identity_token_file", d.sub("nope")}})),
+                  "web_identity_token_file");
+    cmk_test::spit(d.sub("token"), "eyJ.test.token");
+    expect_config(
+        config_error_of(cfg({{"region", "us-east-1"}, {"web_identity_token_file", d.sub("token")}})),
+        "role_arn");
+}
+
+TEST(AwsConfig, SharedCredentialsProfiles) {
+    cmk_test::TempDir d;
+    EnvGuard g;
+    clean_aws_env(g, d);
+    cmk_test::spit(d.sub("credentials"),
+                   "[default]\naws_access_key_id=A1\naws_secret_access_key=S1\n"
+                   "[half]\naws_access_key_id=A2\n");
+    cmk_test::spit(d.sub("config"),
+                   "[profile chained]\nrole_arn=arn:aws:iam::1:role/r\nsource_profile=default\n"
+                   "[profile cfgonly]\naws_access_key_id=A3\naws_secret_access_key=S3\n");
+    g.set("AWS_SHARED_CREDENTIALS_FILE", d.sub("credentials"));
+    g.set("AWS_CONFIG_FILE", d.sub("config"));
+    cmk::KeyConfig c{"aws", kKeyUuid, {{"region", "us-east-1"}}};
+    EXPECT_NO_THROW(cmk::make_provider(c));  // [default]
+    c.options["profile"] = "cfgonly";
+    EXPECT_NO_THROW(cmk::make_provider(c));
+    c.options["profile"] = "half";
+    cmk::KmsError e = config_error_of(c);
+    EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config);
+    EXPECT_NE(std::string(e.what()).find("no aws_secret_access_key"), std::string::npos) << e.what();
+    c.options["profile"] = "chained";
+    e = config_error_of(c);
+    EXPECT_NE(std::string(e.what()).find("source_profile"), std::string::npos) << e.what();
+    c.options["profile"] = "absent";
+    e = config_error_of(c);
+    EXPECT_EQ(std::string(e.what()).rfind("profile: no credentials for profile \"absent\"", 0), 0u)
+        << e.what();
 }
