@@ -2,13 +2,21 @@
 // (test/data/aws_sigv4_vectors.txt), and the provider's configuration checks
 // (region, key id, endpoint, credentials chain) that need no server.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <functional>
 
 #include <ctime>
 #include <map>
 #include <sstream>
 
 #include "cmk_lakebase/aws_sigv4.hpp"
+#include "cmk_lakebase/crypto.hpp"
+#include "cmk_lakebase/http.hpp"
 #include "cmk_lakebase/kms_aws.hpp"
 #include "cmk_lakebase/kms.hpp"
 #include "test_helpers.hpp"
@@ -326,4 +334,226 @@ TEST(AwsConfig, SharedCredentialsProfiles) {
     e = config_error_of(c);
     EXPECT_EQ(std::string(e.what()).rfind("profile: no credentials for profile \"absent\"", 0), 0u)
         << e.what();
+}
+
+// ------------------------------------------------------------------ against the loopback server
+
+namespace {
+
+// test/kms/aws_kms_server.py started for one test (it verifies every signature with
+// botocore); stops with us (parent-pid check) or after 120 s at the latest.
+class AwsServer {
+public:
+    explicit AwsServer(const std::vector<std::string>& extra = {}) {
+        std::string script = cmk_test::data_dir() + "/../kms/aws_kms_server.py";
+        port_file_ = dir_.sub("port");
+        std::vector<std::string> args = {"/usr/bin/python3", script,
+                                         "--port-file",      port_file_,
+                                         "--cred",           "AKIDTEST:secretTEST",
+                                         "--parent-pid",     std::to_string(getpid()),
+                                         "--lifetime",       "120"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        pid_ = fork();
+        if (pid_ == 0) {
+            std::vector<char*> argv;
+            for (auto& a : args) argv.push_back(&a[0]);
+            argv.push_back(nullptr);
+            int fd = ::open(dir_.sub("server.log").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+            if (fd >= 0) {
+                dup2(fd, 1);
+                dup2(fd, 2);
+            }
+            execv(argv[0], argv.data());
+            _exit(127);
+        }
+        for (int i = 0; i < 100 && port_.empty(); ++i) {
+            std::string p = cmk_test::slurp(port_file_);
+            if (!p.empty()) port_ = p.substr(0, p.find('\n'));
+            if (port_.empty()) usleep(100000);
+        }
+    }
+    ~AwsServer() {
+        if (pid_ > 0) {
+            kill(pid_, SIGTERM);
+            waitpid(pid_, nullptr, 0);
+        }
+    }
+    bool up() const { return !port_.empty(); }
+    std::string log() const { return cmk_test::slurp(dir_.sub("server.log")); }
+    std::string url() const { return "http://127.0.0.1:" + port_; }
+    std::string control(const std::string& op, const std::string& json) const {
+        cmk::http::Request r;
+        r.url = url() + "/_test/" + op;
+        r.method = op == "stats" ? "GET" : "POST";
+        r.body = json;
+        r.headers = {{"Content-Type", "application/json"}};
+        cmk::http::Response resp = cmk::http::perform(r);
+        EXPECT_EQ(resp.status, 200) << op << " " << resp.body;
+        return resp.body;
+    }
+    std::string create_key(const std::string& alias) const {
+        std::string out = control("create_key", "{\"alias\":\"" + alias + "\"}");
+        size_t a = out.find("\"KeyId\": \"") + 10;
+        return out.substr(a, 36);
+    }
+
+private:
+    cmk_test::TempDir dir_;
+    std::string port_file_, port_;
+    pid_t pid_ = -1;
+};
+
+bool have_botocore() {
+    return ::system("/usr/bin/python3 -c 'import botocore.auth, cryptography' >/dev/null 2>&1") == 0;
+}
+
+#define REQUIRE_SERVER(s)                                                                   \
+    do {                                                                                    \
+        if (!have_botocore()) {                                                             \
+            if (std::getenv("CMK_REQUIRE_KMS_TESTS")) FAIL() << "python3-botocore missing"; \
+            GTEST_SKIP() << "python3-botocore not installed";                               \
+        }                                                                                   \
+        ASSERT_TRUE((s).up()) << (s).log();                                                 \
+    } while (0)
+
+cmk::KmsErrorKind kind_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const cmk::KmsError& e) {
+        return e.kind;
+    }
+    ADD_FAILURE() << "no KmsError thrown";
+    return cmk::KmsErrorKind::Config;
+}
+
+cmk::SecureBytes test_kek() {
+    std::vector<uint8_t> r = cmk::random_bytes(32);
+    return cmk::SecureBytes(r.data(), r.size());
+}
+
+}  // namespace
+
+class AwsServerTest : public ::testing::Test {
+protected:
+    void SetUp() override {
+        clean_aws_env(env_, tmp_);
+        env_.set("AWS_ACCESS_KEY_ID", "AKIDTEST");
+        env_.set("AWS_SECRET_ACCESS_KEY", "secretTEST");
+    }
+    cmk::KeyConfig config(const AwsServer& s, const std::string& key,
+                          std::map<std::string, std::string> extra = {}) {
+        std::map<std::string, std::string> o = {
+            {"region", "us-east-1"}, {"endpoint", s.url()}, {"timeout_ms", "1500"}, {"retries", "2"}};
+        for (auto& kv : extra) o[kv.first] = kv.second;
+        return cmk::KeyConfig{"aws", key, o};
+    }
+    cmk_test::TempDir tmp_;
+    EnvGuard env_;
+};
+
+TEST_F(AwsServerTest, WrapUnwrapStatusAndEveryKeyState) {
+    AwsServer s({"--stall-seconds", "4"});
+    REQUIRE_SERVER(s);
+    std::string kid = s.create_key("alias/unit");
+    auto p = cmk::make_provider(config(s, "alias/unit"));
+    cmk::SecureBytes kek = test_kek();
+    cmk::WrapResult w = p->wrap(kek);
+    EXPECT_GT(w.blob.size(), 32u);
+    cmk::SecureBytes back = p->unwrap(w.blob);
+    ASSERT_EQ(back.size(), kek.size());
+    EXPECT_TRUE(cmk::ct_equal(back.data(), kek.data(), kek.size()));
+    cmk::KeyStatus st = p->status();
+    EXPECT_EQ(st.health, cmk::KeyHealth::Ok) << st.detail;
+    EXPECT_EQ(st.state, "Enabled");
+    EXPECT_FALSE(st.request_id.empty());
+
+    // Another encryption context cannot unwrap: the context binds the blob.
+    auto other = cmk::make_provider(config(s, "alias/unit", {{"encryption_context", "cluster=other"}}));
+    EXPECT_EQ(kind_of([&] { other->unwrap(w.blob); }), cmk::KmsErrorKind::Revoked);
+
+    for (const char* state : {"Disabled", "PendingDeletion", "PendingImport"}) {
+        SCOPED_TRACE(state);
+        s.control("set", "{\"key\":\"" + kid + "\",\"state\":\"" + state + "\"}");
+        st = p->status();
+        EXPECT_EQ(st.health, cmk::KeyHealth::Revoked) << st.detail;
+        EXPECT_EQ(st.state, state);
+        EXPECT_EQ(kind_of([&] { p->unwrap(w.blob); }), cmk::KmsErrorKind::Revoked);
+    }
+    s.control("set", "{\"key\":\"" + kid + "\",\"state\":\"Enabled\"}");
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+
+    // A revoked grant/policy on Decrypt only: DescribeKey still says Enabled, the unwrap
+    // probe catches it.
+    s.control("set", "{\"key\":\"" + kid + "\",\"deny\":[\"Decrypt\"]}");
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    EXPECT_EQ(kind_of([&] { p->unwrap(w.blob); }), cmk::KmsErrorKind::Revoked);
+    s.control("set", "{\"key\":\"" + kid + "\",\"deny\":[\"Decrypt\",\"DescribeKey\",\"Encrypt\"]}");
+    EXPECT_EQ(kind_of([&] { p->status(); }), cmk::KmsErrorKind::Revoked);
+    s.control("set", "{\"key\":\"" + kid + "\",\"deny\":[]}");
+
+    for (const char* mode : {"500", "throttle", "unavailable", "stall"}) {
+        SCOPED_TRACE(mode);
+        s.control("fail", std::string("{\"mode\":\"") + mode + "\"}");
+        EXPECT_EQ(kind_of([&] { p->status(); }), cmk::KmsErrorKind::Unavailable);
+        EXPECT_EQ(kind_of([&] { p->unwrap(w.blob); }), cmk::KmsErrorKind::Unavailable);
+    }
+    s.control("fail", "{\"mode\":\"none\"}");
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+
+    std::string stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"bad_signatures\": 0,"), std::string::npos) << stats;
+    EXPECT_EQ(stats.find("\"verified\": 0,"), std::string::npos) << stats;
+
+    s.control("set", "{\"key\":\"" + kid + "\",\"destroy\":true}");
+    EXPECT_EQ(kind_of([&] { p->status(); }), cmk::KmsErrorKind::Revoked);
+    EXPECT_EQ(kind_of([&] { p->unwrap(w.blob); }), cmk::KmsErrorKind::Revoked);
+}
+
+// A wrong secret makes the server's botocore check fail: the request is refused, the
+// provider reports unavailable (not revoked: it is our signature, not the key), and
+// the server counted the bad signature.
+TEST_F(AwsServerTest, BadSignatureIsRefused) {
+    AwsServer s;
+    REQUIRE_SERVER(s);
+    s.create_key("alias/sig");
+    env_.set("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    auto p = cmk::make_provider(config(s, "alias/sig"));
+    EXPECT_EQ(kind_of([&] { p->status(); }), cmk::KmsErrorKind::Unavailable);
+    std::string stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"verified\": 0,"), std::string::npos) << stats;
+    EXPECT_EQ(stats.find("\"bad_signatures\": 0,"), std::string::npos) << stats;
+    EXPECT_NE(stats.find("InvalidSignatureException"), std::string::npos) << stats;
+}
+
+TEST_F(AwsServerTest, WebIdentityAndImdsCredentials) {
+    AwsServer s({"--role-arn", "arn:aws:iam::111122223333:role/cmk", "--web-identity-token", "eyJ.jwt.sig",
+                 "--imds-role", "cmk-instance"});
+    REQUIRE_SERVER(s);
+    s.create_key("alias/temp");
+    env_.unset("AWS_ACCESS_KEY_ID");
+    env_.unset("AWS_SECRET_ACCESS_KEY");
+    cmk_test::spit(tmp_.sub("token"), "eyJ.jwt.sig\n");
+    auto p = cmk::make_provider(config(s, "alias/temp",
+                                       {{"web_identity_token_file", tmp_.sub("token")},
+                                        {"role_arn", "arn:aws:iam::111122223333:role/cmk"},
+                                        {"sts_endpoint", s.url()}}));
+    cmk::SecureBytes kek = test_kek();
+    cmk::WrapResult w = p->wrap(kek);
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    std::string stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"sts\": 1,"), std::string::npos) << stats;  // cached, asked once
+    auto wrong_role = cmk::make_provider(config(s, "alias/temp",
+                                                {{"web_identity_token_file", tmp_.sub("token")},
+                                                 {"role_arn", "arn:aws:iam::111122223333:role/x"},
+                                                 {"sts_endpoint", s.url()}}));
+    EXPECT_EQ(kind_of([&] { wrong_role->status(); }), cmk::KmsErrorKind::Revoked);
+
+    env_.unset("AWS_EC2_METADATA_DISABLED");
+    env_.set("AWS_EC2_METADATA_SERVICE_ENDPOINT", s.url());
+    auto imds = cmk::make_provider(config(s, "alias/temp"));
+    cmk::SecureBytes back = imds->unwrap(w.blob);
+    EXPECT_TRUE(cmk::ct_equal(back.data(), kek.data(), kek.size()));
+    stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"imds\": 1"), std::string::npos) << stats;
+    EXPECT_NE(stats.find("\"bad_signatures\": 0,"), std::string::npos) << stats;
 }
