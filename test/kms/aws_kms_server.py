@@ -47,7 +47,8 @@ ALIASES = {}   # "alias/name" -> key uuid
 CREDS = {}     # access key id -> (secret, session token or None)
 IMDS_TOKENS = set()
 FAIL = {"mode": "none", "ops": None}
-STATS = {"verified": 0, "bad_signatures": 0, "requests": {}, "last_auth_error": "", "sts": 0, "imds": 0}
+STATS = {"verified": 0, "bad_signatures": 0, "unknown_keys": 0, "requests": {}, "last_auth_error": "", "sts": 0,
+         "imds": 0}
 KMS_OPS = ("Encrypt", "Decrypt", "DescribeKey")
 AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=([^/,\s]+)/(\d{8})/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request,\s*"
@@ -293,7 +294,8 @@ class Handler(BaseHTTPRequestHandler):
                 verify_sigv4("POST", self.path, self.headers, body, "kms")
             except KmsFault as f:
                 with LOCK:
-                    STATS["bad_signatures"] += 1
+                    # an access key the server does not know is not a signature error
+                    STATS["unknown_keys" if f.type == "UnrecognizedClientException" else "bad_signatures"] += 1
                     STATS["last_auth_error"] = "%s: %s" % (f.type, f.message)
                 raise
             with LOCK:
@@ -389,7 +391,7 @@ class Handler(BaseHTTPRequestHandler):
                 FAIL["ops"] = set(req["ops"]) if req.get("ops") else None
                 return self.reply(200, "{}", "application/json")
             if op == "reset_stats":
-                STATS.update({"verified": 0, "bad_signatures": 0, "requests": {}, "last_auth_error": "",
+                STATS.update({"verified": 0, "bad_signatures": 0, "unknown_keys": 0, "requests": {}, "last_auth_error": "",
                               "sts": 0, "imds": 0})
                 return self.reply(200, "{}", "application/json")
         return self.reply(404, json.dumps({"error": "unknown control op %s" % op}), "application/json")
