@@ -375,6 +375,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, json.dumps({"KeyId": kid, "Arn": arn_of(kid)}), "application/json")
             if op == "set":
                 kid = req.get("key")
+                kid = ALIASES.get(kid, kid)  # a key id or one of its aliases
                 if kid not in KEYS:
                     return self.reply(404, json.dumps({"error": "no key %s" % kid}), "application/json")
                 if req.get("destroy"):
