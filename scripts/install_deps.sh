@@ -21,7 +21,7 @@ packages=(
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libgtest-dev googletest
 	libipc-run-perl perl procps
-	python3-pykmip python3-botocore
+	python3-pykmip python3-botocore python3-cryptography
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 )
 

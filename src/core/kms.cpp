@@ -14,6 +14,7 @@ namespace cmk {
 // kms_local.cpp
 std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);
 std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);  // kms_kmip.cpp
+std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);  // kms_aws.cpp
 
 const char* key_health_name(KeyHealth h) {
     switch (h) {
@@ -29,6 +30,7 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
         throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "kmip") return make_kmip_provider(cfg);
+    if (cfg.provider == "aws") return make_aws_provider(cfg);
     for (const char* p : {"aws", "azure", "gcp", "vault", "kmip"}) {
         if (cfg.provider == p)
             throw KmsError(KmsErrorKind::Config,

@@ -148,6 +148,8 @@ this file), not yet started. Options:
 
   key_store => DIR     key store to use (default: a new one)
   key_id    => ID      existing key to use (default: a new key in the store)
+  provider  => NAME    key provider (default local); others need key_id
+  kms_options => [..]  provider options "KEY=VALUE" (pg_cmk initdb --kms-option)
   fsync     => 0|1     default 1 (Cluster::init's fsync = off is overridden)
   plain     => 0|1     stock cluster instead (default: CMK_TEST_PLAIN)
   extra     => [...]   more initdb arguments
@@ -168,6 +170,8 @@ sub new_encrypted_node
 	$fsync = 1 unless defined $fsync;
 	my $store    = delete $opts{key_store};
 	my $key_id   = delete $opts{key_id};
+	my $provider = delete $opts{provider} // 'local';
+	my $kms_opts = delete $opts{kms_options} // [];
 	my $new_args = delete $opts{node} // {};
 	my @extra = ('--locale=C', '-E', 'UTF8', @{ delete $opts{extra} // [] });
 
@@ -179,12 +183,19 @@ sub new_encrypted_node
 	}
 	else
 	{
-		$store //= new_key_store();
-		$key_id //= create_key($store);
-		local $ENV{PATH}               = "$wrapper_dir:$ENV{PATH}";
-		local $ENV{CMK_TEST_KEY_STORE} = $store;
-		local $ENV{CMK_TEST_KEY_ID}    = $key_id;
+		if ($provider eq 'local')
+		{
+			$store //= new_key_store();
+			$key_id //= create_key($store);
+		}
+		croak "new_encrypted_node: provider $provider needs key_id" unless defined $key_id;
+		local $ENV{PATH}                 = "$wrapper_dir:$ENV{PATH}";
+		local $ENV{CMK_TEST_KEY_STORE}   = $store // '';
+		local $ENV{CMK_TEST_KEY_ID}      = $key_id;
+		local $ENV{CMK_TEST_PROVIDER}    = $provider;
+		local $ENV{CMK_TEST_KMS_OPTIONS} = join("\n", @$kms_opts);
 		$node->init(%opts, extra => \@extra);
+		$node->{cmk_provider}  = $provider;
 		$node->{cmk_key_store} = $store;
 		$node->{cmk_key_id}    = $key_id;
 		$node->{cmk_plain}     = 0;
