@@ -3,6 +3,7 @@
 // and KMIP providers are named so that a configuration for them fails with a clear
 // "not supported" instead of "unknown".
 #include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/kms_azure.hpp"
 
 #include <pwd.h>
 #include <unistd.h>
@@ -27,7 +28,8 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
     if (cfg.provider.empty())
         throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
     if (cfg.provider == "local") return make_local_provider(cfg);
-    for (const char* p : {"aws", "azure", "gcp", "vault", "kmip"}) {
+    if (cfg.provider == "azure") return azure::make_azure_provider(cfg);
+    for (const char* p : {"aws", "gcp", "vault", "kmip"}) {
         if (cfg.provider == p)
             throw KmsError(KmsErrorKind::Config,
                            "key provider \"" + cfg.provider + "\" is not supported in this build");
