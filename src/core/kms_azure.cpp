@@ -394,6 +394,12 @@ Settings parse_settings(const KeyConfig& cfg) {
                                "client_certificate_file, authority_host, identity_endpoint, resource, "
                                "timeout)");
     auto opt = [&](const char* n) { return http::option(cfg, n); };
+    // The server reads these files with the data directory as its working directory.
+    for (const char* f : {"ca_file", "client_secret_file", "client_certificate_file"}) {
+        std::string v = opt(f);
+        if (!v.empty() && v[0] != '/')
+            throw config_error(std::string(f) + ": \"" + v + "\" is not an absolute path");
+    }
     Settings s;
     if (cfg.key_id.empty()) throw config_error("key_id: the azure provider needs a key identifier URL");
     s.key = parse_key_id(cfg.key_id, opt("resource"));

@@ -135,7 +135,7 @@ class Handler(BaseHTTPRequestHandler):
     def record(self, **kw):
         entry = {"t": time.time(), "method": self.command, "path": self.path.split("?")[0],
                  "query": urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query),
-                 "listener": self.server.kind}
+                 "listener": self.server.kind, "ua": self.headers.get("User-Agent", "")}
         entry.update(kw)
         with LOCK:
             LOG.append(entry)

@@ -195,6 +195,7 @@ TEST(AzureSettings, DefaultsAndErrors) {
         {{{"algorithm", "RSA1_5"}}, "algorithm: "},
         {{{"colour", "blue"}}, "colour: "},
         {{{"ca_file", "/nonexistent/ca.pem"}}, "ca_file: "},
+        {{{"ca_file", "ca.pem"}}, "ca_file: "},
         {{{"tenant_id", kTenant}}, "client_id: "},
         {{{"credential", "client_secret"}, {"client_id", kClient}}, "tenant_id: "},
         {{{"client_id", "not-a-guid"}}, "client_id: "},
