@@ -164,7 +164,9 @@ EOS
 my $node = make_node('azure_secret', $kid, @secret_opts);
 my $keyring = slurp_file($node->data_dir . '/cmk_lakebase/keyring.json');
 like($keyring, qr/"provider"\s*:\s*"azure"/, 'keyring names the azure provider');
-unlike($keyring, qr/\Q@{[ slurp_file("$state/client_secret") =~ s/\s+$//r ]}\E/, 'keyring holds no client secret');
+my $secret = slurp_file("$state/client_secret");
+$secret =~ s/\s+$//;
+ok(index($keyring, $secret) < 0, 'keyring holds no client secret');
 
 $node->append_conf('postgresql.conf', "cmk_lakebase.check_interval = '1s'\nfsync = on");
 $node->start;
