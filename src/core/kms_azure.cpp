@@ -712,7 +712,7 @@ public:
         std::string value = base64url_encode(kek.data(), kek.size());
         std::string body = "{\"alg\":\"" + s_.algorithm + "\",\"value\":\"" + value + "\"}";
         scrub(value);
-        http::Response r = call("POST", s_.key.url + "/wrapkey?api-version=" + kApiVersion, body);
+        http::Response r = call("wrapkey", "POST", s_.key.url + "/wrapkey?api-version=" + kApiVersion, body);
         scrub(body);
         if (r.status != 200) throw vault_error(r, "wrapkey", s_.key);
         WrapResult w;
@@ -736,7 +736,8 @@ public:
     SecureBytes unwrap(const std::vector<uint8_t>& blob) override {
         std::string body = "{\"alg\":\"" + s_.algorithm + "\",\"value\":\"" +
                            base64url_encode(blob.data(), blob.size()) + "\"}";
-        http::Response r = call("POST", s_.key.url + "/unwrapkey?api-version=" + kApiVersion, body);
+        http::Response r =
+            call("unwrapkey", "POST", s_.key.url + "/unwrapkey?api-version=" + kApiVersion, body);
         if (r.status != 200) throw vault_error(r, "unwrapkey", s_.key);
         std::string text = r.body;
         scrub(r.body);
@@ -766,7 +767,7 @@ public:
 
     KeyStatus status() override {
         try {
-            http::Response r = call("GET", s_.key.url + "?api-version=" + kApiVersion, "");
+            http::Response r = call("get", "GET", s_.key.url + "?api-version=" + kApiVersion, "");
             KeyStatus st;
             if (r.status == 200) {
                 st = key_status_from(r.body, std::time(nullptr), s_.key);
@@ -796,7 +797,8 @@ public:
 
 private:
     // A Key Vault request with a bearer token; a 401 drops the token and retries once.
-    http::Response call(const std::string& method, const std::string& url, const std::string& body) {
+    http::Response call(const std::string& op, const std::string& method, const std::string& url,
+                        const std::string& body) {
         for (int attempt = 0;; ++attempt) {
             http::Request req;
             req.method = method;
@@ -813,6 +815,10 @@ private:
             http::Response r;
             try {
                 r = transport_(req);
+            } catch (const KmsError& e) {
+                scrub(req.headers[0].second);
+                scrub(req.body);
+                throw transport_error(e, "azure key vault: " + op + " of key " + s_.key.url);
             } catch (...) {
                 scrub(req.headers[0].second);
                 scrub(req.body);
@@ -827,6 +833,15 @@ private:
             }
             return r;
         }
+    }
+
+    // A transport failure (timeout, refused, TLS) with the provider, key and a hint.
+    KmsError transport_error(const KmsError& e, const std::string& what) const {
+        std::string m = what + ": " + e.what();
+        if (m.find("certificate") != std::string::npos || m.find("SSL") != std::string::npos)
+            m += s_.ca_file.empty() ? "; if the endpoint uses a private CA, set ca_file=PATH (PEM)"
+                                    : "; check that ca_file " + s_.ca_file + " holds the CA of the endpoint";
+        return KmsError(e.kind, m);
     }
 
     // out = "Bearer <token>": the cached token, or a new one when missing, near expiry
@@ -884,9 +899,14 @@ private:
                 scrub(a);
             }
         }
+        req.headers.emplace_back("User-Agent", std::string("cmk_lakebase/") + CMK_VERSION);
         http::Response r;
         try {
             r = transport_(req);
+        } catch (const KmsError& e) {
+            scrub(req.body);
+            if (app_service_) scrub(req.headers[0].second);
+            throw transport_error(e, "azure key vault: token from " + who + " for key " + s_.key.url);
         } catch (...) {
             scrub(req.body);
             if (app_service_) scrub(req.headers[0].second);

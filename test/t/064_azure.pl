@@ -123,6 +123,7 @@ sub kms_args { return map { ('--kms-option', $_) } @_ }
 		kms_args(grep { !/^ca_file=/ } @secret_opts), '--', '-A', 'trust', '-N');
 	isnt($rc, 0, 'without ca_file the test server is not trusted');
 	like($err, qr/certificate/i, 'the error is the TLS verification failure');
+	like($err, qr/\Q$kid\E.*ca_file/, 'it names the key and suggests ca_file');
 }
 
 # --- 3. a cluster under the azure provider (client secret)
