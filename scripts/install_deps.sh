@@ -8,6 +8,9 @@
 #  - pg_regress and the PostgreSQL::Test::* TAP modules ship in postgresql-client-15
 #    (a dependency of postgresql-15).
 #  - postgresql-server-dev-15 may upgrade postgresql-15 to the same minor version.
+#  - python3-azure (the Azure SDK: azure-identity, azure-keyvault-keys) and
+#    python3-cryptography serve the Azure provider's tests: test/kms/azure_kv_server.py
+#    and the SDK run against it; they are used with /usr/bin/python3.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -22,6 +25,7 @@ packages=(
 	libgtest-dev googletest
 	libipc-run-perl perl procps
 	python3-pykmip python3-botocore
+	python3-azure python3-cryptography
 )
 
 missing=()
