@@ -1,7 +1,7 @@
 // Key provider dispatch (kms.hpp): validates a key configuration and returns the
-// provider for it. Only the local provider is compiled into this build; the cloud
-// and KMIP providers are named so that a configuration for them fails with a clear
-// "not supported" instead of "unknown".
+// provider for it. The local and azure providers are compiled into this build; the
+// other cloud and KMIP providers are named so that a configuration for them fails
+// with a clear "not supported" instead of "unknown".
 #include "cmk_lakebase/kms.hpp"
 #include "cmk_lakebase/kms_azure.hpp"
 

@@ -651,6 +651,7 @@ KmsError vault_error(const http::Response& r, const std::string& op, const KeyId
             if (op == "unwrapkey")
                 return revoked(pre + "the key cannot unwrap this cluster's KEK (" + http +
                                "): wrong key material or a damaged keyring");
+            if (op == "get") break;  // nothing of ours to fix: an unexpected answer
             return config_error(
                 pre + "the vault refused the request (" + http +
                 "); check algorithm (RSA keys: RSA-OAEP-256, oct-HSM keys: A256KW) and key_id");

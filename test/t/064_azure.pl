@@ -203,6 +203,18 @@ like($out, qr/^key_state: ok \(enabled/m, 'status: key enabled');
 
 # --- 4. each state at the vault -> pg_cmk status (server stopped: the watchdog comes later)
 $node->stop;
+# With no server running (its watchdog would interleave), one pg_cmk status makes
+# exactly one token request, then the key GET and the unwrap probe.
+my $log_before = scalar @{ server_log() };
+($rc, $out, $err) = pg_cmk('status', '-D', $node->data_dir);
+is($rc, 0, 'pg_cmk status: ok with the server stopped');
+{
+	my $all = server_log();
+	my @new = grep { ($_->{ua} // '') =~ /^cmk_lakebase\// } @$all[ $log_before .. $#$all ];
+	is(scalar(grep { $_->{kind} eq 'token' } @new), 1, 'pg_cmk status: one token for its key GET and unwrap (cache)');
+	is(join(',', map { $_->{op} } grep { $_->{kind} eq 'vault' } @new), 'get,unwrapkey',
+		'pg_cmk status: key GET, then the unwrap probe');
+}
 my @states = (
 	[ 'disabled',              3, [ action => 'disable' ], qr/disabled/ ],
 	[ 'expired',               3, [ action => 'expire' ], qr/expired/ ],

@@ -380,6 +380,7 @@ TEST(AzureAnswers, VaultErrorMapping) {
         kind(400, "{\"error\":{\"code\":\"BadParameter\",\"message\":\"The parameter is incorrect.\"}}"),
         KmsErrorKind::Revoked);
     EXPECT_EQ(kind(400, "{\"error\":{\"code\":\"BadParameter\"}}", "wrapkey"), KmsErrorKind::Config);
+    EXPECT_EQ(kind(400, "{\"error\":{\"code\":\"BadParameter\"}}", "get"), KmsErrorKind::Unavailable);
     EXPECT_EQ(kind(429, "{\"error\":{\"code\":\"Throttled\"}}"), KmsErrorKind::Unavailable);
     EXPECT_EQ(kind(500, "oops"), KmsErrorKind::Unavailable);
     EXPECT_EQ(kind(503, ""), KmsErrorKind::Unavailable);
@@ -553,4 +554,29 @@ TEST(AzureAssertion, CertificateCredentialSendsTheAssertion) {
     std::string msg;
     EXPECT_EQ(config_kind(k, &msg), KmsErrorKind::Config);
     EXPECT_EQ(msg.rfind("client_certificate_file: ", 0), 0u) << msg;
+}
+
+TEST(AzureProvider, AppServiceIdentityAndManagedHsmScope) {
+    setenv("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token", 1);
+    setenv("IDENTITY_HEADER", "hdr-secret", 1);
+    KeyConfig k{"azure", "https://myhsm.managedhsm.azure.net/keys/k/v1", {{"client_id", kClient}}};
+    Fake f;
+    f.add(200, "{\"access_token\":\"as-tok\",\"expires_on\":\"" + std::to_string(std::time(nullptr) + 3600) +
+                   "\"}");
+    f.add(200, "{\"kid\":\"https://myhsm.managedhsm.azure.net/keys/k/v1\",\"value\":\"AAAA\"}");
+    auto p = make_azure_provider(k, f.fn());
+    p->wrap(random_key(32));
+    unsetenv("IDENTITY_ENDPOINT");
+    unsetenv("IDENTITY_HEADER");
+    ASSERT_EQ(f.seen.size(), 2u);
+    EXPECT_EQ(
+        f.seen[0].url,
+        "http://127.0.0.1:9/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagedhsm.azure.net"
+        "&client_id=" +
+            std::string(kClient));
+    EXPECT_EQ(header(f.seen[0], "X-IDENTITY-HEADER"), "hdr-secret");
+    EXPECT_EQ(header(f.seen[0], "Metadata"), "");
+    rapidjson::Document d;
+    d.Parse(f.seen[1].body.c_str());
+    EXPECT_STREQ(d["alg"].GetString(), "A256KW");  // the Managed HSM default
 }
