@@ -205,6 +205,11 @@ void scrub(std::string& s) {
     s.clear();
 }
 
+struct ScrubOnExit {
+    std::string& s;
+    ~ScrubOnExit() { scrub(s); }
+};
+
 // ------------------------------------------------------------------ JWT (RS256)
 // A namespace-local client-assertion builder; the lead dedupes it with jwt.cpp.
 
@@ -710,11 +715,15 @@ public:
     const KeyConfig& config() const override { return cfg_; }
 
     WrapResult wrap(const SecureBytes& kek) override {
+        std::string body;
+        ScrubOnExit guard{body};  // it holds the KEK (base64url), on every path
+        body.reserve(64 + 2 * kek.size());
+        body = "{\"alg\":\"" + s_.algorithm + "\",\"value\":\"";
         std::string value = base64url_encode(kek.data(), kek.size());
-        std::string body = "{\"alg\":\"" + s_.algorithm + "\",\"value\":\"" + value + "\"}";
-        scrub(value);
+        ScrubOnExit value_guard{value};
+        body += value;
+        body += "\"}";
         http::Response r = call("wrapkey", "POST", s_.key.url + "/wrapkey?api-version=" + kApiVersion, body);
-        scrub(body);
         if (r.status != 200) throw vault_error(r, "wrapkey", s_.key);
         WrapResult w;
         w.request_id = r.header("x-ms-request-id");
