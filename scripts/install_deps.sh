@@ -8,6 +8,9 @@
 #  - pg_regress and the PostgreSQL::Test::* TAP modules ship in postgresql-client-15
 #    (a dependency of postgresql-15).
 #  - postgresql-server-dev-15 may upgrade postgresql-15 to the same minor version.
+#  - python3-azure (the Azure SDK: azure-identity, azure-keyvault-keys) and
+#    python3-cryptography serve the Azure provider's tests: test/kms/azure_kv_server.py
+#    and the SDK run against it; they are used with /usr/bin/python3.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,7 +24,7 @@ packages=(
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libgtest-dev googletest
 	libipc-run-perl perl procps
-	python3-pykmip python3-botocore python3-cryptography
+	python3-pykmip python3-botocore python3-cryptography python3-azure
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 )
 

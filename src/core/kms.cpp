@@ -1,8 +1,9 @@
 // Key provider dispatch (kms.hpp): validates a key configuration and returns the
-// provider for it. Only the local provider is compiled into this build; the cloud
-// and KMIP providers are named so that a configuration for them fails with a clear
-// "not supported" instead of "unknown".
+// provider for it. The local and azure providers are compiled into this build; the
+// other cloud and KMIP providers are named so that a configuration for them fails
+// with a clear "not supported" instead of "unknown".
 #include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/kms_azure.hpp"
 
 #include <pwd.h>
 #include <unistd.h>
@@ -31,7 +32,8 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "kmip") return make_kmip_provider(cfg);
     if (cfg.provider == "aws") return make_aws_provider(cfg);
-    for (const char* p : {"aws", "azure", "gcp", "vault", "kmip"}) {
+    if (cfg.provider == "azure") return azure::make_azure_provider(cfg);
+    for (const char* p : {"gcp", "vault"}) {
         if (cfg.provider == p)
             throw KmsError(KmsErrorKind::Config,
                            "key provider \"" + cfg.provider + "\" is not supported in this build");
