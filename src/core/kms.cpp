@@ -13,28 +13,33 @@ namespace cmk {
 
 // kms_local.cpp
 std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);
+std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // kms_vault.cpp
+std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // kms_gcp.cpp
 
 const char* key_health_name(KeyHealth h) {
     switch (h) {
-        case KeyHealth::Ok: return "ok";
-        case KeyHealth::Unavailable: return "unavailable";
-        case KeyHealth::Revoked: return "revoked";
+        case KeyHealth::Ok:
+            return "ok";
+        case KeyHealth::Unavailable:
+            return "unavailable";
+        case KeyHealth::Revoked:
+            return "revoked";
     }
     return "unknown";
 }
 
 std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
-    if (cfg.provider.empty())
-        throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    if (cfg.provider.empty()) throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
     if (cfg.provider == "local") return make_local_provider(cfg);
+    if (cfg.provider == "vault") return make_vault_provider(cfg);
+    if (cfg.provider == "gcp") return make_gcp_provider(cfg);
     for (const char* p : {"aws", "azure", "gcp", "vault", "kmip"}) {
         if (cfg.provider == p)
             throw KmsError(KmsErrorKind::Config,
                            "key provider \"" + cfg.provider + "\" is not supported in this build");
     }
-    throw KmsError(KmsErrorKind::Config,
-                   "provider: unknown key provider \"" + cfg.provider +
-                       "\" (known: local, aws, azure, gcp, vault, kmip)");
+    throw KmsError(KmsErrorKind::Config, "provider: unknown key provider \"" + cfg.provider +
+                                             "\" (known: local, aws, azure, gcp, vault, kmip)");
 }
 
 std::string default_local_key_store() {
