@@ -18,18 +18,16 @@ std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // kms_
 
 const char* key_health_name(KeyHealth h) {
     switch (h) {
-        case KeyHealth::Ok:
-            return "ok";
-        case KeyHealth::Unavailable:
-            return "unavailable";
-        case KeyHealth::Revoked:
-            return "revoked";
+        case KeyHealth::Ok: return "ok";
+        case KeyHealth::Unavailable: return "unavailable";
+        case KeyHealth::Revoked: return "revoked";
     }
     return "unknown";
 }
 
 std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
-    if (cfg.provider.empty()) throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    if (cfg.provider.empty())
+        throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "vault") return make_vault_provider(cfg);
     if (cfg.provider == "gcp") return make_gcp_provider(cfg);
@@ -38,8 +36,9 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
             throw KmsError(KmsErrorKind::Config,
                            "key provider \"" + cfg.provider + "\" is not supported in this build");
     }
-    throw KmsError(KmsErrorKind::Config, "provider: unknown key provider \"" + cfg.provider +
-                                             "\" (known: local, aws, azure, gcp, vault, kmip)");
+    throw KmsError(KmsErrorKind::Config,
+                   "provider: unknown key provider \"" + cfg.provider +
+                       "\" (known: local, aws, azure, gcp, vault, kmip)");
 }
 
 std::string default_local_key_store() {
