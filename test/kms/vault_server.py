@@ -127,6 +127,11 @@ class Vault:
                 "lease_duration": self.token_ttl, "renewable": True}}, {}
         if not self._token_ok(headers):
             return err(403, "1 error occurred:\n\t* permission denied\n\n")
+        if path == "/v1/auth/token/lookup-self":
+            t = headers.get("X-Vault-Token")
+            exp = self.tokens.get(t)
+            return 200, {"data": {"id": t, "policies": ["default", "cmk"],
+                                  "ttl": 0 if exp is None else int(exp - time.time())}}, {}
         m = re.fullmatch(r"/v1/(.+)/(keys|encrypt|decrypt|rewrap)/([A-Za-z0-9._-]+)(/rotate|/config)?", path)
         if not m or m.group(1) != self.mount:
             return err(404, "no handler for route \"%s\". route entry not found." % path.lstrip("/v1/"))
