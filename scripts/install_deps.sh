@@ -22,6 +22,10 @@ packages=(
 	libgtest-dev googletest
 	libipc-run-perl perl procps
 	python3-pykmip python3-botocore
+	# Vault Transit and Cloud KMS loopback test servers and their fidelity checks
+	# (google-cloud-cli is not in Debian's archive: 063_gcp skips its gcloud checks
+	# where it is missing; hvac and PyJWT are Debian packages)
+	python3-cryptography python3-jwt python3-hvac openssl curl
 )
 
 missing=()
