@@ -101,6 +101,18 @@ KmsError config_error(const std::string& m) {
     return KmsError(KmsErrorKind::Config, m);
 }
 
+// A Vault dev server or a local agent/proxy listens on plain http on this machine.
+bool plain_http_to_this_machine(const std::string& url) {
+    if (url.rfind("http://", 0) != 0) return false;
+    std::string rest = url.substr(7);
+    for (std::string h : {"127.0.0.1", "localhost", "[::1]"}) {
+        if (rest.compare(0, h.size(), h) == 0 &&
+            (rest.size() == h.size() || rest[h.size()] == ':' || rest[h.size()] == '/'))
+            return true;
+    }
+    return false;
+}
+
 // A std::string that held a secret (a token, base64 of the KEK) is wiped on scope exit.
 struct Wipe {
     std::string& s;
@@ -463,8 +475,11 @@ std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg) {
     if (addr.empty())
         throw config_error(
             "addr: the vault provider needs option addr (e.g. https://vault.example.com:8200)");
-    if (addr.rfind("https://", 0) != 0 && addr.rfind("http://", 0) != 0)
-        throw config_error("addr: must start with https:// or http://, got \"" + addr + "\"");
+    if (addr.rfind("https://", 0) != 0 && !plain_http_to_this_machine(addr))
+        throw config_error(
+            "addr: must be an https:// URL (http:// only to 127.0.0.1 or localhost: a token "
+            "never crosses a network in clear), got \"" +
+            addr + "\"");
     if (addr.find_first_of("?# ") != std::string::npos)
         throw config_error("addr: must be a plain URL without query, fragment or spaces, got \"" + addr +
                            "\"");

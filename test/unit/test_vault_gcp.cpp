@@ -151,6 +151,10 @@ TEST(Vault, ConfigErrorsNameTheField) {
     EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
     c.options["addr"] = "vault.example.com:8200";
     EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
+    c.options["addr"] = "http://vault.example.com:8200";  // a token in clear over a network
+    EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
+    c.options["addr"] = "http://localhost.example.com:8200";
+    EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
     c.options["addr"] = "https://vault.example.com:8200";
     EXPECT_EQ(config_msg(c).rfind("token_file: ", 0), 0u);  // no token anywhere
     c.options["token_file"] = tmp.sub("missing");
