@@ -24,7 +24,11 @@ packages=(
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libgtest-dev googletest
 	libipc-run-perl perl procps
-	python3-pykmip python3-botocore python3-cryptography python3-azure
+	python3-pykmip python3-botocore python3-azure
+	# Vault Transit and Cloud KMS loopback test servers and their fidelity checks
+	# (google-cloud-cli is not in Debian's archive: 063_gcp skips its gcloud checks
+	# where it is missing; hvac and PyJWT are Debian packages)
+	python3-cryptography python3-jwt python3-hvac curl
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 )
 

@@ -61,7 +61,8 @@ public:
 };
 
 // Validates the configuration (throws KmsError Config naming the field) and returns
-// the provider. Known providers: "local". Others throw Config "not supported".
+// the provider. Known providers: local, kmip, aws, azure, vault, gcp; any other name
+// throws Config "unknown key provider".
 std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg);
 
 // The local provider's key store: one file per CMK (<key_id>.key, mode 0600) in a

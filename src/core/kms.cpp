@@ -1,7 +1,6 @@
 // Key provider dispatch (kms.hpp): validates a key configuration and returns the
-// provider for it. The local and azure providers are compiled into this build; the
-// other cloud and KMIP providers are named so that a configuration for them fails
-// with a clear "not supported" instead of "unknown".
+// provider for it: local, kmip, aws, azure, vault, gcp (one implementation file each,
+// kms_<name>.cpp). Each factory validates its own options before any KMS call.
 #include "cmk_lakebase/kms.hpp"
 #include "cmk_lakebase/kms_azure.hpp"
 
@@ -12,10 +11,11 @@
 
 namespace cmk {
 
-// kms_local.cpp
-std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);
+std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);  // kms_local.cpp
 std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);  // kms_kmip.cpp
 std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);  // kms_aws.cpp
+std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // kms_vault.cpp
+std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // kms_gcp.cpp
 
 const char* key_health_name(KeyHealth h) {
     switch (h) {
@@ -33,11 +33,8 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
     if (cfg.provider == "kmip") return make_kmip_provider(cfg);
     if (cfg.provider == "aws") return make_aws_provider(cfg);
     if (cfg.provider == "azure") return azure::make_azure_provider(cfg);
-    for (const char* p : {"gcp", "vault"}) {
-        if (cfg.provider == p)
-            throw KmsError(KmsErrorKind::Config,
-                           "key provider \"" + cfg.provider + "\" is not supported in this build");
-    }
+    if (cfg.provider == "vault") return make_vault_provider(cfg);
+    if (cfg.provider == "gcp") return make_gcp_provider(cfg);
     throw KmsError(KmsErrorKind::Config,
                    "provider: unknown key provider \"" + cfg.provider +
                        "\" (known: local, aws, azure, gcp, vault, kmip)");

@@ -1,0 +1,315 @@
+#!/usr/bin/python3
+"""Loopback Google Cloud KMS test server: the parts of cloudkms.googleapis.com v1 that
+cmk_lakebase's "gcp" provider and `gcloud kms encrypt|decrypt` use, an OAuth 2.0 token
+endpoint for the service-account JWT bearer grant (RFC 7523), and the metadata
+server's token endpoint.
+
+The token endpoint verifies every assertion with PyJWT (python3-jwt; independent of
+the C++ signer): RS256 signature under the service account's public key, kid, iss,
+aud = this token endpoint, scope cloudkms, iat/exp within an hour. Every KMS request
+must carry a bearer token this server issued and that has not expired. Real crypto
+(AES-256-GCM per key version, with the request's additional authenticated data);
+CRC32C integrity fields are checked and returned like Cloud KMS does.
+
+Usage: gcp_kms_server.py --port-file F --write-credentials SA.json [--key NAME ...]
+  --key is a full name projects/P/locations/L/keyRings/R/cryptoKeys/K (created
+  ENABLED with version 1 primary).
+
+Control (POST /__control, JSON {"action": ...}):
+  create_key name | delete_key name | rotate name (new primary)
+  set_state name state [version] (ENABLED, DISABLED, DESTROY_SCHEDULED, DESTROYED;
+    default version = primary; DESTROYED drops the material)
+  deny name | allow name (403 PERMISSION_DENIED) | revoke_tokens (issued tokens -> 401)
+  revoke_sa | restore_sa (token endpoint: 400 invalid_grant) | metadata on|off
+  issue_token (returns {"access_token": ...} for gcloud --access-token-file)
+  token_ttl seconds | mode normal|error500|throttle|stall | requests
+"""
+
+import base64
+import datetime
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+import time
+import urllib.parse
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loopback  # noqa: E402
+import jwt  # noqa: E402  (python3-jwt)
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+
+KEY_RE = re.compile(r"projects/([^/]+)/locations/([^/]+)/keyRings/([^/]+)/cryptoKeys/([^/:]+)")
+SCOPE = "https://www.googleapis.com/auth/cloudkms"
+
+
+def now_rfc3339():
+    return datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def b64d(s):
+    """proto3 JSON bytes: standard or URL-safe base64, padding optional (gcloud sends URL-safe)."""
+    s = (s or "").replace("-", "+").replace("_", "/")
+    return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+
+
+def gerr(code, status, message):
+    return code, {"error": {"code": code, "message": message, "status": status}}, {}
+
+
+class Kms:
+    def __init__(self, args):
+        self.state = loopback.State()
+        self.keys = {}
+        self.denied = set()
+        self.tokens = {}  # token -> expiry
+        self.token_ttl = args.token_ttl
+        self.sa_revoked = False
+        self.metadata = True
+        self.port = None
+        self.sa_email = args.client_email
+        self.sa_kid = secrets.token_hex(20)
+        self.sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.sa_public = self.sa_key.public_key()
+        self.creds_path = args.write_credentials
+        self.verified_assertions = 0
+        for k in args.key or []:
+            self._create(k)
+
+    def write_credentials(self, port):
+        pem = self.sa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()).decode()
+        project = self.sa_email.split("@")[1].split(".")[0]
+        sa = {"type": "service_account", "project_id": project, "private_key_id": self.sa_kid,
+              "private_key": pem, "client_email": self.sa_email, "client_id": "1234567890",
+              "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+              "token_uri": "http://127.0.0.1:%d/token" % port}
+        fd = os.open(self.creds_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(sa, f, indent=2)
+        os.rename(self.creds_path + ".tmp", self.creds_path)
+
+    def _create(self, name):
+        if not KEY_RE.fullmatch(name):
+            raise ValueError("bad key name %r" % name)
+        self.keys[name] = {"versions": {1: {"state": "ENABLED", "key": AESGCM.generate_key(256),
+                                            "createTime": now_rfc3339()}},
+                           "primary": 1, "createTime": now_rfc3339()}
+
+    def transient_error(self, status, msg=None):
+        word = {429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}.get(status, "UNKNOWN")
+        return {"error": {"code": status, "message": msg or "loopback %s" % word, "status": word}}
+
+    def control(self, req):
+        r = loopback.common_control(self.state, req)
+        if r:
+            return r
+        a, name = req.get("action"), req.get("name")
+        with self.state.lock:
+            if a == "create_key":
+                self._create(name)
+            elif a == "delete_key":
+                del self.keys[name]
+            elif a == "rotate":
+                k = self.keys[name]
+                v = max(k["versions"]) + 1
+                k["versions"][v] = {"state": "ENABLED", "key": AESGCM.generate_key(256),
+                                    "createTime": now_rfc3339()}
+                k["primary"] = v
+            elif a == "set_state":
+                k = self.keys[name]
+                v = k["versions"][int(req.get("version") or k["primary"])]
+                if v["state"] == "DESTROYED" and req["state"] != "DESTROYED":
+                    raise ValueError("a destroyed version cannot come back")
+                if req["state"] not in ("ENABLED", "DISABLED", "DESTROY_SCHEDULED", "DESTROYED"):
+                    raise ValueError("unknown state %r" % req["state"])
+                v["state"] = req["state"]
+                if req["state"] == "DESTROYED":
+                    v["key"] = None
+            elif a == "deny":
+                self.denied.add(name)
+            elif a == "allow":
+                self.denied.discard(name)
+            elif a == "revoke_tokens":
+                self.tokens.clear()
+            elif a == "revoke_sa":
+                self.sa_revoked = True
+            elif a == "restore_sa":
+                self.sa_revoked = False
+            elif a == "metadata":
+                self.metadata = req.get("value") == "on"
+            elif a == "token_ttl":
+                self.token_ttl = int(req["value"])
+            elif a == "issue_token":
+                return 200, {"access_token": self._issue()}
+            elif a == "stats":
+                return 200, {"verified_assertions": self.verified_assertions, "tokens": len(self.tokens)}
+            else:
+                raise ValueError("unknown action %r" % a)
+        return 200, {"ok": True}
+
+    def _issue(self):
+        tok = "ya29.loopback-" + secrets.token_urlsafe(32)
+        self.tokens[tok] = time.time() + self.token_ttl
+        return tok
+
+    def route(self, method, path, headers, body):
+        with self.state.lock:
+            return self._route(method, path, headers, body)
+
+    def _token_endpoint(self, body):
+        form = urllib.parse.parse_qs(body.decode(), strict_parsing=True)
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"]:
+            return 400, {"error": "unsupported_grant_type", "error_description": "grant_type"}, {}
+        assertion = form.get("assertion", [""])[0]
+        if self.sa_revoked:
+            return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}, {}
+        aud = "http://127.0.0.1:%d/token" % self.port
+        try:
+            hdr = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, self.sa_public, algorithms=["RS256"], audience=aud,
+                                options={"require": ["iss", "aud", "iat", "exp"]})
+        except jwt.PyJWTError as e:
+            return 400, {"error": "invalid_grant", "error_description": "Invalid JWT: %s" % e}, {}
+        if hdr.get("kid") != self.sa_kid or hdr.get("typ") != "JWT":
+            return 400, {"error": "invalid_grant", "error_description": "Invalid JWT header"}, {}
+        if claims["iss"] != self.sa_email:
+            return 400, {"error": "invalid_grant", "error_description": "Invalid issuer"}, {}
+        if SCOPE not in claims.get("scope", "").split():
+            return 400, {"error": "invalid_scope", "error_description": "scope"}, {}
+        if claims["exp"] - claims["iat"] > 3600 or abs(claims["iat"] - time.time()) > 300:
+            return 400, {"error": "invalid_grant", "error_description":
+                         "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable "
+                         "timeframe."}, {}
+        self.verified_assertions += 1
+        return 200, {"access_token": self._issue(), "expires_in": self.token_ttl, "token_type": "Bearer"}, {}
+
+    def _route(self, method, path, headers, body):
+        path, _, query = path.partition("?")
+        if path == "/token" and method == "POST":
+            return self._token_endpoint(body)
+        if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+            if headers.get("Metadata-Flavor") != "Google":
+                return 403, {"error": "Missing Metadata-Flavor:Google header"}, {}
+            if not self.metadata:
+                return 404, {"error": "no service account"}, {}
+            return 200, {"access_token": self._issue(), "expires_in": self.token_ttl, "token_type": "Bearer"}, {}
+        auth = headers.get("Authorization", "")
+        tok = auth[7:] if auth.startswith("Bearer ") else ""
+        if self.tokens.get(tok, 0) < time.time():
+            return gerr(401, "UNAUTHENTICATED", "Request had invalid authentication credentials. Expected "
+                        "OAuth 2 access token, login cookie or other valid authentication credential.")
+        m = re.fullmatch(r"/v1/(projects/[^:]+?)(?::(encrypt|decrypt))?", path)
+        if not m:
+            return gerr(404, "NOT_FOUND", "no such method %s" % path)
+        name, verb = m.group(1), m.group(2)
+        vm = re.fullmatch(r"(.+)/cryptoKeyVersions/(\d+)", name)
+        key_name = vm.group(1) if vm else name
+        if not KEY_RE.fullmatch(key_name):
+            return gerr(400, "INVALID_ARGUMENT", "Resource name [%s] does not represent a valid key." % name)
+        if key_name in self.denied:
+            return gerr(403, "PERMISSION_DENIED", "Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' "
+                        "denied on resource '%s' (or it may not exist)." % key_name)
+        key = self.keys.get(key_name)
+        if key is None:
+            return gerr(404, "NOT_FOUND", "%s not found." % key_name)
+        if method == "GET" and verb is None:
+            if vm:
+                v = key["versions"].get(int(vm.group(2)))
+                if v is None:
+                    return gerr(404, "NOT_FOUND", "%s not found." % name)
+                return 200, self._version_json(key_name, int(vm.group(2)), v), {}
+            return 200, self._key_json(key_name, key), {}
+        if method != "POST" or verb is None:
+            return gerr(404, "NOT_FOUND", "no such method")
+        try:
+            req = json.loads(body)
+        except ValueError:
+            return gerr(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        aad = b64d(req.get("additionalAuthenticatedData", ""))
+        if "additionalAuthenticatedDataCrc32c" in req and int(req["additionalAuthenticatedDataCrc32c"]) != \
+                loopback.crc32c(aad):
+            return gerr(400, "INVALID_ARGUMENT", "The checksum in field additional_authenticated_data_crc32c did "
+                        "not match the data in field additional_authenticated_data.")
+        tag = hashlib.sha256(key_name.encode()).digest()[:4]
+        if verb == "encrypt":
+            pt = b64d(req.get("plaintext", ""))
+            if "plaintextCrc32c" in req and int(req["plaintextCrc32c"]) != loopback.crc32c(pt):
+                return gerr(400, "INVALID_ARGUMENT", "The checksum in field plaintext_crc32c did not match the "
+                            "data in field plaintext.")
+            ver = key["primary"]
+            v = key["versions"][ver]
+            if v["state"] != "ENABLED":
+                return gerr(400, "FAILED_PRECONDITION", "%s/cryptoKeyVersions/%d is not enabled, current state "
+                            "is: %s." % (key_name, ver, v["state"]))
+            nonce = os.urandom(12)
+            ct = b"\x0a" + tag + ver.to_bytes(4, "big") + nonce + AESGCM(v["key"]).encrypt(nonce, pt, aad)
+            return 200, {"name": "%s/cryptoKeyVersions/%d" % (key_name, ver),
+                         "ciphertext": base64.b64encode(ct).decode(),
+                         "ciphertextCrc32c": str(loopback.crc32c(ct)),
+                         "verifiedPlaintextCrc32c": "plaintextCrc32c" in req,
+                         "verifiedAdditionalAuthenticatedDataCrc32c": "additionalAuthenticatedDataCrc32c" in req,
+                         "protectionLevel": "SOFTWARE"}, {}
+        ct = b64d(req.get("ciphertext", ""))
+        if "ciphertextCrc32c" in req and int(req["ciphertextCrc32c"]) != loopback.crc32c(ct):
+            return gerr(400, "INVALID_ARGUMENT", "The checksum in field ciphertext_crc32c did not match the data "
+                        "in field ciphertext.")
+        invalid = gerr(400, "INVALID_ARGUMENT", "Decryption failed: the ciphertext is invalid.")
+        if len(ct) < 9 + 12 + 16 or ct[0] != 0x0a or ct[1:5] != tag:
+            return invalid
+        ver = int.from_bytes(ct[5:9], "big")
+        v = key["versions"].get(ver)
+        if v is None:
+            return invalid
+        if v["state"] != "ENABLED":
+            return gerr(400, "FAILED_PRECONDITION", "%s/cryptoKeyVersions/%d is not enabled, current state is: "
+                        "%s." % (key_name, ver, v["state"]))
+        try:
+            pt = AESGCM(v["key"]).decrypt(ct[9:21], ct[21:], aad)
+        except Exception:
+            return invalid
+        return 200, {"plaintext": base64.b64encode(pt).decode(), "plaintextCrc32c": str(loopback.crc32c(pt)),
+                     "usedPrimary": ver == key["primary"], "protectionLevel": "SOFTWARE"}, {}
+
+    @staticmethod
+    def _version_json(key_name, ver, v):
+        j = {"name": "%s/cryptoKeyVersions/%d" % (key_name, ver), "state": v["state"],
+             "createTime": v["createTime"], "protectionLevel": "SOFTWARE",
+             "algorithm": "GOOGLE_SYMMETRIC_ENCRYPTION", "generateTime": v["createTime"]}
+        if v["state"] == "DESTROY_SCHEDULED":
+            j["destroyTime"] = now_rfc3339()
+        if v["state"] == "DESTROYED":
+            j["destroyEventTime"] = now_rfc3339()
+        return j
+
+    def _key_json(self, key_name, key):
+        return {"name": key_name, "purpose": "ENCRYPT_DECRYPT", "createTime": key["createTime"],
+                "primary": self._version_json(key_name, key["primary"], key["versions"][key["primary"]]),
+                "versionTemplate": {"protectionLevel": "SOFTWARE", "algorithm": "GOOGLE_SYMMETRIC_ENCRYPTION"},
+                "destroyScheduledDuration": "86400s"}
+
+
+def main():
+    p = loopback.base_args(__doc__.splitlines()[0])
+    p.add_argument("--write-credentials", required=True, help="service-account key file to write (0600)")
+    p.add_argument("--client-email", default="cmk-test@cmk-project.iam.gserviceaccount.com")
+    p.add_argument("--token-ttl", type=int, default=3600)
+    p.add_argument("--key", action="append")
+    args = p.parse_args()
+    app = Kms(args)
+    # The credentials name this server's token endpoint: written once the port is known.
+
+    def on_listen(port):
+        app.port = port
+        app.write_credentials(port)
+
+    loopback.serve(app, args, on_listen)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+# CmkKmsPeer: loopback KMS test servers (test/kms/*.py) for the TAP tests of the HTTP
+# key providers, and encrypted nodes created through such a provider.
+#
+#   my $peer = start_kms_peer('vault_server.py', '--token-file', $f, '--key', 'k1');
+#   kms_control($peer, action => 'deny', name => 'k1');
+#   my $node = new_kms_node('main', provider => 'vault', key_id => 'k1',
+#                           options => { addr => $peer->{url}, token_file => $f });
+#
+# The servers bind 127.0.0.1 on a free port, stop when this test process goes away
+# (parent-death check) or after a hard lifetime, and are killed by stop_kms_peer or at
+# the end of the test. new_kms_node runs PostgreSQL::Test::Cluster::init with a
+# throwaway "initdb" first in PATH that calls "pg_cmk initdb --provider ... --kms-option
+# ..." (the same trick as test/bin/initdb for the local provider), so the node is
+# encrypted from its first file and everything else is what Cluster.pm writes.
+
+package CmkKmsPeer;
+
+use strict;
+use warnings;
+
+use Carp;
+use Cwd qw(abs_path);
+use Exporter 'import';
+use File::Basename qw(dirname);
+use IPC::Run ();
+use JSON::PP ();
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+our @EXPORT = qw(start_kms_peer stop_kms_peer kms_control new_kms_node write_secret_file
+  python_has_modules wait_for_postmaster_exit);
+
+my $kms_dir = abs_path(dirname(__FILE__) . '/../kms');
+my @peers;
+
+=pod
+
+=over
+
+=item python_has_modules(@modules)
+
+True if /usr/bin/python3 imports every module given.
+
+=cut
+
+sub python_has_modules
+{
+	my @mods = @_;
+	return 0 unless -x '/usr/bin/python3';
+	my $rc = system('/usr/bin/python3', '-c', 'import ' . join(',', @mods));
+	return $rc == 0;
+}
+
+=item write_secret_file($path, $text)
+
+Writes $text (plus a newline) to $path with mode 0600; returns $path.
+
+=cut
+
+sub write_secret_file
+{
+	my ($path, $text) = @_;
+	open(my $fh, '>', $path) or die "open $path: $!";
+	print $fh "$text\n";
+	close $fh;
+	chmod 0600, $path or die "chmod $path: $!";
+	return $path;
+}
+
+=item start_kms_peer($script, @args)
+
+Starts test/kms/$script with /usr/bin/python3; returns { url, port, dir, harness }.
+Bails out if it does not listen within 20 s.
+
+=cut
+
+sub start_kms_peer
+{
+	my ($script, @args) = @_;
+	my $dir = PostgreSQL::Test::Utils::tempdir('kms');
+	my $port_file = "$dir/port";
+	my ($out, $err) = ('', '');
+	my $h = IPC::Run::start(
+		[ '/usr/bin/python3', "$kms_dir/$script", '--port-file', $port_file,
+			'--lifetime', '1200', @args ],
+		'<', \undef, '>', \$out, '2>', \$err);
+	my $port;
+	for (1 .. 200)
+	{
+		if (-s $port_file)
+		{
+			$port = PostgreSQL::Test::Utils::slurp_file($port_file);
+			chomp $port;
+			last;
+		}
+		IPC::Run::pump_nb($h);
+		select(undef, undef, undef, 0.1);
+	}
+	BAIL_OUT("$script did not start: $err") unless $port;
+	# With --tls-cert the server speaks https only; its (self-signed) certificate is
+	# the CA the control requests trust.
+	my %a = @args;
+	my $scheme = $a{'--tls-cert'} ? 'https' : 'http';
+	my $peer = { url => "$scheme://127.0.0.1:$port", port => $port, dir => $dir, harness => $h,
+		script => $script, err => \$err, ca => $a{'--tls-cert'} };
+	push @peers, $peer;
+	note "$script listening on $peer->{url}";
+	return $peer;
+}
+
+sub stop_kms_peer
+{
+	my ($peer) = @_;
+	return unless $peer->{harness};
+	$peer->{harness}->kill_kill(grace => 2);
+	delete $peer->{harness};
+}
+
+END
+{
+	stop_kms_peer($_) for @peers;
+}
+
+=item kms_control($peer, %request)
+
+POSTs the request as JSON to the peer's control endpoint; returns the decoded answer.
+Dies on anything but 200.
+
+=cut
+
+sub kms_control
+{
+	my ($peer, %req) = @_;
+	my $json = JSON::PP::encode_json(\%req);
+	# curl rather than HTTP::Tiny: Debian's perl has no TLS module by default.
+	my @curl = ('curl', '-sS', '--max-time', '10', '-X', 'POST', '-H', 'Content-Type: application/json',
+		'--data-binary', $json, '-w', '\n%{http_code}');
+	push @curl, '--cacert', $peer->{ca} if $peer->{ca};
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ @curl, "$peer->{url}/__control" ], '<', \undef, '>', \$out, '2>', \$err);
+	my ($body, $code) = $out =~ /\A(.*)\n(\d+)\z/s;
+	BAIL_OUT("kms control $json failed: " . ($code // '-') . " $err $out") unless ($code // 0) == 200;
+	note "kms control: $json";
+	return JSON::PP::decode_json($body);
+}
+
+=item new_kms_node($name, provider => P, key_id => K, options => {...})
+
+A PostgreSQL::Test::Cluster node created by pg_cmk initdb through provider P (not
+started). Appends fsync = on like CmkTest::new_encrypted_node.
+
+=cut
+
+sub new_kms_node
+{
+	my ($name, %o) = @_;
+	my $wrap = PostgreSQL::Test::Utils::tempdir('initdb_wrapper');
+	my @kms = ('--provider', $o{provider}, '--key-id', $o{key_id});
+	push @kms, '--kms-option', "$_=$o{options}{$_}" for sort keys %{ $o{options} };
+	my $args = join(' ', map { "'" . s/'/'\\''/gr . "'" } @kms);
+	open(my $fh, '>', "$wrap/initdb") or die "open: $!";
+	print $fh <<"EOS";
+#!/usr/bin/env bash
+# Throwaway initdb for CmkKmsPeer::new_kms_node: pg_cmk initdb through a KMS provider.
+set -euo pipefail
+pgdata=
+rest=()
+while [ \$# -gt 0 ]; do
+	case "\$1" in
+		-D|--pgdata) pgdata=\$2; shift 2 ;;
+		--pgdata=*) pgdata=\${1#--pgdata=}; shift ;;
+		-D*) pgdata=\${1#-D}; shift ;;
+		*) rest+=("\$1"); shift ;;
+	esac
+done
+exec pg_cmk initdb -D "\$pgdata" $args -- "\${rest[\@]}"
+EOS
+	close $fh;
+	chmod 0755, "$wrap/initdb";
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	{
+		local $ENV{PATH} = "$wrap:$ENV{PATH}";
+		$node->init(extra => [ '--locale=C', '-E', 'UTF8' ]);
+	}
+	BAIL_OUT("pg_cmk initdb left no keyring in " . $node->data_dir)
+	  unless -f $node->data_dir . '/cmk_lakebase/keyring.json';
+	$node->append_conf('postgresql.conf', "fsync = on");
+	$node->{cmk_plain} = 0;
+	return $node;
+}
+
+=item wait_for_postmaster_exit($node, $seconds)
+
+Waits until the node's postmaster is gone; returns the seconds it took, or undef.
+
+=cut
+
+sub wait_for_postmaster_exit
+{
+	my ($node, $limit) = @_;
+	my $pidfile = $node->data_dir . '/postmaster.pid';
+	my $t0 = time;
+	my $pid;
+	if (open(my $fh, '<', $pidfile)) { $pid = <$fh>; chomp $pid; close $fh; }
+	return 0 unless $pid;
+	while (time - $t0 <= $limit)
+	{
+		return time - $t0 unless kill(0, $pid);
+		select(undef, undef, undef, 0.2);
+	}
+	return undef;
+}
+
+=back
+
+=cut
+
+1;

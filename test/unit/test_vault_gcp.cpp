@@ -1,0 +1,552 @@
+// Unit tests of the Vault Transit and Google Cloud KMS providers: key id parsing,
+// configuration errors naming the field, the answer -> ok/unavailable/revoked mapping
+// from canned responses, and (when /usr/bin/python3 with python3-cryptography and
+// python3-jwt is there) wrap/unwrap/status against the loopback test servers in
+// test/kms, through each state those servers can be put in.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <thread>
+
+#include "cmk_lakebase/http.hpp"
+#include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/kms_gcp.hpp"
+#include "cmk_lakebase/kms_vault.hpp"
+#include "test_helpers.hpp"
+
+using namespace cmk;
+
+namespace {
+
+KmsErrorKind kind_of(const std::function<void()>& f, std::string* msg = nullptr) {
+    try {
+        f();
+    } catch (const KmsError& e) {
+        if (msg) *msg = e.what();
+        return e.kind;
+    }
+    ADD_FAILURE() << "no KmsError thrown";
+    return KmsErrorKind::Unavailable;
+}
+
+std::string config_msg(const KeyConfig& cfg) {
+    std::string m;
+    EXPECT_EQ(kind_of([&] { make_provider(cfg); }, &m), KmsErrorKind::Config);
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+    return m;
+}
+
+void write_private(const std::string& path, const std::string& text, mode_t mode = 0600) {
+    cmk_test::spit(path, text);
+    ::chmod(path.c_str(), mode);
+}
+
+// A loopback test server (test/kms/*.py) run for one test; killed at scope exit.
+class LoopbackServer {
+public:
+    LoopbackServer(const std::string& script, std::vector<std::string> args, const std::string& dir) {
+        std::string py = "/usr/bin/python3";
+        std::string path = cmk_test::data_dir() + "/../kms/" + script;
+        port_file_ = dir + "/" + script + ".port";
+        if (::access(py.c_str(), X_OK) != 0 || ::access(path.c_str(), R_OK) != 0 ||
+            std::system("/usr/bin/python3 -c 'import cryptography, jwt' 2>/dev/null") != 0) {
+            skip_ = "no /usr/bin/python3 with python3-cryptography and python3-jwt, or no " + path;
+            return;
+        }
+        args.insert(args.begin(), {py, path, "--port-file", port_file_, "--lifetime", "120", "--stall", "5"});
+        pid_ = ::fork();
+        if (pid_ == 0) {
+            std::vector<char*> argv;
+            for (auto& a : args) argv.push_back(&a[0]);
+            argv.push_back(nullptr);
+            ::execv(py.c_str(), argv.data());
+            ::_exit(127);
+        }
+        for (int i = 0; i < 200; i++) {
+            std::ifstream f(port_file_);
+            if (f >> port_) break;
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        if (port_ == 0) skip_ = "the loopback server " + script + " did not start";
+    }
+    ~LoopbackServer() {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGTERM);
+            ::waitpid(pid_, nullptr, 0);
+        }
+    }
+    const std::string& skip() const { return skip_; }
+    std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+    std::string control(const std::string& json) const {
+        http::Request r;
+        r.url = url() + "/__control";
+        r.body = json;
+        http::Response resp = http::perform(r);
+        EXPECT_EQ(resp.status, 200) << json << " -> " << resp.body;
+        return resp.body;
+    }
+
+private:
+    pid_t pid_ = -1;
+    int port_ = 0;
+    std::string port_file_, skip_;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------ Vault, canned
+
+TEST(Vault, KeyNamesMountsAndCiphertextVersions) {
+    EXPECT_TRUE(vault::valid_key_name("cmk-prod.1_a"));
+    EXPECT_FALSE(vault::valid_key_name(""));
+    EXPECT_FALSE(vault::valid_key_name("a/b"));
+    EXPECT_FALSE(vault::valid_key_name(".."));
+    EXPECT_TRUE(vault::valid_mount("transit"));
+    EXPECT_TRUE(vault::valid_mount("team-a/transit"));
+    EXPECT_FALSE(vault::valid_mount("/transit"));
+    EXPECT_FALSE(vault::valid_mount("a/../b"));
+    EXPECT_FALSE(vault::valid_mount("a//b"));
+    EXPECT_EQ(vault::ciphertext_version("vault:v1:abcd"), 1u);
+    EXPECT_EQ(vault::ciphertext_version("vault:v42:x"), 42u);
+    EXPECT_EQ(vault::ciphertext_version("vault:v0:x"), 0u);
+    EXPECT_EQ(vault::ciphertext_version("vault:v:x"), 0u);
+    EXPECT_EQ(vault::ciphertext_version("vault:v1"), 0u);
+    EXPECT_EQ(vault::ciphertext_version("vault:v99999999999:x"), 0u);
+    EXPECT_EQ(vault::ciphertext_version("gcp:v1:x"), 0u);
+}
+
+TEST(Vault, AnswerMapping) {
+    using vault::Op;
+    bool cfg = true;
+    EXPECT_EQ(vault::classify(Op::Encrypt, 200, &cfg), KeyHealth::Ok);
+    EXPECT_FALSE(cfg);
+    EXPECT_EQ(vault::classify(Op::ReadKey, 404), KeyHealth::Revoked);
+    EXPECT_EQ(vault::classify(Op::Decrypt, 403), KeyHealth::Revoked);
+    EXPECT_EQ(vault::classify(Op::Decrypt, 400), KeyHealth::Revoked);      // wrong key, too old
+    EXPECT_EQ(vault::classify(Op::Login, 400), KeyHealth::Revoked);        // invalid role or secret id
+    EXPECT_EQ(vault::classify(Op::ReadKey, 503), KeyHealth::Unavailable);  // sealed
+    EXPECT_EQ(vault::classify(Op::ReadKey, 429), KeyHealth::Unavailable);
+    EXPECT_EQ(vault::classify(Op::ReadKey, 500), KeyHealth::Unavailable);
+    EXPECT_EQ(vault::classify(Op::ReadKey, 473), KeyHealth::Unavailable);  // performance standby
+    EXPECT_EQ(vault::classify(Op::Encrypt, 400, &cfg), KeyHealth::Unavailable);
+    EXPECT_TRUE(cfg);  // a 400 on a request we built is our configuration's fault
+    EXPECT_EQ(vault::error_message("{\"errors\":[\"1 error occurred:\\n\\t* permission denied\\n\\n\"]}"),
+              "permission denied");
+    EXPECT_EQ(vault::error_message("{\"errors\":[\"Vault is sealed\"]}"), "Vault is sealed");
+    EXPECT_EQ(vault::error_message("{\"errors\":[]}"), "");
+    EXPECT_EQ(vault::error_message("<html>"), "");
+    EXPECT_LE(vault::error_message("{\"errors\":[\"" + std::string(500, 'x') + "\"]}").size(), 203u);
+}
+
+TEST(Vault, ConfigErrorsNameTheField) {
+    cmk_test::TempDir tmp;
+    ::unsetenv("VAULT_TOKEN");
+    KeyConfig c{"vault", "k1", {}};
+    EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
+    c.options["addr"] = "vault.example.com:8200";
+    EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
+    c.options["addr"] = "http://vault.example.com:8200";  // a token in clear over a network
+    EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
+    c.options["addr"] = "http://localhost.example.com:8200";
+    EXPECT_EQ(config_msg(c).rfind("addr: ", 0), 0u);
+    c.options["addr"] = "https://vault.example.com:8200";
+    EXPECT_EQ(config_msg(c).rfind("token_file: ", 0), 0u);  // no token anywhere
+    c.options["token_file"] = tmp.sub("missing");
+    EXPECT_EQ(config_msg(c).rfind("token_file: ", 0), 0u);
+    write_private(tmp.sub("tok"), "s.abc\n", 0644);
+    c.options["token_file"] = tmp.sub("tok");
+    EXPECT_NE(config_msg(c).find("chmod 600"), std::string::npos);
+    ::chmod(tmp.sub("tok").c_str(), 0600);
+    EXPECT_NO_THROW(make_provider(c));
+    c.options["ca_file"] = tmp.sub("nope.pem");
+    EXPECT_EQ(config_msg(c).rfind("ca_file: ", 0), 0u);
+    c.options.erase("ca_file");
+    c.options["mount"] = "/bad/";
+    EXPECT_EQ(config_msg(c).rfind("mount: ", 0), 0u);
+    c.options.erase("mount");
+    c.options["colour"] = "blue";
+    EXPECT_EQ(config_msg(c).rfind("colour: unknown option", 0), 0u);
+    c.options.erase("colour");
+    c.options["role_id_file"] = tmp.sub("tok");
+    std::string m = config_msg(c);
+    EXPECT_EQ(m.rfind("secret_id_file: ", 0), 0u) << m;
+    c.options["secret_id_file"] = tmp.sub("tok");
+    EXPECT_EQ(config_msg(c).rfind("token_file: ", 0), 0u);  // both kinds given
+    c.options.erase("token_file");
+    EXPECT_NO_THROW(make_provider(c));
+    c.key_id = "a/b";
+    EXPECT_EQ(config_msg(c).rfind("key_id: ", 0), 0u);
+    // The environment is a token source too.
+    KeyConfig e{"vault", "k1", {{"addr", "http://127.0.0.1:1"}}};
+    ::setenv("VAULT_TOKEN", "s.env", 1);
+    EXPECT_NO_THROW(make_provider(e));
+    ::unsetenv("VAULT_TOKEN");
+}
+
+// ------------------------------------------------------------------ GCP, canned
+
+TEST(Gcp, CryptoKeyNames) {
+    EXPECT_TRUE(
+        gcp::valid_crypto_key_name("projects/p-1/locations/europe-west1/keyRings/r_1/cryptoKeys/k-1"));
+    EXPECT_TRUE(
+        gcp::valid_crypto_key_name("projects/example.com:p/locations/global/keyRings/r/cryptoKeys/k"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name("projects/p/locations/global/keyRings/r/cryptoKeys/k/"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name(
+        "projects/p/locations/global/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name("projects/p/locations/global/keyRings/r"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name("projects//locations/global/keyRings/r/cryptoKeys/k"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name("project/p/locations/global/keyRings/r/cryptoKeys/k"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name("projects/p/locations/global/keyRings/r/cryptoKeys/k?x=1"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name("projects/p/locations/glo.bal/keyRings/r/cryptoKeys/k"));
+    EXPECT_FALSE(gcp::valid_crypto_key_name(""));
+}
+
+TEST(Gcp, AnswerMapping) {
+    using gcp::Op;
+    auto err = [](const char* body) { return gcp::parse_error(body); };
+    gcp::ApiError e =
+        err("{\"error\":{\"code\":403,\"message\":\"Permission denied\\non x\",\"status\":"
+            "\"PERMISSION_DENIED\"}}");
+    EXPECT_EQ(e.status, "PERMISSION_DENIED");
+    EXPECT_EQ(e.message, "Permission denied on x");
+    EXPECT_EQ(gcp::classify(Op::Decrypt, 403, e), KeyHealth::Revoked);
+    EXPECT_EQ(gcp::classify(Op::GetKey, 404, err("{\"error\":{\"code\":404,\"status\":\"NOT_FOUND\"}}")),
+              KeyHealth::Revoked);
+    gcp::ApiError fp =
+        err("{\"error\":{\"code\":400,\"message\":\"projects/p/.../cryptoKeyVersions/1 is not "
+            "enabled, current state is: DISABLED.\",\"status\":\"FAILED_PRECONDITION\"}}");
+    EXPECT_EQ(gcp::classify(Op::Encrypt, 400, fp), KeyHealth::Revoked);
+    EXPECT_EQ(gcp::classify(Op::Decrypt, 400, fp), KeyHealth::Revoked);
+    gcp::ApiError inv =
+        err("{\"error\":{\"code\":400,\"message\":\"Decryption failed: the ciphertext is "
+            "invalid.\",\"status\":\"INVALID_ARGUMENT\"}}");
+    EXPECT_EQ(gcp::classify(Op::Decrypt, 400, inv), KeyHealth::Revoked);
+    bool cfg = false;
+    EXPECT_EQ(gcp::classify(Op::Encrypt, 400, inv, &cfg), KeyHealth::Unavailable);
+    EXPECT_TRUE(cfg);
+    EXPECT_EQ(gcp::classify(Op::GetKey, 429, err("{\"error\":{\"status\":\"RESOURCE_EXHAUSTED\"}}")),
+              KeyHealth::Unavailable);
+    EXPECT_EQ(gcp::classify(Op::GetKey, 503, {}), KeyHealth::Unavailable);
+    EXPECT_EQ(gcp::classify(Op::GetKey, 500, {}), KeyHealth::Unavailable);
+    EXPECT_EQ(gcp::classify(Op::GetKey, 401, {}), KeyHealth::Revoked);
+    // OAuth token endpoint answers.
+    gcp::ApiError grant =
+        err("{\"error\":\"invalid_grant\",\"error_description\":\"Invalid JWT Signature.\"}");
+    EXPECT_EQ(grant.status, "invalid_grant");
+    EXPECT_EQ(gcp::classify(Op::Token, 400, grant), KeyHealth::Revoked);
+    gcp::ApiError skew =
+        err("{\"error\":\"invalid_grant\",\"error_description\":\"Invalid JWT: Token must be a "
+            "short-lived token (60 minutes) and in a reasonable timeframe.\"}");
+    EXPECT_EQ(gcp::classify(Op::Token, 400, skew), KeyHealth::Unavailable);
+    EXPECT_EQ(gcp::classify(Op::Token, 503, {}), KeyHealth::Unavailable);
+    // Version states.
+    EXPECT_EQ(gcp::version_state_health("ENABLED"), KeyHealth::Ok);
+    for (const char* s : {"DISABLED", "DESTROY_SCHEDULED", "DESTROYED"})
+        EXPECT_EQ(gcp::version_state_health(s), KeyHealth::Revoked) << s;
+    EXPECT_EQ(gcp::version_state_health("PENDING_GENERATION"), KeyHealth::Unavailable);
+    EXPECT_EQ(gcp::parse_error("not json").status, "");
+}
+
+TEST(Gcp, ConfigErrorsNameTheField) {
+    cmk_test::TempDir tmp;
+    ::unsetenv("GOOGLE_APPLICATION_CREDENTIALS");
+    const std::string key = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+    KeyConfig c{"gcp", "projects/p/keyRings/r", {}};
+    std::string m = config_msg(c);
+    EXPECT_EQ(m.rfind("key_id: ", 0), 0u) << m;
+    EXPECT_NE(m.find("projects/PROJECT/locations/LOCATION"), std::string::npos);
+    c.key_id = key;
+    c.options["credentials_file"] = tmp.sub("missing.json");
+    EXPECT_EQ(config_msg(c).rfind("credentials_file: ", 0), 0u);
+    write_private(tmp.sub("user.json"), "{\"type\":\"authorized_user\",\"client_id\":\"x\"}");
+    c.options["credentials_file"] = tmp.sub("user.json");
+    m = config_msg(c);
+    EXPECT_NE(m.find("only service_account"), std::string::npos) << m;
+    write_private(tmp.sub("nokey.json"), "{\"type\":\"service_account\",\"client_email\":\"a@b\"}");
+    c.options["credentials_file"] = tmp.sub("nokey.json");
+    EXPECT_NE(config_msg(c).find("no private_key"), std::string::npos);
+    std::string pem = cmk_test::slurp(cmk_test::data_dir() + "/jwt_rs256_test_key.pem");
+    std::string esc;
+    for (char ch : pem) esc += ch == '\n' ? std::string("\\n") : std::string(1, ch);
+    std::string sa =
+        "{\"type\":\"service_account\",\"client_email\":\"a@p.iam.gserviceaccount.com\","
+        "\"private_key_id\":\"k1\",\"private_key\":\"" +
+        esc + "\"";
+    write_private(tmp.sub("sa.json"), sa + "}", 0644);
+    c.options["credentials_file"] = tmp.sub("sa.json");
+    EXPECT_NE(config_msg(c).find("chmod 600"), std::string::npos);
+    ::chmod(tmp.sub("sa.json").c_str(), 0600);
+    EXPECT_NO_THROW(make_provider(c));
+    write_private(tmp.sub("sa_http.json"), sa + ",\"token_uri\":\"http://oauth.example.com/token\"}");
+    c.options["credentials_file"] = tmp.sub("sa_http.json");
+    EXPECT_NE(config_msg(c).find("token_uri"), std::string::npos);
+    write_private(tmp.sub("sa_bad.json"),
+                  "{\"type\":\"service_account\",\"client_email\":\"a@b\","
+                  "\"private_key\":\"-----BEGIN PRIVATE KEY-----\\nAAAA\\n-----END "
+                  "PRIVATE KEY-----\\n\"}");
+    c.options["credentials_file"] = tmp.sub("sa_bad.json");
+    m = config_msg(c);
+    EXPECT_EQ(m.rfind("credentials_file private_key: ", 0), 0u) << m;
+    EXPECT_EQ(m.find("AAAA"), std::string::npos) << m;
+    c.options["credentials_file"] = tmp.sub("sa.json");
+    c.options["endpoint"] = "http://cloudkms.example.com";
+    EXPECT_EQ(config_msg(c).rfind("endpoint: ", 0), 0u);
+    c.options["endpoint"] = "http://127.0.0.1:9";
+    EXPECT_NO_THROW(make_provider(c));
+    c.options["timeout_ms"] = "fast";
+    EXPECT_EQ(config_msg(c).rfind("timeout_ms: ", 0), 0u);
+    c.options.erase("timeout_ms");
+    c.options["region"] = "x";
+    EXPECT_EQ(config_msg(c).rfind("region: unknown option", 0), 0u);
+    // Neither file nor env: the metadata server (no config-time check possible).
+    KeyConfig md{"gcp", key, {{"metadata_host", "127.0.0.1:1"}}};
+    EXPECT_NO_THROW(make_provider(md));
+    md.options["metadata_host"] = "http://x/";
+    EXPECT_EQ(config_msg(md).rfind("metadata_host: ", 0), 0u);
+}
+
+// ------------------------------------------------------------------ against the loopback servers
+
+namespace {
+
+KeyHealth health(KeyProvider& p) {
+    return p.status().health;
+}
+
+KmsErrorKind unwrap_kind(KeyProvider& p, const std::vector<uint8_t>& blob, std::string* msg = nullptr) {
+    return kind_of([&] { p.unwrap(blob); }, msg);
+}
+
+bool same(const SecureBytes& a, const SecureBytes& b) {
+    return a.size() == b.size() && ct_equal(a.data(), b.data(), a.size());
+}
+
+}  // namespace
+
+TEST(VaultLoopback, TokenWrapUnwrapStatusAndEveryState) {
+    cmk_test::TempDir tmp;
+    write_private(tmp.sub("root"), "root-token-for-tests\n");
+    LoopbackServer srv("vault_server.py",
+                       {"--token-file", tmp.sub("root"), "--key", "k1", "--namespace", "team"}, tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    KeyConfig c{"vault",
+                "k1",
+                {{"addr", srv.url()},
+                 {"token_file", tmp.sub("root")},
+                 {"namespace", "team"},
+                 {"timeout_ms", "1500"}}};
+    auto p = make_provider(c);
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    SecureBytes kek = random_key(32);
+    WrapResult w = p->wrap(kek);
+    EXPECT_EQ(std::string(w.blob.begin(), w.blob.begin() + 9), "vault:v1:");
+    EXPECT_EQ(w.key_version, "1");
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    // The namespace header went out on every request.
+    std::string reqs = srv.control("{\"action\":\"requests\"}");
+    EXPECT_NE(reqs.find("\"x-vault-namespace\": \"team\""), std::string::npos);
+    // Rotation: rewrap moves the KEK to v2 without it leaving Vault.
+    srv.control("{\"action\":\"rotate\",\"name\":\"k1\"}");
+    std::string ver;
+    std::vector<uint8_t> v2 = vault::rewrap(*p, w.blob, &ver);
+    EXPECT_EQ(ver, "2");
+    EXPECT_TRUE(same(p->unwrap(v2), kek));
+    // min_decryption_version above our ciphertext's version: revoked (status and unwrap).
+    srv.control("{\"action\":\"min_decryption_version\",\"name\":\"k1\",\"value\":3}");
+    EXPECT_EQ(health(*p), KeyHealth::Revoked);
+    std::string m;
+    EXPECT_EQ(unwrap_kind(*p, v2, &m), KmsErrorKind::Revoked);
+    EXPECT_NE(m.find("disallowed by policy"), std::string::npos) << m;
+    EXPECT_NE(m.find("k1"), std::string::npos) << m;
+    srv.control("{\"action\":\"min_decryption_version\",\"name\":\"k1\",\"value\":1}");
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    // Permission denied, sealed, 500, throttle, stall.
+    srv.control("{\"action\":\"deny\",\"name\":\"k1\"}");
+    EXPECT_EQ(health(*p), KeyHealth::Revoked);
+    EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Revoked);
+    srv.control("{\"action\":\"allow\",\"name\":\"k1\"}");
+    srv.control("{\"action\":\"seal\"}");
+    KeyStatus s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Unavailable);
+    EXPECT_NE(s.detail.find("sealed"), std::string::npos) << s.detail;
+    EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Unavailable);
+    srv.control("{\"action\":\"unseal\"}");
+    for (const char* mode : {"error500", "throttle", "stall"}) {
+        srv.control(std::string("{\"action\":\"mode\",\"value\":\"") + mode + "\"}");
+        EXPECT_EQ(health(*p), KeyHealth::Unavailable) << mode;
+        EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Unavailable) << mode;
+    }
+    srv.control("{\"action\":\"mode\",\"value\":\"normal\"}");
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    // A bad token: 403 -> revoked.
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    EXPECT_EQ(health(*p), KeyHealth::Revoked);
+    srv.control("{\"action\":\"restore_tokens\"}");
+    // Wrong key material: another key's ciphertext under our key id.
+    std::string other = "vault:v1:" + base64_encode(random_bytes(44).data(), 44);
+    EXPECT_EQ(unwrap_kind(*p, std::vector<uint8_t>(other.begin(), other.end()), &m), KmsErrorKind::Revoked);
+    EXPECT_NE(m.find("message authentication failed"), std::string::npos) << m;
+    // The key gone: 404 -> revoked; wrap refuses to let encrypt create it.
+    srv.control("{\"action\":\"delete_key\",\"name\":\"k1\"}");
+    s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_NE(s.detail.find("does not exist"), std::string::npos) << s.detail;
+    EXPECT_EQ(kind_of([&] { p->wrap(kek); }), KmsErrorKind::Revoked);
+    EXPECT_EQ(health(*p), KeyHealth::Revoked);  // still gone: wrap did not upsert it
+    // Secrets never in messages.
+    EXPECT_EQ(m.find("root-token-for-tests"), std::string::npos);
+    EXPECT_EQ(s.detail.find("root-token-for-tests"), std::string::npos);
+}
+
+TEST(VaultLoopback, AppRoleLoginAndRelogin) {
+    cmk_test::TempDir tmp;
+    write_private(tmp.sub("root"), "root-token\n");
+    write_private(tmp.sub("role"), "role-123\n");
+    write_private(tmp.sub("secret"), "secret-456\n");
+    LoopbackServer srv("vault_server.py",
+                       {"--token-file", tmp.sub("root"), "--key", "k1", "--role-id", "role-123",
+                        "--secret-id", "secret-456", "--token-ttl", "600"},
+                       tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    KeyConfig c{
+        "vault",
+        "k1",
+        {{"addr", srv.url()}, {"role_id_file", tmp.sub("role")}, {"secret_id_file", tmp.sub("secret")}}};
+    auto p = make_provider(c);
+    SecureBytes kek = random_key(32);
+    WrapResult w = p->wrap(kek);
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    std::string reqs = srv.control("{\"action\":\"requests\"}");
+    size_t logins = 0;
+    for (size_t i = reqs.find("/v1/auth/approle/login"); i != std::string::npos;
+         i = reqs.find("/v1/auth/approle/login", i + 1))
+        logins++;
+    EXPECT_EQ(logins, 1u);  // the token is cached
+    // Our token revoked at Vault: the provider logs in again once and carries on.
+    srv.control("{\"action\":\"revoke_issued\"}");
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    reqs = srv.control("{\"action\":\"requests\"}");
+    logins = 0;
+    for (size_t i = reqs.find("/v1/auth/approle/login"); i != std::string::npos;
+         i = reqs.find("/v1/auth/approle/login", i + 1))
+        logins++;
+    EXPECT_EQ(logins, 2u);
+    // An expired secret id: revoked, with what to do.
+    srv.control("{\"action\":\"expire_secret_id\"}");
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    KeyStatus s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_NE(s.detail.find("secret_id_file"), std::string::npos) << s.detail;
+    EXPECT_EQ(s.detail.find("secret-456"), std::string::npos);
+}
+
+TEST(GcpLoopback, ServiceAccountJwtWrapUnwrapStatusAndEveryState) {
+    cmk_test::TempDir tmp;
+    const std::string key = "projects/cmk-project/locations/global/keyRings/ring/cryptoKeys/k1";
+    LoopbackServer srv("gcp_kms_server.py", {"--write-credentials", tmp.sub("sa.json"), "--key", key},
+                       tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    KeyConfig c{"gcp",
+                key,
+                {{"endpoint", srv.url()}, {"credentials_file", tmp.sub("sa.json")}, {"timeout_ms", "1500"}}};
+    auto p = make_provider(c);
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    SecureBytes kek = random_key(32);
+    WrapResult w = p->wrap(kek);
+    EXPECT_EQ(w.key_version, "1");
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    // One assertion, verified by PyJWT in the server; the token was cached since.
+    std::string stats = srv.control("{\"action\":\"stats\"}");
+    EXPECT_NE(stats.find("\"verified_assertions\": 1"), std::string::npos) << stats;
+    // States of the primary version.
+    auto set_state = [&](const char* st) {
+        srv.control(std::string("{\"action\":\"set_state\",\"name\":\"") + key + "\",\"state\":\"" + st +
+                    "\"}");
+    };
+    for (const char* st : {"DISABLED", "DESTROY_SCHEDULED"}) {
+        set_state(st);
+        KeyStatus s = p->status();
+        EXPECT_EQ(s.health, KeyHealth::Revoked) << st;
+        EXPECT_EQ(s.state, st);
+        EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Revoked) << st;
+        set_state("ENABLED");
+        EXPECT_EQ(health(*p), KeyHealth::Ok);
+    }
+    // Rotation: the new primary is enabled, our KEK's version 1 still decrypts; disabling
+    // version 1 only is caught by the unwrap probe.
+    srv.control("{\"action\":\"rotate\",\"name\":\"" + key + "\"}");
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    srv.control("{\"action\":\"set_state\",\"name\":\"" + key + "\",\"state\":\"DISABLED\",\"version\":1}");
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    std::string m;
+    EXPECT_EQ(unwrap_kind(*p, w.blob, &m), KmsErrorKind::Revoked);
+    EXPECT_NE(m.find("FAILED_PRECONDITION"), std::string::npos) << m;
+    srv.control("{\"action\":\"set_state\",\"name\":\"" + key + "\",\"state\":\"ENABLED\",\"version\":1}");
+    // Access denied, 500, throttle, stall.
+    srv.control("{\"action\":\"deny\",\"name\":\"" + key + "\"}");
+    EXPECT_EQ(health(*p), KeyHealth::Revoked);
+    EXPECT_EQ(unwrap_kind(*p, w.blob, &m), KmsErrorKind::Revoked);
+    EXPECT_NE(m.find("PERMISSION_DENIED"), std::string::npos) << m;
+    EXPECT_NE(m.find("roles/cloudkms.cryptoKeyEncrypterDecrypter"), std::string::npos) << m;
+    srv.control("{\"action\":\"allow\",\"name\":\"" + key + "\"}");
+    for (const char* mode : {"error500", "throttle", "stall"}) {
+        srv.control(std::string("{\"action\":\"mode\",\"value\":\"") + mode + "\"}");
+        EXPECT_EQ(health(*p), KeyHealth::Unavailable) << mode;
+        EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Unavailable) << mode;
+    }
+    srv.control("{\"action\":\"mode\",\"value\":\"normal\"}");
+    // Tokens revoked early: one fresh grant, then on.
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    stats = srv.control("{\"action\":\"stats\"}");
+    EXPECT_NE(stats.find("\"verified_assertions\": 2"), std::string::npos) << stats;
+    // The service account's key deleted: invalid_grant -> revoked.
+    srv.control("{\"action\":\"revoke_sa\"}");
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    KeyStatus s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_NE(s.detail.find("invalid_grant"), std::string::npos) << s.detail;
+    srv.control("{\"action\":\"restore_sa\"}");
+    // Wrong key material: a ciphertext of another key.
+    std::vector<uint8_t> junk = random_bytes(60);
+    EXPECT_EQ(unwrap_kind(*p, junk, &m), KmsErrorKind::Revoked);
+    EXPECT_NE(m.find("INVALID_ARGUMENT"), std::string::npos) << m;
+    // Destroyed, then the key gone altogether.
+    set_state("DESTROYED");
+    EXPECT_EQ(p->status().state, "DESTROYED");
+    srv.control("{\"action\":\"delete_key\",\"name\":\"" + key + "\"}");
+    s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_NE(s.detail.find("NOT_FOUND"), std::string::npos) << s.detail;
+    EXPECT_EQ(s.detail.find("ya29."), std::string::npos);
+}
+
+TEST(GcpLoopback, MetadataServerToken) {
+    cmk_test::TempDir tmp;
+    const std::string key = "projects/cmk-project/locations/global/keyRings/ring/cryptoKeys/k1";
+    LoopbackServer srv("gcp_kms_server.py", {"--write-credentials", tmp.sub("sa.json"), "--key", key},
+                       tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    std::string hostport = srv.url().substr(7);
+    ::unsetenv("GOOGLE_APPLICATION_CREDENTIALS");
+    ::setenv("GCE_METADATA_HOST", hostport.c_str(), 1);
+    KeyConfig c{"gcp", key, {{"endpoint", srv.url()}}};
+    auto p = make_provider(c);
+    ::unsetenv("GCE_METADATA_HOST");
+    SecureBytes kek = random_key(32);
+    WrapResult w = p->wrap(kek);
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    std::string reqs = srv.control("{\"action\":\"requests\"}");
+    EXPECT_NE(reqs.find("\"metadata-flavor\": \"Google\""), std::string::npos);
+    srv.control("{\"action\":\"metadata\",\"value\":\"off\"}");
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    KeyStatus s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_NE(s.detail.find("attach a service account"), std::string::npos) << s.detail;
+}
