@@ -12,32 +12,33 @@
 namespace cmk {
 
 std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);  // kms_local.cpp
-std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);  // kms_kmip.cpp
-std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);  // kms_aws.cpp
+std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);   // kms_kmip.cpp
+std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);    // kms_aws.cpp
 std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // kms_vault.cpp
 std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // kms_gcp.cpp
 
 const char* key_health_name(KeyHealth h) {
     switch (h) {
-        case KeyHealth::Ok: return "ok";
-        case KeyHealth::Unavailable: return "unavailable";
-        case KeyHealth::Revoked: return "revoked";
+        case KeyHealth::Ok:
+            return "ok";
+        case KeyHealth::Unavailable:
+            return "unavailable";
+        case KeyHealth::Revoked:
+            return "revoked";
     }
     return "unknown";
 }
 
 std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
-    if (cfg.provider.empty())
-        throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    if (cfg.provider.empty()) throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "kmip") return make_kmip_provider(cfg);
     if (cfg.provider == "aws") return make_aws_provider(cfg);
     if (cfg.provider == "azure") return azure::make_azure_provider(cfg);
     if (cfg.provider == "vault") return make_vault_provider(cfg);
     if (cfg.provider == "gcp") return make_gcp_provider(cfg);
-    throw KmsError(KmsErrorKind::Config,
-                   "provider: unknown key provider \"" + cfg.provider +
-                       "\" (known: local, aws, azure, gcp, vault, kmip)");
+    throw KmsError(KmsErrorKind::Config, "provider: unknown key provider \"" + cfg.provider +
+                                             "\" (known: local, aws, azure, gcp, vault, kmip)");
 }
 
 std::string default_local_key_store() {

@@ -11,16 +11,13 @@
 // the vault drops it and the request is retried once with a fresh token, so a 401
 // that survives a fresh token is the vault's decision about this identity (revoked),
 // not an outage.
-//
-// The client assertion JWT is built here by a small local helper; another helper
-// (src/core/jwt.cpp) is being written for the GCP provider: dedupe at merge.
 #include "cmk_lakebase/kms_azure.hpp"
+#include "cmk_lakebase/jwt.hpp"
 
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
-#include <openssl/sha.h>
 #include <openssl/x509.h>
 
 #include <rapidjson/document.h>
@@ -210,8 +207,7 @@ struct ScrubOnExit {
     ~ScrubOnExit() { scrub(s); }
 };
 
-// ------------------------------------------------------------------ JWT (RS256)
-// A namespace-local client-assertion builder; the lead dedupes it with jwt.cpp.
+// ------------------------------------------------------------- client certificate
 
 struct BioFree {
     void operator()(BIO* b) const { BIO_free(b); }
@@ -221,9 +217,6 @@ struct X509Free {
 };
 struct PkeyFree {
     void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
-};
-struct MdCtxFree {
-    void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
 };
 
 const char kCertField[] = "client_certificate_file";
@@ -247,27 +240,6 @@ std::unique_ptr<EVP_PKEY, PkeyFree> read_key(const std::string& pem) {
                            ": no unencrypted PEM private key in the file (it must hold the "
                            "certificate and its private key)");
     return key;
-}
-
-std::string json_escape(const std::string& s) {
-    std::string o;
-    for (char c : s) {
-        if (c == '"' || c == '\\') {
-            o.push_back('\\');
-            o.push_back(c);
-        } else if (static_cast<unsigned char>(c) < 0x20) {
-            char b[8];
-            std::snprintf(b, sizeof b, "\\u%04x", static_cast<unsigned>(c));
-            o += b;
-        } else {
-            o.push_back(c);
-        }
-    }
-    return o;
-}
-
-std::string b64u(const std::string& s) {
-    return base64url_encode(s.data(), s.size());
 }
 
 }  // namespace
@@ -482,16 +454,11 @@ Settings parse_settings(const KeyConfig& cfg) {
 // ----------------------------------------------------------------- client assertion
 
 std::string certificate_thumbprint(const std::string& pem) {
-    auto cert = read_cert(pem);
-    unsigned char* der = nullptr;
-    int n = i2d_X509(cert.get(), &der);
-    if (n <= 0) throw config_error(std::string(kCertField) + ": cannot encode the certificate");
-    unsigned char md[SHA_DIGEST_LENGTH];
-    SHA1(der, static_cast<size_t>(n), md);
-    OPENSSL_free(der);
-    return base64url_encode(md, sizeof md);
+    return jwt::x509_thumbprint(pem, "sha1", kCertField);
 }
 
+// The RS256 client assertion (x5t header) Entra ID takes in place of a secret; the
+// JWT itself is built and signed by jwt.hpp, shared with the GCP provider.
 std::string client_assertion(const std::string& pem, const std::string& client_id,
                              const std::string& audience, std::time_t now, const std::string& jti) {
     auto cert = read_cert(pem);
@@ -500,25 +467,12 @@ std::string client_assertion(const std::string& pem, const std::string& client_i
         throw config_error(std::string(kCertField) + ": the private key is not an RSA key (RS256 needs RSA)");
     if (X509_check_private_key(cert.get(), key.get()) != 1)
         throw config_error(std::string(kCertField) + ": the private key does not belong to the certificate");
-    std::string header =
-        "{\"alg\":\"RS256\",\"typ\":\"JWT\",\"x5t\":\"" + certificate_thumbprint(pem) + "\"}";
-    long long t = static_cast<long long>(now);
-    std::string claims = "{\"aud\":\"" + json_escape(audience) + "\",\"iss\":\"" + json_escape(client_id) +
-                         "\",\"sub\":\"" + json_escape(client_id) + "\",\"jti\":\"" + json_escape(jti) +
-                         "\",\"nbf\":" + std::to_string(t) + ",\"iat\":" + std::to_string(t) +
-                         ",\"exp\":" + std::to_string(t + 600) + "}";
-    std::string input = b64u(header) + "." + b64u(claims);
-    std::unique_ptr<EVP_MD_CTX, MdCtxFree> ctx(EVP_MD_CTX_new());
-    size_t siglen = 0;
-    if (!ctx || EVP_DigestSignInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key.get()) != 1 ||
-        EVP_DigestSign(ctx.get(), nullptr, &siglen, reinterpret_cast<const unsigned char*>(input.data()),
-                       input.size()) != 1)
-        throw config_error(std::string(kCertField) + ": cannot sign the client assertion with its key");
-    std::vector<unsigned char> sig(siglen);
-    if (EVP_DigestSign(ctx.get(), sig.data(), &siglen, reinterpret_cast<const unsigned char*>(input.data()),
-                       input.size()) != 1)
-        throw config_error(std::string(kCertField) + ": cannot sign the client assertion with its key");
-    return input + "." + base64url_encode(sig.data(), siglen);
+    const int64_t t = static_cast<int64_t>(now);
+    jwt::JsonObject claims;
+    claims.set("aud", audience).set("iss", client_id).set("sub", client_id).set("jti", jti);
+    claims.set("nbf", t).set("iat", t).set("exp", t + 600);
+    return jwt::sign_rs256(jwt::rs256_header({{"x5t", certificate_thumbprint(pem)}}), claims, pem,
+                           kCertField);
 }
 
 // -------------------------------------------------------------------- answers
