@@ -71,13 +71,28 @@ sub postmaster_pid
 	return $pid;
 }
 
-# Seconds until $pid is gone (polling every 10 ms), or undef after $limit seconds.
+# True while $pid is a live process. An exited postmaster stays a zombie until init
+# reaps it (the postmaster is daemonized by pg_ctl), which can take a second here:
+# a zombie has exited and holds nothing, so it counts as gone.
+sub alive
+{
+	my ($pid) = @_;
+	return 0 unless kill 0, $pid;
+	open(my $fh, '<', "/proc/$pid/stat") or return 0;
+	my $stat = <$fh>;
+	close $fh;
+	return 0 unless defined $stat;
+	$stat =~ s/^.*\)\s+//s;
+	return (split /\s+/, $stat)[0] ne 'Z';
+}
+
+# Seconds until $pid has exited (polling every 10 ms), or undef after $limit seconds.
 sub wait_gone
 {
 	my ($pid, $t0, $limit) = @_;
 	while (time - $t0 < $limit)
 	{
-		return time - $t0 unless kill 0, $pid;
+		return time - $t0 unless alive($pid);
 		sleep 0.01;
 	}
 	return undef;
