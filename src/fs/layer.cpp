@@ -927,6 +927,7 @@ bool ensure_active() {
     if (s.init_failed) return false;
     ReentryGuard guard;
     try {
+        audit::set_default_actor(std::string("tool ") + program_invocation_short_name);
         load_keys(s, s.env_datadir, s.env_keyring_dir);
     } catch (const LayerError& e) {
         s.init_failed = true;
