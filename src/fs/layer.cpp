@@ -418,6 +418,18 @@ std::optional<SecureBytes> shared_kek(uint32_t gen) {
     return std::nullopt;
 }
 
+// The highest generation published, with its KEK.
+std::optional<std::pair<uint32_t, SecureBytes>> shared_newest() {
+    SharedKeys* sh = st().shared;
+    if (!sh) return std::nullopt;
+    uint32_t best = 0;
+    for (const auto& sl : sh->slot) best = std::max(best, sl.generation);
+    if (!best) return std::nullopt;
+    std::optional<SecureBytes> k = shared_kek(best);
+    if (!k) return std::nullopt;
+    return std::make_pair(best, std::move(*k));
+}
+
 void shared_write(uint32_t gen, const uint8_t* kek) {  // kek null: retire gen
     SharedKeys* sh = st().shared;
     if (!sh) return;
@@ -452,6 +464,14 @@ KeyMap& keymap() {
             // since (a KEK rotation), the resolver finds the new KEK in shared memory.
             uint32_t gen = s.keyring.kek_generation;
             std::optional<SecureBytes> k = shared_kek(gen);
+            if (!k && s.kek.empty()) {
+                // That generation was retired by a rotation since this process's
+                // state was forked: start from the newest one published.
+                if (auto newest = shared_newest()) {
+                    gen = newest->first;
+                    k = std::move(newest->second);
+                }
+            }
             s.keymap.reset(new KeyMap(s.keyring_dir, k ? *k : s.kek, s.keyring.cluster_id, gen));
             s.keymap->set_kek_resolver(shared_kek);
             s.keymap_pid = me;

@@ -406,7 +406,7 @@ extern "C" Datum cmk_audit_log(PG_FUNCTION_ARGS) {
         for (int k = 1; k <= 6; k++) {
             if (r.s[k][0]) v[k + 1] = CStringGetTextDatum(r.s[k]); else n[k + 1] = true;
         }
-        v[8] = Int32GetDatum(r.gen);
+        if (r.gen) v[8] = Int32GetDatum(r.gen); else n[8] = true;
         if (r.s[7][0]) v[9] = CStringGetTextDatum(r.s[7]); else n[9] = true;
         v[10] = CStringGetTextDatum(r.s[8]);
         if (r.s[9][0]) v[11] = CStringGetTextDatum(r.s[9]); else n[11] = true;
