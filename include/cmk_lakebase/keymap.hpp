@@ -41,10 +41,16 @@ struct KeyMapCrash : std::runtime_error {
 
 class KeyMap {
 public:
+    // When the file on disk turns out to be sealed under another KEK generation (a
+    // KEK rotation by another process), the resolver is asked for that generation's
+    // KEK; without one (or if it answers nullopt) that is an error.
+    using KekResolver = std::function<std::optional<SecureBytes>(uint32_t generation)>;
+
     // Opens <dir>/keymap. kek: the unwrapped KEK (copied into secure memory).
-    // Throws KeyMapError if missing, damaged, of another cluster or KEK generation.
+    // Throws KeyMapError if missing, damaged, of another cluster or of a KEK
+    // generation other than kek_generation that the resolver does not know.
     KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id,
-           uint32_t kek_generation);
+           uint32_t kek_generation, KekResolver resolver = nullptr);
     ~KeyMap();
 
     // Creates an empty key map (header only). Fails if one exists.
@@ -89,10 +95,6 @@ public:
 
     uint32_t generation();  // the KEK generation this instance seals under now
 
-    // When the file on disk turns out to be sealed under another KEK generation (a
-    // KEK rotation by another process), the resolver is asked for that generation's
-    // KEK; without one (or if it answers nullopt) that is an error, as before.
-    using KekResolver = std::function<std::optional<SecureBytes>(uint32_t generation)>;
     void set_kek_resolver(KekResolver r);
 
     // The KEK generation in the header of <dir>/keymap (no KEK needed). Throws.

@@ -286,9 +286,14 @@ void KeyMap::create_empty(const std::string& dir, const std::string& cluster_id,
     }
 }
 
-KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id, uint32_t kek_generation)
-    : dir_(std::move(dir)), kek_(kek.clone()), cluster_id_(cluster_id), generation_(kek_generation) {
-    if (kek_.size() != kKekSize) throw KeyMapError("the KEK must be 32 bytes");
+KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id, uint32_t kek_generation,
+               KekResolver resolver)
+    : dir_(std::move(dir)),
+      kek_(kek.clone()),
+      cluster_id_(cluster_id),
+      generation_(kek_generation),
+      resolver_(std::move(resolver)) {
+    if (kek_.size() != kKekSize && !resolver_) throw KeyMapError("the KEK must be 32 bytes");
     std::string path = map_path(dir_);
     fd_ = sys::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd_ < 0) {

@@ -472,8 +472,7 @@ KeyMap& keymap() {
                     k = std::move(newest->second);
                 }
             }
-            s.keymap.reset(new KeyMap(s.keyring_dir, k ? *k : s.kek, s.keyring.cluster_id, gen));
-            s.keymap->set_kek_resolver(shared_kek);
+            s.keymap.reset(new KeyMap(s.keyring_dir, k ? *k : s.kek, s.keyring.cluster_id, gen, shared_kek));
             s.keymap_pid = me;
         }
     }
@@ -840,8 +839,7 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
     shared_write(s.keyring.kek_generation, s.kek.data());
     if (map_gen != s.keyring.kek_generation) shared_write(map_gen, map_kek.data());
     try {
-        s.keymap.reset(new KeyMap(s.keyring_dir, map_kek, s.keyring.cluster_id, map_gen));
-        s.keymap->set_kek_resolver(shared_kek);
+        s.keymap.reset(new KeyMap(s.keyring_dir, map_kek, s.keyring.cluster_id, map_gen, shared_kek));
         s.keymap_pid = ::getpid();
     } catch (const std::exception& e) {
         throw LayerError("cmk_lakebase: the key map of data directory \"" + s.datadir + "\" is unusable",

@@ -94,7 +94,7 @@ sub data_checksums
 				return unless -f $_;
 				my $rel = substr($File::Find::name, length($pgdata) + 1);
 				return unless $rel =~ m{^(base|global|pg_xact|pg_multixact|pg_twophase|pg_commit_ts|pg_subtrans|pg_wal)/};
-				return if $rel =~ m{pg_internal\.init|pg_filenode\.map|PG_VERSION|/archive_status/|\.history$};
+				return if $rel =~ m{pg_internal\.init|pg_filenode\.map|PG_VERSION|pg_control|/archive_status/|\.history$};
 				return if $rel =~ m{^pg_wal/} && $rel !~ m{^pg_wal/[0-9A-F]{24}$};
 				return if $skip{$rel};
 				$sum{$rel} = Digest::SHA->new(256)->addfile($File::Find::name)->hexdigest;
