@@ -21,10 +21,10 @@ constexpr const char* kAuditFileOld = "audit.log.1";
 constexpr uint64_t kDefaultMaxBytes = 10ull << 20;  // per file; two files kept
 
 struct Event {
-    std::string time;  // ISO 8601 UTC with milliseconds; set by record() if empty
-    int64_t pid = 0;   // set by record()
-    std::string actor;  // database role, "watchdog", "postmaster", "pg_cmk"; "" = the process default
-    std::string action;  // wrap, unwrap, status, rewrap, rotate_kek, bind_cluster, ...
+    std::string time;        // ISO 8601 UTC with milliseconds; set by record() if empty
+    int64_t pid = 0;         // set by record()
+    std::string actor;       // database role, "watchdog", "postmaster", "pg_cmk"; "" = the process default
+    std::string action;      // wrap, unwrap, status, rewrap, rotate_kek, bind_cluster, ...
     std::string key_config;  // named key configuration ("" if none)
     std::string provider;
     std::string key_id;
@@ -71,8 +71,8 @@ std::string event_to_json(const Event& e);
 // aggregate_probes (the watchdog), a status or unwrap answer equal to the previous
 // one of the same kind is counted instead of written, and the count is written with
 // the next line that differs or at the latest after an hour.
-std::unique_ptr<KeyProvider> audited_provider(std::unique_ptr<KeyProvider> inner, const std::string& config_name,
-                                              bool aggregate_probes = false);
+std::unique_ptr<KeyProvider> audited_provider(std::unique_ptr<KeyProvider> inner,
+                                              const std::string& config_name, bool aggregate_probes = false);
 // Turns aggregation on or off for a provider made by audited_provider (no-op otherwise).
 void set_aggregate_probes(KeyProvider& p, bool on);
 

@@ -143,7 +143,8 @@ int cmd_lifecycle(const std::string& cmd, const std::vector<std::string>& args_i
         return 0;
     }
     if (!a.rest.empty()) throw UsageError(cmdname, "unexpected argument \"" + a.rest[0] + "\"");
-    if (!a.has("pgdata") || a.get("pgdata").empty()) throw UsageError(cmdname, "no data directory given (-D DATADIR)");
+    if (!a.has("pgdata") || a.get("pgdata").empty())
+        throw UsageError(cmdname, "no data directory given (-D DATADIR)");
     size_t want_pos = (cmd == "bind" || sub == "create" || sub == "drop") ? 1 : 0;
     if (a.positional.size() < want_pos)
         throw UsageError(cmdname, cmd == "bind" ? "no key configuration name given" : "no name given");

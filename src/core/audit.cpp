@@ -74,13 +74,14 @@ void append_line(const std::string& dir, const std::string& line) {
     std::string path = dir + "/" + kAuditFile;
     maybe_rotate(dir, path);
     int fd = sys::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) throw std::runtime_error("could not open audit file \"" + path + "\": " + std::strerror(errno));
+    if (fd < 0)
+        throw std::runtime_error("could not open audit file \"" + path + "\": " + std::strerror(errno));
     ssize_t w = sys::write(fd, line.data(), line.size());  // one write: never interleaved
     int e = errno;
     sys::close(fd);
     if (w != static_cast<ssize_t>(line.size()))
-        throw std::runtime_error("could not append to audit file \"" + path + "\": " +
-                                 (w < 0 ? std::strerror(e) : "short write"));
+        throw std::runtime_error("could not append to audit file \"" + path +
+                                 "\": " + (w < 0 ? std::strerror(e) : "short write"));
 }
 
 void fill(Event& e) {
@@ -114,10 +115,16 @@ void set_default_actor(const std::string& actor) {
     g_default_actor = actor;
 }
 
-void set_max_bytes(uint64_t n) { g_max.store(n ? n : kDefaultMaxBytes); }
+void set_max_bytes(uint64_t n) {
+    g_max.store(n ? n : kDefaultMaxBytes);
+}
 
-ActorScope::ActorScope(const std::string& actor) : saved_(tl_actor) { tl_actor = actor; }
-ActorScope::~ActorScope() { tl_actor = saved_; }
+ActorScope::ActorScope(const std::string& actor) : saved_(tl_actor) {
+    tl_actor = actor;
+}
+ActorScope::~ActorScope() {
+    tl_actor = saved_;
+}
 
 std::string event_to_json(const Event& e) {
     rapidjson::StringBuffer sb;
@@ -218,9 +225,12 @@ std::vector<Event> read_all(const std::string& keyring_dir) {
 
 const char* kms_error_outcome(KmsErrorKind k) {
     switch (k) {
-        case KmsErrorKind::Config: return "config_error";
-        case KmsErrorKind::Unavailable: return "unavailable";
-        case KmsErrorKind::Revoked: return "revoked";
+        case KmsErrorKind::Config:
+            return "config_error";
+        case KmsErrorKind::Unavailable:
+            return "unavailable";
+        case KmsErrorKind::Revoked:
+            return "revoked";
     }
     return "error";
 }
@@ -262,7 +272,8 @@ public:
     KeyStatus status() override {
         try {
             KeyStatus s = inner_->status();
-            emit("status", key_health_name(s.health), "", s.request_id, s.health == KeyHealth::Ok ? s.state : s.detail);
+            emit("status", key_health_name(s.health), "", s.request_id,
+                 s.health == KeyHealth::Ok ? s.state : s.detail);
             return s;
         } catch (const KmsError& e) {
             emit("status", kms_error_outcome(e.kind), "", "", e.what());
@@ -327,8 +338,8 @@ private:
 
 }  // namespace
 
-std::unique_ptr<KeyProvider> audited_provider(std::unique_ptr<KeyProvider> inner, const std::string& config_name,
-                                              bool aggregate_probes) {
+std::unique_ptr<KeyProvider> audited_provider(std::unique_ptr<KeyProvider> inner,
+                                              const std::string& config_name, bool aggregate_probes) {
     return std::make_unique<AuditedProvider>(std::move(inner), config_name, aggregate_probes);
 }
 

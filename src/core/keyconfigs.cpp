@@ -17,7 +17,9 @@
 namespace cmk {
 namespace {
 
-std::string path_of(const std::string& dir) { return dir + "/" + kConfigsFile; }
+std::string path_of(const std::string& dir) {
+    return dir + "/" + kConfigsFile;
+}
 
 std::string canonical(const KeyConfigSet& s) {
     std::string out = "cmk_lakebase key configurations v1\n";
@@ -49,7 +51,9 @@ std::string mac_of(const KeyConfigSet& s, const SecureBytes& kek) {
     return hex_encode(m.data(), m.size());
 }
 
-KmsError config_error(const std::string& m) { return KmsError(KmsErrorKind::Config, m); }
+KmsError config_error(const std::string& m) {
+    return KmsError(KmsErrorKind::Config, m);
+}
 
 }  // namespace
 
@@ -96,7 +100,8 @@ KeyConfigSet load_key_configs(const std::string& dir, const KekLookup& kek_of) {
         if (o != m.value.MemberEnd()) {
             if (!o->value.IsObject()) throw bad("configuration \"" + c.name + "\" options are not an object");
             for (const auto& om : o->value.GetObject()) {
-                if (!om.value.IsString()) throw bad("configuration \"" + c.name + "\" option is not a string");
+                if (!om.value.IsString())
+                    throw bad("configuration \"" + c.name + "\" option is not a string");
                 c.config.options[std::string(om.name.GetString(), om.name.GetStringLength())] =
                     std::string(om.value.GetString(), om.value.GetStringLength());
             }
@@ -121,7 +126,9 @@ KeyConfigSet load_key_configs(const std::string& dir, const KekLookup& kek_of) {
 void save_key_configs(const std::string& dir, const KeyConfigSet& s, const SecureBytes& kek) {
     rapidjson::StringBuffer sb;
     rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
-    auto str = [&w](const std::string& v) { w.String(v.c_str(), static_cast<rapidjson::SizeType>(v.size())); };
+    auto str = [&w](const std::string& v) {
+        w.String(v.c_str(), static_cast<rapidjson::SizeType>(v.size()));
+    };
     w.StartObject();
     w.Key("format");
     w.Int(1);
@@ -186,8 +193,8 @@ void validate_key_config(const KeyConfig& cfg) {
         if (secretish && !ends("_file") && !ends("_env"))
             throw config_error("option \"" + o.first +
                                "\" looks like a secret: key configurations hold credentials references only "
-                               "(name a file with \"" + o.first + "_file\" or an environment variable with \"" +
-                               o.first + "_env\")");
+                               "(name a file with \"" +
+                               o.first + "_file\" or an environment variable with \"" + o.first + "_env\")");
     }
     (void)make_provider(cfg);  // provider-specific field checks, no KMS call
 }

@@ -53,9 +53,11 @@ std::unique_ptr<KeyProvider> provider_for(Context& ctx, const KeyConfig& cfg, co
 // lock, and writing ours would undo that change.
 void check_unchanged(const Context& ctx) {
     Keyring disk = load_keyring(ctx.dir);
-    bool same = disk.kek_generation == ctx.keyring.kek_generation && disk.wrapped_kek == ctx.keyring.wrapped_kek &&
+    bool same = disk.kek_generation == ctx.keyring.kek_generation &&
+                disk.wrapped_kek == ctx.keyring.wrapped_kek &&
                 disk.config.provider == ctx.keyring.config.provider &&
-                disk.config.key_id == ctx.keyring.config.key_id && disk.config.options == ctx.keyring.config.options &&
+                disk.config.key_id == ctx.keyring.config.key_id &&
+                disk.config.options == ctx.keyring.config.options &&
                 disk.previous.has_value() == ctx.keyring.previous.has_value();
     if (!same)
         throw LifecycleError(
@@ -96,8 +98,9 @@ WrapResult wrap_checked(KeyProvider& p, const SecureBytes& kek) {
     WrapResult wr = p.wrap(kek);
     SecureBytes back = p.unwrap(wr.blob);
     if (back.size() != kek.size() || !ct_equal(back.data(), kek.data(), kek.size()))
-        throw LifecycleError("key provider \"" + p.config().provider + "\" (key \"" + p.config().key_id +
-                             "\") did not unwrap the KEK it had just wrapped to the same key; nothing was changed");
+        throw LifecycleError(
+            "key provider \"" + p.config().provider + "\" (key \"" + p.config().key_id +
+            "\") did not unwrap the KEK it had just wrapped to the same key; nothing was changed");
     return wr;
 }
 
@@ -145,10 +148,10 @@ void crash_point(const char* step) {
 
 const std::vector<std::string>& crash_steps() {
     static const std::vector<std::string> steps{
-        "rewrap:after_wrap",        "rewrap:after_keyring_tmp",       "rewrap:after_keyring",
-        "bind_cluster:after_wrap",  "bind_cluster:after_keyring_tmp", "bind_cluster:after_keyring",
-        "rotate_kek:after_wrap",    "rotate_kek:after_keyring",       "rotate_kek:after_keymap_tmp",
-        "rotate_kek:after_keymap",  "rotate_kek:after_configs",
+        "rewrap:after_wrap",       "rewrap:after_keyring_tmp",       "rewrap:after_keyring",
+        "bind_cluster:after_wrap", "bind_cluster:after_keyring_tmp", "bind_cluster:after_keyring",
+        "rotate_kek:after_wrap",   "rotate_kek:after_keyring",       "rotate_kek:after_keymap_tmp",
+        "rotate_kek:after_keymap", "rotate_kek:after_configs",
     };
     return steps;
 }
@@ -230,8 +233,8 @@ Result bind_cluster(Context& ctx, const std::string& name) {
         auto it = set.configs.find(name);
         if (it == set.configs.end())
             throw LifecycleError("key configuration \"" + name +
-                                 "\" does not exist; list them with key_configs() or create it with "
-                                 "create_key_config()",
+                                     "\" does not exist; list them with key_configs() or create it with "
+                                     "create_key_config()",
                                  LifecycleError::NotFound);
         const NamedKeyConfig target = it->second;
         std::unique_ptr<KeyProvider> np = provider_for(ctx, target.config, name);
@@ -258,8 +261,9 @@ Result bind_cluster(Context& ctx, const std::string& name) {
         seal_keyring(nk, ctx.kek);
         save_keyring(ctx.dir, nk, [] { crash_point("bind_cluster:after_keyring_tmp"); });
         crash_point("bind_cluster:after_keyring");
-        e.detail = "bound from key configuration \"" + old_name + "\" (provider " + ctx.keyring.config.provider +
-                   ", key " + ctx.keyring.config.key_id + ") to \"" + name + "\"";
+        e.detail = "bound from key configuration \"" + old_name + "\" (provider " +
+                   ctx.keyring.config.provider + ", key " + ctx.keyring.config.key_id + ") to \"" + name +
+                   "\"";
         ctx.keyring = std::move(nk);
         ctx.provider = std::move(np);
         e.request_id = wr.request_id;
@@ -373,7 +377,8 @@ std::vector<ConfigRow> list_configs(Context& ctx) {
         out.push_back(ConfigRow{c, false});
     }
     out.push_back(b);
-    std::sort(out.begin(), out.end(), [](const ConfigRow& a, const ConfigRow& z) { return a.named.name < z.named.name; });
+    std::sort(out.begin(), out.end(),
+              [](const ConfigRow& a, const ConfigRow& z) { return a.named.name < z.named.name; });
     return out;
 }
 
@@ -389,7 +394,8 @@ void create_config(Context& ctx, const NamedKeyConfig& c) {
         KeyMap::Exclusive lock(*ctx.keymap);
         KeyConfigSet set = load_key_configs(ctx.dir, [&ctx](uint32_t g) { return kek_for(ctx, g); });
         if (set.configs.count(c.name) || c.name == ctx.keyring.bound_name())
-            throw LifecycleError("key configuration \"" + c.name + "\" already exists", LifecycleError::Exists);
+            throw LifecycleError("key configuration \"" + c.name + "\" already exists",
+                                 LifecycleError::Exists);
         NamedKeyConfig nc = c;
         if (nc.created_at.empty()) nc.created_at = now_iso8601();
         set.configs[nc.name] = nc;
@@ -411,14 +417,16 @@ void drop_config(Context& ctx, const std::string& name) {
     e.key_config = name;
     try {
         if (name == ctx.keyring.bound_name())
-            throw LifecycleError("key configuration \"" + name +
-                                 "\" is the one the cluster is bound to and cannot be dropped; bind the cluster "
-                                 "to another configuration first");
+            throw LifecycleError(
+                "key configuration \"" + name +
+                "\" is the one the cluster is bound to and cannot be dropped; bind the cluster "
+                "to another configuration first");
         KeyMap::Exclusive lock(*ctx.keymap);
         KeyConfigSet set = load_key_configs(ctx.dir, [&ctx](uint32_t g) { return kek_for(ctx, g); });
         auto it = set.configs.find(name);
         if (it == set.configs.end())
-            throw LifecycleError("key configuration \"" + name + "\" does not exist", LifecycleError::NotFound);
+            throw LifecycleError("key configuration \"" + name + "\" does not exist",
+                                 LifecycleError::NotFound);
         e.provider = it->second.config.provider;
         e.key_id = it->second.config.key_id;
         e.key_version.clear();

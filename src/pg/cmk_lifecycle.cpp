@@ -112,11 +112,11 @@ void classify(const std::exception& e, const char* what, Failure* f) {
                 break;
         }
     } else if (dynamic_cast<const cmk::KeyringError*>(&e) || dynamic_cast<const cmk::KeyMapError*>(&e)) {
-        f->set(ERRCODE_DATA_CORRUPTED, std::string("cmk_lakebase: could not ") + what + " with " + who, e.what(),
-               "Restore cmk_lakebase/ from a backup taken together with the data directory.");
+        f->set(ERRCODE_DATA_CORRUPTED, std::string("cmk_lakebase: could not ") + what + " with " + who,
+               e.what(), "Restore cmk_lakebase/ from a backup taken together with the data directory.");
     } else {
-        f->set(ERRCODE_INTERNAL_ERROR, std::string("cmk_lakebase: could not ") + what + " with " + who, e.what(),
-               "");
+        f->set(ERRCODE_INTERNAL_ERROR, std::string("cmk_lakebase: could not ") + what + " with " + who,
+               e.what(), "");
     }
 }
 
@@ -142,7 +142,9 @@ void require_key_admin(const char* fn) {
                     errhint("A superuser can run: GRANT cmk_admin TO %s;", quote_identifier(user))));
 }
 
-std::string current_actor() { return GetUserNameFromId(GetUserId(), false); }
+std::string current_actor() {
+    return GetUserNameFromId(GetUserId(), false);
+}
 
 struct OpRow {
     char action[32], config[128], provider[64], key_id[256], ver_before[64], ver[64], fp[80];
@@ -160,8 +162,14 @@ Datum op_row(FunctionCallInfo fcinfo, const OpRow& r) {
     v[1] = CStringGetTextDatum(r.config);
     v[2] = CStringGetTextDatum(r.provider);
     v[3] = CStringGetTextDatum(r.key_id);
-    if (r.ver_before[0]) v[4] = CStringGetTextDatum(r.ver_before); else n[4] = true;
-    if (r.ver[0]) v[5] = CStringGetTextDatum(r.ver); else n[5] = true;
+    if (r.ver_before[0])
+        v[4] = CStringGetTextDatum(r.ver_before);
+    else
+        n[4] = true;
+    if (r.ver[0])
+        v[5] = CStringGetTextDatum(r.ver);
+    else
+        n[5] = true;
     v[6] = Int32GetDatum(r.gen_before);
     v[7] = Int32GetDatum(r.gen);
     v[8] = CStringGetTextDatum(r.fp);
@@ -206,23 +214,26 @@ void test_crash_assign(const char* newval, void*) {
     }
 }
 
-void audit_size_assign(int newval, void*) { cmk::audit::set_max_bytes(uint64_t(newval) * 1024); }
+void audit_size_assign(int newval, void*) {
+    cmk::audit::set_max_bytes(uint64_t(newval) * 1024);
+}
 
 }  // namespace
 
 void cmk_lifecycle_init(void) {
     DefineCustomBoolVariable("cmk_lakebase.enable_test_hooks",
                              "Allows cmk_lakebase.test_crash_at (crash injection for tests only).", NULL,
-                             &enable_test_hooks, false, PGC_POSTMASTER, GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE, NULL,
-                             NULL, NULL);
+                             &enable_test_hooks, false, PGC_POSTMASTER, GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
+                             NULL, NULL, NULL);
     DefineCustomStringVariable("cmk_lakebase.test_crash_at",
                                "Key operation step at which the server process kills itself (tests only).",
                                "Ignored unless cmk_lakebase.enable_test_hooks is on.", &test_crash_at, "",
                                PGC_SUSET, GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE, NULL, test_crash_assign, NULL);
-    DefineCustomIntVariable("cmk_lakebase.audit_max_size",
-                            "Size at which cmk_lakebase/audit.log is rotated to audit.log.1 (two files are kept).",
-                            NULL, &audit_max_size_kb, 10240, 64, INT_MAX / 1024, PGC_SIGHUP, GUC_UNIT_KB, NULL,
-                            audit_size_assign, NULL);
+    DefineCustomIntVariable(
+        "cmk_lakebase.audit_max_size",
+        "Size at which cmk_lakebase/audit.log is rotated to audit.log.1 (two files are kept).", NULL,
+        &audit_max_size_kb, 10240, 64, INT_MAX / 1024, PGC_SIGHUP, GUC_UNIT_KB, NULL, audit_size_assign,
+        NULL);
 }
 
 extern "C" Datum cmk_rewrap(PG_FUNCTION_ARGS) {
@@ -241,10 +252,11 @@ extern "C" Datum cmk_bind_cluster(PG_FUNCTION_ARGS) {
 
 extern "C" Datum cmk_bind_database(PG_FUNCTION_ARGS) {
     require_key_admin("bind_database");
-    ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-                    errmsg("binding a database to its own key configuration is not supported in this build"),
-                    errdetail("Every database of the cluster is encrypted under the cluster's key configuration."),
-                    errhint("Use bind_cluster() to move the whole cluster to another key configuration.")));
+    ereport(ERROR,
+            (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+             errmsg("binding a database to its own key configuration is not supported in this build"),
+             errdetail("Every database of the cluster is encrypted under the cluster's key configuration."),
+             errhint("Use bind_cluster() to move the whole cluster to another key configuration.")));
     PG_RETURN_VOID();
 }
 
@@ -302,12 +314,14 @@ extern "C" Datum cmk_drop_key_config(PG_FUNCTION_ARGS) {
 namespace {
 // Strings copied out of C++ objects into palloc'd memory, so that building tuples
 // (which may ereport) never unwinds past a C++ destructor.
-char* pstr(const std::string& s) { return pstrdup(s.c_str()); }
+char* pstr(const std::string& s) {
+    return pstrdup(s.c_str());
+}
 }  // namespace
 
 extern "C" Datum cmk_key_configs(PG_FUNCTION_ARGS) {
     require_key_admin("key_configs");
-    ReturnSetInfo* rsinfo = (ReturnSetInfo*) fcinfo->resultinfo;
+    ReturnSetInfo* rsinfo = (ReturnSetInfo*)fcinfo->resultinfo;
     InitMaterializedSRF(fcinfo, 0);
     struct Row {
         char *name, *provider, *key_id, *options, *created;
@@ -320,7 +334,7 @@ extern "C" Datum cmk_key_configs(PG_FUNCTION_ARGS) {
     try {
         cmk::audit::ActorScope scope(actor);
         std::vector<cmk::fs::KeyConfigInfo> list = cmk::fs::key_configs();
-        rows = (Row*) palloc0(sizeof(Row) * (list.size() + 1));
+        rows = (Row*)palloc0(sizeof(Row) * (list.size() + 1));
         for (const auto& k : list) {
             rapidjson::StringBuffer sb;
             rapidjson::Writer<rapidjson::StringBuffer> w(sb);
@@ -351,18 +365,18 @@ extern "C" Datum cmk_key_configs(PG_FUNCTION_ARGS) {
         v[3] = DirectFunctionCall1(jsonb_in, CStringGetDatum(rows[i].options));
         v[4] = BoolGetDatum(rows[i].bound);
         if (rows[i].created[0])
-            v[5] = DirectFunctionCall3(timestamptz_in, CStringGetDatum(rows[i].created), ObjectIdGetDatum(InvalidOid),
-                                       Int32GetDatum(-1));
+            v[5] = DirectFunctionCall3(timestamptz_in, CStringGetDatum(rows[i].created),
+                                       ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
         else
             n[5] = true;
         tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
     }
-    return (Datum) 0;
+    return (Datum)0;
 }
 
 extern "C" Datum cmk_audit_log(PG_FUNCTION_ARGS) {
     require_key_admin("audit_log");
-    ReturnSetInfo* rsinfo = (ReturnSetInfo*) fcinfo->resultinfo;
+    ReturnSetInfo* rsinfo = (ReturnSetInfo*)fcinfo->resultinfo;
     InitMaterializedSRF(fcinfo, 0);
     constexpr int N = 13;
     struct Row {
@@ -375,13 +389,15 @@ extern "C" Datum cmk_audit_log(PG_FUNCTION_ARGS) {
     Failure f;
     try {
         std::string dir = cmk::fs::keyring_directory();
-        if (dir.empty()) throw cmk::fs::LayerError("cmk_lakebase: the encrypting file layer is not active", "", "");
+        if (dir.empty())
+            throw cmk::fs::LayerError("cmk_lakebase: the encrypting file layer is not active", "", "");
         std::vector<cmk::audit::Event> evs = cmk::audit::read_all(dir);
-        rows = (Row*) palloc0(sizeof(Row) * (evs.size() + 1));
+        rows = (Row*)palloc0(sizeof(Row) * (evs.size() + 1));
         for (const auto& e : evs) {
             Row& r = rows[nrows++];
-            const std::string* fields[] = {&e.time, &e.actor, &e.action, &e.key_config, &e.provider, &e.key_id,
-                                           &e.key_version, &e.request_id, &e.outcome, &e.detail};
+            const std::string* fields[] = {&e.time,     &e.actor,  &e.action,      &e.key_config,
+                                           &e.provider, &e.key_id, &e.key_version, &e.request_id,
+                                           &e.outcome,  &e.detail};
             for (int i = 0; i < 10; i++) r.s[i] = pstr(*fields[i]);
             r.pid = e.pid;
             r.count = int64(e.count);
@@ -404,14 +420,26 @@ extern "C" Datum cmk_audit_log(PG_FUNCTION_ARGS) {
             n[0] = true;
         v[1] = Int32GetDatum(int32(r.pid));
         for (int k = 1; k <= 6; k++) {
-            if (r.s[k][0]) v[k + 1] = CStringGetTextDatum(r.s[k]); else n[k + 1] = true;
+            if (r.s[k][0])
+                v[k + 1] = CStringGetTextDatum(r.s[k]);
+            else
+                n[k + 1] = true;
         }
-        if (r.gen) v[8] = Int32GetDatum(r.gen); else n[8] = true;
-        if (r.s[7][0]) v[9] = CStringGetTextDatum(r.s[7]); else n[9] = true;
+        if (r.gen)
+            v[8] = Int32GetDatum(r.gen);
+        else
+            n[8] = true;
+        if (r.s[7][0])
+            v[9] = CStringGetTextDatum(r.s[7]);
+        else
+            n[9] = true;
         v[10] = CStringGetTextDatum(r.s[8]);
-        if (r.s[9][0]) v[11] = CStringGetTextDatum(r.s[9]); else n[11] = true;
+        if (r.s[9][0])
+            v[11] = CStringGetTextDatum(r.s[9]);
+        else
+            n[11] = true;
         v[12] = Int64GetDatum(r.count);
         tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
     }
-    return (Datum) 0;
+    return (Datum)0;
 }
