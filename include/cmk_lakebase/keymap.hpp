@@ -49,8 +49,8 @@ public:
     // Opens <dir>/keymap. kek: the unwrapped KEK (copied into secure memory).
     // Throws KeyMapError if missing, damaged, of another cluster or of a KEK
     // generation other than kek_generation that the resolver does not know.
-    KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id,
-           uint32_t kek_generation, KekResolver resolver = nullptr);
+    KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id, uint32_t kek_generation,
+           KekResolver resolver = nullptr);
     ~KeyMap();
 
     // Creates an empty key map (header only). Fails if one exists.

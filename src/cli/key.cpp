@@ -179,14 +179,15 @@ int cmd_key(const std::vector<std::string>& args) {
     const std::string state = ks.state(key_id);
     if (sub == "show") {
         std::string created = key_created_at(ks, key_id);
-        std::printf("key_id: %s\nstate: %s\ncreated_at: %s\nkey_store: %s\nprimary_version: %u\n", key_id.c_str(),
-                    state.c_str(), created.empty() ? "unknown" : created.c_str(), store.c_str(),
-                    ks.primary_version(key_id));
+        std::printf("key_id: %s\nstate: %s\ncreated_at: %s\nkey_store: %s\nprimary_version: %u\n",
+                    key_id.c_str(), state.c_str(), created.empty() ? "unknown" : created.c_str(),
+                    store.c_str(), ks.primary_version(key_id));
         return 0;
     }
     if (sub == "rotate") {
         uint32_t v = ks.rotate(key_id);
-        std::printf("key \"%s\" rotated: version %u is now primary; older versions still unwrap\n", key_id.c_str(), v);
+        std::printf("key \"%s\" rotated: version %u is now primary; older versions still unwrap\n",
+                    key_id.c_str(), v);
         return 0;
     }
     if (sub == "enable") {

@@ -147,7 +147,8 @@ int cmd_status(const std::vector<std::string>& args) {
     // Every status and unwrap call is in the cluster's audit trail.
     audit::set_directory(dir);
     audit::set_default_actor("pg_cmk");
-    std::unique_ptr<KeyProvider> provider = audit::audited_provider(make_provider(kr.config), kr.bound_name());
+    std::unique_ptr<KeyProvider> provider =
+        audit::audited_provider(make_provider(kr.config), kr.bound_name());
     try {
         KeyStatus st = provider->status();
         r.health = st.health;

@@ -286,8 +286,8 @@ void KeyMap::create_empty(const std::string& dir, const std::string& cluster_id,
     }
 }
 
-KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id, uint32_t kek_generation,
-               KekResolver resolver)
+KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id,
+               uint32_t kek_generation, KekResolver resolver)
     : dir_(std::move(dir)),
       kek_(kek.clone()),
       cluster_id_(cluster_id),
@@ -533,7 +533,8 @@ SecureBytes KeyMap::create(const std::string& identity, FileClass cls) {
     load_locked(false);
     // Sealed only now, under the lock and after load_locked: a KEK rotation by another
     // process may just have switched the generation.
-    std::vector<uint8_t> wrapped = aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(identity, generation_));
+    std::vector<uint8_t> wrapped =
+        aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(identity, generation_));
     append_locked(encode_add(identity, cls, wrapped));
     return dek;
 }

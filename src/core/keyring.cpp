@@ -53,7 +53,8 @@ std::string canonical(const Keyring& kr) {
     if (!kr.config_name.empty()) field("config_name", kr.config_name);
     if (!kr.rotated_at.empty()) field("rotated_at", kr.rotated_at);
     if (kr.previous) {
-        field("previous.wrapped_kek", base64_encode(kr.previous->wrapped_kek.data(), kr.previous->wrapped_kek.size()));
+        field("previous.wrapped_kek",
+              base64_encode(kr.previous->wrapped_kek.data(), kr.previous->wrapped_kek.size()));
         field("previous.kek_version", kr.previous->kek_version);
         field("previous.kek_fingerprint", kr.previous->kek_fingerprint);
         field("previous.kek_generation", std::to_string(kr.previous->kek_generation));
@@ -196,7 +197,9 @@ Keyring load_keyring(const std::string& dir) {
     return kr;
 }
 
-void save_keyring(const std::string& dir, const Keyring& kr) { save_keyring(dir, kr, nullptr); }
+void save_keyring(const std::string& dir, const Keyring& kr) {
+    save_keyring(dir, kr, nullptr);
+}
 
 void save_keyring(const std::string& dir, const Keyring& kr, const std::function<void()>& before_rename) {
     if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)

@@ -340,7 +340,9 @@ uint32_t LocalKeyStore::rotate(const std::string& key_id) {
     return next;
 }
 
-uint32_t LocalKeyStore::primary_version(const std::string& key_id) const { return load_key(*this, key_id).primary; }
+uint32_t LocalKeyStore::primary_version(const std::string& key_id) const {
+    return load_key(*this, key_id).primary;
+}
 
 std::vector<std::string> LocalKeyStore::list() const {
     check_store_dir(dir_);

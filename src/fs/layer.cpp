@@ -821,7 +821,8 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
             } catch (const std::exception&) {
                 map_gen = s.keyring.kek_generation;  // reported by the KeyMap below
             }
-            if (map_gen == s.keyring.previous->kek_generation) map_kek = unlock_previous_kek(s.keyring, *s.provider);
+            if (map_gen == s.keyring.previous->kek_generation)
+                map_kek = unlock_previous_kek(s.keyring, *s.provider);
         }
         if (map_kek.empty()) {
             map_kek = s.kek.clone();
@@ -860,12 +861,15 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
             }
             adopt_context(s, ctx);
             if (done)
-                log_line("completed a KEK rotation that a crash had interrupted; the key map is sealed under KEK "
-                         "generation " + std::to_string(s.keyring.kek_generation));
+                log_line(
+                    "completed a KEK rotation that a crash had interrupted; the key map is sealed under KEK "
+                    "generation " +
+                    std::to_string(s.keyring.kek_generation));
         } catch (const std::exception& e) {
-            throw LayerError("cmk_lakebase: could not complete an interrupted KEK rotation", e.what(),
-                             "Check that the key provider is reachable and cmk_lakebase/ is writable, then start "
-                             "again.");
+            throw LayerError(
+                "cmk_lakebase: could not complete an interrupted KEK rotation", e.what(),
+                "Check that the key provider is reachable and cmk_lakebase/ is writable, then start "
+                "again.");
         }
     }
     s.per_boot = random_key(32);
@@ -1511,7 +1515,8 @@ ProbeResult probe_key() {
     }
     if (s.kek.empty()) {
         // Not a revocation: this process does not hold the KEK to compare with.
-        r.detail = "this process does not know the KEK of generation " + std::to_string(s.keyring.kek_generation);
+        r.detail =
+            "this process does not know the KEK of generation " + std::to_string(s.keyring.kek_generation);
         return r;
     }
     try {
@@ -1563,9 +1568,10 @@ template <typename F>
 auto with_context(F&& fn) {
     State& s = st();
     if (s.mode.load() == Mode::Off)
-        throw LayerError("cmk_lakebase: the encrypting file layer is not active in this process",
-                         "Key operations run in a server started with cmk_lakebase in shared_preload_libraries.",
-                         "Use pg_cmk on a cluster that is not running.");
+        throw LayerError(
+            "cmk_lakebase: the encrypting file layer is not active in this process",
+            "Key operations run in a server started with cmk_lakebase in shared_preload_libraries.",
+            "Use pg_cmk on a cluster that is not running.");
     if (s.wiped.load())
         throw LayerError("cmk_lakebase: the keys of this server have been wiped (the CMK was revoked)", "",
                          "Restore the key in the key provider and start the server again.");
@@ -1612,7 +1618,8 @@ KeyOpResult rotate_kek() {
 }
 
 KeyOpResult bind_cluster(const std::string& config_name) {
-    return with_context([&](lifecycle::Context& c) { return to_result(lifecycle::bind_cluster(c, config_name)); });
+    return with_context(
+        [&](lifecycle::Context& c) { return to_result(lifecycle::bind_cluster(c, config_name)); });
 }
 
 std::vector<KeyConfigInfo> key_configs() {
@@ -1646,7 +1653,9 @@ void drop_key_config(const std::string& name) {
     });
 }
 
-std::string keyring_directory() { return st().keyring_dir; }
+std::string keyring_directory() {
+    return st().keyring_dir;
+}
 
 void set_probe_audit_aggregation(bool on) {
     State& s = st();
