@@ -19,7 +19,7 @@ EXTRA_CLEAN = build sql/$(EXTENSION)--$(EXTVERSION).sql $(CORE_OBJS) $(FS_OBJS) 
 	$(UNIT_OBJS) $(LAYER_TEST_OBJS)
 
 # pg_regress runs against an encrypted instance started by test/run_regress.sh.
-REGRESS = cmk_status
+REGRESS = cmk_status cmk_lifecycle
 
 PG_CONFIG ?= pg_config
 # No JIT bitcode for a C++ module (would need clang at build time for nothing).

@@ -68,3 +68,141 @@ LANGUAGE C STRICT VOLATILE;
 
 REVOKE ALL ON FUNCTION watchdog_status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION check_key_now() FROM PUBLIC;
+
+-- The key administrator (separation of duties): manages key configurations, bindings
+-- and rotation, reads the audit trail, and has no privilege on any user data. Roles
+-- are cluster-wide: DROP EXTENSION leaves it in place.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'cmk_admin') THEN
+    CREATE ROLE cmk_admin NOLOGIN;
+  END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA @extschema@ TO cmk_admin;
+
+-- Re-wraps the KEK under the CMK's current version (after a rotation of the CMK in
+-- the key provider). Only keyring.json changes.
+CREATE FUNCTION rewrap(
+    OUT action text,
+    OUT key_config text,
+    OUT provider text,
+    OUT key_id text,
+    OUT key_version_before text,
+    OUT key_version text,
+    OUT kek_generation_before integer,
+    OUT kek_generation integer,
+    OUT kek_fingerprint text,
+    OUT completed_interrupted_rotation boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cmk_rewrap'
+LANGUAGE C STRICT VOLATILE;
+
+-- New KEK, every DEK in the key map re-sealed under it, the old KEK destroyed
+-- (kek_generation + 1). No data file is rewritten.
+CREATE FUNCTION rotate_kek(
+    OUT action text,
+    OUT key_config text,
+    OUT provider text,
+    OUT key_id text,
+    OUT key_version_before text,
+    OUT key_version text,
+    OUT kek_generation_before integer,
+    OUT kek_generation integer,
+    OUT kek_fingerprint text,
+    OUT completed_interrupted_rotation boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cmk_rotate_kek'
+LANGUAGE C STRICT VOLATILE;
+
+-- Binds the cluster to another named key configuration (another CMK or provider):
+-- the KEK is wrapped by the new one, proven to unwrap, then the keyring switches.
+CREATE FUNCTION bind_cluster(
+    config_name text,
+    OUT action text,
+    OUT key_config text,
+    OUT provider text,
+    OUT key_id text,
+    OUT key_version_before text,
+    OUT key_version text,
+    OUT kek_generation_before integer,
+    OUT kek_generation integer,
+    OUT kek_fingerprint text,
+    OUT completed_interrupted_rotation boolean)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cmk_bind_cluster'
+LANGUAGE C STRICT VOLATILE;
+
+-- Per-database key configurations: not supported in this build (raises 0A000).
+CREATE FUNCTION bind_database(database name, config_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cmk_bind_database'
+LANGUAGE C STRICT VOLATILE;
+
+-- Named key configurations (provider, key id, options: credentials references only),
+-- kept in cmk_lakebase/configs.json in the data directory.
+CREATE FUNCTION create_key_config(name text, provider text, key_id text, options jsonb DEFAULT '{}')
+RETURNS void
+AS 'MODULE_PATHNAME', 'cmk_create_key_config'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION drop_key_config(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cmk_drop_key_config'
+LANGUAGE C STRICT VOLATILE;
+
+CREATE FUNCTION key_configs(
+    OUT name text,
+    OUT provider text,
+    OUT key_id text,
+    OUT options jsonb,
+    OUT bound boolean,
+    OUT created_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cmk_key_configs'
+LANGUAGE C STRICT VOLATILE;
+
+-- The local audit trail of key events (cmk_lakebase/audit.log.1 and audit.log).
+CREATE FUNCTION audit_log_read(
+    OUT event_time timestamptz,
+    OUT pid integer,
+    OUT actor text,
+    OUT action text,
+    OUT key_config text,
+    OUT provider text,
+    OUT key_id text,
+    OUT key_version text,
+    OUT kek_generation integer,
+    OUT request_id text,
+    OUT outcome text,
+    OUT detail text,
+    OUT count bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'cmk_audit_log'
+LANGUAGE C STRICT VOLATILE;
+
+CREATE VIEW audit_log AS SELECT * FROM @extschema@.audit_log_read();
+
+REVOKE ALL ON FUNCTION rewrap() FROM PUBLIC;
+REVOKE ALL ON FUNCTION rotate_kek() FROM PUBLIC;
+REVOKE ALL ON FUNCTION bind_cluster(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bind_database(name, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION create_key_config(text, text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION drop_key_config(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION key_configs() FROM PUBLIC;
+REVOKE ALL ON FUNCTION audit_log_read() FROM PUBLIC;
+REVOKE ALL ON audit_log FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION rewrap() TO cmk_admin;
+GRANT EXECUTE ON FUNCTION rotate_kek() TO cmk_admin;
+GRANT EXECUTE ON FUNCTION bind_cluster(text) TO cmk_admin;
+GRANT EXECUTE ON FUNCTION bind_database(name, text) TO cmk_admin;
+GRANT EXECUTE ON FUNCTION create_key_config(text, text, text, jsonb) TO cmk_admin;
+GRANT EXECUTE ON FUNCTION drop_key_config(text) TO cmk_admin;
+GRANT EXECUTE ON FUNCTION key_configs() TO cmk_admin;
+GRANT EXECUTE ON FUNCTION audit_log_read() TO cmk_admin;
+GRANT SELECT ON audit_log TO cmk_admin;
+-- Status is part of the key administrator's job (still not granted to PUBLIC).
+GRANT EXECUTE ON FUNCTION cmk_status() TO cmk_admin;
+GRANT EXECUTE ON FUNCTION watchdog_status() TO cmk_admin;
+GRANT EXECUTE ON FUNCTION check_key_now() TO cmk_admin;

@@ -4,7 +4,7 @@
 # pg_regress, then the server is always stopped. On failure the diffs are printed and
 # the scratch directory is kept.
 #
-# Usage: test/run_regress.sh [TEST...]     (default: cmk_status)
+# Usage: test/run_regress.sh [TEST...]     (default: cmk_status cmk_lifecycle)
 # Run as a non-root user (initdb refuses root). Needs pg_cmk installed in the
 # PostgreSQL bindir. CMK_TEST_PLAIN=1 uses a stock initdb instead (harness check only).
 set -euo pipefail
@@ -14,7 +14,7 @@ bindir=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 pg_regress=${PG_REGRESS:-/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress}
 export PATH="$bindir:$PATH"
 tests=("$@")
-[ ${#tests[@]} -gt 0 ] || tests=(cmk_status)
+[ ${#tests[@]} -gt 0 ] || tests=(cmk_status cmk_lifecycle)
 
 if [ "$(id -u)" -eq 0 ]; then
 	echo "run_regress.sh: run as a non-root user (initdb refuses root)" >&2

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -40,10 +41,16 @@ struct KeyMapCrash : std::runtime_error {
 
 class KeyMap {
 public:
+    // When the file on disk turns out to be sealed under another KEK generation (a
+    // KEK rotation by another process), the resolver is asked for that generation's
+    // KEK; without one (or if it answers nullopt) that is an error.
+    using KekResolver = std::function<std::optional<SecureBytes>(uint32_t generation)>;
+
     // Opens <dir>/keymap. kek: the unwrapped KEK (copied into secure memory).
-    // Throws KeyMapError if missing, damaged, of another cluster or KEK generation.
-    KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id,
-           uint32_t kek_generation);
+    // Throws KeyMapError if missing, damaged, of another cluster or of a KEK
+    // generation other than kek_generation that the resolver does not know.
+    KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id, uint32_t kek_generation,
+           KekResolver resolver = nullptr);
     ~KeyMap();
 
     // Creates an empty key map (header only). Fails if one exists.
@@ -81,8 +88,33 @@ public:
     void compact();
 
     // Seam for KEK rotation: re-seals every DEK under new_kek/new_generation in a new
-    // file swapped in atomically. No data file changes.
-    void rewrap(const SecureBytes& new_kek, uint32_t new_generation);
+    // file swapped in atomically. No data file changes. before_rename (optional) runs
+    // once the new file is written and fsync()ed, before it replaces the old one.
+    void rewrap(const SecureBytes& new_kek, uint32_t new_generation,
+                const std::function<void()>& before_rename = nullptr);
+
+    uint32_t generation();  // the KEK generation this instance seals under now
+
+    void set_kek_resolver(KekResolver r);
+
+    // The KEK generation in the header of <dir>/keymap (no KEK needed). Throws.
+    static uint32_t peek_generation(const std::string& dir);
+
+    // Holds the writer lock (thread mutex + LOCK_EX on keymap.lock) across a change
+    // of several files (KEK rotation, keyring rewrites); KeyMap calls on the same
+    // instance made while it is held reuse it instead of locking again.
+    class Exclusive {
+    public:
+        explicit Exclusive(KeyMap& km);
+        ~Exclusive();
+        Exclusive(const Exclusive&) = delete;
+        Exclusive& operator=(const Exclusive&) = delete;
+
+    private:
+        KeyMap& km_;
+        std::unique_lock<std::recursive_mutex> g_;
+        int fd_ = -1;
+    };
 
     // Crash-test hook: steps "append-write", "append-fsync", "compact-write",
     // "compact-fsync", "compact-rename". Empty string disables.
@@ -96,7 +128,10 @@ private:
     void load_locked(bool full);
     void append_locked(const std::vector<uint8_t>& rec);
     void write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,
-                           const std::unordered_map<std::string, Entry>& entries);
+                           const std::unordered_map<std::string, Entry>& entries,
+                           const std::function<void()>& before_rename = nullptr);
+    friend class Exclusive;
+    friend class HeldLock;
 
     std::string dir_;
     SecureBytes kek_;
@@ -108,6 +143,8 @@ private:
     uint64_t file_ino_ = 0;
     int fd_ = -1;
     int lock_fd_ = -1;
+    bool ex_held_ = false;  // an Exclusive section holds LOCK_EX
+    KekResolver resolver_;
     std::recursive_mutex mu_;
 };
 

@@ -5,6 +5,8 @@
 // Replaced atomically (write, fsync, rename, fsync directory).
 #pragma once
 
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,17 @@ constexpr const char* kKeyringDirName = "cmk_lakebase";  // inside the data dire
 constexpr const char* kKeyringFile = "keyring.json";
 constexpr const char* kKeyMapFile = "keymap";
 constexpr const char* kKeyMapLockFile = "keymap.lock";
+constexpr const char* kDefaultConfigName = "default";
+
+// The KEK of the generation before an interrupted KEK rotation (docs/CONTRACTS.md,
+// "Rotation"): kept wrapped in the keyring only while the key map may still be sealed
+// under it; dropped (the old KEK destroyed) once the key map is re-sealed.
+struct PreviousKek {
+    std::vector<uint8_t> wrapped_kek;
+    std::string kek_version;
+    std::string kek_fingerprint;
+    uint32_t kek_generation = 0;
+};
 
 struct KeyringError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -31,7 +44,12 @@ struct Keyring {
     std::string kek_fingerprint;
     uint32_t kek_generation = 1;  // bumped by KEK rotation
     std::string created_at;       // ISO 8601 UTC
+    std::string config_name;      // named key configuration bound ("" = "default")
+    std::string rotated_at;       // last rewrap / rotation / binding change ("" = never)
+    std::optional<PreviousKek> previous;  // only during a KEK rotation
     std::string mac;              // hex HMAC-SHA256(KEK, canonical fields)
+
+    const std::string& bound_name() const;  // config_name or "default"
 };
 
 // <datadir>/cmk_lakebase
@@ -42,6 +60,9 @@ std::string keyring_dir_for(const std::string& datadir);
 Keyring load_keyring(const std::string& dir);
 bool keyring_exists(const std::string& dir);
 void save_keyring(const std::string& dir, const Keyring& kr);  // atomic replace
+// The same, calling before_rename after the new file is written and fsync()ed under
+// its temporary name (crash-injection seam for the rotation tests).
+void save_keyring(const std::string& dir, const Keyring& kr, const std::function<void()>& before_rename);
 
 // A new keyring: random KEK wrapped by the provider; MAC and fingerprint set.
 // kek_out receives the plaintext KEK (secure memory).
@@ -53,5 +74,16 @@ SecureBytes unlock_keyring(const Keyring& kr, KeyProvider& provider);
 
 // Recomputes kr.mac with the given KEK (after changing fields).
 void seal_keyring(Keyring& kr, const SecureBytes& kek);
+
+// Checks the MAC and fingerprint against a KEK already in hand (no KMS call): how a
+// running process accepts a keyring another process rewrote (rewrap, new binding, KEK
+// rotation). Throws KeyringError on mismatch.
+void verify_keyring(const Keyring& kr, const SecureBytes& kek);
+
+// Unwraps the previous generation's KEK of an interrupted rotation and checks it
+// against the fingerprint the (already verified) keyring records for it.
+SecureBytes unlock_previous_kek(const Keyring& kr, KeyProvider& provider);
+
+std::string now_iso8601();
 
 }  // namespace cmk

@@ -78,6 +78,10 @@ public:
     bool exists(const std::string& key_id) const;
     std::string state(const std::string& key_id) const;  // throws if missing
     void set_state(const std::string& key_id, const std::string& state);  // enabled|disabled|deleted
+    // Adds a new key version (new random material) and makes it the primary one, as a
+    // KMS's key rotation does; older versions still unwrap. Returns the new version.
+    uint32_t rotate(const std::string& key_id);
+    uint32_t primary_version(const std::string& key_id) const;
     std::vector<std::string> list() const;
     std::string key_path(const std::string& key_id) const;
 

@@ -6,9 +6,11 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cmk_lakebase/fileclass.hpp"
 #include "cmk_lakebase/kms.hpp"
@@ -37,6 +39,9 @@ struct LayerInfo {
     bool per_boot_key_present = false;
     uint64_t dek_count = 0;
     bool keys_wiped = false;
+    std::string config_name;        // named key configuration the cluster is bound to
+    std::string kek_version;        // CMK version that wrapped the KEK, if known
+    bool rotation_pending = false;  // a KEK rotation was interrupted and not completed yet
 };
 
 // Server start (postmaster, from _PG_init): loads the keyring of datadir, unwraps the
@@ -74,5 +79,43 @@ ProbeResult probe_key();
 // Kill switch seam: destroys every key the layer holds (KEK, DEKs in use, per-boot
 // key); from then on every encrypted read or write fails with EIO.
 void wipe_keys();
+
+// ---- key lifecycle, online (issue 5; lifecycle.hpp has the step order) -----------------
+// Each runs in the calling process of a running server, holds the key map's writer lock
+// for its file switches, and makes the result known to every other process (shared
+// memory for a new KEK; keyring.json re-read and verified on their next key use). No
+// data file is rewritten and no connection is dropped. Throw LayerError (layer not
+// active, keys wiped), lifecycle::LifecycleError, KmsError, KeyringError, KeyMapError.
+struct KeyOpResult {
+    std::string action;
+    std::string config_name;
+    std::string provider;
+    std::string key_id;
+    std::string key_version_before;
+    std::string key_version;
+    uint32_t kek_generation_before = 0;
+    uint32_t kek_generation = 0;
+    std::string kek_fingerprint;
+    bool finished_interrupted = false;
+};
+KeyOpResult rewrap_kek();
+KeyOpResult rotate_kek();
+KeyOpResult bind_cluster(const std::string& config_name);
+
+struct KeyConfigInfo {
+    std::string name;
+    std::string provider;
+    std::string key_id;
+    std::map<std::string, std::string> options;
+    std::string created_at;
+    bool bound = false;
+};
+std::vector<KeyConfigInfo> key_configs();
+void create_key_config(const std::string& name, const KeyConfig& cfg);
+void drop_key_config(const std::string& name);
+
+std::string keyring_directory();  // <datadir>/cmk_lakebase, "" when not active
+// The watchdog's repeated status/unwrap answers are aggregated in the audit trail.
+void set_probe_audit_aggregation(bool on);
 
 }  // namespace cmk::fs

@@ -92,5 +92,7 @@ int cmd_exec(const std::vector<std::string>& args);
 int cmd_status(const std::vector<std::string>& args);
 int cmd_key(const std::vector<std::string>& args);
 int cmd_bench_cipher(const std::vector<std::string>& args);
+// rewrap, rotate-kek, bind, config, audit (lifecycle.cpp)
+int cmd_lifecycle(const std::string& cmd, const std::vector<std::string>& args);
 
 }  // namespace cmk::cli

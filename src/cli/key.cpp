@@ -29,6 +29,8 @@ const char kKeyUsage[] =
     "  pg_cmk key delete KEY_ID --yes [--key-store DIR]\n"
     "                                                destroy the key material\n"
     "                                                (irreversible)\n"
+    "  pg_cmk key rotate KEY_ID [--key-store DIR]    add a new primary key version (older\n"
+    "                                                versions still unwrap)\n"
     "  pg_cmk key show KEY_ID [--key-store DIR]      show a key's state\n"
     "  pg_cmk key list [--key-store DIR]             list the keys\n"
     "\n"
@@ -57,6 +59,11 @@ std::string sub_usage(const std::string& sub) {
         what =
             "Destroys the key material (irreversible): every cluster encrypted under the\n"
             "key becomes unreadable for good. Requires --yes.\n";
+    if (sub == "rotate")
+        what =
+            "Adds a new key version with new material and makes it the primary one (as a KMS\n"
+            "rotates a key). Older versions still unwrap; re-wrap a cluster's KEK under the new\n"
+            "version with cmk_lakebase.rewrap() (running) or pg_cmk rewrap (stopped).\n";
     if (sub == "show") what = "Shows a key's id, state and creation time (never its material).\n";
     if (sub == "list") what = "Lists the keys of the key store with their states.\n";
     return what + "\nUsage:\n" + line +
@@ -110,7 +117,7 @@ int cmd_key(const std::vector<std::string>& args) {
         return 0;
     }
     if (sub != "create" && sub != "enable" && sub != "disable" && sub != "delete" && sub != "show" &&
-        sub != "list")
+        sub != "list" && sub != "rotate")
         throw UsageError("key", "unknown key command \"" + sub + "\"");
 
     const std::string cmdname = "key " + sub;
@@ -172,8 +179,15 @@ int cmd_key(const std::vector<std::string>& args) {
     const std::string state = ks.state(key_id);
     if (sub == "show") {
         std::string created = key_created_at(ks, key_id);
-        std::printf("key_id: %s\nstate: %s\ncreated_at: %s\nkey_store: %s\n", key_id.c_str(), state.c_str(),
-                    created.empty() ? "unknown" : created.c_str(), store.c_str());
+        std::printf("key_id: %s\nstate: %s\ncreated_at: %s\nkey_store: %s\nprimary_version: %u\n",
+                    key_id.c_str(), state.c_str(), created.empty() ? "unknown" : created.c_str(),
+                    store.c_str(), ks.primary_version(key_id));
+        return 0;
+    }
+    if (sub == "rotate") {
+        uint32_t v = ks.rotate(key_id);
+        std::printf("key \"%s\" rotated: version %u is now primary; older versions still unwrap\n",
+                    key_id.c_str(), v);
         return 0;
     }
     if (sub == "enable") {

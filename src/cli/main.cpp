@@ -26,6 +26,12 @@ const char kUsage[] =
     "  pg_cmk status -D DATADIR [--json]\n"
     "  pg_cmk key create|enable|disable|delete|show KEY_ID [--key-store DIR]\n"
     "  pg_cmk key list [--key-store DIR]\n"
+    "  pg_cmk key rotate KEY_ID [--key-store DIR]\n"
+    "  pg_cmk rewrap -D DATADIR\n"
+    "  pg_cmk rotate-kek -D DATADIR\n"
+    "  pg_cmk bind -D DATADIR CONFIG\n"
+    "  pg_cmk config create|drop|list -D DATADIR [NAME] [--provider P --key-id ID ...]\n"
+    "  pg_cmk audit -D DATADIR\n"
     "  pg_cmk bench-cipher [--seconds N]\n"
     "  pg_cmk --version\n"
     "\n"
@@ -34,6 +40,11 @@ const char kUsage[] =
     "  exec          run a PostgreSQL tool on an encrypted cluster\n"
     "  status        show the key configuration and whether the key is usable\n"
     "  key           manage keys in the local key store\n"
+    "  rewrap        re-wrap the KEK under the CMK's current version (offline cluster)\n"
+    "  rotate-kek    rotate the KEK: DEKs re-sealed, no data rewritten (offline cluster)\n"
+    "  bind          bind the cluster to another key configuration (offline cluster)\n"
+    "  config        manage named key configurations (offline cluster)\n"
+    "  audit         print the audit trail of key events\n"
     "  bench-cipher  measure the page cipher's throughput\n"
     "\n"
     "Run \"pg_cmk COMMAND --help\" for the options of a command.\n";
@@ -69,6 +80,8 @@ int run(int argc, char** argv) {
     if (cmd == "status") return cmd_status(args);
     if (cmd == "key") return cmd_key(args);
     if (cmd == "bench-cipher") return cmd_bench_cipher(args);
+    if (cmd == "rewrap" || cmd == "rotate-kek" || cmd == "bind" || cmd == "config" || cmd == "audit")
+        return cmd_lifecycle(cmd, args);
     if (!cmd.empty() && cmd[0] == '-') throw UsageError("", "unrecognized option \"" + cmd + "\"");
     throw UsageError("", "unknown command \"" + cmd + "\"");
 }

@@ -12,6 +12,7 @@
 #include <rapidjson/writer.h>
 
 #include "cli.hpp"
+#include "cmk_lakebase/audit.hpp"
 #include "cmk_lakebase/crypto.hpp"
 #include "cmk_lakebase/keymap.hpp"
 #include "cmk_lakebase/keyring.hpp"
@@ -143,7 +144,11 @@ int cmd_status(const std::vector<std::string>& args) {
     r.kek_generation = kr.kek_generation;
     r.cluster_id = kr.cluster_id;
 
-    std::unique_ptr<KeyProvider> provider = make_provider(kr.config);
+    // Every status and unwrap call is in the cluster's audit trail.
+    audit::set_directory(dir);
+    audit::set_default_actor("pg_cmk");
+    std::unique_ptr<KeyProvider> provider =
+        audit::audited_provider(make_provider(kr.config), kr.bound_name());
     try {
         KeyStatus st = provider->status();
         r.health = st.health;
@@ -162,7 +167,13 @@ int cmd_status(const std::vector<std::string>& args) {
         // damaged) are errors of their own, exit 1.
         try {
             SecureBytes kek = unlock_keyring(kr, *provider);
-            KeyMap km(dir, kek, kr.cluster_id, kr.kek_generation);
+            uint32_t gen = kr.kek_generation;
+            if (kr.previous && KeyMap::peek_generation(dir) == kr.previous->kek_generation) {
+                // An interrupted KEK rotation (completed at the next start).
+                kek = unlock_previous_kek(kr, *provider);
+                gen = kr.previous->kek_generation;
+            }
+            KeyMap km(dir, kek, kr.cluster_id, gen);
             kek.wipe();
             r.deks = km.size();
         } catch (const KeyringError& e) {

@@ -105,6 +105,21 @@ private:
     int fd_ = -1;
 };
 
+}  // namespace
+
+// A FileLock unless the KeyMap already holds LOCK_EX through an Exclusive section.
+class HeldLock {
+public:
+    HeldLock(KeyMap& km, const std::string& dir, int op) {
+        if (!km.ex_held_) lock_.emplace(dir, op);
+    }
+
+private:
+    std::optional<FileLock> lock_;
+};
+
+namespace {
+
 std::vector<uint8_t> encode_header(const std::string& cluster_id, uint32_t gen) {
     if (cluster_id.empty() || cluster_id.size() > kClusterIdMax)
         throw KeyMapError("cluster id must be 1 to 64 bytes");
@@ -271,9 +286,14 @@ void KeyMap::create_empty(const std::string& dir, const std::string& cluster_id,
     }
 }
 
-KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id, uint32_t kek_generation)
-    : dir_(std::move(dir)), kek_(kek.clone()), cluster_id_(cluster_id), generation_(kek_generation) {
-    if (kek_.size() != kKekSize) throw KeyMapError("the KEK must be 32 bytes");
+KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id,
+               uint32_t kek_generation, KekResolver resolver)
+    : dir_(std::move(dir)),
+      kek_(kek.clone()),
+      cluster_id_(cluster_id),
+      generation_(kek_generation),
+      resolver_(std::move(resolver)) {
+    if (kek_.size() != kKekSize && !resolver_) throw KeyMapError("the KEK must be 32 bytes");
     std::string path = map_path(dir_);
     fd_ = sys::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd_ < 0) {
@@ -284,7 +304,7 @@ KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& clust
         struct stat st;
         if (::fstat(fd_, &st) != 0) throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
         file_ino_ = st.st_ino;
-        FileLock lock(dir_, LOCK_SH);
+        HeldLock lock(*this, dir_, LOCK_SH);
         load_locked(true);
     } catch (...) {
         sys::close(fd_);
@@ -328,6 +348,14 @@ void KeyMap::load_locked(bool full) {
         if (hd.cluster_id != cluster_id_)
             throw KeyMapError("key map \"" + path + "\" belongs to cluster " + hd.cluster_id +
                               ", not to this cluster (" + cluster_id_ + ")");
+        if (hd.generation != generation_ && resolver_) {
+            // Re-sealed by a KEK rotation in another process: adopt that generation's
+            // KEK if the resolver knows it (the server publishes it to every process).
+            if (std::optional<SecureBytes> k = resolver_(hd.generation)) {
+                kek_ = std::move(*k);
+                generation_ = hd.generation;
+            }
+        }
         if (hd.generation != generation_)
             throw KeyMapError("key map \"" + path + "\" is sealed under KEK generation " +
                               std::to_string(hd.generation) + ", but the keyring's KEK is generation " +
@@ -399,7 +427,8 @@ void KeyMap::append_locked(const std::vector<uint8_t>& rec) {
 // Caller holds mu_ and LOCK_EX. Replaces the key map file atomically with a new one
 // holding header(gen) and one ADD per entry, and switches fd_ to it.
 void KeyMap::write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,
-                               const std::unordered_map<std::string, Entry>& entries) {
+                               const std::unordered_map<std::string, Entry>& entries,
+                               const std::function<void()>& before_rename) {
     (void)kek;  // entries are already sealed under it; kept for the signature's clarity
     std::vector<std::string> ids;
     ids.reserve(entries.size());
@@ -442,6 +471,7 @@ void KeyMap::write_full_locked(const std::string& path, const SecureBytes& kek, 
     }
     if (::fsync(fd) != 0) throw fail("could not fsync");
     sys::close(fd);
+    if (before_rename) before_rename();
     crash_point("compact-rename");
     if (sys::rename(tmp.c_str(), path.c_str()) != 0) {
         std::string e = errno_text();
@@ -469,7 +499,7 @@ void KeyMap::refresh() {
     if (::stat(map_path(dir_).c_str(), &ps) == 0 && ::fstat(fd_, &fs) == 0 &&
         static_cast<uint64_t>(ps.st_ino) == file_ino_ && static_cast<uint64_t>(fs.st_size) == read_offset_)
         return;
-    FileLock lock(dir_, LOCK_SH);
+    HeldLock lock(*this, dir_, LOCK_SH);
     load_locked(false);
 }
 
@@ -499,9 +529,12 @@ SecureBytes KeyMap::create(const std::string& identity, FileClass cls) {
     check_identity(identity);
     std::lock_guard<std::recursive_mutex> g(mu_);
     SecureBytes dek = random_key(kDekSize);
-    std::vector<uint8_t> wrapped = aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(identity, generation_));
-    FileLock lock(dir_, LOCK_EX);
+    HeldLock lock(*this, dir_, LOCK_EX);
     load_locked(false);
+    // Sealed only now, under the lock and after load_locked: a KEK rotation by another
+    // process may just have switched the generation.
+    std::vector<uint8_t> wrapped =
+        aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(identity, generation_));
     append_locked(encode_add(identity, cls, wrapped));
     return dek;
 }
@@ -509,7 +542,7 @@ SecureBytes KeyMap::create(const std::string& identity, FileClass cls) {
 void KeyMap::move(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from) {
     check_identity(to);
     std::lock_guard<std::recursive_mutex> g(mu_);
-    FileLock lock(dir_, LOCK_EX);
+    HeldLock lock(*this, dir_, LOCK_EX);
     load_locked(false);
     auto it = entries_.find(from);
     if (it == entries_.end()) throw KeyMapError("key map has no entry for \"" + from + "\"");
@@ -533,7 +566,7 @@ void KeyMap::move(const std::string& from, const std::string& to, FileClass to_c
 void KeyMap::remove(const std::string& identity) {
     std::lock_guard<std::recursive_mutex> g(mu_);
     {
-        FileLock lock(dir_, LOCK_EX);
+        HeldLock lock(*this, dir_, LOCK_EX);
         load_locked(false);
         if (!entries_.count(identity)) return;
         append_locked(encode_del(identity));
@@ -551,7 +584,7 @@ void KeyMap::remove_prefix(const std::string& prefix) {
     if (prefix.empty()) throw KeyMapError("refusing to remove every key map entry (empty prefix)");
     std::lock_guard<std::recursive_mutex> g(mu_);
     {
-        FileLock lock(dir_, LOCK_EX);
+        HeldLock lock(*this, dir_, LOCK_EX);
         load_locked(false);
         std::vector<uint8_t> recs;
         for (const auto& e : entries_) {
@@ -609,16 +642,17 @@ void KeyMap::maybe_compact() {
 
 void KeyMap::compact() {
     std::lock_guard<std::recursive_mutex> g(mu_);
-    FileLock lock(dir_, LOCK_EX);
+    HeldLock lock(*this, dir_, LOCK_EX);
     load_locked(false);
     write_full_locked(map_path(dir_), kek_, generation_, entries_);
     dead_records_ = 0;
 }
 
-void KeyMap::rewrap(const SecureBytes& new_kek, uint32_t new_generation) {
+void KeyMap::rewrap(const SecureBytes& new_kek, uint32_t new_generation,
+                    const std::function<void()>& before_rename) {
     if (new_kek.size() != kKekSize) throw KeyMapError("the new KEK must be 32 bytes");
     std::lock_guard<std::recursive_mutex> g(mu_);
-    FileLock lock(dir_, LOCK_EX);
+    HeldLock lock(*this, dir_, LOCK_EX);
     load_locked(false);
     std::unordered_map<std::string, Entry> resealed;
     resealed.reserve(entries_.size());
@@ -634,11 +668,54 @@ void KeyMap::rewrap(const SecureBytes& new_kek, uint32_t new_generation) {
         resealed[e.first] =
             Entry{e.second.cls, aead_seal(new_kek.data(), dek.data(), dek.size(), dek_aad(e.first, new_generation))};
     }
-    write_full_locked(map_path(dir_), new_kek, new_generation, resealed);
+    write_full_locked(map_path(dir_), new_kek, new_generation, resealed, before_rename);
     kek_ = new_kek.clone();
     generation_ = new_generation;
     entries_ = std::move(resealed);
     dead_records_ = 0;
+}
+
+uint32_t KeyMap::generation() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    return generation_;
+}
+
+void KeyMap::set_kek_resolver(KekResolver r) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    resolver_ = std::move(r);
+}
+
+uint32_t KeyMap::peek_generation(const std::string& dir) {
+    std::string path = map_path(dir);
+    FileLock lock(dir, LOCK_SH);
+    int fd = sys::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw KeyMapError("could not open key map \"" + path + "\": " + errno_text());
+    uint8_t h[kHeaderSize];
+    ssize_t r = sys::pread_full(fd, h, sizeof h, 0);
+    int e = errno;
+    sys::close(fd);
+    if (r < 0) throw KeyMapError("could not read key map \"" + path + "\": " + std::strerror(e));
+    return parse_header(h, static_cast<size_t>(r), path).generation;
+}
+
+KeyMap::Exclusive::Exclusive(KeyMap& km) : km_(km), g_(km.mu_) {
+    if (km_.ex_held_) return;  // nested: the outer section holds the lock
+    std::string p = lock_path(km_.dir_);
+    fd_ = sys::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) throw KeyMapError("could not open key map lock \"" + p + "\": " + errno_text());
+    while (::flock(fd_, LOCK_EX) != 0) {
+        if (errno == EINTR) continue;
+        std::string e = errno_text();
+        sys::close(fd_);
+        throw KeyMapError("could not lock key map lock \"" + p + "\": " + e);
+    }
+    km_.ex_held_ = true;
+}
+
+KeyMap::Exclusive::~Exclusive() {
+    if (fd_ < 0) return;
+    km_.ex_held_ = false;
+    sys::close(fd_);
 }
 
 }  // namespace cmk

@@ -5,7 +5,9 @@
 // unwrapped, before anything is decrypted with it.
 #include "cmk_lakebase/keyring.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
@@ -22,15 +24,6 @@ namespace cmk {
 namespace {
 
 std::string keyring_path(const std::string& dir) { return dir + "/" + kKeyringFile; }
-
-std::string now_iso8601() {
-    std::time_t t = std::time(nullptr);
-    std::tm tm{};
-    gmtime_r(&t, &tm);
-    char buf[32];
-    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return buf;
-}
 
 // Canonical, unambiguous serialization of every field except the MAC: each field as
 // name NUL length ':' value LF, options in key order (std::map).
@@ -55,6 +48,17 @@ std::string canonical(const Keyring& kr) {
     field("kek_fingerprint", kr.kek_fingerprint);
     field("kek_generation", std::to_string(kr.kek_generation));
     field("created_at", kr.created_at);
+    // Fields added in 0.3.0 take part only when set, so that a keyring written by an
+    // earlier version keeps its MAC.
+    if (!kr.config_name.empty()) field("config_name", kr.config_name);
+    if (!kr.rotated_at.empty()) field("rotated_at", kr.rotated_at);
+    if (kr.previous) {
+        field("previous.wrapped_kek",
+              base64_encode(kr.previous->wrapped_kek.data(), kr.previous->wrapped_kek.size()));
+        field("previous.kek_version", kr.previous->kek_version);
+        field("previous.kek_fingerprint", kr.previous->kek_fingerprint);
+        field("previous.kek_generation", std::to_string(kr.previous->kek_generation));
+    }
     return out;
 }
 
@@ -65,6 +69,20 @@ std::string compute_mac(const Keyring& kr, const SecureBytes& kek) {
 }
 
 }  // namespace
+
+std::string now_iso8601() {
+    std::time_t t = std::time(nullptr);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return buf;
+}
+
+const std::string& Keyring::bound_name() const {
+    static const std::string def = kDefaultConfigName;
+    return config_name.empty() ? def : config_name;
+}
 
 std::string keyring_dir_for(const std::string& datadir) {
     std::string d = datadir;
@@ -154,12 +172,36 @@ Keyring load_keyring(const std::string& dir) {
     if (!it->value.IsUint() || it->value.GetUint() == 0) throw bad("kek_generation", "is not a positive integer");
     kr.kek_generation = it->value.GetUint();
     kr.created_at = get_string(d, "created_at", "created_at", false);
+    kr.config_name = get_string(d, "config_name", "config_name", false);
+    kr.rotated_at = get_string(d, "rotated_at", "rotated_at", false);
+    it = d.FindMember("previous");
+    if (it != d.MemberEnd() && !it->value.IsNull()) {
+        if (!it->value.IsObject()) throw bad("previous", "is not an object");
+        const rapidjson::Value& pv = it->value;
+        PreviousKek p;
+        try {
+            p.wrapped_kek = base64_decode(get_string(pv, "wrapped_kek", "previous.wrapped_kek", true));
+        } catch (const CryptoError&) {
+            throw bad("previous.wrapped_kek", "is not valid base64");
+        }
+        p.kek_version = get_string(pv, "kek_version", "previous.kek_version", false);
+        p.kek_fingerprint = get_string(pv, "kek_fingerprint", "previous.kek_fingerprint", true);
+        auto git = pv.FindMember("kek_generation");
+        if (git == pv.MemberEnd() || !git->value.IsUint() || git->value.GetUint() == 0)
+            throw bad("previous.kek_generation", "is not a positive integer");
+        p.kek_generation = git->value.GetUint();
+        kr.previous = std::move(p);
+    }
     kr.mac = get_string(d, "mac", "mac", true);
     if (kr.mac.size() != 64) throw bad("mac", "is not a 64-digit hex MAC");
     return kr;
 }
 
 void save_keyring(const std::string& dir, const Keyring& kr) {
+    save_keyring(dir, kr, nullptr);
+}
+
+void save_keyring(const std::string& dir, const Keyring& kr, const std::function<void()>& before_rename) {
     if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
         throw KeyringError("could not create directory \"" + dir + "\": " + std::strerror(errno));
     rapidjson::StringBuffer sb;
@@ -194,16 +236,60 @@ void save_keyring(const std::string& dir, const Keyring& kr) {
     w.Uint(kr.kek_generation);
     w.Key("created_at");
     str(kr.created_at);
+    if (!kr.config_name.empty()) {
+        w.Key("config_name");
+        str(kr.config_name);
+    }
+    if (!kr.rotated_at.empty()) {
+        w.Key("rotated_at");
+        str(kr.rotated_at);
+    }
+    if (kr.previous) {
+        w.Key("previous");
+        w.StartObject();
+        w.Key("wrapped_kek");
+        str(base64_encode(kr.previous->wrapped_kek.data(), kr.previous->wrapped_kek.size()));
+        w.Key("kek_version");
+        str(kr.previous->kek_version);
+        w.Key("kek_fingerprint");
+        str(kr.previous->kek_fingerprint);
+        w.Key("kek_generation");
+        w.Uint(kr.previous->kek_generation);
+        w.EndObject();
+    }
     w.Key("mac");
     str(kr.mac);
     w.EndObject();
     std::string text(sb.GetString(), sb.GetSize());
     text.push_back('\n');
-    try {
-        sys::write_file_atomic(keyring_path(dir).c_str(), text.data(), text.size(), 0600);
-    } catch (const std::runtime_error& e) {
-        throw KeyringError(e.what());
+    if (!before_rename) {
+        try {
+            sys::write_file_atomic(keyring_path(dir).c_str(), text.data(), text.size(), 0600);
+        } catch (const std::runtime_error& e) {
+            throw KeyringError(e.what());
+        }
+        return;
     }
+    // write, fsync, (hook), rename, fsync directory: a crash anywhere leaves the old
+    // or the new keyring.json, never a mixture.
+    std::string path = keyring_path(dir), tmp = path + ".tmp";
+    int fd = sys::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) throw KeyringError("could not create \"" + tmp + "\": " + std::strerror(errno));
+    if (sys::write_full(fd, text.data(), text.size()) != 0 || ::fsync(fd) != 0) {
+        std::string e = std::strerror(errno);
+        sys::close(fd);
+        sys::unlink(tmp.c_str());
+        throw KeyringError("could not write \"" + tmp + "\": " + e);
+    }
+    sys::close(fd);
+    before_rename();
+    if (sys::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::string e = std::strerror(errno);
+        sys::unlink(tmp.c_str());
+        throw KeyringError("could not rename \"" + tmp + "\" into place: " + e);
+    }
+    if (sys::fsync_dir(dir.c_str()) != 0)
+        throw KeyringError("could not fsync directory \"" + dir + "\": " + std::strerror(errno));
 }
 
 void seal_keyring(Keyring& kr, const SecureBytes& kek) {
@@ -227,8 +313,7 @@ Keyring create_keyring(KeyProvider& provider, SecureBytes& kek_out) {
     return kr;
 }
 
-SecureBytes unlock_keyring(const Keyring& kr, KeyProvider& provider) {
-    SecureBytes kek = provider.unwrap(kr.wrapped_kek);
+void verify_keyring(const Keyring& kr, const SecureBytes& kek) {
     const char* tampered = "keyring has been modified or the key is not this cluster's";
     if (kek.size() != kKekSize) throw KeyringError(tampered);
     std::string fp = key_fingerprint(kek.data(), kek.size());
@@ -237,6 +322,21 @@ SecureBytes unlock_keyring(const Keyring& kr, KeyProvider& provider) {
               ct_equal(fp.data(), kr.kek_fingerprint.data(), fp.size());
     ok = mac.size() == kr.mac.size() && ct_equal(mac.data(), kr.mac.data(), mac.size()) && ok;
     if (!ok) throw KeyringError(tampered);
+}
+
+SecureBytes unlock_keyring(const Keyring& kr, KeyProvider& provider) {
+    SecureBytes kek = provider.unwrap(kr.wrapped_kek);
+    verify_keyring(kr, kek);
+    return kek;
+}
+
+SecureBytes unlock_previous_kek(const Keyring& kr, KeyProvider& provider) {
+    if (!kr.previous) throw KeyringError("keyring has no previous KEK");
+    SecureBytes kek = provider.unwrap(kr.previous->wrapped_kek);
+    std::string fp = key_fingerprint(kek.data(), kek.size());
+    if (kek.size() != kKekSize || fp.size() != kr.previous->kek_fingerprint.size() ||
+        !ct_equal(fp.data(), kr.previous->kek_fingerprint.data(), fp.size()))
+        throw KeyringError("the previous KEK recorded in the keyring does not match its fingerprint");
     return kek;
 }
 

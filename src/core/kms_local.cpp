@@ -323,6 +323,27 @@ void LocalKeyStore::set_state(const std::string& key_id, const std::string& stat
     store_key(*this, kf);
 }
 
+uint32_t LocalKeyStore::rotate(const std::string& key_id) {
+    KeyFile kf = load_key(*this, key_id);
+    if (kf.state == "deleted")
+        throw config_error("key " + key_id + " has been deleted from the local key store \"" + dir_ +
+                           "\" and cannot be rotated");
+    uint32_t next = 0;
+    for (const auto& v : kf.versions) next = std::max(next, v.version);
+    next++;
+    KeyVersion v;
+    v.version = next;
+    v.material = random_key(32);
+    kf.versions.push_back(std::move(v));
+    kf.primary = next;
+    store_key(*this, kf);
+    return next;
+}
+
+uint32_t LocalKeyStore::primary_version(const std::string& key_id) const {
+    return load_key(*this, key_id).primary;
+}
+
 std::vector<std::string> LocalKeyStore::list() const {
     check_store_dir(dir_);
     std::vector<std::string> out;

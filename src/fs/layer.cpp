@@ -18,6 +18,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <openssl/crypto.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,8 +33,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cmk_lakebase/audit.hpp"
 #include "cmk_lakebase/crypto.hpp"
 #include "cmk_lakebase/fileclass.hpp"
+#include "cmk_lakebase/keyconfigs.hpp"
+#include "cmk_lakebase/lifecycle.hpp"
 #include "cmk_lakebase/keymap.hpp"
 #include "cmk_lakebase/keyring.hpp"
 #include "cmk_lakebase/kms.hpp"
@@ -129,6 +133,36 @@ struct FileCtx {
     std::atomic<int> refs{1};
 };
 
+// ---- KEKs shared by every process of the server --------------------------------------
+//
+// A KEK rotation in one backend must reach every other process of the running server
+// without a KMS call each and without dropping connections. The postmaster maps this
+// small region (anonymous, MAP_SHARED, locked, excluded from core dumps) before it
+// forks anything, so every child inherits it, across crash restarts too. It holds the
+// KEK of the current generation and, during a rotation, of the next/previous one.
+// Writers hold the key map's writer lock (one rotation at a time, cluster-wide); the
+// sequence counter lets readers that do not hold it retry a torn read. A process
+// whose key map turns out to be sealed under another generation (KeyMap's resolver)
+// or whose keyring.json changed (refresh_keyring) takes the KEK from here; the
+// rotating process retires the old generation from here once nothing refers to it.
+
+struct SharedKeys {
+    std::atomic<uint32_t> seq;
+    struct Slot {
+        uint32_t generation;
+        uint8_t kek[kKekSize];
+    } slot[4];
+};
+
+SharedKeys* map_shared_keys() {
+    void* p = real().mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    (void)::madvise(p, 4096, MADV_DONTDUMP);
+    (void)::mlock(p, 4096);
+    std::memset(p, 0, 4096);
+    return new (p) SharedKeys();
+}
+
 // ---- the process-wide state -------------------------------------------------------
 
 struct State {
@@ -150,6 +184,13 @@ struct State {
     std::unique_ptr<KeyMap> keymap;
     pid_t keymap_pid = 0;
     std::mutex keymap_mu;
+
+    SharedKeys* shared = nullptr;
+    // Guards keyring, provider and kek against the process's other threads; key
+    // operations hold it throughout (recursive: they reach keymap() and refresh).
+    std::recursive_mutex keyring_mu;
+    struct stat keyring_stamp {};
+    bool aggregate_probes = false;
 
     std::mutex ts_mu;
     std::vector<std::pair<std::string, std::string>> tablespaces;  // real target -> oid
@@ -362,6 +403,55 @@ std::optional<Resolved> resolve(int dirfd, const char* path) {
 
 // ---- keys -----------------------------------------------------------------------------
 
+std::optional<SecureBytes> shared_kek(uint32_t gen) {
+    SharedKeys* sh = st().shared;
+    if (!sh || gen == 0) return std::nullopt;
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        uint32_t a = sh->seq.load(std::memory_order_acquire);
+        if (a & 1) continue;
+        std::optional<SecureBytes> out;
+        for (const auto& sl : sh->slot)
+            if (sl.generation == gen) out = SecureBytes(sl.kek, kKekSize);
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (sh->seq.load(std::memory_order_relaxed) == a) return out;
+    }
+    return std::nullopt;
+}
+
+// The highest generation published, with its KEK.
+std::optional<std::pair<uint32_t, SecureBytes>> shared_newest() {
+    SharedKeys* sh = st().shared;
+    if (!sh) return std::nullopt;
+    uint32_t best = 0;
+    for (const auto& sl : sh->slot) best = std::max(best, sl.generation);
+    if (!best) return std::nullopt;
+    std::optional<SecureBytes> k = shared_kek(best);
+    if (!k) return std::nullopt;
+    return std::make_pair(best, std::move(*k));
+}
+
+void shared_write(uint32_t gen, const uint8_t* kek) {  // kek null: retire gen
+    SharedKeys* sh = st().shared;
+    if (!sh) return;
+    sh->seq.fetch_add(1, std::memory_order_acq_rel);
+    SharedKeys::Slot* target = nullptr;
+    for (auto& sl : sh->slot)
+        if (sl.generation == gen) target = &sl;
+    if (!target && kek)
+        for (auto& sl : sh->slot)
+            if (sl.generation == 0 && !target) target = &sl;
+    if (target) {
+        if (kek) {
+            std::memcpy(target->kek, kek, kKekSize);
+            target->generation = gen;
+        } else {
+            OPENSSL_cleanse(target->kek, kKekSize);
+            target->generation = 0;
+        }
+    }
+    sh->seq.fetch_add(1, std::memory_order_acq_rel);
+}
+
 KeyMap& keymap() {
     State& s = st();
     // flock() locks belong to the open file description: a forked child must not share
@@ -370,8 +460,19 @@ KeyMap& keymap() {
     if (s.keymap_pid != me) {
         std::lock_guard<std::mutex> g(s.keymap_mu);
         if (s.keymap_pid != me) {
-            s.keymap.reset(new KeyMap(s.keyring_dir, s.kek, s.keyring.cluster_id,
-                                      s.keyring.kek_generation));
+            // The generation this process last knew; if the key map was re-sealed
+            // since (a KEK rotation), the resolver finds the new KEK in shared memory.
+            uint32_t gen = s.keyring.kek_generation;
+            std::optional<SecureBytes> k = shared_kek(gen);
+            if (!k && s.kek.empty()) {
+                // That generation was retired by a rotation since this process's
+                // state was forked: start from the newest one published.
+                if (auto newest = shared_newest()) {
+                    gen = newest->first;
+                    k = std::move(newest->second);
+                }
+            }
+            s.keymap.reset(new KeyMap(s.keyring_dir, k ? *k : s.kek, s.keyring.cluster_id, gen, shared_kek));
             s.keymap_pid = me;
         }
     }
@@ -678,11 +779,24 @@ std::string kms_hint(KmsErrorKind k, const KeyConfig& cfg) {
     }
 }
 
-// Loads keyring, unwraps the KEK, opens the key map. Throws LayerError.
+std::unique_ptr<KeyProvider> audited(const KeyConfig& cfg, const std::string& name) {
+    return audit::audited_provider(make_provider(cfg), name, st().aggregate_probes);
+}
+
+void stamp_keyring(State& s) {
+    if (::stat((s.keyring_dir + "/" + kKeyringFile).c_str(), &s.keyring_stamp) != 0) s.keyring_stamp = {};
+}
+
+lifecycle::Context make_context(State& s);
+void adopt_context(State& s, lifecycle::Context& ctx);
+
+// Loads keyring, unwraps the KEK, opens the key map; completes a KEK rotation a crash
+// interrupted (keyring with a previous KEK). Throws LayerError.
 void load_keys(State& s, const std::string& datadir, const std::string& keyring_dir) {
     s.datadir = normalize_path(datadir);
     s.datadir_real = real_path(s.datadir);
     s.keyring_dir = keyring_dir.empty() ? keyring_dir_for(s.datadir) : keyring_dir;
+    audit::set_directory(s.keyring_dir);
     try {
         s.keyring = load_keyring(s.keyring_dir);
     } catch (const std::exception& e) {
@@ -691,11 +805,29 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                          "Create encrypted clusters with \"pg_cmk initdb\"; a plaintext cluster cannot "
                          "run with cmk_lakebase in shared_preload_libraries.");
     }
+    stamp_keyring(s);
     const KeyConfig& cfg = s.keyring.config;
     std::string who = "key \"" + cfg.key_id + "\" of provider \"" + cfg.provider + "\"";
+    SecureBytes map_kek;
+    uint32_t map_gen = s.keyring.kek_generation;
     try {
-        s.provider = make_provider(cfg);
+        s.provider = audited(cfg, s.keyring.bound_name());
         s.kek = unlock_keyring(s.keyring, *s.provider);
+        if (s.keyring.previous) {
+            // Interrupted KEK rotation: the key map may still be sealed under the
+            // previous generation.
+            try {
+                map_gen = KeyMap::peek_generation(s.keyring_dir);
+            } catch (const std::exception&) {
+                map_gen = s.keyring.kek_generation;  // reported by the KeyMap below
+            }
+            if (map_gen == s.keyring.previous->kek_generation)
+                map_kek = unlock_previous_kek(s.keyring, *s.provider);
+        }
+        if (map_kek.empty()) {
+            map_kek = s.kek.clone();
+            map_gen = s.keyring.kek_generation;
+        }
     } catch (const KmsError& e) {
         throw LayerError("cmk_lakebase: could not unwrap the key-encryption key with " + who,
                          std::string("The key provider said: ") + e.what(), kms_hint(e.kind, cfg));
@@ -704,8 +836,11 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                          "The keyring cmk_lakebase/keyring.json may have been modified, or belong to "
                          "another cluster.");
     }
+    if (!s.shared) s.shared = map_shared_keys();
+    shared_write(s.keyring.kek_generation, s.kek.data());
+    if (map_gen != s.keyring.kek_generation) shared_write(map_gen, map_kek.data());
     try {
-        s.keymap.reset(new KeyMap(s.keyring_dir, s.kek, s.keyring.cluster_id, s.keyring.kek_generation));
+        s.keymap.reset(new KeyMap(s.keyring_dir, map_kek, s.keyring.cluster_id, map_gen, shared_kek));
         s.keymap_pid = ::getpid();
     } catch (const std::exception& e) {
         throw LayerError("cmk_lakebase: the key map of data directory \"" + s.datadir + "\" is unusable",
@@ -713,7 +848,92 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                          "Restore the data directory together with its cmk_lakebase/ directory from "
                          "the same backup.");
     }
+    map_kek.wipe();
+    if (s.keyring.previous) {
+        try {
+            lifecycle::Context ctx = make_context(s);
+            bool done = false;
+            try {
+                done = lifecycle::finish_interrupted(ctx);
+            } catch (...) {
+                adopt_context(s, ctx);
+                throw;
+            }
+            adopt_context(s, ctx);
+            if (done)
+                log_line(
+                    "completed a KEK rotation that a crash had interrupted; the key map is sealed under KEK "
+                    "generation " +
+                    std::to_string(s.keyring.kek_generation));
+        } catch (const std::exception& e) {
+            throw LayerError(
+                "cmk_lakebase: could not complete an interrupted KEK rotation", e.what(),
+                "Check that the key provider is reachable and cmk_lakebase/ is writable, then start "
+                "again.");
+        }
+    }
     s.per_boot = random_key(32);
+}
+
+// Picks up a keyring.json another process rewrote (rewrap, new binding, KEK rotation):
+// verified with the KEK of its generation, known here or from shared memory, without a
+// KMS call. A keyring that does not verify is reported and ignored. Caller holds
+// keyring_mu.
+void refresh_keyring_locked(State& s) {
+    struct stat sb;
+    std::string path = s.keyring_dir + "/" + kKeyringFile;
+    if (::stat(path.c_str(), &sb) != 0) return;
+    bool same = sb.st_ino == s.keyring_stamp.st_ino && sb.st_size == s.keyring_stamp.st_size &&
+                sb.st_mtim.tv_sec == s.keyring_stamp.st_mtim.tv_sec &&
+                sb.st_mtim.tv_nsec == s.keyring_stamp.st_mtim.tv_nsec;
+    if (same && !s.kek.empty()) return;
+    try {
+        Keyring kr = same ? s.keyring : load_keyring(s.keyring_dir);
+        std::optional<SecureBytes> k;
+        if (kr.kek_generation == s.keyring.kek_generation && !s.kek.empty())
+            k = s.kek.clone();
+        else
+            k = shared_kek(kr.kek_generation);
+        if (!k) {
+            log_line("keyring.json was changed to KEK generation " + std::to_string(kr.kek_generation) +
+                     ", which this process does not know; keeping generation " +
+                     std::to_string(s.keyring.kek_generation));
+            s.keyring_stamp = sb;
+            return;
+        }
+        verify_keyring(kr, *k);
+        bool new_provider = !s.provider || kr.config.provider != s.keyring.config.provider ||
+                            kr.config.key_id != s.keyring.config.key_id ||
+                            kr.config.options != s.keyring.config.options;
+        if (new_provider) s.provider = audited(kr.config, kr.bound_name());
+        s.keyring = std::move(kr);
+        s.kek = std::move(*k);
+        s.keyring_stamp = sb;
+    } catch (const std::exception& e) {
+        log_line(std::string("ignoring a keyring.json that does not verify: ") + e.what());
+        s.keyring_stamp = sb;
+    }
+}
+
+lifecycle::Context make_context(State& s) {
+    lifecycle::Context ctx;
+    ctx.dir = s.keyring_dir;
+    ctx.keymap = &keymap();
+    ctx.keyring = s.keyring;
+    ctx.kek = s.kek.clone();
+    ctx.provider = std::move(s.provider);
+    ctx.kek_of = shared_kek;
+    ctx.publish = [](uint32_t g, const SecureBytes& k) { shared_write(g, k.data()); };
+    ctx.retire = [](uint32_t g) { shared_write(g, nullptr); };
+    ctx.make_provider = audited;
+    return ctx;
+}
+
+void adopt_context(State& s, lifecycle::Context& ctx) {
+    s.keyring = ctx.keyring;
+    if (!ctx.kek.empty()) s.kek = std::move(ctx.kek);
+    if (ctx.provider) s.provider = std::move(ctx.provider);
+    stamp_keyring(s);
 }
 
 // Preload mode: initialize on the first touch of the data directory.
@@ -729,6 +949,7 @@ bool ensure_active() {
     if (s.init_failed) return false;
     ReentryGuard guard;
     try {
+        audit::set_default_actor(std::string("tool ") + program_invocation_short_name);
         load_keys(s, s.env_datadir, s.env_keyring_dir);
     } catch (const LayerError& e) {
         s.init_failed = true;
@@ -1189,6 +1410,15 @@ void start_server(const std::string& datadir) {
     }
     detail::install_got();
     s.mode.store(Mode::Got, std::memory_order_release);
+    // From here the postmaster needs no KEK of its own: children take it from the
+    // shared region, so a KEK rotation that retires a generation there leaves no
+    // copy of the old KEK in any process started after it (the postmaster included).
+    if (s.shared) {
+        std::lock_guard<std::mutex> g2(s.keymap_mu);
+        s.keymap.reset();
+        s.keymap_pid = 0;
+        s.kek.wipe();
+    }
 }
 
 LayerInfo info() {
@@ -1196,6 +1426,11 @@ LayerInfo info() {
     LayerInfo i;
     i.mode = s.mode.load();
     if (i.mode == Mode::Off) return i;
+    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+    refresh_keyring_locked(s);
+    i.config_name = s.keyring.bound_name();
+    i.kek_version = s.keyring.kek_version;
+    i.rotation_pending = s.keyring.previous.has_value();
     i.data_directory = s.datadir;
     i.provider = s.keyring.config.provider;
     i.key_id = s.keyring.config.key_id;
@@ -1244,6 +1479,8 @@ FileKeyInfo describe_file(const std::string& relpath) {
 
 KeyStatus provider_status() {
     State& s = st();
+    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+    if (s.mode.load() != Mode::Off) refresh_keyring_locked(s);
     if (s.mode.load() == Mode::Off || !s.provider) {
         KeyStatus ks;
         ks.health = KeyHealth::Unavailable;
@@ -1265,6 +1502,8 @@ KeyStatus provider_status() {
 ProbeResult probe_key() {
     State& s = st();
     ProbeResult r;
+    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+    if (s.mode.load() != Mode::Off && !s.wiped.load()) refresh_keyring_locked(s);
     if (s.mode.load() == Mode::Off || !s.provider) {
         r.detail = "the encrypting file layer is not active";
         return r;
@@ -1272,6 +1511,12 @@ ProbeResult probe_key() {
     if (s.wiped.load()) {
         r.health = KeyHealth::Revoked;
         r.detail = "keys have been wiped in this server";
+        return r;
+    }
+    if (s.kek.empty()) {
+        // Not a revocation: this process does not hold the KEK to compare with.
+        r.detail =
+            "this process does not know the KEK of generation " + std::to_string(s.keyring.kek_generation);
         return r;
     }
     try {
@@ -1305,8 +1550,118 @@ void wipe_keys() {
     s.wiped.store(true);
     s.kek.wipe();
     s.per_boot.wipe();
+    // Every process's KEK source: from now on no process can open the key map.
+    if (SharedKeys* sh = s.shared) {
+        sh->seq.fetch_add(1);
+        OPENSSL_cleanse(sh->slot, sizeof sh->slot);
+        sh->seq.fetch_add(1);
+    }
     // Open descriptors keep their FileKey objects; they refuse to work from now on
     // (checked on every read and write) and are destroyed as descriptors close.
+}
+
+// ---- key lifecycle (online) --------------------------------------------------------------
+
+namespace {
+
+template <typename F>
+auto with_context(F&& fn) {
+    State& s = st();
+    if (s.mode.load() == Mode::Off)
+        throw LayerError(
+            "cmk_lakebase: the encrypting file layer is not active in this process",
+            "Key operations run in a server started with cmk_lakebase in shared_preload_libraries.",
+            "Use pg_cmk on a cluster that is not running.");
+    if (s.wiped.load())
+        throw LayerError("cmk_lakebase: the keys of this server have been wiped (the CMK was revoked)", "",
+                         "Restore the key in the key provider and start the server again.");
+    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+    refresh_keyring_locked(s);
+    if (s.kek.empty())
+        throw LayerError("cmk_lakebase: this process does not know the current KEK (generation " +
+                             std::to_string(s.keyring.kek_generation) + ")",
+                         "", "Reconnect and try again.");
+    lifecycle::Context ctx = make_context(s);
+    try {
+        auto r = fn(ctx);
+        adopt_context(s, ctx);
+        return r;
+    } catch (...) {
+        adopt_context(s, ctx);
+        throw;
+    }
+}
+
+KeyOpResult to_result(const lifecycle::Result& r) {
+    KeyOpResult o;
+    o.action = r.action;
+    o.config_name = r.config_name;
+    o.provider = r.provider;
+    o.key_id = r.key_id;
+    o.key_version_before = r.key_version_before;
+    o.key_version = r.key_version;
+    o.kek_generation_before = r.kek_generation_before;
+    o.kek_generation = r.kek_generation;
+    o.kek_fingerprint = r.kek_fingerprint;
+    o.finished_interrupted = r.finished_interrupted;
+    return o;
+}
+
+}  // namespace
+
+KeyOpResult rewrap_kek() {
+    return with_context([](lifecycle::Context& c) { return to_result(lifecycle::rewrap(c)); });
+}
+
+KeyOpResult rotate_kek() {
+    return with_context([](lifecycle::Context& c) { return to_result(lifecycle::rotate_kek(c)); });
+}
+
+KeyOpResult bind_cluster(const std::string& config_name) {
+    return with_context(
+        [&](lifecycle::Context& c) { return to_result(lifecycle::bind_cluster(c, config_name)); });
+}
+
+std::vector<KeyConfigInfo> key_configs() {
+    return with_context([](lifecycle::Context& c) {
+        std::vector<KeyConfigInfo> out;
+        for (const auto& row : lifecycle::list_configs(c)) {
+            KeyConfigInfo k;
+            k.name = row.named.name;
+            k.provider = row.named.config.provider;
+            k.key_id = row.named.config.key_id;
+            k.options = row.named.config.options;
+            k.created_at = row.named.created_at;
+            k.bound = row.bound;
+            out.push_back(std::move(k));
+        }
+        return out;
+    });
+}
+
+void create_key_config(const std::string& name, const KeyConfig& cfg) {
+    with_context([&](lifecycle::Context& c) {
+        lifecycle::create_config(c, NamedKeyConfig{name, cfg, ""});
+        return 0;
+    });
+}
+
+void drop_key_config(const std::string& name) {
+    with_context([&](lifecycle::Context& c) {
+        lifecycle::drop_config(c, name);
+        return 0;
+    });
+}
+
+std::string keyring_directory() {
+    return st().keyring_dir;
+}
+
+void set_probe_audit_aggregation(bool on) {
+    State& s = st();
+    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+    s.aggregate_probes = on;
+    if (s.provider) audit::set_aggregate_probes(*s.provider, on);
 }
 
 }  // namespace cmk::fs

@@ -10,7 +10,9 @@
 #include <exception>
 #include <string>
 
+#include "cmk_lakebase/audit.hpp"
 #include "cmk_lakebase/layer.hpp"
+#include "cmk_lifecycle.hpp"
 #include "cmk_watchdog.hpp"
 
 extern "C" {
@@ -83,8 +85,11 @@ void _PG_init(void) {
                              "are made non-dumpable.",
                              &allow_core_dumps, false, PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
+    cmk_lifecycle_init();
+
     Failure f;
     try {
+        cmk::audit::set_default_actor("postmaster");
         cmk::fs::start_server(DataDir);
     } catch (const std::exception& e) {
         f.from(e);
@@ -109,8 +114,10 @@ extern "C" Datum cmk_status(PG_FUNCTION_ARGS) {
         bool per_boot;
         int64 deks;
     } out{};
+    std::string actor = GetUserNameFromId(GetUserId(), false);
     Failure f;
     try {
+        cmk::audit::ActorScope scope(actor);
         cmk::fs::LayerInfo i = cmk::fs::info();
         if (i.mode == cmk::fs::Mode::Off) {
             f.set("cmk_lakebase: the encrypting file layer is not active in this server",

@@ -10,6 +10,7 @@
 #include <exception>
 #include <string>
 
+#include "cmk_lakebase/audit.hpp"
 #include "cmk_lakebase/layer.hpp"
 #include "cmk_watchdog.hpp"
 
@@ -139,6 +140,29 @@ KeyNames key_names() {
     return k;
 }
 
+// A kill-switch or outage action in the audit trail (never throws).
+void audit_action(const char* action, const KeyNames& names, const char* outcome, const char* detail) {
+    try {
+        cmk::audit::Event e;
+        e.action = action;
+        e.provider = names.provider;
+        e.key_id = names.key_id;
+        e.outcome = outcome;
+        e.detail = detail;
+        cmk::audit::record(e);
+    } catch (const std::exception&) {
+    }
+}
+
+void audit_as_watchdog() {
+    try {
+        cmk::audit::set_default_actor("watchdog");
+        // One line per change of answer (and at least hourly), not one per check.
+        cmk::fs::set_probe_audit_aggregation(true);
+    } catch (const std::exception&) {
+    }
+}
+
 void wipe_keys_quietly() {
     try {
         cmk::fs::wipe_keys();
@@ -191,6 +215,7 @@ void cmk_watchdog_main(Datum) {
     shared->worker_latch = MyLatch;
     SpinLockRelease(&shared->mutex);
 
+    audit_as_watchdog();
     KeyNames names = key_names();
     int backoff_ms = 1000;
     bool outage_shutdown_sent = false;
@@ -208,6 +233,7 @@ void cmk_watchdog_main(Datum) {
 
         Probe p;
         run_probe(&p);
+        names = key_names();  // the binding may have changed (bind_cluster)
         TimestampTz now = GetCurrentTimestamp();
 
         SpinLockAcquire(&shared->mutex);
@@ -231,6 +257,7 @@ void cmk_watchdog_main(Datum) {
                                  names.key_id, names.provider, p.detail),
                           errhint("Data cannot be read until the key is restored in the key provider; then "
                                   "start the server again.")));
+            audit_action("kill_switch", names, "revoked", p.detail);
             wipe_keys_quietly();
             // Immediate shutdown: no checkpoint, nothing that needs a key.
             kill(PostmasterPid, SIGQUIT);
@@ -247,6 +274,7 @@ void cmk_watchdog_main(Datum) {
                                      "(%d s) for key \"%s\"; shutting the cluster down",
                                      kms_outage_grace_s, names.key_id),
                               errdetail("Last answer: %s", p.detail)));
+                audit_action("outage_shutdown", names, "unavailable", p.detail);
                 kill(PostmasterPid, SIGINT);  // fast shutdown: the key is still valid
                 outage_shutdown_sent = true;
             }
