@@ -10,8 +10,10 @@
 #      a freshly started server plus a short warm-up, so drift and page-cache state hit
 #      both modes alike. Reported: median TPS per mode and the ratio encrypted/plaintext,
 #      against the targets TPC-B >= 0.95 and select-only >= 0.90.
-#  (b) the page cipher: "pg_cmk bench-cipher" (AES-256-XTS over 8 KiB units) beside
-#      "openssl speed -evp aes-256-xts -bytes 8192" (encrypt and -decrypt), target >= 0.9.
+#  (b) the page cipher: "pg_cmk bench-cipher" (AES-256-XTS, one 8 KiB unit in place,
+#      new tweak per call) beside "openssl speed -evp aes-256-xts -bytes 8192" (one 8 KiB
+#      buffer; encrypt and -decrypt), many short alternating rounds, best-of-N compared,
+#      target >= 0.9.
 #
 # Not a test: it prints numbers and PASS/MISS per target. Exit status is 0 when the
 # benchmark ran (1 on error), or with BENCH_STRICT=1, 3 when a target is missed.
@@ -32,8 +34,9 @@
 #   BENCH_SYNC_COMMIT=on    synchronous_commit of both clusters ("off" removes the
 #                           WAL-flush floor from TPC-B and shows more of the CPU cost)
 #   BENCH_WORKLOADS="tpcb select"
-#   BENCH_CIPHER_SECONDS=3  seconds per direction for the cipher comparison
-#   BENCH_CIPHER_ROUNDS=3   alternations pg_cmk/openssl (medians are compared)
+#   BENCH_CIPHER_SECONDS=1  seconds per tool and direction in each cipher round
+#   BENCH_CIPHER_ROUNDS=9   short alternating rounds pg_cmk/openssl; the best run of
+#                           each tool is compared (contention only slows runs down)
 #   BENCH_SKIP_PGBENCH=0    1: only the cipher comparison
 #   BENCH_DIR=              work directory (default: a new one under /tmp); removed at
 #                           the end unless BENCH_KEEP=1
@@ -52,8 +55,8 @@ BENCH_WARMUP=${BENCH_WARMUP:-5}
 BENCH_SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-32MB}
 BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-tpcb select}
-BENCH_CIPHER_SECONDS=${BENCH_CIPHER_SECONDS:-3}
-BENCH_CIPHER_ROUNDS=${BENCH_CIPHER_ROUNDS:-3}
+BENCH_CIPHER_SECONDS=${BENCH_CIPHER_SECONDS:-1}
+BENCH_CIPHER_ROUNDS=${BENCH_CIPHER_ROUNDS:-9}
 BENCH_SKIP_PGBENCH=${BENCH_SKIP_PGBENCH:-0}
 BENCH_KEEP=${BENCH_KEEP:-0}
 BENCH_STRICT=${BENCH_STRICT:-0}
@@ -315,17 +318,27 @@ for ((cr = 1; cr <= BENCH_CIPHER_ROUNDS; cr++)); do
 	printf '[%s] page cipher MB/s  pg_cmk encrypt %.1f decrypt %.1f   openssl encrypt %.1f decrypt %.1f\n' \
 		"$(date +%H:%M:%S)" "$c_enc" "$c_dec" "$o_enc" "$o_dec"
 done
+best() { printf '%s\n' "$@" | sort -g | tail -n 1; }
+# Verdict on best-of-N: load from other processes on a shared host only ever slows a run
+# down, so each tool's fastest run is the best estimate of its uncontended throughput,
+# and both tools get the same number of equally short, alternating chances.
 for dir in enc dec; do
 	if [ $dir = enc ]; then label="encrypt"; else label="decrypt"; fi
 	# shellcheck disable=SC2086
-	a=$(median ${CIPHER[cmk,$dir]})
+	a=$(best ${CIPHER[cmk,$dir]})
 	# shellcheck disable=SC2086
-	b=$(median ${CIPHER[ossl,$dir]})
+	b=$(best ${CIPHER[ossl,$dir]})
 	r=$(ratio "$a" "$b")
 	v=$(verdict "$r" "$TARGET_CIPHER")
 	[ "$v" = PASS ] || MISSED=1
-	add_summary "$(printf 'page cipher %s  median pg_cmk %9.1f MB/s  openssl %9.1f MB/s  ratio %s  (target >= %s)  %s' \
-		"$label" "$a" "$b" "$r" "$TARGET_CIPHER" "$v")"
+	add_summary "$(printf 'page cipher %s  best-of-%d pg_cmk %9.1f MB/s  openssl %9.1f MB/s  ratio %s  (target >= %s)  %s' \
+		"$label" "$BENCH_CIPHER_ROUNDS" "$a" "$b" "$r" "$TARGET_CIPHER" "$v")"
+	# shellcheck disable=SC2086
+	ma=$(median ${CIPHER[cmk,$dir]})
+	# shellcheck disable=SC2086
+	mb=$(median ${CIPHER[ossl,$dir]})
+	add_summary "$(printf '             median    pg_cmk %9.1f MB/s  openssl %9.1f MB/s  ratio %s  (load-sensitive, not judged)' \
+		"$ma" "$mb" "$(ratio "$ma" "$mb")")"
 done
 
 # ------------------------------------------------------------------ summary
