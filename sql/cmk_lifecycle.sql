@@ -45,6 +45,9 @@ SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('relstore', 'loc
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('badid', 'local', 'bad/id', '{"key_store": "/tmp"}')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('nosuch', 'nosuch', 'x')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('aws1', 'aws', 'alias/x')$$);
+SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('kmip1', 'kmip', 'uid-1', '{"port": "5696"}')$$);
+SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('gcp1', 'gcp', 'projects/p/keyRings/r')$$);
+SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('vault1', 'vault', 'k', '{"addr": "ftp://vault.example.com"}')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('secret', 'local', 'x', '{"key_store": "/tmp", "api_token": "abc"}')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('num', 'local', 'x', '{"key_store": "/tmp", "n": 1}')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.create_key_config('arr', 'local', 'x', '[1]')$$);
