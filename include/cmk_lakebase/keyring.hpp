@@ -86,4 +86,8 @@ SecureBytes unlock_previous_kek(const Keyring& kr, KeyProvider& provider);
 
 std::string now_iso8601();
 
+// One field of a canonical, unambiguous serialization (the input of the keyring's and
+// the key configurations' MACs): name NUL length ':' value LF.
+void canonical_field(std::string& out, const std::string& name, const std::string& value);
+
 }  // namespace cmk

@@ -24,12 +24,7 @@ std::string path_of(const std::string& dir) {
 std::string canonical(const KeyConfigSet& s) {
     std::string out = "cmk_lakebase key configurations v1\n";
     auto field = [&out](const std::string& name, const std::string& value) {
-        out += name;
-        out.push_back('\0');
-        out += std::to_string(value.size());
-        out.push_back(':');
-        out += value;
-        out.push_back('\n');
+        canonical_field(out, name, value);
     };
     field("kek_generation", std::to_string(s.kek_generation));
     field("count", std::to_string(s.configs.size()));

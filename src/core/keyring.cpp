@@ -23,19 +23,16 @@
 namespace cmk {
 namespace {
 
-std::string keyring_path(const std::string& dir) { return dir + "/" + kKeyringFile; }
+std::string keyring_path(const std::string& dir) {
+    return dir + "/" + kKeyringFile;
+}
 
 // Canonical, unambiguous serialization of every field except the MAC: each field as
 // name NUL length ':' value LF, options in key order (std::map).
 std::string canonical(const Keyring& kr) {
     std::string out = "cmk_lakebase keyring v1\n";
     auto field = [&out](const std::string& name, const std::string& value) {
-        out += name;
-        out.push_back('\0');
-        out += std::to_string(value.size());
-        out.push_back(':');
-        out += value;
-        out.push_back('\n');
+        canonical_field(out, name, value);
     };
     field("format", std::to_string(kr.format));
     field("cluster_id", kr.cluster_id);
@@ -70,6 +67,15 @@ std::string compute_mac(const Keyring& kr, const SecureBytes& kek) {
 
 }  // namespace
 
+void canonical_field(std::string& out, const std::string& name, const std::string& value) {
+    out += name;
+    out.push_back('\0');
+    out += std::to_string(value.size());
+    out.push_back(':');
+    out += value;
+    out.push_back('\n');
+}
+
 std::string now_iso8601() {
     std::time_t t = std::time(nullptr);
     std::tm tm{};
@@ -100,7 +106,8 @@ Keyring load_keyring(const std::string& dir) {
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) {
         if (errno == ENOENT)
-            throw KeyringError("data directory is not encrypted by cmk_lakebase: \"" + path + "\" is missing");
+            throw KeyringError("data directory is not encrypted by cmk_lakebase: \"" + path +
+                               "\" is missing");
         throw KeyringError("could not access keyring \"" + path + "\": " + std::strerror(errno));
     }
     std::string text;
@@ -169,7 +176,8 @@ Keyring load_keyring(const std::string& dir) {
     if (kr.kek_fingerprint.size() != 32) throw bad("kek_fingerprint", "is not a 32-digit hex fingerprint");
     it = d.FindMember("kek_generation");
     if (it == d.MemberEnd()) throw bad("kek_generation", "is missing");
-    if (!it->value.IsUint() || it->value.GetUint() == 0) throw bad("kek_generation", "is not a positive integer");
+    if (!it->value.IsUint() || it->value.GetUint() == 0)
+        throw bad("kek_generation", "is not a positive integer");
     kr.kek_generation = it->value.GetUint();
     kr.created_at = get_string(d, "created_at", "created_at", false);
     kr.config_name = get_string(d, "config_name", "config_name", false);
@@ -206,7 +214,9 @@ void save_keyring(const std::string& dir, const Keyring& kr, const std::function
         throw KeyringError("could not create directory \"" + dir + "\": " + std::strerror(errno));
     rapidjson::StringBuffer sb;
     rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
-    auto str = [&w](const std::string& s) { w.String(s.c_str(), static_cast<rapidjson::SizeType>(s.size())); };
+    auto str = [&w](const std::string& s) {
+        w.String(s.c_str(), static_cast<rapidjson::SizeType>(s.size()));
+    };
     w.StartObject();
     w.Key("format");
     w.Int(kr.format);
@@ -318,8 +328,8 @@ void verify_keyring(const Keyring& kr, const SecureBytes& kek) {
     if (kek.size() != kKekSize) throw KeyringError(tampered);
     std::string fp = key_fingerprint(kek.data(), kek.size());
     std::string mac = compute_mac(kr, kek);
-    bool ok = fp.size() == kr.kek_fingerprint.size() &&
-              ct_equal(fp.data(), kr.kek_fingerprint.data(), fp.size());
+    bool ok =
+        fp.size() == kr.kek_fingerprint.size() && ct_equal(fp.data(), kr.kek_fingerprint.data(), fp.size());
     ok = mac.size() == kr.mac.size() && ct_equal(mac.data(), kr.mac.data(), mac.size()) && ok;
     if (!ok) throw KeyringError(tampered);
 }

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "cmk_lakebase/keyring.hpp"  // now_iso8601
 #include "cmk_lakebase/kms.hpp"
 #include "cmk_lakebase/sys.hpp"
 
@@ -31,15 +32,6 @@ namespace cmk {
 namespace {
 
 constexpr uint8_t kWrapFormat = 1;
-
-std::string now_iso8601() {
-    std::time_t t = std::time(nullptr);
-    std::tm tm{};
-    gmtime_r(&t, &tm);
-    char buf[32];
-    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return buf;
-}
 
 std::string mode_str(mode_t m) {
     char buf[8];
