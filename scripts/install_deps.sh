@@ -13,7 +13,11 @@
 #    and the SDK run against it; they are used with /usr/bin/python3.
 set -euo pipefail
 
-if [ "$(id -u)" -ne 0 ]; then
+# --list prints the package names, one per line (.ci/run installs them itself).
+list_only=0
+[ "${1:-}" = --list ] && list_only=1
+
+if [ "$list_only" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
 	echo "install_deps.sh: must run as root" >&2
 	exit 1
 fi
@@ -31,6 +35,11 @@ packages=(
 	python3-cryptography python3-jwt python3-hvac curl
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 )
+
+if [ "$list_only" -eq 1 ]; then
+	printf '%s\n' "${packages[@]}"
+	exit 0
+fi
 
 missing=()
 for p in "${packages[@]}"; do
