@@ -193,14 +193,16 @@ void fill_row(const cmk::fs::KeyOpResult& k, OpRow* r) {
 template <typename F>
 Datum key_op(FunctionCallInfo fcinfo, const char* fn, const char* what, F&& op) {
     require_key_admin(fn);
-    std::string actor = current_actor();
     OpRow row{};
     Failure f;
-    try {
-        cmk::audit::ActorScope scope(actor);
-        fill_row(op(), &row);
-    } catch (const std::exception& e) {
-        classify(e, what, &f);
+    {  // C++ objects end here, before raise() may longjmp past this frame
+        std::string actor = current_actor();
+        try {
+            cmk::audit::ActorScope scope(actor);
+            fill_row(op(), &row);
+        } catch (const std::exception& e) {
+            classify(e, what, &f);
+        }
     }
     if (f.failed) raise(f);
     return op_row(fcinfo, row);
@@ -245,9 +247,9 @@ extern "C" Datum cmk_rotate_kek(PG_FUNCTION_ARGS) {
 }
 
 extern "C" Datum cmk_bind_cluster(PG_FUNCTION_ARGS) {
-    std::string name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+    const char* name = text_to_cstring(PG_GETARG_TEXT_PP(0));  // palloc'd: no destructor to skip
     return key_op(fcinfo, "bind_cluster", "bind the cluster to another key configuration",
-                  [&name] { return cmk::fs::bind_cluster(name); });
+                  [name] { return cmk::fs::bind_cluster(name); });
 }
 
 extern "C" Datum cmk_bind_database(PG_FUNCTION_ARGS) {
@@ -265,32 +267,34 @@ extern "C" Datum cmk_create_key_config(PG_FUNCTION_ARGS) {
     if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
         ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
                         errmsg("name, provider and key_id of a key configuration must not be null")));
-    std::string name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-    cmk::KeyConfig cfg;
-    cfg.provider = text_to_cstring(PG_GETARG_TEXT_PP(1));
-    cfg.key_id = text_to_cstring(PG_GETARG_TEXT_PP(2));
-    std::string opts = "{}";
-    if (!PG_ARGISNULL(3)) {
-        Jsonb* jb = PG_GETARG_JSONB_P(3);
-        opts = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
-    }
-    std::string actor = current_actor();
     Failure f;
-    try {
-        rapidjson::Document d;
-        d.Parse(opts.c_str(), opts.size());
-        if (d.HasParseError() || !d.IsObject())
-            throw cmk::lifecycle::LifecycleError("options must be a JSON object of strings");
-        for (const auto& m : d.GetObject()) {
-            std::string k(m.name.GetString(), m.name.GetStringLength());
-            if (!m.value.IsString())
-                throw cmk::lifecycle::LifecycleError("option \"" + k + "\" must be a string");
-            cfg.options[k] = std::string(m.value.GetString(), m.value.GetStringLength());
+    {  // C++ objects end here, before raise() may longjmp past this frame
+        std::string name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+        cmk::KeyConfig cfg;
+        cfg.provider = text_to_cstring(PG_GETARG_TEXT_PP(1));
+        cfg.key_id = text_to_cstring(PG_GETARG_TEXT_PP(2));
+        std::string opts = "{}";
+        if (!PG_ARGISNULL(3)) {
+            Jsonb* jb = PG_GETARG_JSONB_P(3);
+            opts = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
         }
-        cmk::audit::ActorScope scope(actor);
-        cmk::fs::create_key_config(name, cfg);
-    } catch (const std::exception& e) {
-        classify(e, "create the key configuration", &f);
+        std::string actor = current_actor();
+        try {
+            rapidjson::Document d;
+            d.Parse(opts.c_str(), opts.size());
+            if (d.HasParseError() || !d.IsObject())
+                throw cmk::lifecycle::LifecycleError("options must be a JSON object of strings");
+            for (const auto& m : d.GetObject()) {
+                std::string k(m.name.GetString(), m.name.GetStringLength());
+                if (!m.value.IsString())
+                    throw cmk::lifecycle::LifecycleError("option \"" + k + "\" must be a string");
+                cfg.options[k] = std::string(m.value.GetString(), m.value.GetStringLength());
+            }
+            cmk::audit::ActorScope scope(actor);
+            cmk::fs::create_key_config(name, cfg);
+        } catch (const std::exception& e) {
+            classify(e, "create the key configuration", &f);
+        }
     }
     if (f.failed) raise(f);
     PG_RETURN_VOID();
@@ -298,14 +302,16 @@ extern "C" Datum cmk_create_key_config(PG_FUNCTION_ARGS) {
 
 extern "C" Datum cmk_drop_key_config(PG_FUNCTION_ARGS) {
     require_key_admin("drop_key_config");
-    std::string name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-    std::string actor = current_actor();
     Failure f;
-    try {
-        cmk::audit::ActorScope scope(actor);
-        cmk::fs::drop_key_config(name);
-    } catch (const std::exception& e) {
-        classify(e, "drop the key configuration", &f);
+    {  // C++ objects end here, before raise() may longjmp past this frame
+        std::string name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+        std::string actor = current_actor();
+        try {
+            cmk::audit::ActorScope scope(actor);
+            cmk::fs::drop_key_config(name);
+        } catch (const std::exception& e) {
+            classify(e, "drop the key configuration", &f);
+        }
     }
     if (f.failed) raise(f);
     PG_RETURN_VOID();
@@ -329,31 +335,33 @@ extern "C" Datum cmk_key_configs(PG_FUNCTION_ARGS) {
     };
     Row* rows = NULL;
     int nrows = 0;
-    std::string actor = current_actor();
     Failure f;
-    try {
-        cmk::audit::ActorScope scope(actor);
-        std::vector<cmk::fs::KeyConfigInfo> list = cmk::fs::key_configs();
-        rows = (Row*)palloc0(sizeof(Row) * (list.size() + 1));
-        for (const auto& k : list) {
-            rapidjson::StringBuffer sb;
-            rapidjson::Writer<rapidjson::StringBuffer> w(sb);
-            w.StartObject();
-            for (const auto& o : k.options) {
-                w.Key(o.first.c_str(), static_cast<rapidjson::SizeType>(o.first.size()));
-                w.String(o.second.c_str(), static_cast<rapidjson::SizeType>(o.second.size()));
+    {  // C++ objects end here, before raise() may longjmp past this frame
+        std::string actor = current_actor();
+        try {
+            cmk::audit::ActorScope scope(actor);
+            std::vector<cmk::fs::KeyConfigInfo> list = cmk::fs::key_configs();
+            rows = (Row*)palloc0(sizeof(Row) * (list.size() + 1));
+            for (const auto& k : list) {
+                rapidjson::StringBuffer sb;
+                rapidjson::Writer<rapidjson::StringBuffer> w(sb);
+                w.StartObject();
+                for (const auto& o : k.options) {
+                    w.Key(o.first.c_str(), static_cast<rapidjson::SizeType>(o.first.size()));
+                    w.String(o.second.c_str(), static_cast<rapidjson::SizeType>(o.second.size()));
+                }
+                w.EndObject();
+                Row& r = rows[nrows++];
+                r.name = pstr(k.name);
+                r.provider = pstr(k.provider);
+                r.key_id = pstr(k.key_id);
+                r.options = pstr(std::string(sb.GetString(), sb.GetSize()));
+                r.created = pstr(k.created_at);
+                r.bound = k.bound;
             }
-            w.EndObject();
-            Row& r = rows[nrows++];
-            r.name = pstr(k.name);
-            r.provider = pstr(k.provider);
-            r.key_id = pstr(k.key_id);
-            r.options = pstr(std::string(sb.GetString(), sb.GetSize()));
-            r.created = pstr(k.created_at);
-            r.bound = k.bound;
+        } catch (const std::exception& e) {
+            classify(e, "list the key configurations", &f);
         }
-    } catch (const std::exception& e) {
-        classify(e, "list the key configurations", &f);
     }
     if (f.failed) raise(f);
     for (int i = 0; i < nrows; i++) {
