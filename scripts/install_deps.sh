@@ -25,6 +25,7 @@ fi
 packages=(
 	build-essential g++ make
 	postgresql-15 postgresql-client-15 postgresql-server-dev-15
+	libkrb5-dev  # gssapi/gssapi.h, included by the server's libpq/libpq-be.h (Port)
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libgtest-dev googletest
 	libipc-run-perl perl procps

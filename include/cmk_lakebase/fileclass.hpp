@@ -33,6 +33,12 @@ bool is_ephemeral(FileClass c);
 // "pg_tblspc/<oid>/..." form.
 FileClass classify_relative(const std::string& rel);
 
+// The database a relation file belongs to: the <db> of base/<db>/<relfile> and of
+// pg_tblspc/<oid>/PG_<ver>/<db>/<relfile>; 0 for anything else (shared catalogs in
+// global/, WAL, SLRU, temp files). How the layer routes a file to its database's key
+// map (a database bound to its own key configuration).
+uint32_t database_of(const std::string& rel);
+
 // Lexical normalization of a path (collapses "//", "/./", "dir/../"); keeps it
 // absolute or relative as given. Returns "" for an empty path.
 std::string normalize_path(const std::string& p);

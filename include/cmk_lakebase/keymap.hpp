@@ -77,6 +77,18 @@ public:
 
     // Removes every entry whose identity starts with prefix (a dropped directory).
     void remove_prefix(const std::string& prefix);
+    // Removes every entry whose identity satisfies pred, in one durable append.
+    // Returns how many were removed.
+    size_t remove_if(const std::function<bool(const std::string&)>& pred);
+
+    // Adds (or replaces) entries with the given DEKs, sealed under this map's KEK, in
+    // one durable append (one fsync): how a database binding moves keys between maps.
+    struct Import {
+        std::string identity;
+        FileClass cls;
+        SecureBytes dek;
+    };
+    void put(const std::vector<Import>& entries);
 
     size_t size();                                  // live entries
     std::vector<std::string> identities();          // live entries, sorted

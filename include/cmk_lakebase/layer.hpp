@@ -114,6 +114,71 @@ std::vector<KeyConfigInfo> key_configs();
 void create_key_config(const std::string& name, const KeyConfig& cfg);
 void drop_key_config(const std::string& name);
 
+// ---- databases bound to key configurations of their own (dbkeys.hpp) ------------------
+// bind_database: a new database KEK wrapped by the configuration's CMK, the database's
+// DEKs moved into its own key map (no data file rewritten), online; for a database
+// already bound, re-wraps its KEK under the new configuration (action
+// "rebind_database"). unbind_database: the DEKs back under the cluster KEK. Both hold
+// the cluster key map's writer lock and record an audit event. Throw LayerError,
+// lifecycle::LifecycleError, KmsError, KeyMapError, KeyringError.
+struct DbOpResult {
+    std::string action;  // bind_database, rebind_database, unbind_database
+    uint32_t oid = 0;
+    std::string config_name;
+    std::string provider;
+    std::string key_id;
+    std::string key_version;
+    std::string kek_fingerprint;
+    uint64_t dek_count = 0;  // DEKs moved
+};
+DbOpResult bind_database(uint32_t oid, const std::string& config_name);
+DbOpResult unbind_database(uint32_t oid);
+
+struct DatabaseKeyInfo {
+    uint32_t oid = 0;
+    std::string state;  // open, closing, locked
+    std::string config_name;
+    std::string provider;
+    std::string key_id;
+    std::string key_version;
+    std::string kek_fingerprint;
+    std::string bound_at;
+    std::string rotated_at;
+    uint64_t dek_count = 0;  // 0 when locked (unknown)
+};
+std::vector<DatabaseKeyInfo> database_keys();
+
+// Connection gate: true while connections to the database must be refused (its key
+// is being revoked or is not available). Cheap, no KMS call, no lock.
+bool database_refused(uint32_t oid);
+bool any_database_refused();
+
+// The watchdog's probe of each bound database's CMK (as probe_key()); dropped: the
+// database's directory is gone (DROP DATABASE), its binding should be forgotten.
+struct DbProbe {
+    uint32_t oid = 0;
+    std::string state;  // open, closing, locked
+    KeyHealth health = KeyHealth::Unavailable;
+    std::string detail;
+    std::string request_id;
+    std::string config_name;
+    std::string provider;
+    std::string key_id;
+    bool dropped = false;
+};
+std::vector<DbProbe> probe_databases();
+// Revocation of one database, in this order (the caller terminates the sessions and
+// writes out the dirty pages in between): closing (new connections refused, I/O still
+// allowed), then locked (KEK wiped in shared memory; every process drops its copies
+// at its next file operation, every read and write of the database's files fails).
+void begin_database_revocation(uint32_t oid);
+void lock_database(uint32_t oid);
+// A locked database whose key is usable again: unwrapped through its provider,
+// verified, open again. Throws KmsError, KeyringError.
+void unlock_database(uint32_t oid);
+// Forgets the binding of a dropped database (its key directory removed).
+void forget_database(uint32_t oid);
+
 std::string keyring_directory();  // <datadir>/cmk_lakebase, "" when not active
 // The watchdog's repeated status/unwrap answers are aggregated in the audit trail.
 void set_probe_audit_aggregation(bool on);

@@ -78,6 +78,10 @@ std::vector<ConfigRow> list_configs(Context& ctx);
 void create_config(Context& ctx, const NamedKeyConfig& c);
 void drop_config(Context& ctx, const std::string& name);
 
+// Wraps kek with p and proves the wrapping by unwrapping it again (same key, constant
+// time compare). Throws KmsError or LifecycleError.
+WrapResult wrap_checked(KeyProvider& p, const SecureBytes& kek);
+
 // Crash injection for the rotation tests: at the named step ("rotate_kek:after_keymap")
 // the process kills itself with SIGKILL, leaving the files as a crash there would.
 // "" disables. Step names are listed in docs/CONTRACTS.md.

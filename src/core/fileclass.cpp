@@ -184,6 +184,17 @@ FileClass classify_relative(const std::string& rel) {
     return FileClass::Plaintext;
 }
 
+uint32_t database_of(const std::string& rel) {
+    if (classify_relative(rel) != FileClass::Relation) return 0;
+    std::vector<std::string> c = split(rel);
+    // Shapes checked by classify_relative; global/<relfile> (shared catalogs) is no database's.
+    if (c[0] != "base" && c[0] != "pg_tblspc") return 0;
+    const std::string& db = c[0] == "base" ? c[1] : c[3];
+    if (db.size() > 10) return 0;
+    unsigned long long v = std::stoull(db);
+    return v <= 0xffffffffULL ? uint32_t(v) : 0;
+}
+
 std::string normalize_path(const std::string& p) {
     if (p.empty()) return "";
     bool absolute = p[0] == '/';

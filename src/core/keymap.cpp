@@ -582,18 +582,24 @@ void KeyMap::remove(const std::string& identity) {
 
 void KeyMap::remove_prefix(const std::string& prefix) {
     if (prefix.empty()) throw KeyMapError("refusing to remove every key map entry (empty prefix)");
+    remove_if([&prefix](const std::string& id) { return id.compare(0, prefix.size(), prefix) == 0; });
+}
+
+size_t KeyMap::remove_if(const std::function<bool(const std::string&)>& pred) {
     std::lock_guard<std::recursive_mutex> g(mu_);
+    size_t n = 0;
     {
         HeldLock lock(*this, dir_, LOCK_EX);
         load_locked(false);
         std::vector<uint8_t> recs;
         for (const auto& e : entries_) {
-            if (e.first.compare(0, prefix.size(), prefix) == 0) {
+            if (pred(e.first)) {
                 std::vector<uint8_t> d = encode_del(e.first);
                 recs.insert(recs.end(), d.begin(), d.end());
+                n++;
             }
         }
-        if (recs.empty()) return;
+        if (recs.empty()) return 0;
         append_locked(recs);
     }
     try {
@@ -602,6 +608,25 @@ void KeyMap::remove_prefix(const std::string& prefix) {
         throw;
     } catch (const std::exception&) {
     }
+    return n;
+}
+
+void KeyMap::put(const std::vector<Import>& entries) {
+    if (entries.empty()) return;
+    for (const auto& e : entries) {
+        check_identity(e.identity);
+        if (e.dek.size() != kDekSize) throw KeyMapError("DEK of \"" + e.identity + "\" has the wrong size");
+    }
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    HeldLock lock(*this, dir_, LOCK_EX);
+    load_locked(false);
+    std::vector<uint8_t> recs;
+    for (const auto& e : entries) {
+        std::vector<uint8_t> r = encode_add(
+            e.identity, e.cls, aead_seal(kek_.data(), e.dek.data(), e.dek.size(), dek_aad(e.identity, generation_)));
+        recs.insert(recs.end(), r.begin(), r.end());
+    }
+    append_locked(recs);
 }
 
 size_t KeyMap::size() {

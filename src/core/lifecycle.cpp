@@ -93,17 +93,6 @@ audit::Event event_for(const Context& ctx, const std::string& action) {
     return e;
 }
 
-// Wraps kek with p and proves the wrapping by unwrapping it again.
-WrapResult wrap_checked(KeyProvider& p, const SecureBytes& kek) {
-    WrapResult wr = p.wrap(kek);
-    SecureBytes back = p.unwrap(wr.blob);
-    if (back.size() != kek.size() || !ct_equal(back.data(), kek.data(), kek.size()))
-        throw LifecycleError(
-            "key provider \"" + p.config().provider + "\" (key \"" + p.config().key_id +
-            "\") did not unwrap the KEK it had just wrapped to the same key; nothing was changed");
-    return wr;
-}
-
 // Steps 4 to 6 of rotate_kek. Caller holds KeyMap::Exclusive; ctx.keyring has
 // previous and ctx.kek is the new (current) KEK.
 void finish_locked(Context& ctx) {
@@ -132,6 +121,16 @@ void finish_locked(Context& ctx) {
 
 }  // namespace
 
+WrapResult wrap_checked(KeyProvider& p, const SecureBytes& kek) {
+    WrapResult wr = p.wrap(kek);
+    SecureBytes back = p.unwrap(wr.blob);
+    if (back.size() != kek.size() || !ct_equal(back.data(), kek.data(), kek.size()))
+        throw LifecycleError(
+            "key provider \"" + p.config().provider + "\" (key \"" + p.config().key_id +
+            "\") did not unwrap the KEK it had just wrapped to the same key; nothing was changed");
+    return wr;
+}
+
 void set_crash_point(const std::string& step) {
     std::lock_guard<std::mutex> g(g_crash_mu);
     g_crash_step = step;
@@ -152,6 +151,8 @@ const std::vector<std::string>& crash_steps() {
         "bind_cluster:after_wrap", "bind_cluster:after_keyring_tmp", "bind_cluster:after_keyring",
         "rotate_kek:after_wrap",   "rotate_kek:after_keyring",       "rotate_kek:after_keymap_tmp",
         "rotate_kek:after_keymap", "rotate_kek:after_configs",
+        "bind_database:after_wrap", "bind_database:after_keymap", "bind_database:after_keyring",
+        "rebind_database:after_wrap", "unbind_database:after_keymap", "unbind_database:after_keyring",
     };
     return steps;
 }

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <map>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -35,6 +36,7 @@
 
 #include "cmk_lakebase/audit.hpp"
 #include "cmk_lakebase/crypto.hpp"
+#include "cmk_lakebase/dbkeys.hpp"
 #include "cmk_lakebase/fileclass.hpp"
 #include "cmk_lakebase/keyconfigs.hpp"
 #include "cmk_lakebase/lifecycle.hpp"
@@ -127,6 +129,7 @@ struct FileCtx {
     std::string rel;
     std::mutex key_mu;
     std::shared_ptr<FileKey> key;  // null: durable file opened empty, key looked up or made at first use
+    struct DbSlot* db = nullptr;   // the file's database, when bound to its own key (checked per I/O)
     bool fresh = false;            // created by this open (O_EXCL): make a new key, never reuse
     bool append = false;           // caller asked for O_APPEND (emulated: we need pwrite)
     std::atomic<int64_t> known_size{0};
@@ -154,13 +157,44 @@ struct SharedKeys {
     } slot[4];
 };
 
-SharedKeys* map_shared_keys() {
-    void* p = real().mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+// ---- databases bound to key configurations of their own (dbkeys.hpp) -----------------
+//
+// One slot per bound database in the same shared region: its state, which every
+// process checks (on open, and on every read and write of a file of that database),
+// and its KEK while the database is open. State changes happen under the cluster key
+// map's writer lock; the epoch counts them, so that each process notices and drops its
+// own copies (key maps, file keys) of a database that was locked.
+enum DbState : int {
+    kDbFree = 0,
+    kDbOpen = 1,     // KEK present: I/O and connections allowed
+    kDbClosing = 2,  // revocation under way: connections refused, I/O still allowed
+                     // (sessions are being terminated, dirty pages written out)
+    kDbLocked = 3,   // KEK wiped: every read and write fails, connections refused
+};
+struct DbSlot {
+    std::atomic<uint32_t> oid;
+    std::atomic<int> state;
+    std::atomic<uint32_t> seq;  // odd while kek is being written
+    uint8_t kek[kKekSize];
+};
+struct DbShared {
+    std::atomic<uint64_t> epoch;
+    std::atomic<uint32_t> in_use;  // slots not free (fast path: 0 means no bound database)
+    DbSlot slot[dbkeys::kMaxBoundDatabases];
+};
+struct SharedRegion {
+    SharedKeys keys;
+    DbShared dbs;
+};
+constexpr size_t kSharedRegionSize = (sizeof(SharedRegion) + 4095) & ~size_t(4095);
+
+SharedRegion* map_shared_region() {
+    void* p = real().mmap(nullptr, kSharedRegionSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return nullptr;
-    (void)::madvise(p, 4096, MADV_DONTDUMP);
-    (void)::mlock(p, 4096);
-    std::memset(p, 0, 4096);
-    return new (p) SharedKeys();
+    (void)::madvise(p, kSharedRegionSize, MADV_DONTDUMP);
+    (void)::mlock(p, kSharedRegionSize);
+    std::memset(p, 0, kSharedRegionSize);
+    return new (p) SharedRegion();
 }
 
 // ---- the process-wide state -------------------------------------------------------
@@ -186,6 +220,19 @@ struct State {
     std::mutex keymap_mu;
 
     SharedKeys* shared = nullptr;
+    DbShared* dbshared = nullptr;
+    // This process's view of bound databases: key maps opened with the KEK from the
+    // shared slot, and (watchdog) keyring and provider for probes.
+    struct DbProc {
+        std::unique_ptr<KeyMap> map;
+        pid_t map_pid = 0;
+        Keyring keyring;
+        std::unique_ptr<KeyProvider> provider;
+        struct stat stamp {};
+    };
+    std::recursive_mutex db_mu;
+    std::map<uint32_t, DbProc> dbs;
+    std::atomic<uint64_t> db_epoch_seen{0};
     // Guards keyring, provider and kek against the process's other threads; key
     // operations hold it throughout (recursive: they reach keymap() and refresh).
     std::recursive_mutex keyring_mu;
@@ -479,6 +526,209 @@ KeyMap& keymap() {
     return *s.keymap;
 }
 
+// ---- database key maps ------------------------------------------------------------------
+
+// A file of a bound database whose key is not available (revoked, locked).
+struct DbUnavailable : std::runtime_error {
+    DbUnavailable(uint32_t o)
+        : std::runtime_error("the key of database " + std::to_string(o) +
+                             " is not available (revoked or unreachable at start); its files cannot be read"),
+          oid(o) {}
+    uint32_t oid;
+};
+
+DbSlot* db_slot(uint32_t oid) {
+    DbShared* d = st().dbshared;
+    if (!d || oid == 0 || d->in_use.load(std::memory_order_acquire) == 0) return nullptr;
+    for (auto& sl : d->slot)
+        if (sl.oid.load(std::memory_order_acquire) == oid && sl.state.load(std::memory_order_acquire) != kDbFree)
+            return &sl;
+    return nullptr;
+}
+
+// The database's KEK while it is open (or closing), torn reads retried.
+std::optional<SecureBytes> slot_kek(DbSlot* sl) {
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        uint32_t a = sl->seq.load(std::memory_order_acquire);
+        if (a & 1) continue;
+        int state = sl->state.load(std::memory_order_acquire);
+        if (state != kDbOpen && state != kDbClosing) return std::nullopt;
+        SecureBytes k(sl->kek, kKekSize);
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (sl->seq.load(std::memory_order_relaxed) == a) return k;
+    }
+    return std::nullopt;
+}
+
+// Sets a database's slot (kek null: wiped). Caller holds the cluster key map's writer
+// lock (or is the postmaster at start, before any child exists).
+void slot_set(uint32_t oid, const SecureBytes* kek, int state) {
+    DbShared* d = st().dbshared;
+    if (!d) return;
+    DbSlot* sl = db_slot(oid);
+    if (!sl && state == kDbFree) return;
+    if (!sl) {
+        for (auto& x : d->slot)
+            if (x.state.load() == kDbFree) {
+                sl = &x;
+                break;
+            }
+        if (!sl) throw std::runtime_error("no free database key slot");
+        sl->oid.store(oid);
+        d->in_use.fetch_add(1);
+    }
+    sl->seq.fetch_add(1, std::memory_order_acq_rel);
+    if (kek)
+        std::memcpy(sl->kek, kek->data(), kKekSize);
+    else
+        OPENSSL_cleanse(sl->kek, kKekSize);
+    sl->seq.fetch_add(1, std::memory_order_acq_rel);
+    sl->state.store(state, std::memory_order_release);
+    if (state == kDbFree) {
+        sl->oid.store(0);
+        d->in_use.fetch_sub(1);
+    }
+    d->epoch.fetch_add(1, std::memory_order_acq_rel);
+}
+
+bool db_usable(DbSlot* sl) {
+    int state = sl->state.load(std::memory_order_acquire);
+    return state == kDbOpen || state == kDbClosing;
+}
+
+// After a database was locked (any state change, in fact): drop this process's key map
+// of it, and with it the copy of its KEK.
+void db_sweep() {
+    State& s = st();
+    DbShared* d = s.dbshared;
+    if (!d) return;
+    uint64_t e = d->epoch.load(std::memory_order_acquire);
+    if (e == s.db_epoch_seen.load(std::memory_order_relaxed)) return;
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    for (auto& [oid, p] : s.dbs) {
+        DbSlot* sl = db_slot(oid);
+        if (!sl || !db_usable(sl)) {
+            p.map.reset();
+            p.map_pid = 0;
+        }
+    }
+    s.db_epoch_seen.store(e, std::memory_order_relaxed);
+}
+
+// The key map of a bound database, opened in this process with the KEK from its slot.
+KeyMap& db_keymap(uint32_t oid, DbSlot* sl) {
+    State& s = st();
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    State::DbProc& p = s.dbs[oid];
+    if (!db_usable(sl)) {
+        p.map.reset();
+        throw DbUnavailable(oid);
+    }
+    pid_t me = ::getpid();
+    if (!p.map || p.map_pid != me) {
+        p.map.reset();
+        std::optional<SecureBytes> k = slot_kek(sl);
+        if (!k) throw DbUnavailable(oid);
+        p.map.reset(new KeyMap(dbkeys::dir_for(s.keyring_dir, oid), *k, s.keyring.cluster_id, 1));
+        p.map_pid = me;
+    }
+    return *p.map;
+}
+
+// The key map that holds (or will hold) rel's key: its database's when the database is
+// bound, else the cluster's. *slot receives the database's slot (null: cluster).
+// Throws DbUnavailable when the database's key is not available.
+KeyMap& map_for(const std::string& rel, DbSlot** slot = nullptr) {
+    db_sweep();
+    if (slot) *slot = nullptr;
+    DbShared* d = st().dbshared;
+    uint32_t oid = d && d->in_use.load(std::memory_order_acquire) ? database_of(rel) : 0;
+    DbSlot* sl = oid ? db_slot(oid) : nullptr;
+    if (!sl) return keymap();
+    if (slot) *slot = sl;
+    return db_keymap(oid, sl);
+}
+
+// The DEK of a durable file, looked up where it lives. A binding or unbinding may move
+// keys between maps while we look: the route is taken again once on a miss, and a miss
+// in a database's map falls back to the cluster's (remains of an interrupted bind).
+std::optional<SecureBytes> lookup_key(const std::string& rel, DbSlot** slot = nullptr) {
+    for (int attempt = 0; attempt < 2; attempt++) {
+        DbSlot* sl = nullptr;
+        KeyMap& km = map_for(rel, &sl);
+        if (slot) *slot = sl;
+        km.refresh();
+        if (auto k = km.get(rel)) return k;
+        if (sl) {
+            KeyMap& cm = keymap();
+            cm.refresh();
+            if (auto k = cm.get(rel)) return k;
+        }
+    }
+    return std::nullopt;
+}
+
+// A new DEK for a durable file, in the map its route names at this moment. Files of a
+// database take the cluster map's writer lock first: a binding holds it while it moves
+// the database's keys, so no key lands in the map being left.
+SecureBytes create_key(const std::string& rel, FileClass cls) {
+    db_sweep();
+    if (database_of(rel) == 0) return keymap().create(rel, cls);
+    KeyMap& cm = keymap();
+    KeyMap::Exclusive lock(cm);
+    return map_for(rel).create(rel, cls);
+}
+
+void remove_key(const std::string& rel) {
+    DbSlot* sl = nullptr;
+    KeyMap* km = nullptr;
+    try {
+        km = &map_for(rel, &sl);
+    } catch (const DbUnavailable&) {
+        km = nullptr;  // a locked database: its key map goes when its binding is forgotten
+    }
+    if (km) km->remove(rel);
+    if (sl) keymap().remove(rel);  // remains of an interrupted bind, if any
+}
+
+// Gives `to` the DEK of `from`, across maps when the two lie in different ones.
+void move_key(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from) {
+    DbSlot *sf = nullptr, *stt = nullptr;
+    KeyMap& mf = map_for(from, &sf);
+    KeyMap& mt = map_for(to, &stt);
+    if (&mf == &mt) {
+        mf.move(from, to, to_cls, keep_from);
+        return;
+    }
+    std::optional<SecureBytes> k = lookup_key(from);
+    if (!k) throw KeyMapError("key map has no entry for \"" + from + "\"");
+    std::vector<KeyMap::Import> one;
+    one.push_back(KeyMap::Import{to, to_cls, std::move(*k)});
+    mt.put(one);
+    if (!keep_from) remove_key(from);
+}
+
+bool has_key(const std::string& rel) {
+    try {
+        return lookup_key(rel).has_value();
+    } catch (const DbUnavailable&) {
+        return false;
+    }
+}
+
+// A file of a bound database whose key is not available now.
+bool db_locked_file(const std::string& rel) {
+    DbSlot* sl = db_slot(database_of(rel));
+    return sl && !db_usable(sl);
+}
+
+void slot_state(uint32_t oid, int state) {
+    DbSlot* sl = db_slot(oid);
+    if (!sl) return;
+    sl->state.store(state, std::memory_order_release);
+    st().dbshared->epoch.fetch_add(1, std::memory_order_acq_rel);
+}
+
 std::shared_ptr<FileKey> ephemeral_key(dev_t dev, ino_t ino) {
     State& s = st();
     std::string info = "cmk_lakebase ephemeral v1 " + std::to_string((unsigned long long)dev) +
@@ -494,12 +744,15 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
         errno = EIO;
         return nullptr;
     }
+    if (c->db && !db_usable(c->db)) {
+        c->key.reset();  // the database's key was revoked: this process's copy goes now
+        errno = EIO;
+        return nullptr;
+    }
     if (c->key) return c->key;
     try {
-        KeyMap& km = keymap();
         if (!c->fresh) {
-            km.refresh();
-            if (auto k = km.get(c->rel)) {
+            if (auto k = lookup_key(c->rel, &c->db)) {
                 c->key = std::make_shared<FileKey>(*k);
                 return c->key;
             }
@@ -508,10 +761,15 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
             errno = 0;  // no key yet: only an empty file is consistent with that
             return nullptr;
         }
-        SecureBytes k = km.create(c->rel, c->cls);
+        SecureBytes k = create_key(c->rel, c->cls);
+        c->db = db_slot(database_of(c->rel));
         c->fresh = false;
         c->key = std::make_shared<FileKey>(k);
         return c->key;
+    } catch (const DbUnavailable& e) {
+        log_line("\"" + c->rel + "\": " + e.what());
+        errno = EIO;
+        return nullptr;
     } catch (const std::exception& e) {
         log_line(std::string("key lookup failed for \"") + c->rel + "\": " + e.what());
         errno = EIO;
@@ -790,6 +1048,36 @@ void stamp_keyring(State& s) {
 lifecycle::Context make_context(State& s);
 void adopt_context(State& s, lifecycle::Context& ctx);
 
+// Server start: the keys of databases bound to key configurations of their own. A
+// database whose key cannot be unwrapped does not stop the cluster: it is locked (its
+// sessions refused, its files unreadable) until its key is usable again.
+void load_databases(State& s) {
+    for (const std::string& line : dbkeys::remove_strays(s.keyring_dir)) log_line(line);
+    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+        std::string dir = dbkeys::dir_for(s.keyring_dir, oid);
+        State::DbProc& p = s.dbs[oid];
+        std::string who = "database " + std::to_string(oid);
+        try {
+            p.keyring = load_keyring(dir);
+            who += " (key \"" + p.keyring.config.key_id + "\" of provider \"" + p.keyring.config.provider + "\")";
+            if (p.keyring.cluster_id != s.keyring.cluster_id)
+                throw KeyringError("its keyring belongs to another cluster");
+            p.provider = audited(p.keyring.config, p.keyring.bound_name());
+            SecureBytes k = unlock_keyring(p.keyring, *p.provider);
+            slot_set(oid, &k, kDbOpen);
+            size_t n = dbkeys::settle(*s.keymap, db_keymap(oid, db_slot(oid)), oid);
+            if (n)
+                log_line(who + ": moved " + std::to_string(n) +
+                         " keys left in the cluster key map by an interrupted binding");
+        } catch (const std::exception& e) {
+            slot_set(oid, nullptr, kDbLocked);
+            log_line(who + ": its key is not available (" + e.what() +
+                     "); the database is locked: its sessions are refused and its files unreadable until the "
+                     "key is usable again (the watchdog retries)");
+        }
+    }
+}
+
 // Loads keyring, unwraps the KEK, opens the key map; completes a KEK rotation a crash
 // interrupted (keyring with a previous KEK). Throws LayerError.
 void load_keys(State& s, const std::string& datadir, const std::string& keyring_dir) {
@@ -836,7 +1124,12 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                          "The keyring cmk_lakebase/keyring.json may have been modified, or belong to "
                          "another cluster.");
     }
-    if (!s.shared) s.shared = map_shared_keys();
+    if (!s.shared) {
+        if (SharedRegion* r = map_shared_region()) {
+            s.shared = &r->keys;
+            s.dbshared = &r->dbs;
+        }
+    }
     shared_write(s.keyring.kek_generation, s.kek.data());
     if (map_gen != s.keyring.kek_generation) shared_write(map_gen, map_kek.data());
     try {
@@ -872,6 +1165,7 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                 "again.");
         }
     }
+    load_databases(s);
     s.per_boot = random_key(32);
 }
 
@@ -986,7 +1280,7 @@ void check_every_file_has_key(State& s) {
                 stack.push_back(r);
             } else if (S_ISREG(sb.st_mode) && sb.st_size > 0) {
                 FileClass c = classify_relative(r);
-                if (is_durable(c) && !s.keymap->contains(r)) {
+                if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
                     count++;
                     if (missing.size() < 5) missing.push_back(r);
                 }
@@ -1069,12 +1363,12 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
             c->key = ephemeral_key(sb.st_dev, sb.st_ino);
         } else if ((flags & O_CREAT) && (flags & O_EXCL)) {
             c->fresh = true;  // a new file: a new key at its first write
+            c->db = db_slot(database_of(r->rel));
+            if (c->db && !db_usable(c->db)) throw DbUnavailable(database_of(r->rel));
         } else {
             // Bind the key at open: the descriptor keeps it even if the name moves on
             // (a recycled WAL segment read by a walsender, for instance).
-            KeyMap& km = keymap();
-            km.refresh();
-            if (auto k = km.get(r->rel)) {
+            if (auto k = lookup_key(r->rel, &c->db)) {
                 c->key = std::make_shared<FileKey>(*k);
             } else if (sb.st_size > 0) {
                 log_line("no data encryption key for non-empty file \"" + r->rel +
@@ -1085,6 +1379,12 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
                 return -1;
             }
         }
+    } catch (const DbUnavailable& e) {
+        log_line("cannot open \"" + r->rel + "\": " + e.what());
+        delete c;
+        real().close(fd);
+        errno = EIO;
+        return -1;
     } catch (const std::exception& e) {
         log_line(std::string("cannot open \"") + r->rel + "\": " + e.what());
         delete c;
@@ -1240,7 +1540,7 @@ int op_unlinkat(int dirfd, const char* path, int flags) {
     if (rc != 0 || !r || !is_durable(r->cls) || !ensure_active()) return rc;
     int saved = errno;
     try {
-        keymap().remove(r->rel);  // crypto-shredding: the segment's key is gone
+        remove_key(r->rel);  // crypto-shredding: the segment's key is gone
     } catch (const std::exception& e) {
         log_line("could not remove the key of \"" + r->rel + "\": " + e.what());
     }
@@ -1253,9 +1553,7 @@ namespace {
 std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, bool* missing) {
     *missing = false;
     if (is_ephemeral(r.cls)) return ephemeral_key(sb.st_dev, sb.st_ino);
-    KeyMap& km = keymap();
-    km.refresh();
-    if (auto k = km.get(r.rel)) return std::make_shared<FileKey>(*k);
+    if (auto k = lookup_key(r.rel)) return std::make_shared<FileKey>(*k);
     *missing = sb.st_size > 0;
     return nullptr;
 }
@@ -1284,23 +1582,22 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
             for (const std::string& id : km.identities())
                 if (id.compare(0, pf.size(), pf) == 0) {
                     std::string nid = rt->rel + "/" + id.substr(pf.size());
-                    km.move(id, nid, classify_relative(nid), false);
+                    move_key(id, nid, classify_relative(nid), false);
                 }
             errno = saved;
             return 0;
         }
         if (!S_ISREG(sb.st_mode)) return do_rename();
         if (is_durable(cf) && is_durable(ct)) {
-            km.refresh();
-            if (!km.contains(rf->rel)) {
+            if (!has_key(rf->rel)) {
                 int rc = do_rename();
-                if (rc == 0) km.remove(rt->rel);  // the new file has no key: drop any stale one
+                if (rc == 0) remove_key(rt->rel);  // the new file has no key: drop any stale one
                 return rc;
             }
-            km.move(rf->rel, rt->rel, ct, true);
+            move_key(rf->rel, rt->rel, ct, true);
             int rc = do_rename();
             int saved = errno;
-            if (rc == 0) km.remove(rf->rel);
+            if (rc == 0) remove_key(rf->rel);
             errno = saved;
             return rc;
         }
@@ -1319,7 +1616,7 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
         }
         std::shared_ptr<FileKey> dst;
         if (is_durable(ct)) {
-            dst = std::make_shared<FileKey>(km.create(rt->rel, ct));
+            dst = std::make_shared<FileKey>(create_key(rt->rel, ct));
         } else if (is_ephemeral(ct)) {
             dst = ephemeral_key(sb.st_dev, sb.st_ino);
         }
@@ -1328,8 +1625,8 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
         int rc = do_rename();
         int saved = errno;
         if (rc == 0) {
-            if (is_durable(cf)) km.remove(rf->rel);
-            if (!is_durable(ct) && rt) km.remove(rt->rel);
+            if (is_durable(cf)) remove_key(rf->rel);
+            if (!is_durable(ct) && rt) remove_key(rt->rel);
         }
         errno = saved;
         return rc;
@@ -1353,13 +1650,11 @@ int op_linkat(int olddirfd, const char* from, int newdirfd, const char* to, int 
         return -1;
     }
     try {
-        KeyMap& km = keymap();
-        km.refresh();
-        if (!km.contains(rf->rel)) return real().linkat(olddirfd, from, newdirfd, to, flags);
-        km.move(rf->rel, rt->rel, ct, true);
+        if (!has_key(rf->rel)) return real().linkat(olddirfd, from, newdirfd, to, flags);
+        move_key(rf->rel, rt->rel, ct, true);
         int rc = real().linkat(olddirfd, from, newdirfd, to, flags);
         int saved = errno;
-        if (rc != 0) km.remove(rt->rel);
+        if (rc != 0) remove_key(rt->rel);
         errno = saved;
         return rc;
     } catch (const std::exception& e) {
@@ -1418,6 +1713,8 @@ void start_server(const std::string& datadir) {
         s.keymap.reset();
         s.keymap_pid = 0;
         s.kek.wipe();
+        std::lock_guard<std::recursive_mutex> g3(s.db_mu);
+        s.dbs.clear();
     }
 }
 
@@ -1443,6 +1740,13 @@ LayerInfo info() {
         KeyMap& km = keymap();
         km.refresh();
         i.dek_count = km.size();
+        for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+            DbSlot* sl = db_slot(oid);
+            if (!sl || !db_usable(sl)) continue;
+            KeyMap& dm = db_keymap(oid, sl);
+            dm.refresh();
+            i.dek_count += dm.size();
+        }
     } catch (const std::exception&) {
         i.dek_count = 0;
     }
@@ -1464,9 +1768,19 @@ FileKeyInfo describe_file(const std::string& relpath) {
         if (!s.wiped.load()) fi.fingerprint = ephemeral_key(sb.st_dev, sb.st_ino)->fingerprint;
         return fi;
     }
-    KeyMap& km = keymap();
-    km.refresh();
-    if (auto fp = km.fingerprint(relpath)) {
+    std::optional<std::string> fp;
+    try {
+        DbSlot* sl = nullptr;
+        KeyMap& km = map_for(relpath, &sl);
+        km.refresh();
+        fp = km.fingerprint(relpath);
+        if (!fp && sl) fp = keymap().fingerprint(relpath);
+    } catch (const DbUnavailable&) {
+        fi.key_kind = "dek";
+        fi.fingerprint = "(database key not available)";
+        return fi;
+    }
+    if (fp) {
         fi.key_kind = "dek";
         fi.fingerprint = *fp;
     } else if (sb.st_size > 0) {
@@ -1556,6 +1870,9 @@ void wipe_keys() {
         OPENSSL_cleanse(sh->slot, sizeof sh->slot);
         sh->seq.fetch_add(1);
     }
+    if (DbShared* d = s.dbshared)
+        for (auto& sl : d->slot)
+            if (sl.state.load() != kDbFree) slot_set(sl.oid.load(), nullptr, kDbLocked);
     // Open descriptors keep their FileKey objects; they refuse to work from now on
     // (checked on every read and write) and are destroyed as descriptors close.
 }
@@ -1651,6 +1968,322 @@ void drop_key_config(const std::string& name) {
         lifecycle::drop_config(c, name);
         return 0;
     });
+}
+
+// ---- databases bound to key configurations of their own ------------------------------------
+
+namespace {
+
+const char* db_state_name(int state) {
+    switch (state) {
+        case kDbOpen: return "open";
+        case kDbClosing: return "closing";
+        case kDbLocked: return "locked";
+        default: return "unbound";
+    }
+}
+
+// This process's keyring and provider of a bound database, re-read when keyring.json
+// changed (verified with the database KEK when it is available). Caller holds db_mu.
+State::DbProc& db_proc(uint32_t oid) {
+    State& s = st();
+    std::string dir = dbkeys::dir_for(s.keyring_dir, oid);
+    struct stat sb;
+    if (::stat((dir + "/" + kKeyringFile).c_str(), &sb) != 0)
+        throw lifecycle::LifecycleError("database " + std::to_string(oid) +
+                                            " is not bound to a key configuration of its own",
+                                        lifecycle::LifecycleError::NotFound);
+    State::DbProc& p = s.dbs[oid];
+    bool same = p.provider && sb.st_ino == p.stamp.st_ino && sb.st_size == p.stamp.st_size &&
+                sb.st_mtim.tv_sec == p.stamp.st_mtim.tv_sec && sb.st_mtim.tv_nsec == p.stamp.st_mtim.tv_nsec;
+    if (!same) {
+        Keyring kr = load_keyring(dir);
+        if (DbSlot* sl = db_slot(oid))
+            if (auto k = slot_kek(sl)) verify_keyring(kr, *k);
+        bool new_provider = !p.provider || kr.config.provider != p.keyring.config.provider ||
+                            kr.config.key_id != p.keyring.config.key_id ||
+                            kr.config.options != p.keyring.config.options;
+        if (new_provider) p.provider = audited(kr.config, kr.bound_name());
+        p.keyring = std::move(kr);
+        p.stamp = sb;
+    }
+    return p;
+}
+
+void db_stamp(State::DbProc& p, uint32_t oid) {
+    std::string path = dbkeys::dir_for(st().keyring_dir, oid) + "/" + kKeyringFile;
+    if (::stat(path.c_str(), &p.stamp) != 0) p.stamp = {};
+}
+
+audit::Event db_event(const std::string& action, uint32_t oid, const std::string& config, const KeyConfig& cfg) {
+    audit::Event e;
+    e.action = action;
+    e.key_config = config;
+    e.provider = cfg.provider;
+    e.key_id = cfg.key_id;
+    e.detail = "database " + std::to_string(oid);
+    return e;
+}
+
+std::optional<SecureBytes> cluster_kek_of(lifecycle::Context& c, uint32_t gen) {
+    if (gen == c.keyring.kek_generation && !c.kek.empty()) return c.kek.clone();
+    if (c.kek_of) return c.kek_of(gen);
+    return std::nullopt;
+}
+
+}  // namespace
+
+DbOpResult bind_database(uint32_t oid, const std::string& config_name) {
+    return with_context([&](lifecycle::Context& c) {
+        State& s = st();
+        validate_config_name(config_name);
+        struct stat sb;
+        if (oid == 0 || ::stat((s.datadir + "/base/" + std::to_string(oid)).c_str(), &sb) != 0)
+            throw lifecycle::LifecycleError("database " + std::to_string(oid) + " does not exist",
+                                            lifecycle::LifecycleError::NotFound);
+        KeyConfigSet set = load_key_configs(c.dir, [&c](uint32_t g) { return cluster_kek_of(c, g); });
+        auto it = set.configs.find(config_name);
+        if (it == set.configs.end())
+            throw lifecycle::LifecycleError("key configuration \"" + config_name +
+                                                "\" does not exist; list them with key_configs() or create it "
+                                                "with create_key_config()",
+                                            lifecycle::LifecycleError::NotFound);
+        const NamedKeyConfig target = it->second;
+        DbOpResult r;
+        r.oid = oid;
+        std::lock_guard<std::recursive_mutex> g(s.db_mu);
+        bool rebind = dbkeys::is_bound(c.dir, oid);
+        r.action = rebind ? "rebind_database" : "bind_database";
+        audit::Event e = db_event(r.action, oid, config_name, target.config);
+        try {
+            std::unique_ptr<KeyProvider> np = audited(target.config, config_name);
+            if (rebind) {
+                DbSlot* sl = db_slot(oid);
+                std::optional<SecureBytes> k = sl ? slot_kek(sl) : std::nullopt;
+                if (!k)
+                    throw LayerError("cmk_lakebase: the key of database " + std::to_string(oid) +
+                                         " is not available, so it cannot be re-wrapped",
+                                     "", "Restore access to the database's current key first.");
+                State::DbProc& p = db_proc(oid);
+                if (p.keyring.bound_name() == config_name)
+                    throw lifecycle::LifecycleError("database " + std::to_string(oid) +
+                                                    " is already bound to key configuration \"" + config_name + "\"");
+                e.detail += ", from key configuration \"" + p.keyring.bound_name() + "\"";
+                KeyMap::Exclusive lock(*c.keymap);
+                Keyring nk = dbkeys::rebind(c.dir, oid, p.keyring, *k, target, *np);
+                p.keyring = std::move(nk);
+                p.provider = std::move(np);
+                db_stamp(p, oid);
+                r.dek_count = db_keymap(oid, sl).size();
+            } else {
+                KeyMap::Exclusive lock(*c.keymap);
+                dbkeys::Binding b = dbkeys::bind(c.dir, *c.keymap, c.keyring.cluster_id, oid, target, *np,
+                                                 [oid](const SecureBytes& k) { slot_set(oid, &k, kDbOpen); });
+                State::DbProc& p = s.dbs[oid];
+                p.keyring = b.keyring;
+                p.provider = std::move(np);
+                db_stamp(p, oid);
+                r.dek_count = b.moved;
+            }
+        } catch (const std::exception& ex) {
+            e.outcome = "error";
+            if (auto* k = dynamic_cast<const KmsError*>(&ex)) e.outcome = audit::kms_error_outcome(k->kind);
+            e.detail += ": " + std::string(ex.what());
+            audit::record(e);
+            throw;
+        }
+        const Keyring& kr = s.dbs[oid].keyring;
+        r.config_name = config_name;
+        r.provider = kr.config.provider;
+        r.key_id = kr.config.key_id;
+        r.key_version = kr.kek_version;
+        r.kek_fingerprint = kr.kek_fingerprint;
+        e.key_version = kr.kek_version;
+        e.outcome = "ok";
+        e.detail += ", " + std::to_string(r.dek_count) + " DEKs under the database's own KEK";
+        audit::record(e);
+        return r;
+    });
+}
+
+DbOpResult unbind_database(uint32_t oid) {
+    return with_context([&](lifecycle::Context& c) {
+        State& s = st();
+        std::lock_guard<std::recursive_mutex> g(s.db_mu);
+        State::DbProc& p = db_proc(oid);
+        DbOpResult r;
+        r.action = "unbind_database";
+        r.oid = oid;
+        r.config_name = p.keyring.bound_name();
+        r.provider = p.keyring.config.provider;
+        r.key_id = p.keyring.config.key_id;
+        audit::Event e = db_event(r.action, oid, r.config_name, p.keyring.config);
+        try {
+            DbSlot* sl = db_slot(oid);
+            if (!sl || !db_usable(sl))
+                throw LayerError("cmk_lakebase: the key of database " + std::to_string(oid) +
+                                     " is not available, so its keys cannot be moved back",
+                                 "", "Restore access to the database's key first.");
+            KeyMap::Exclusive lock(*c.keymap);
+            r.dek_count = dbkeys::unbind(c.dir, *c.keymap, db_keymap(oid, sl), oid);
+            slot_set(oid, nullptr, kDbFree);
+            s.dbs.erase(oid);
+        } catch (const std::exception& ex) {
+            e.outcome = "error";
+            e.detail += ": " + std::string(ex.what());
+            audit::record(e);
+            throw;
+        }
+        e.outcome = "ok";
+        e.detail += ", " + std::to_string(r.dek_count) + " DEKs back under the cluster KEK";
+        audit::record(e);
+        return r;
+    });
+}
+
+std::vector<DatabaseKeyInfo> database_keys() {
+    State& s = st();
+    std::vector<DatabaseKeyInfo> out;
+    if (s.mode.load() == Mode::Off) return out;
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+        DatabaseKeyInfo i;
+        i.oid = oid;
+        DbSlot* sl = db_slot(oid);
+        i.state = sl ? db_state_name(sl->state.load()) : "locked";
+        try {
+            State::DbProc& p = db_proc(oid);
+            i.config_name = p.keyring.bound_name();
+            i.provider = p.keyring.config.provider;
+            i.key_id = p.keyring.config.key_id;
+            i.key_version = p.keyring.kek_version;
+            i.kek_fingerprint = p.keyring.kek_fingerprint;
+            i.bound_at = p.keyring.created_at;
+            i.rotated_at = p.keyring.rotated_at;
+            if (sl && db_usable(sl)) {
+                KeyMap& dm = db_keymap(oid, sl);
+                dm.refresh();
+                i.dek_count = dm.size();
+            }
+        } catch (const std::exception& e) {
+            i.state = "locked";
+            log_line("database " + std::to_string(oid) + ": " + e.what());
+        }
+        out.push_back(std::move(i));
+    }
+    return out;
+}
+
+bool database_refused(uint32_t oid) {
+    DbSlot* sl = db_slot(oid);
+    if (!sl) return false;
+    int state = sl->state.load(std::memory_order_acquire);
+    return state == kDbClosing || state == kDbLocked;
+}
+
+bool any_database_refused() {
+    DbShared* d = st().dbshared;
+    if (!d || d->in_use.load(std::memory_order_acquire) == 0) return false;
+    for (auto& sl : d->slot) {
+        int state = sl.state.load(std::memory_order_acquire);
+        if (state == kDbClosing || state == kDbLocked) return true;
+    }
+    return false;
+}
+
+std::vector<DbProbe> probe_databases() {
+    State& s = st();
+    std::vector<DbProbe> out;
+    if (s.mode.load() == Mode::Off || s.wiped.load()) return out;
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+        DbProbe pr;
+        pr.oid = oid;
+        DbSlot* sl = db_slot(oid);
+        int state = sl ? sl->state.load() : kDbLocked;
+        pr.state = db_state_name(state);
+        struct stat sb;
+        if (::stat((s.datadir + "/base/" + std::to_string(oid)).c_str(), &sb) != 0 && errno == ENOENT) {
+            pr.dropped = true;
+            pr.detail = "the database no longer exists";
+            out.push_back(std::move(pr));
+            continue;
+        }
+        try {
+            State::DbProc& p = db_proc(oid);
+            pr.config_name = p.keyring.bound_name();
+            pr.provider = p.keyring.config.provider;
+            pr.key_id = p.keyring.config.key_id;
+            KeyStatus ks = p.provider->status();
+            pr.request_id = ks.request_id;
+            if (ks.health != KeyHealth::Ok) {
+                pr.health = ks.health;
+                pr.detail = ks.state.empty() ? ks.detail : ks.state + ": " + ks.detail;
+            } else if (std::optional<SecureBytes> k = sl ? slot_kek(sl) : std::nullopt) {
+                SecureBytes u = p.provider->unwrap(p.keyring.wrapped_kek);
+                if (u.size() != k->size() || !ct_equal(u.data(), k->data(), u.size())) {
+                    pr.health = KeyHealth::Revoked;
+                    pr.detail = "the key provider unwrapped the database's KEK to a different key (the CMK was "
+                                "replaced)";
+                } else {
+                    pr.health = KeyHealth::Ok;
+                    pr.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state) +
+                                "; unwrap probe matched";
+                }
+            } else {
+                pr.health = KeyHealth::Ok;  // locked, and the key says usable again
+                pr.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state);
+            }
+        } catch (const KmsError& e) {
+            pr.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
+            pr.detail = e.what();
+        } catch (const std::exception& e) {
+            pr.health = KeyHealth::Unavailable;
+            pr.detail = e.what();
+        }
+        out.push_back(std::move(pr));
+    }
+    return out;
+}
+
+void begin_database_revocation(uint32_t oid) {
+    KeyMap::Exclusive lock(keymap());
+    DbSlot* sl = db_slot(oid);
+    if (sl && sl->state.load() == kDbOpen) slot_state(oid, kDbClosing);
+}
+
+void lock_database(uint32_t oid) {
+    State& s = st();
+    KeyMap::Exclusive lock(keymap());
+    if (db_slot(oid)) slot_set(oid, nullptr, kDbLocked);
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    auto it = s.dbs.find(oid);
+    if (it != s.dbs.end()) {
+        it->second.map.reset();
+        it->second.map_pid = 0;
+    }
+}
+
+void unlock_database(uint32_t oid) {
+    State& s = st();
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    State::DbProc& p = db_proc(oid);
+    SecureBytes k = unlock_keyring(p.keyring, *p.provider);
+    KeyMap::Exclusive lock(keymap());
+    slot_set(oid, &k, kDbOpen);
+    KeyMap& dm = db_keymap(oid, db_slot(oid));
+    size_t n = dbkeys::settle(keymap(), dm, oid);
+    if (n) log_line("database " + std::to_string(oid) + ": moved " + std::to_string(n) +
+                    " keys left in the cluster key map by an interrupted binding");
+}
+
+void forget_database(uint32_t oid) {
+    State& s = st();
+    std::lock_guard<std::recursive_mutex> g(s.db_mu);
+    KeyMap::Exclusive lock(keymap());
+    dbkeys::forget(s.keyring_dir, oid);
+    slot_set(oid, nullptr, kDbFree);
+    s.dbs.erase(oid);
 }
 
 std::string keyring_directory() {

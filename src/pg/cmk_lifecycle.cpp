@@ -23,6 +23,9 @@ extern "C" {
 #include "postgres.h"
 
 #include "catalog/pg_authid.h"
+#include "commands/dbcommands.h"
+#include "libpq/auth.h"
+#include "libpq/libpq-be.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -37,6 +40,8 @@ PG_FUNCTION_INFO_V1(cmk_rewrap);
 PG_FUNCTION_INFO_V1(cmk_rotate_kek);
 PG_FUNCTION_INFO_V1(cmk_bind_cluster);
 PG_FUNCTION_INFO_V1(cmk_bind_database);
+PG_FUNCTION_INFO_V1(cmk_unbind_database);
+PG_FUNCTION_INFO_V1(cmk_database_keys);
 PG_FUNCTION_INFO_V1(cmk_key_configs);
 PG_FUNCTION_INFO_V1(cmk_create_key_config);
 PG_FUNCTION_INFO_V1(cmk_drop_key_config);
@@ -46,6 +51,8 @@ PG_FUNCTION_INFO_V1(cmk_audit_log);
 namespace {
 
 bool enable_test_hooks = false;
+ClientAuthentication_hook_type prev_client_auth_hook = NULL;
+void refuse_locked_database(Port* port, int status);
 char* test_crash_at = nullptr;
 int audit_max_size_kb = 10240;
 
@@ -236,6 +243,8 @@ void cmk_lifecycle_init(void) {
         "Size at which cmk_lakebase/audit.log is rotated to audit.log.1 (two files are kept).", NULL,
         &audit_max_size_kb, 10240, 64, INT_MAX / 1024, PGC_SIGHUP, GUC_UNIT_KB, NULL, audit_size_assign,
         NULL);
+    prev_client_auth_hook = ClientAuthentication_hook;
+    ClientAuthentication_hook = refuse_locked_database;
 }
 
 extern "C" Datum cmk_rewrap(PG_FUNCTION_ARGS) {
@@ -252,14 +261,163 @@ extern "C" Datum cmk_bind_cluster(PG_FUNCTION_ARGS) {
                   [name] { return cmk::fs::bind_cluster(name); });
 }
 
+namespace {
+// Strings copied out of C++ objects into palloc'd memory, so that building tuples
+// (which may ereport) never unwinds past a C++ destructor.
+char* pstr(const std::string& s) {
+    return pstrdup(s.c_str());
+}
+
+struct DbRow {
+    char action[32], config[128], provider[64], key_id[256], ver[64], fp[80];
+    int64 deks;
+};
+
+template <typename F>
+Datum db_op(FunctionCallInfo fcinfo, const char* fn, const char* what, F&& op) {
+    require_key_admin(fn);
+    Name dbname = PG_GETARG_NAME(0);
+    Oid dboid = get_database_oid(NameStr(*dbname), false);  // ERROR: database "x" does not exist
+    DbRow row{};
+    Failure f;
+    {  // C++ objects end here, before raise() may longjmp past this frame
+        std::string actor = current_actor();
+        try {
+            cmk::audit::ActorScope scope(actor);
+            cmk::fs::DbOpResult r = op(uint32_t(dboid));
+            strlcpy(row.action, r.action.c_str(), sizeof row.action);
+            strlcpy(row.config, r.config_name.c_str(), sizeof row.config);
+            strlcpy(row.provider, r.provider.c_str(), sizeof row.provider);
+            strlcpy(row.key_id, r.key_id.c_str(), sizeof row.key_id);
+            strlcpy(row.ver, r.key_version.c_str(), sizeof row.ver);
+            strlcpy(row.fp, r.kek_fingerprint.c_str(), sizeof row.fp);
+            row.deks = int64(r.dek_count);
+        } catch (const std::exception& e) {
+            classify(e, what, &f);
+        }
+    }
+    if (f.failed) raise(f);
+    TupleDesc tupdesc;
+    if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+        ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("return type must be a row type")));
+    Datum v[8];
+    bool n[8] = {false};
+    v[0] = CStringGetTextDatum(row.action);
+    v[1] = NameGetDatum(dbname);
+    v[2] = CStringGetTextDatum(row.config);
+    v[3] = CStringGetTextDatum(row.provider);
+    v[4] = CStringGetTextDatum(row.key_id);
+    if (row.ver[0]) v[5] = CStringGetTextDatum(row.ver); else n[5] = true;
+    if (row.fp[0]) v[6] = CStringGetTextDatum(row.fp); else n[6] = true;
+    v[7] = Int64GetDatum(row.deks);
+    PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, v, n)));
+}
+
+Datum text_or_null(const char* s, bool* isnull) {
+    *isnull = !s[0];
+    return s[0] ? CStringGetTextDatum(s) : (Datum)0;
+}
+
+Datum ts_or_null(const char* s, bool* isnull) {
+    *isnull = !s[0];
+    return s[0] ? DirectFunctionCall3(timestamptz_in, CStringGetDatum(s), ObjectIdGetDatum(InvalidOid),
+                                      Int32GetDatum(-1))
+                : (Datum)0;
+}
+
+// Connections to a database whose own key is revoked (or being revoked, or was not
+// available at start) are refused here, after authentication, with the reason. The
+// hook runs inside InitPostgres's start-up transaction, with the shared catalogs
+// readable, so the database name can be resolved to its oid.
+void refuse_locked_database(Port* port, int status) {
+    if (prev_client_auth_hook) prev_client_auth_hook(port, status);
+    if (status != STATUS_OK || !port->database_name || !cmk::fs::any_database_refused()) return;
+    Oid dboid = get_database_oid(port->database_name, true);
+    if (!OidIsValid(dboid) || !cmk::fs::database_refused(uint32_t(dboid))) return;
+    char key_id[256] = "", provider[64] = "";
+    try {
+        for (const auto& d : cmk::fs::database_keys())
+            if (d.oid == dboid) {
+                strlcpy(key_id, d.key_id.c_str(), sizeof key_id);
+                strlcpy(provider, d.provider.c_str(), sizeof provider);
+            }
+    } catch (const std::exception&) {
+    }
+    ereport(FATAL, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                    errmsg("cmk_lakebase: database \"%s\" is unavailable: its key \"%s\" of provider \"%s\" is "
+                           "revoked or not usable",
+                           port->database_name, key_id, provider),
+                    errdetail("The database is bound to a key configuration of its own; its data cannot be read "
+                              "until that key is usable again. The rest of the cluster keeps serving."),
+                    errhint("Restore the key (or this cluster's access to it) in the key provider; the watchdog "
+                            "opens the database again at its next check.")));
+}
+}  // namespace
+
 extern "C" Datum cmk_bind_database(PG_FUNCTION_ARGS) {
-    require_key_admin("bind_database");
-    ereport(ERROR,
-            (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-             errmsg("binding a database to its own key configuration is not supported in this build"),
-             errdetail("Every database of the cluster is encrypted under the cluster's key configuration."),
-             errhint("Use bind_cluster() to move the whole cluster to another key configuration.")));
-    PG_RETURN_VOID();
+    const char* config = text_to_cstring(PG_GETARG_TEXT_PP(1));  // palloc'd: no destructor to skip
+    return db_op(fcinfo, "bind_database", "bind the database to its own key configuration",
+                 [config](uint32_t oid) { return cmk::fs::bind_database(oid, config); });
+}
+
+extern "C" Datum cmk_unbind_database(PG_FUNCTION_ARGS) {
+    return db_op(fcinfo, "unbind_database", "unbind the database from its own key configuration",
+                 [](uint32_t oid) { return cmk::fs::unbind_database(oid); });
+}
+
+extern "C" Datum cmk_database_keys(PG_FUNCTION_ARGS) {
+    require_key_admin("database_keys");
+    ReturnSetInfo* rsinfo = (ReturnSetInfo*)fcinfo->resultinfo;
+    InitMaterializedSRF(fcinfo, 0);
+    struct Row {
+        Oid oid;
+        char *state, *config, *provider, *key_id, *ver, *fp, *bound_at, *rotated_at;
+        int64 deks;
+    };
+    Row* rows = NULL;
+    int nrows = 0;
+    Failure f;
+    {  // C++ objects end here, before raise() may longjmp past this frame
+        try {
+            std::vector<cmk::fs::DatabaseKeyInfo> list = cmk::fs::database_keys();
+            rows = (Row*)palloc0(sizeof(Row) * (list.size() + 1));
+            for (const auto& d : list) {
+                Row& r = rows[nrows++];
+                r.oid = d.oid;
+                r.state = pstr(d.state);
+                r.config = pstr(d.config_name);
+                r.provider = pstr(d.provider);
+                r.key_id = pstr(d.key_id);
+                r.ver = pstr(d.key_version);
+                r.fp = pstr(d.kek_fingerprint);
+                r.bound_at = pstr(d.bound_at);
+                r.rotated_at = pstr(d.rotated_at);
+                r.deks = int64(d.dek_count);
+            }
+        } catch (const std::exception& e) {
+            classify(e, "list the database bindings", &f);
+        }
+    }
+    if (f.failed) raise(f);
+    for (int i = 0; i < nrows; i++) {
+        Datum v[11];
+        bool n[11] = {false};
+        char* name = get_database_name(rows[i].oid);
+        n[0] = !name;
+        if (name) v[0] = DirectFunctionCall1(namein, CStringGetDatum(name));
+        v[1] = ObjectIdGetDatum(rows[i].oid);
+        v[2] = CStringGetTextDatum(rows[i].state);
+        v[3] = text_or_null(rows[i].config, &n[3]);
+        v[4] = text_or_null(rows[i].provider, &n[4]);
+        v[5] = text_or_null(rows[i].key_id, &n[5]);
+        v[6] = text_or_null(rows[i].ver, &n[6]);
+        v[7] = text_or_null(rows[i].fp, &n[7]);
+        v[8] = Int64GetDatum(rows[i].deks);
+        v[9] = ts_or_null(rows[i].bound_at, &n[9]);
+        v[10] = ts_or_null(rows[i].rotated_at, &n[10]);
+        tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, v, n);
+    }
+    return (Datum)0;
 }
 
 extern "C" Datum cmk_create_key_config(PG_FUNCTION_ARGS) {
@@ -316,14 +474,6 @@ extern "C" Datum cmk_drop_key_config(PG_FUNCTION_ARGS) {
     if (f.failed) raise(f);
     PG_RETURN_VOID();
 }
-
-namespace {
-// Strings copied out of C++ objects into palloc'd memory, so that building tuples
-// (which may ereport) never unwinds past a C++ destructor.
-char* pstr(const std::string& s) {
-    return pstrdup(s.c_str());
-}
-}  // namespace
 
 extern "C" Datum cmk_key_configs(PG_FUNCTION_ARGS) {
     require_key_admin("key_configs");

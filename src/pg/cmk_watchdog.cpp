@@ -22,6 +22,12 @@ extern "C" {
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
+#include "postmaster/bgwriter.h"
+#include "access/xlog.h"
+#include "storage/bufmgr.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
+#include "storage/procsignal.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -163,6 +169,163 @@ void audit_as_watchdog() {
     }
 }
 
+// ---- databases bound to key configurations of their own ----------------------------------
+
+struct DbCheck {
+    uint32 oid;
+    int health;  // WatchState
+    bool dropped;
+    char state[16];
+    char detail[512];
+    char request_id[128];
+    char config[128];
+    KeyNames names;
+};
+
+int probe_databases(DbCheck* out, int max) {
+    int n = 0;
+    try {
+        for (const auto& d : cmk::fs::probe_databases()) {
+            if (n >= max) break;
+            DbCheck& c = out[n++];
+            memset(&c, 0, sizeof c);
+            c.oid = d.oid;
+            c.health = d.health == cmk::KeyHealth::Ok        ? WS_OK
+                       : d.health == cmk::KeyHealth::Revoked ? WS_REVOKED
+                                                             : WS_UNAVAILABLE;
+            c.dropped = d.dropped;
+            strlcpy(c.state, d.state.c_str(), sizeof c.state);
+            strlcpy(c.detail, d.detail.c_str(), sizeof c.detail);
+            strlcpy(c.request_id, d.request_id.c_str(), sizeof c.request_id);
+            strlcpy(c.config, d.config_name.c_str(), sizeof c.config);
+            strlcpy(c.names.provider, d.provider.c_str(), sizeof c.names.provider);
+            strlcpy(c.names.key_id, d.key_id.c_str(), sizeof c.names.key_id);
+        }
+    } catch (const std::exception& e) {
+        ereport(LOG, (errmsg("cmk_lakebase: could not probe the database keys: %s", e.what())));
+    }
+    return n;
+}
+
+// SIGTERM (what pg_terminate_backend sends) to every process connected to the
+// database, until none is left or 10 seconds have passed. PGPROCs on the free lists
+// keep the pid and database of their last user: each candidate is confirmed live in
+// the proc array (BackendPidGetProc) before it is signalled.
+void terminate_database_sessions(Oid dboid) {
+    for (int round = 0; round < 100; round++) {
+        int pids[256];
+        int n = 0;
+        for (uint32 i = 0; i < ProcGlobal->allProcCount && n < 256; i++) {
+            PGPROC* proc = &ProcGlobal->allProcs[i];
+            if (proc->pid != 0 && proc != MyProc && proc->databaseId == dboid) pids[n++] = proc->pid;
+        }
+        int live = 0;
+        for (int i = 0; i < n; i++) {
+            PGPROC* proc = BackendPidGetProc(pids[i]);
+            if (!proc || proc->databaseId != dboid) continue;
+            live++;
+            (void) kill(pids[i], SIGTERM);
+        }
+        if (live == 0) return;
+        CHECK_FOR_INTERRUPTS();
+        (void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100, PG_WAIT_EXTENSION);
+        ResetLatch(MyLatch);
+    }
+    ereport(LOG, (errmsg("cmk_lakebase: sessions of database %u did not exit within 10 seconds; their file "
+                         "access fails from now on",
+                         dboid)));
+}
+
+// The per-database kill switch: the database's CMK is revoked while the cluster's is
+// fine. Nothing committed is lost: its dirty pages are written (with its DEKs, still
+// in memory) before its KEK is wiped; then its pages leave shared buffers and every
+// process closes its files.
+void revoke_database(const DbCheck& c) {
+    ereport(LOG, (errmsg("cmk_lakebase: key \"%s\" of provider \"%s\" of database %u is revoked: %s; closing "
+                         "that database (the rest of the cluster keeps serving)",
+                         c.names.key_id, c.names.provider, c.oid, c.detail)));
+    try {
+        cmk::fs::begin_database_revocation(c.oid);
+    } catch (const std::exception& e) {
+        ereport(LOG, (errmsg("cmk_lakebase: %s", e.what())));
+    }
+    char detail[640];
+    snprintf(detail, sizeof detail, "database %u: %s", c.oid, c.detail);
+    audit_action("db_kill_switch", c.names, "revoked", detail);
+    terminate_database_sessions(c.oid);
+    RequestCheckpoint(CHECKPOINT_IMMEDIATE | CHECKPOINT_FORCE | CHECKPOINT_WAIT);
+    DropDatabaseBuffers(c.oid);
+    try {
+        cmk::fs::lock_database(c.oid);
+    } catch (const std::exception& e) {
+        ereport(LOG, (errmsg("cmk_lakebase: %s", e.what())));
+    }
+    // Every process closes its relation files (and with them the file keys).
+    (void) EmitProcSignalBarrier(PROCSIGNAL_BARRIER_SMGRRELEASE);
+    ereport(LOG, (errmsg("cmk_lakebase: database %u is locked: its sessions were terminated, new ones are "
+                         "refused, its keys are wiped",
+                         c.oid)));
+}
+
+void check_databases() {
+    static DbCheck checks[64];
+    static struct {
+        uint32 oid;
+        int health;
+    } last[64];
+    int n = probe_databases(checks, 64);
+    for (int i = 0; i < n; i++) {
+        const DbCheck& c = checks[i];
+        int prev = -1;
+        int slot = -1;
+        for (int j = 0; j < 64; j++)
+            if (last[j].oid == c.oid) slot = j;
+        if (slot < 0)
+            for (int j = 0; j < 64 && slot < 0; j++)
+                if (last[j].oid == 0) slot = j;
+        if (slot >= 0) {
+            if (last[slot].oid == c.oid) prev = last[slot].health;
+            last[slot].oid = c.oid;
+            last[slot].health = c.health;
+        }
+        if (c.dropped) {
+            try {
+                cmk::fs::forget_database(c.oid);
+                char detail[128];
+                snprintf(detail, sizeof detail, "database %u was dropped; its key binding is removed", c.oid);
+                audit_action("db_forget", c.names, "ok", detail);
+                ereport(LOG, (errmsg("cmk_lakebase: %s", detail)));
+            } catch (const std::exception& e) {
+                ereport(LOG, (errmsg("cmk_lakebase: could not forget dropped database %u: %s", c.oid, e.what())));
+            }
+            if (slot >= 0) last[slot].oid = 0;
+            continue;
+        }
+        bool locked = strcmp(c.state, "locked") == 0;
+        if (c.health == WS_REVOKED && !locked) {
+            revoke_database(c);
+        } else if (c.health == WS_OK && locked) {
+            bool ok = false;
+            char err[512] = "";
+            try {
+                cmk::fs::unlock_database(c.oid);
+                ok = true;
+            } catch (const std::exception& e) {
+                strlcpy(err, e.what(), sizeof err);
+            }
+            char detail[640];
+            snprintf(detail, sizeof detail, "database %u: %s", c.oid, ok ? "key usable again; database open" : err);
+            audit_action("db_unlock", c.names, ok ? "ok" : "error", detail);
+            ereport(LOG, (errmsg("cmk_lakebase: %s", detail)));
+        } else if (c.health == WS_UNAVAILABLE && prev != WS_UNAVAILABLE) {
+            ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" unavailable for key \"%s\" of database %u: "
+                                 "%s; %s",
+                                 c.names.provider, c.names.key_id, c.oid, c.detail,
+                                 locked ? "the database stays locked" : "serving on the cached key")));
+        }
+    }
+}
+
 void wipe_keys_quietly() {
     try {
         cmk::fs::wipe_keys();
@@ -282,6 +445,7 @@ void cmk_watchdog_main(Datum) {
             ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" reachable again; key \"%s\" ok", names.provider,
                                  names.key_id)));
         }
+        if (p.health != WS_REVOKED) check_databases();
 
         // Retry an unavailable provider sooner, backing off to the interval.
         int wait_ms = check_interval_s * 1000;
