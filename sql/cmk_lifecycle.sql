@@ -57,7 +57,28 @@ SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_cluster('default')$$);
 SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_cluster('second')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.drop_key_config('default')$$);
 SELECT pg_temp.error_of($$SELECT cmk_lakebase.drop_key_config('nope')$$);
-SELECT pg_temp.error_of($$SELECT cmk_lakebase.bind_database(current_database(), 'second')$$);
+
+-- Databases bound to key configurations of their own (the rest: test/t/071).
+CREATE DATABASE regress_cmk_bound;
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_no_such_db', 'default')$$);
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_bound', 'nope')$$);
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_bound', 'Bad Name')$$);
+-- The configuration's key does not exist in its key store: the KMS refuses, nothing changes.
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_bound', 'second')$$);
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.unbind_database('regress_cmk_bound')$$);
+SELECT count(*) AS bound_databases FROM cmk_lakebase.database_keys();
+-- A KEK of its own under the cluster's configuration.
+SELECT action, database_name, key_config, provider, kek_fingerprint IS NOT NULL AS has_kek
+FROM cmk_lakebase.bind_database('regress_cmk_bound', 'default');
+SELECT database_name, state, key_config, provider, kek_fingerprint <> (SELECT kek_fingerprint FROM cmk_lakebase.cmk_status()) AS own_kek,
+       bound_at IS NOT NULL AS has_bound_at
+FROM cmk_lakebase.database_keys();
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_bound', 'default')$$);
+SELECT action, database_name FROM cmk_lakebase.unbind_database('regress_cmk_bound');
+SELECT count(*) AS bound_databases FROM cmk_lakebase.database_keys();
+SELECT action, outcome, count(*) > 0 AS present FROM cmk_lakebase.audit_log
+WHERE action IN ('bind_database', 'unbind_database') GROUP BY action, outcome ORDER BY action, outcome;
+DROP DATABASE regress_cmk_bound;
 SELECT name, bound FROM cmk_lakebase.key_configs() ORDER BY name;
 
 -- Re-wrap the KEK: same KEK and generation, the keyring rewritten.
@@ -120,6 +141,7 @@ SELECT cmk_lakebase.create_key_config('third', 'local', 'regress-third', jsonb_b
 SELECT cmk_lakebase.drop_key_config('third');
 SELECT count(*) > 0 AS reads_audit FROM cmk_lakebase.audit_log WHERE actor = 'regress_cmk_keyadmin';
 SELECT key_state FROM cmk_lakebase.cmk_status();
+SELECT count(*) >= 0 AS sees_database_keys FROM cmk_lakebase.database_keys();
 -- ... and reads no user data.
 SELECT count(*) FROM lc_data;
 SELECT * FROM cmk_lakebase.relation_keys('lc_data');
@@ -135,6 +157,8 @@ SET ROLE regress_cmk_user;
 SELECT * FROM cmk_lakebase.rotate_kek();
 SELECT * FROM cmk_lakebase.rewrap();
 SELECT * FROM cmk_lakebase.key_configs();
+SELECT * FROM cmk_lakebase.database_keys();
+SELECT * FROM cmk_lakebase.bind_database(current_database(), 'default');
 SELECT * FROM cmk_lakebase.audit_log;
 SELECT cmk_lakebase.create_key_config('x', 'local', 'x', '{}');
 SELECT * FROM cmk_lakebase.cmk_status();

@@ -130,6 +130,7 @@ struct FileCtx {
     std::mutex key_mu;
     std::shared_ptr<FileKey> key;  // null: durable file opened empty, key looked up or made at first use
     struct DbSlot* db = nullptr;   // the file's database, when bound to its own key (checked per I/O)
+    uint32_t db_oid = 0;           // ... and its oid (a slot freed by an unbind may be reused)
     bool fresh = false;            // created by this open (O_EXCL): make a new key, never reuse
     bool append = false;           // caller asked for O_APPEND (emulated: we need pwrite)
     std::atomic<int64_t> known_size{0};
@@ -596,6 +597,16 @@ bool db_usable(DbSlot* sl) {
     return state == kDbOpen || state == kDbClosing;
 }
 
+// A file's database is locked (its key revoked). An unbound database's freed slot
+// (or one reused by another database) no longer concerns the file.
+bool file_db_locked(FileCtx* c) {
+    if (c->db->oid.load(std::memory_order_acquire) != c->db_oid) {
+        c->db = nullptr;
+        return false;
+    }
+    return c->db->state.load(std::memory_order_acquire) == kDbLocked;
+}
+
 // After a database was locked (any state change, in fact): drop this process's key map
 // of it, and with it the copy of its KEK.
 void db_sweep() {
@@ -744,7 +755,7 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
         errno = EIO;
         return nullptr;
     }
-    if (c->db && !db_usable(c->db)) {
+    if (c->db && file_db_locked(c)) {
         c->key.reset();  // the database's key was revoked: this process's copy goes now
         errno = EIO;
         return nullptr;
@@ -753,6 +764,7 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
     try {
         if (!c->fresh) {
             if (auto k = lookup_key(c->rel, &c->db)) {
+                c->db_oid = database_of(c->rel);
                 c->key = std::make_shared<FileKey>(*k);
                 return c->key;
             }
@@ -762,7 +774,8 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
             return nullptr;
         }
         SecureBytes k = create_key(c->rel, c->cls);
-        c->db = db_slot(database_of(c->rel));
+        c->db_oid = database_of(c->rel);
+        c->db = db_slot(c->db_oid);
         c->fresh = false;
         c->key = std::make_shared<FileKey>(k);
         return c->key;
@@ -1363,12 +1376,14 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
             c->key = ephemeral_key(sb.st_dev, sb.st_ino);
         } else if ((flags & O_CREAT) && (flags & O_EXCL)) {
             c->fresh = true;  // a new file: a new key at its first write
-            c->db = db_slot(database_of(r->rel));
-            if (c->db && !db_usable(c->db)) throw DbUnavailable(database_of(r->rel));
+            c->db_oid = database_of(r->rel);
+            c->db = db_slot(c->db_oid);
+            if (c->db && !db_usable(c->db)) throw DbUnavailable(c->db_oid);
         } else {
             // Bind the key at open: the descriptor keeps it even if the name moves on
             // (a recycled WAL segment read by a walsender, for instance).
             if (auto k = lookup_key(r->rel, &c->db)) {
+                c->db_oid = database_of(r->rel);
                 c->key = std::make_shared<FileKey>(*k);
             } else if (sb.st_size > 0) {
                 log_line("no data encryption key for non-empty file \"" + r->rel +
@@ -2042,6 +2057,10 @@ DbOpResult bind_database(uint32_t oid, const std::string& config_name) {
             throw lifecycle::LifecycleError("database " + std::to_string(oid) + " does not exist",
                                             lifecycle::LifecycleError::NotFound);
         KeyConfigSet set = load_key_configs(c.dir, [&c](uint32_t g) { return cluster_kek_of(c, g); });
+        // The cluster's own configuration is a valid choice too (a database KEK of its
+        // own under the same CMK), even before configs.json records it.
+        if (!set.configs.count(config_name) && config_name == c.keyring.bound_name())
+            set.configs[config_name] = NamedKeyConfig{config_name, c.keyring.config, c.keyring.created_at};
         auto it = set.configs.find(config_name);
         if (it == set.configs.end())
             throw lifecycle::LifecycleError("key configuration \"" + config_name +

@@ -23,7 +23,14 @@ extern "C" {
 #include "postgres.h"
 
 #include "catalog/pg_authid.h"
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/pg_database.h"
 #include "commands/dbcommands.h"
+#include "utils/fmgroids.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "libpq/auth.h"
 #include "libpq/libpq-be.h"
 #include "fmgr.h"
@@ -294,6 +301,12 @@ Datum db_op(FunctionCallInfo fcinfo, const char* fn, const char* what, F&& op) {
             row.deks = int64(r.dek_count);
         } catch (const std::exception& e) {
             classify(e, what, &f);
+            // The layer knows databases by oid; the caller named it.
+            std::string m = f.msg, from = "database " + std::to_string(dboid) + " ",
+                        to = std::string("database \"") + NameStr(*dbname) + "\" ";
+            for (size_t at = m.find(from); at != std::string::npos; at = m.find(from, at + to.size()))
+                m.replace(at, from.size(), to);
+            strlcpy(f.msg, m.c_str(), sizeof f.msg);
         }
     }
     if (f.failed) raise(f);
@@ -325,6 +338,21 @@ Datum ts_or_null(const char* s, bool* isnull) {
                 : (Datum)0;
 }
 
+// The oid of a database by name, readable before a database is selected (as
+// postinit.c's GetDatabaseTuple: the name index only once the shared relcache
+// entries are built, else a heap scan). InvalidOid if there is none.
+Oid database_oid_early(const char* name) {
+    ScanKeyData key[1];
+    ScanKeyInit(&key[0], Anum_pg_database_datname, BTEqualStrategyNumber, F_NAMEEQ, CStringGetDatum(name));
+    Relation rel = table_open(DatabaseRelationId, AccessShareLock);
+    SysScanDesc scan = systable_beginscan(rel, DatabaseNameIndexId, criticalSharedRelcachesBuilt, NULL, 1, key);
+    HeapTuple tup = systable_getnext(scan);
+    Oid oid = HeapTupleIsValid(tup) ? ((Form_pg_database)GETSTRUCT(tup))->oid : InvalidOid;
+    systable_endscan(scan);
+    table_close(rel, AccessShareLock);
+    return oid;
+}
+
 // Connections to a database whose own key is revoked (or being revoked, or was not
 // available at start) are refused here, after authentication, with the reason. The
 // hook runs inside InitPostgres's start-up transaction, with the shared catalogs
@@ -332,7 +360,7 @@ Datum ts_or_null(const char* s, bool* isnull) {
 void refuse_locked_database(Port* port, int status) {
     if (prev_client_auth_hook) prev_client_auth_hook(port, status);
     if (status != STATUS_OK || !port->database_name || !cmk::fs::any_database_refused()) return;
-    Oid dboid = get_database_oid(port->database_name, true);
+    Oid dboid = database_oid_early(port->database_name);
     if (!OidIsValid(dboid) || !cmk::fs::database_refused(uint32_t(dboid))) return;
     char key_id[256] = "", provider[64] = "";
     try {
