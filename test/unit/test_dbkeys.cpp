@@ -96,6 +96,18 @@ protected:
         EXPECT_EQ(dbkeys::is_bound(dir, 16384), app_bound);
     }
 
+    // Unbinds database 16384 as the server does (its KEK through its own provider),
+    // crashing at `step` if one is named.
+    void unbind_app(const std::string& step = "") {
+        Keyring dk = load_keyring(dbkeys::dir_for(dir, 16384));
+        auto p = make_provider(dk.config);
+        SecureBytes dkek = unlock_keyring(dk, *p);
+        KeyMap cm(dir, kek, cluster_id, 1);
+        KeyMap dm(dbkeys::dir_for(dir, 16384), dkek, cluster_id, 1);
+        lifecycle::set_crash_point(step);
+        dbkeys::unbind(dir, cm, dm, 16384);
+    }
+
     cmk_test::TempDir tmp;
     std::string store, dir, cluster_id;
     SecureBytes kek;
@@ -193,14 +205,7 @@ TEST_F(DbKeysTest, CrashAtEachStepLeavesTheOldOrTheNewBinding) {
         dbkeys::remove_strays(dir);  // as at server start
         bool bound = step == "bind_database:after_keyring";
         expect_intact(bound);
-        if (bound) {  // back to unbound for the next step
-            Keyring dk = load_keyring(dbkeys::dir_for(dir, 16384));
-            auto p = make_provider(dk.config);
-            SecureBytes dkek = unlock_keyring(dk, *p);
-            KeyMap cm(dir, kek, cluster_id, 1);
-            KeyMap dm(dbkeys::dir_for(dir, 16384), dkek, cluster_id, 1);
-            dbkeys::unbind(dir, cm, dm, 16384);
-        }
+        if (bound) unbind_app();  // back to unbound for the next step
     }
     for (const std::string& step : unbind_steps) {
         SCOPED_TRACE(step);
@@ -211,27 +216,14 @@ TEST_F(DbKeysTest, CrashAtEachStepLeavesTheOldOrTheNewBinding) {
         }
         EXPECT_EXIT(
             {
-                Keyring dk = load_keyring(dbkeys::dir_for(dir, 16384));
-                auto p = make_provider(dk.config);
-                SecureBytes dkek = unlock_keyring(dk, *p);
-                KeyMap cm(dir, kek, cluster_id, 1);
-                KeyMap dm(dbkeys::dir_for(dir, 16384), dkek, cluster_id, 1);
-                lifecycle::set_crash_point(step);
-                dbkeys::unbind(dir, cm, dm, 16384);
+                unbind_app(step);
                 std::exit(0);
             },
             ::testing::KilledBySignal(SIGKILL), "");
         dbkeys::remove_strays(dir);
         bool bound = step == "unbind_database:after_keymap";
         expect_intact(bound);
-        if (bound) {
-            Keyring dk = load_keyring(dbkeys::dir_for(dir, 16384));
-            auto p = make_provider(dk.config);
-            SecureBytes dkek = unlock_keyring(dk, *p);
-            KeyMap cm(dir, kek, cluster_id, 1);
-            KeyMap dm(dbkeys::dir_for(dir, 16384), dkek, cluster_id, 1);
-            dbkeys::unbind(dir, cm, dm, 16384);
-        }
+        if (bound) unbind_app();
     }
 }
 
