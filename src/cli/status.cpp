@@ -14,6 +14,7 @@
 #include "cli.hpp"
 #include "cmk_lakebase/audit.hpp"
 #include "cmk_lakebase/crypto.hpp"
+#include "cmk_lakebase/dbkeys.hpp"
 #include "cmk_lakebase/keymap.hpp"
 #include "cmk_lakebase/keyring.hpp"
 #include "cmk_lakebase/kms.hpp"
@@ -33,6 +34,9 @@ const char kStatusUsage[] =
     "  --json                 print one JSON object instead of lines\n"
     "  -?, --help             show this help, then exit\n"
     "\n"
+    "Databases bound to key configurations of their own are listed with the state of\n"
+    "their keys; the exit status is the cluster key's.\n"
+    "\n"
     "Exit status: 0 if the key is usable, 3 if it is revoked (disabled, deleted, access\n"
     "denied), 4 if the provider is unavailable, 1 on other errors.\n";
 
@@ -51,6 +55,14 @@ struct StatusReport {
     uint32_t kek_generation = 0;
     std::string cluster_id;
     std::optional<size_t> deks;  // known only when the KEK unwrapped
+    struct Database {
+        uint32_t oid = 0;
+        std::string config_name, provider, key_id, kek_fingerprint;
+        KeyHealth health = KeyHealth::Unavailable;
+        std::string provider_state, detail;
+        std::optional<size_t> deks;
+    };
+    std::vector<Database> databases;
 };
 
 KeyHealth health_of(KmsErrorKind k) {
@@ -66,6 +78,14 @@ std::string key_state_text(const StatusReport& r) {
     return s + " (" + inner + ")";
 }
 
+std::string db_state_text(const StatusReport::Database& d) {
+    StatusReport tmp;
+    tmp.health = d.health;
+    tmp.provider_state = d.provider_state;
+    tmp.detail = d.detail;
+    return key_state_text(tmp);
+}
+
 void print_lines(const StatusReport& r) {
     std::printf("data_directory: %s\n", r.data_directory.c_str());
     std::printf("provider: %s\n", r.provider.c_str());
@@ -79,6 +99,11 @@ void print_lines(const StatusReport& r) {
         std::printf("deks: %zu\n", *r.deks);
     else
         std::printf("deks: unknown (the key is not usable)\n");
+    for (const auto& d : r.databases) {
+        std::printf("database %u: key_config %s, provider %s, key_id %s, kek_fingerprint %s, key_state %s, deks %s\n",
+                    d.oid, d.config_name.c_str(), d.provider.c_str(), d.key_id.c_str(), d.kek_fingerprint.c_str(),
+                    db_state_text(d).c_str(), d.deks ? std::to_string(*d.deks).c_str() : "unknown");
+    }
 }
 
 void print_json(const StatusReport& r) {
@@ -109,6 +134,27 @@ void print_json(const StatusReport& r) {
         w.Uint64(*r.deks);
     else
         w.Null();
+    w.Key("databases");
+    w.StartArray();
+    for (const auto& d : r.databases) {
+        w.StartObject();
+        w.Key("oid");
+        w.Uint(d.oid);
+        field("key_config", d.config_name);
+        field("provider", d.provider);
+        field("key_id", d.key_id);
+        field("kek_fingerprint", d.kek_fingerprint);
+        field("key_state", key_health_name(d.health));
+        field("provider_state", d.provider_state);
+        field("detail", d.detail);
+        w.Key("deks");
+        if (d.deks)
+            w.Uint64(*d.deks);
+        else
+            w.Null();
+        w.EndObject();
+    }
+    w.EndArray();
     w.EndObject();
     std::printf("%s\n", buf.GetString());
 }
@@ -184,6 +230,39 @@ int cmd_status(const std::vector<std::string>& args) {
             r.provider_state = "unwrap failed";
             r.detail = e.what();
         }
+    }
+
+    // Databases with keys of their own: their key states, proven the same way.
+    for (uint32_t oid : dbkeys::bound_databases(dir)) {
+        StatusReport::Database d;
+        d.oid = oid;
+        std::string ddir = dbkeys::dir_for(dir, oid);
+        try {
+            Keyring dk = load_keyring(ddir);
+            d.config_name = dk.bound_name();
+            d.provider = dk.config.provider;
+            d.key_id = dk.config.key_id;
+            d.kek_fingerprint = dk.kek_fingerprint;
+            auto dp = audit::audited_provider(make_provider(dk.config), dk.bound_name());
+            KeyStatus st = dp->status();
+            d.health = st.health;
+            d.provider_state = st.state;
+            d.detail = st.detail;
+            if (d.health == KeyHealth::Ok) {
+                SecureBytes dkek = unlock_keyring(dk, *dp);
+                KeyMap dm(ddir, dkek, kr.cluster_id, dk.kek_generation);
+                d.deks = dm.size();
+            }
+        } catch (const KmsError& e) {
+            d.health = health_of(e.kind);
+            d.provider_state = "error";
+            d.detail = e.what();
+        } catch (const std::exception& e) {
+            d.health = KeyHealth::Unavailable;
+            d.provider_state = "error";
+            d.detail = e.what();
+        }
+        r.databases.push_back(std::move(d));
     }
 
     if (a.has("json"))

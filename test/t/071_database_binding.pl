@@ -182,7 +182,13 @@ ok(amcheck_ok('app'), 'amcheck clean on app after binding under load');
 $node->stop;
 my ($crc, $cout, $cerr) = pg_cmk('exec', '-D', $pgdata, '--', 'pg_checksums', '--check', '-D', $pgdata);
 is($crc, 0, 'pg_checksums through pg_cmk exec passes with the database key enabled');
+my ($src, $sout) = pg_cmk('status', '-D', $pgdata);
+like($sout, qr/^database $app_oid: key_config appcfg, provider local, key_id $key_db, .*key_state ok .*deks \d+$/m,
+	'pg_cmk status lists the bound database and its usable key');
 key_command('disable', $key_db);
+($src, $sout) = pg_cmk('status', '-D', $pgdata);
+is($src, 0, 'pg_cmk status: the cluster key is still usable');
+like($sout, qr/^database $app_oid: .*key_state revoked .*deks unknown$/m, "and reports app's key revoked");
 ($crc, $cout, $cerr) = pg_cmk('exec', '-D', $pgdata, '--', 'pg_checksums', '--check', '-D', $pgdata);
 isnt($crc, 0, "with app's CMK disabled the stopped cluster's app files cannot be read");
 like($cout . $cerr, qr{base/$app_oid/}, 'the failure is on a file of app');
