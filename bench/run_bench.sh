@@ -244,6 +244,10 @@ EOF
 			for mode in $order; do
 				server_start "$mode"
 				psql_q "$mode" "${PORT[$mode]}" "CHECKPOINT"
+				# Flush what the previous run's shutdown checkpoint left dirty in the OS
+				# page cache: otherwise its writeback lands in this run's fsyncs, and
+				# whichever mode runs second in a round pays for the first.
+				sync
 				if [ "$BENCH_WARMUP" -gt 0 ]; then
 					run_pgbench "$mode" "${PORT[$mode]}" "$workload" "$BENCH_WARMUP" >/dev/null
 				fi
