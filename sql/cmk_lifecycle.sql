@@ -66,6 +66,14 @@ SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_
 -- The configuration's key does not exist in its key store: the KMS refuses, nothing changes.
 SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_bound', 'second')$$);
 SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.unbind_database('regress_cmk_bound')$$);
+-- A key provider that cannot be reached (its key store is not there): binding the
+-- cluster or a database fails cleanly, nothing changes, the cluster keeps serving.
+SELECT cmk_lakebase.create_key_config('unreachable', 'local', 'regress-key',
+                                      '{"key_store": "/nonexistent/cmk_regress_key_store"}');
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_cluster('unreachable')$$);
+SELECT pg_temp.error_of($$SELECT * FROM cmk_lakebase.bind_database('regress_cmk_bound', 'unreachable')$$);
+SELECT name FROM cmk_lakebase.key_configs() WHERE bound;
+SELECT cmk_lakebase.drop_key_config('unreachable');
 SELECT count(*) AS bound_databases FROM cmk_lakebase.database_keys();
 -- A KEK of its own under the cluster's configuration.
 SELECT action, database_name, key_config, provider, kek_fingerprint IS NOT NULL AS has_kek

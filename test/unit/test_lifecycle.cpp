@@ -162,6 +162,8 @@ TEST_F(LifecycleTest, BindToAnUnusableCmkChangesNothing) {
 
 TEST_F(LifecycleTest, CrashAtEachStepLeavesAStartableCluster) {
     for (const std::string& step : lifecycle::crash_steps()) {
+        // Database binding steps: test_dbkeys.cpp.
+        if (step.find("_database:") != std::string::npos) continue;
         SCOPED_TRACE(step);
         open();
         if (step.rfind("bind_cluster", 0) == 0 && !key_configs_exist(dir)) {
