@@ -134,6 +134,26 @@ add_summary() { SUMMARY+=("$1"); }
 # ------------------------------------------------------------------ (a) pgbench
 
 declare -A TPS   # TPS[mode,workload] = space-separated list of run results
+declare -A CPU   # CPU[mode,workload] = server CPU microseconds per transaction, per run
+
+# CPU seconds the server has used so far: the postmaster's own and its reaped
+# children's (utime, stime, cutime, cstime; backends of finished connections land
+# there), plus what its live children have used. Unlike TPS, this hardly moves when
+# the host steals time from this VM: it is the cost the layer adds, per transaction.
+server_cpu_seconds() { # mode
+	local pm hz
+	pm=$(head -n 1 "$WORK/$1/postmaster.pid")
+	hz=$(getconf CLK_TCK)
+	awk -v pm="$pm" -v hz="$hz" '
+		FNR == 1 {
+			line = $0; sub(/^.*\) /, "", line); n = split(line, f, " ")
+			# after "(comm) ": f[1]=state f[2]=ppid ... f[12]=utime f[13]=stime f[14]=cutime f[15]=cstime
+			pid = FILENAME; sub(/^\/proc\//, "", pid); sub(/\/stat$/, "", pid)
+			if (pid == pm) t += f[12] + f[13] + f[14] + f[15]
+			else if (f[2] == pm) t += f[12] + f[13]
+		}
+		END { printf "%.3f\n", t / hz }' /proc/[0-9]*/stat 2>/dev/null
+}
 
 server_start() { # mode
 	local d="$WORK/$1"
@@ -253,18 +273,25 @@ EOF
 				fi
 				before=$(psql_q "$mode" "${PORT[$mode]}" \
 					"SELECT blks_read || ' ' || blks_hit FROM pg_stat_database WHERE datname = 'postgres'")
+				sleep 0.2  # the psql backend above exits and is reaped
+				cpu0=$(server_cpu_seconds "$mode")
 				tps=$(run_pgbench "$mode" "${PORT[$mode]}" "$workload" "$BENCH_SECONDS")
+				sleep 0.2  # pgbench's backends exit and are reaped
+				cpu1=$(server_cpu_seconds "$mode")
 				after=$(psql_q "$mode" "${PORT[$mode]}" \
 					"SELECT blks_read || ' ' || blks_hit FROM pg_stat_database WHERE datname = 'postgres'")
 				server_stop "$mode"
 				[ -n "$tps" ] || die "no tps in pgbench output ($mode, $workload)"
 				TPS[$mode,$workload]="${TPS[$mode,$workload]:-} $tps"
+				us_tx=$(awk -v a="$cpu0" -v b="$cpu1" -v t="$tps" -v s="$BENCH_SECONDS" \
+					'BEGIN { if (t > 0) printf "%.1f", (b - a) * 1e6 / (t * s); else print "nan" }')
+				CPU[$mode,$workload]="${CPU[$mode,$workload]:-} $us_tx"
 				read -r r0 h0 <<<"$before"
 				read -r r1 h1 <<<"$after"
 				hit=$(awk -v r=$((r1 - r0)) -v h=$((h1 - h0)) \
 					'BEGIN { if (r + h > 0) printf "%.1f", 100 * h / (r + h); else print "n/a" }')
-				printf '[%s] round %d/%d  %-6s %-5s  tps %10.2f   shared_buffers hit %s%%, %d blocks read from the OS\n' \
-					"$(date +%H:%M:%S)" "$round" "$BENCH_ROUNDS" "$workload" "$mode" "$tps" "$hit" $((r1 - r0))
+				printf '[%s] round %d/%d  %-6s %-5s  tps %10.2f   server CPU %7s us/tx   shared_buffers hit %s%%, %d blocks read from the OS\n' \
+					"$(date +%H:%M:%S)" "$round" "$BENCH_ROUNDS" "$workload" "$mode" "$tps" "$us_tx" "$hit" $((r1 - r0))
 			done
 		done
 	done
@@ -289,6 +316,12 @@ EOF
 		for i in "${!e_runs[@]}"; do pairs+=("$(ratio "${e_runs[$i]}" "${p_runs[$i]}")"); done
 		add_summary "$(printf '             per-round ratios: %s  (median %s)' "${pairs[*]}" \
 			"$(median "${pairs[@]}" | awk '{ printf "%.3f", $1 }')")"
+		# shellcheck disable=SC2086
+		ce=$(median ${CPU[enc,$workload]})
+		# shellcheck disable=SC2086
+		cp=$(median ${CPU[plain,$workload]})
+		add_summary "$(printf '             server CPU per transaction (median): encrypted %s us, plaintext %s us; plaintext/encrypted %s (not judged: the TPS ratio a CPU-bound run would reach)' \
+			"$ce" "$cp" "$(ratio "$cp" "$ce")")"
 	done
 fi
 
