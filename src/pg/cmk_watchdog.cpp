@@ -272,6 +272,7 @@ void check_databases() {
     static struct {
         uint32 oid;
         int health;
+        bool unlock_failed;  // logged once, not at every check
     } last[64];
     int n = probe_databases(checks, 64);
     for (int i = 0; i < n; i++) {
@@ -284,7 +285,10 @@ void check_databases() {
             for (int j = 0; j < 64 && slot < 0; j++)
                 if (last[j].oid == 0) slot = j;
         if (slot >= 0) {
-            if (last[slot].oid == c.oid) prev = last[slot].health;
+            if (last[slot].oid == c.oid)
+                prev = last[slot].health;
+            else
+                last[slot].unlock_failed = false;
             last[slot].oid = c.oid;
             last[slot].health = c.health;
         }
@@ -313,10 +317,15 @@ void check_databases() {
             } catch (const std::exception& e) {
                 strlcpy(err, e.what(), sizeof err);
             }
-            char detail[640];
-            snprintf(detail, sizeof detail, "database %u: %s", c.oid, ok ? "key usable again; database open" : err);
-            audit_action("db_unlock", c.names, ok ? "ok" : "error", detail);
-            ereport(LOG, (errmsg("cmk_lakebase: %s", detail)));
+            bool repeated = !ok && slot >= 0 && last[slot].unlock_failed;
+            if (slot >= 0) last[slot].unlock_failed = !ok;
+            if (!repeated) {
+                char detail[640];
+                snprintf(detail, sizeof detail, "database %u: %s", c.oid,
+                         ok ? "key usable again; database open" : err);
+                audit_action("db_unlock", c.names, ok ? "ok" : "error", detail);
+                ereport(LOG, (errmsg("cmk_lakebase: %s", detail)));
+            }
         } else if (c.health == WS_UNAVAILABLE && prev != WS_UNAVAILABLE) {
             ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" unavailable for key \"%s\" of database %u: "
                                  "%s; %s",
