@@ -128,6 +128,10 @@ FROM cmk_lakebase.audit_log WHERE action IN ('rewrap', 'rotate_kek');
 SELECT actor = current_user AS actor_is_caller, kek_generation = :gen0 + 1 AS generation
 FROM cmk_lakebase.audit_log WHERE action = 'rotate_kek' AND outcome = 'ok'
 ORDER BY event_time DESC LIMIT 1;
+-- Each provider call carries the provider's request id (the local store makes its own).
+SELECT action, bool_and(request_id ~ '^[0-9a-f]{32}$') AS have_request_ids
+FROM cmk_lakebase.audit_log WHERE action IN ('wrap', 'unwrap', 'status') AND outcome = 'ok'
+GROUP BY action ORDER BY action;
 SELECT count(*) AS lines_with_the_kek_fingerprint
 FROM cmk_lakebase.audit_log
 WHERE detail LIKE '%' || (SELECT kek_fingerprint FROM cmk_lakebase.cmk_status()) || '%';

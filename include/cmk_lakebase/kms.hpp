@@ -58,6 +58,12 @@ public:
     virtual WrapResult wrap(const SecureBytes& kek) = 0;
     virtual SecureBytes unwrap(const std::vector<uint8_t>& blob) = 0;
     virtual KeyStatus status() = 0;
+    // The KMS's request id of the last unwrap() that got an answer, where the KMS
+    // returns one ("" otherwise): for the audit trail.
+    virtual std::string last_request_id() const { return last_request_id_; }
+
+protected:
+    std::string last_request_id_;
 };
 
 // Validates the configuration (throws KmsError Config naming the field) and returns

@@ -246,6 +246,7 @@ public:
 
     std::string name() const override { return inner_->name(); }
     const KeyConfig& config() const override { return inner_->config(); }
+    std::string last_request_id() const override { return inner_->last_request_id(); }
 
     WrapResult wrap(const SecureBytes& kek) override {
         try {
@@ -261,10 +262,10 @@ public:
     SecureBytes unwrap(const std::vector<uint8_t>& blob) override {
         try {
             SecureBytes k = inner_->unwrap(blob);
-            emit("unwrap", "ok", "", "", "");
+            emit("unwrap", "ok", "", inner_->last_request_id(), "");
             return k;
         } catch (const KmsError& e) {
-            emit("unwrap", kms_error_outcome(e.kind), "", "", e.what());
+            emit("unwrap", kms_error_outcome(e.kind), "", inner_->last_request_id(), e.what());
             throw;
         }
     }

@@ -432,7 +432,9 @@ public:
         std::string b64 = base64_encode(blob.data(), blob.size());
         std::string body = json_request(true, nullptr, &b64);
         Answer a;
+        last_request_id_.clear();
         call("Decrypt", body, a);
+        last_request_id_ = a.request_id;
         const rapidjson::Value* pt = member(a.doc, "Plaintext");
         if (!pt || !pt->IsString())
             throw unavailable(where("Decrypt") + ": the answer has no Plaintext" + rid(a.request_id));

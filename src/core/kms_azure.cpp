@@ -700,8 +700,10 @@ public:
     SecureBytes unwrap(const std::vector<uint8_t>& blob) override {
         std::string body = "{\"alg\":\"" + s_.algorithm + "\",\"value\":\"" +
                            base64url_encode(blob.data(), blob.size()) + "\"}";
+        last_request_id_.clear();
         http::Response r =
             call("unwrapkey", "POST", s_.key.url + "/unwrapkey?api-version=" + kApiVersion, body);
+        last_request_id_ = r.header("x-ms-request-id");
         if (r.status != 200) throw vault_error(r, "unwrapkey", s_.key);
         std::string text = r.body;
         scrub(r.body);

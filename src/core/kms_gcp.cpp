@@ -265,7 +265,9 @@ public:
                            "\",\"ciphertextCrc32c\":\"" + crc_str(blob.data(), blob.size()) +
                            "\",\"additionalAuthenticatedDataCrc32c\":\"" + crc_str(aad.data(), aad.size()) +
                            "\"}";
+        last_request_id_.clear();
         http::Response r = call(Op::Decrypt, "POST", ":decrypt", body);
+        last_request_id_ = r.header("x-goog-request-id");
         Wipe wr{r.body};
         rapidjson::Document d;
         d.ParseInsitu(&r.body[0]);

@@ -382,6 +382,7 @@ public:
     }
 
     SecureBytes unwrap(const std::vector<uint8_t>& blob) override {
+        last_request_id_ = random_id();  // this store's own correlation id, as for wrap and status
         KeyFile kf = load_usable();
         if (blob.size() < 5 || blob[0] != kWrapFormat)
             throw revoked("the wrapped KEK is not a local provider blob for key " + cfg_.key_id +

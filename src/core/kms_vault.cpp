@@ -178,10 +178,12 @@ public:
                            "the wrapped KEK is not a Vault Transit ciphertext for key " + cfg_.key_id +
                                " (wrong key material)");
         std::string body = "{\"ciphertext\":\"" + ct + "\"}";
+        last_request_id_.clear();
         http::Response r = call(Op::Decrypt, "POST", key_path("decrypt"), body);
         Wipe wr{r.body};
         rapidjson::Document d;
-        d.ParseInsitu(&r.body[0]);
+        d.ParseInsitu(&r.body[0]);  // in place: no copy of the plaintext outside r.body
+        last_request_id_ = json_string_field(member(d, "request_id"));
         const rapidjson::Value* pt = member(member_or_null(d, "data"), "plaintext");
         if (!pt || !pt->IsString()) throw unavailable_error("decrypt", "the answer has no plaintext");
         std::vector<uint8_t> raw;

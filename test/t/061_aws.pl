@@ -110,6 +110,9 @@ $node->safe_psql('postgres',
 );
 $node->restart;
 is($node->safe_psql('postgres', 'SELECT count(*), sum(id) FROM t'), '500|125250', 'data intact after restart');
+like(slurp_file("$datadir/cmk_lakebase/audit.log"),
+	qr/"action":"unwrap".*"request_id":"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}".*"outcome":"ok"/,
+	"the audit trail's unwrap rows carry AWS's x-amzn-RequestId");
 
 sub status_rc
 {

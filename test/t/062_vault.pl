@@ -75,6 +75,9 @@ $node->safe_psql('postgres', q{
 $node->restart;
 is($node->safe_psql('postgres', 'SELECT count(*), max(v) FROM t'), '500|vault-row-99',
 	'data intact after a restart through Vault Transit');
+like(PostgreSQL::Test::Utils::slurp_file($node->data_dir . '/cmk_lakebase/audit.log'),
+	qr/"action":"unwrap".*"request_id":"[0-9a-f]{16}".*"outcome":"ok"/,
+	"the audit trail's unwrap rows carry Vault's request_id");
 my $reqs = kms_control($peer, action => 'requests')->{requests};
 ok((grep { $_->{path} =~ m{^/v1/transit/decrypt/cmk-vault} } @$reqs) >= 2,
 	'the server start unwrapped the KEK through /v1/transit/decrypt');
