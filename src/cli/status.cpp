@@ -69,21 +69,13 @@ KeyHealth health_of(KmsErrorKind k) {
     return k == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
 }
 
-std::string key_state_text(const StatusReport& r) {
-    std::string s = key_health_name(r.health);
-    std::string inner = r.provider_state.empty() ? "-" : r.provider_state;
-    if (!r.detail.empty()) inner += ": " + r.detail;
+std::string key_state_text(KeyHealth health, const std::string& provider_state, const std::string& detail) {
+    std::string s = key_health_name(health);
+    std::string inner = provider_state.empty() ? "-" : provider_state;
+    if (!detail.empty()) inner += ": " + detail;
     for (char& c : inner)
         if (c == '\n' || c == '\r') c = ' ';
     return s + " (" + inner + ")";
-}
-
-std::string db_state_text(const StatusReport::Database& d) {
-    StatusReport tmp;
-    tmp.health = d.health;
-    tmp.provider_state = d.provider_state;
-    tmp.detail = d.detail;
-    return key_state_text(tmp);
 }
 
 void print_lines(const StatusReport& r) {
@@ -91,7 +83,7 @@ void print_lines(const StatusReport& r) {
     std::printf("provider: %s\n", r.provider.c_str());
     std::printf("key_id: %s\n", r.key_id.c_str());
     if (!r.key_store.empty()) std::printf("key_store: %s\n", r.key_store.c_str());
-    std::printf("key_state: %s\n", key_state_text(r).c_str());
+    std::printf("key_state: %s\n", key_state_text(r.health, r.provider_state, r.detail).c_str());
     std::printf("kek_fingerprint: %s\n", r.kek_fingerprint.c_str());
     std::printf("kek_generation: %u\n", r.kek_generation);
     std::printf("cluster_id: %s\n", r.cluster_id.c_str());
@@ -102,7 +94,7 @@ void print_lines(const StatusReport& r) {
     for (const auto& d : r.databases) {
         std::printf("database %u: key_config %s, provider %s, key_id %s, kek_fingerprint %s, key_state %s, deks %s\n",
                     d.oid, d.config_name.c_str(), d.provider.c_str(), d.key_id.c_str(), d.kek_fingerprint.c_str(),
-                    db_state_text(d).c_str(), d.deks ? std::to_string(*d.deks).c_str() : "unknown");
+                    key_state_text(d.health, d.provider_state, d.detail).c_str(), d.deks ? std::to_string(*d.deks).c_str() : "unknown");
     }
 }
 

@@ -1412,7 +1412,12 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
 }
 
 int op_close(int fd) {
-    if (ctx_get(fd)) ctx_set(fd, nullptr);
+    if (ctx_get(fd)) {
+        ctx_set(fd, nullptr);
+        // A database locked since: the closes its revocation makes every process do
+        // (SMGRRELEASE) also drop this process's key map of it. One atomic load.
+        db_sweep();
+    }
     return real().close(fd);
 }
 
@@ -1755,15 +1760,18 @@ LayerInfo info() {
         KeyMap& km = keymap();
         km.refresh();
         i.dek_count = km.size();
-        for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
-            DbSlot* sl = db_slot(oid);
-            if (!sl || !db_usable(sl)) continue;
+    } catch (const std::exception&) {
+        i.dek_count = 0;
+    }
+    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+        DbSlot* sl = db_slot(oid);
+        if (!sl || !db_usable(sl)) continue;  // a locked database's DEKs are not countable
+        try {
             KeyMap& dm = db_keymap(oid, sl);
             dm.refresh();
             i.dek_count += dm.size();
+        } catch (const std::exception&) {
         }
-    } catch (const std::exception&) {
-        i.dek_count = 0;
     }
     return i;
 }

@@ -171,6 +171,20 @@ void audit_as_watchdog() {
 
 // ---- databases bound to key configurations of their own ----------------------------------
 
+// Runs a layer call across the C++ wall: an exception becomes text in err, so that
+// ereport() (which may longjmp) is only ever called once no C++ frame is live.
+template <typename F>
+bool layer_call(F&& fn, char* err, size_t errlen) {
+    err[0] = 0;
+    try {
+        fn();
+        return true;
+    } catch (const std::exception& e) {
+        strlcpy(err, e.what(), errlen);
+        return false;
+    }
+}
+
 struct DbCheck {
     uint32 oid;
     int health;  // WatchState
@@ -184,7 +198,8 @@ struct DbCheck {
 
 int probe_databases(DbCheck* out, int max) {
     int n = 0;
-    try {
+    char err[512];
+    bool ok = layer_call([&] {
         for (const auto& d : cmk::fs::probe_databases()) {
             if (n >= max) break;
             DbCheck& c = out[n++];
@@ -201,9 +216,8 @@ int probe_databases(DbCheck* out, int max) {
             strlcpy(c.names.provider, d.provider.c_str(), sizeof c.names.provider);
             strlcpy(c.names.key_id, d.key_id.c_str(), sizeof c.names.key_id);
         }
-    } catch (const std::exception& e) {
-        ereport(LOG, (errmsg("cmk_lakebase: could not probe the database keys: %s", e.what())));
-    }
+    }, err, sizeof err);
+    if (!ok) ereport(LOG, (errmsg("cmk_lakebase: could not probe the database keys: %s", err)));
     return n;
 }
 
@@ -244,22 +258,17 @@ void revoke_database(const DbCheck& c) {
     ereport(LOG, (errmsg("cmk_lakebase: key \"%s\" of provider \"%s\" of database %u is revoked: %s; closing "
                          "that database (the rest of the cluster keeps serving)",
                          c.names.key_id, c.names.provider, c.oid, c.detail)));
-    try {
-        cmk::fs::begin_database_revocation(c.oid);
-    } catch (const std::exception& e) {
-        ereport(LOG, (errmsg("cmk_lakebase: %s", e.what())));
-    }
+    char err[512];
+    if (!layer_call([&] { cmk::fs::begin_database_revocation(c.oid); }, err, sizeof err))
+        ereport(LOG, (errmsg("cmk_lakebase: %s", err)));
     char detail[640];
     snprintf(detail, sizeof detail, "database %u: %s", c.oid, c.detail);
     audit_action("db_kill_switch", c.names, "revoked", detail);
     terminate_database_sessions(c.oid);
     RequestCheckpoint(CHECKPOINT_IMMEDIATE | CHECKPOINT_FORCE | CHECKPOINT_WAIT);
     DropDatabaseBuffers(c.oid);
-    try {
-        cmk::fs::lock_database(c.oid);
-    } catch (const std::exception& e) {
-        ereport(LOG, (errmsg("cmk_lakebase: %s", e.what())));
-    }
+    if (!layer_call([&] { cmk::fs::lock_database(c.oid); }, err, sizeof err))
+        ereport(LOG, (errmsg("cmk_lakebase: %s", err)));
     // Every process closes its relation files (and with them the file keys).
     (void) EmitProcSignalBarrier(PROCSIGNAL_BARRIER_SMGRRELEASE);
     ereport(LOG, (errmsg("cmk_lakebase: database %u is locked: its sessions were terminated, new ones are "
@@ -293,14 +302,14 @@ void check_databases() {
             last[slot].health = c.health;
         }
         if (c.dropped) {
-            try {
-                cmk::fs::forget_database(c.oid);
+            char err[512];
+            if (layer_call([&] { cmk::fs::forget_database(c.oid); }, err, sizeof err)) {
                 char detail[128];
                 snprintf(detail, sizeof detail, "database %u was dropped; its key binding is removed", c.oid);
                 audit_action("db_forget", c.names, "ok", detail);
                 ereport(LOG, (errmsg("cmk_lakebase: %s", detail)));
-            } catch (const std::exception& e) {
-                ereport(LOG, (errmsg("cmk_lakebase: could not forget dropped database %u: %s", c.oid, e.what())));
+            } else {
+                ereport(LOG, (errmsg("cmk_lakebase: could not forget dropped database %u: %s", c.oid, err)));
             }
             if (slot >= 0) last[slot].oid = 0;
             continue;
@@ -309,14 +318,8 @@ void check_databases() {
         if (c.health == WS_REVOKED && !locked) {
             revoke_database(c);
         } else if (c.health == WS_OK && locked) {
-            bool ok = false;
-            char err[512] = "";
-            try {
-                cmk::fs::unlock_database(c.oid);
-                ok = true;
-            } catch (const std::exception& e) {
-                strlcpy(err, e.what(), sizeof err);
-            }
+            char err[512];
+            bool ok = layer_call([&] { cmk::fs::unlock_database(c.oid); }, err, sizeof err);
             bool repeated = !ok && slot >= 0 && last[slot].unlock_failed;
             if (slot >= 0) last[slot].unlock_failed = !ok;
             if (!repeated) {
