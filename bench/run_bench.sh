@@ -9,7 +9,9 @@
 #      Runs alternate encrypted/plaintext (the order flips every round) and each run gets
 #      a freshly started server plus a short warm-up, so drift and page-cache state hit
 #      both modes alike. Reported: median TPS per mode and the ratio encrypted/plaintext,
-#      against the targets TPC-B >= 0.95 and select-only >= 0.90.
+#      against the targets TPC-B >= 0.95 and select-only >= 0.90. Cross-check, not
+#      judged: runs with both clusters loaded at the same time (half the clients each),
+#      whose ratio the host's noise cannot tilt.
 #  (b) the page cipher: "pg_cmk bench-cipher" (AES-256-XTS, one 8 KiB unit in place,
 #      new tweak per call) beside "openssl speed -evp aes-256-xts -bytes 8192" (one 8 KiB
 #      buffer; encrypt and -decrypt), many short alternating rounds, best-of-N compared,
@@ -23,8 +25,9 @@
 #   BENCH_SECONDS=10 BENCH_ROUNDS=1 BENCH_SCALE=10 bash bench/run_bench.sh   # quick look
 #
 # Settings (environment):
-#   BENCH_SECONDS=30        seconds per measured pgbench run
-#   BENCH_ROUNDS=3          rounds; each round runs every workload in both modes
+#   BENCH_SECONDS=15        seconds per measured pgbench run
+#   BENCH_ROUNDS=8          rounds; each round runs every workload in both modes (many
+#                           short rounds: single runs on a shared VM spread +-20%)
 #   BENCH_SCALE=50          pgbench scale factor (15 MB per unit, on disk per cluster)
 #   BENCH_CLIENTS=2         pgbench -c
 #   BENCH_JOBS=2            pgbench -j
@@ -37,6 +40,9 @@
 #   BENCH_CIPHER_SECONDS=1  seconds per tool and direction in each cipher round
 #   BENCH_CIPHER_ROUNDS=9   short alternating rounds pg_cmk/openssl; the best run of
 #                           each tool is compared (contention only slows runs down)
+#   BENCH_CONCURRENT_RUNS=4 cross-check runs with both clusters loaded at the same time
+#                           (half the clients each): the same host noise hits both, so
+#                           their ratio is steady where alternated runs spread; 0: skip
 #   BENCH_SKIP_PGBENCH=0    1: only the cipher comparison
 #   BENCH_DIR=              work directory (default: a new one under /tmp); removed at
 #                           the end unless BENCH_KEEP=1
@@ -45,8 +51,8 @@
 set -euo pipefail
 
 PG_BINDIR=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
-BENCH_SECONDS=${BENCH_SECONDS:-30}
-BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_SECONDS=${BENCH_SECONDS:-15}
+BENCH_ROUNDS=${BENCH_ROUNDS:-8}
 BENCH_SCALE=${BENCH_SCALE:-50}
 BENCH_CLIENTS=${BENCH_CLIENTS:-2}
 BENCH_JOBS=${BENCH_JOBS:-2}
@@ -57,6 +63,7 @@ BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-tpcb select}
 BENCH_CIPHER_SECONDS=${BENCH_CIPHER_SECONDS:-1}
 BENCH_CIPHER_ROUNDS=${BENCH_CIPHER_ROUNDS:-9}
+BENCH_CONCURRENT_RUNS=${BENCH_CONCURRENT_RUNS:-4}
 BENCH_SKIP_PGBENCH=${BENCH_SKIP_PGBENCH:-0}
 BENCH_KEEP=${BENCH_KEEP:-0}
 BENCH_STRICT=${BENCH_STRICT:-0}
@@ -77,7 +84,7 @@ is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 [ "$(id -u)" -eq 0 ] || die "run as root (servers run as '$PG_USER' through runuser)"
 id "$PG_USER" >/dev/null 2>&1 || die "no '$PG_USER' OS user"
 for v in BENCH_SECONDS BENCH_ROUNDS BENCH_SCALE BENCH_CLIENTS BENCH_JOBS BENCH_WARMUP \
-	BENCH_CIPHER_SECONDS BENCH_CIPHER_ROUNDS; do
+	BENCH_CIPHER_SECONDS BENCH_CIPHER_ROUNDS BENCH_CONCURRENT_RUNS; do
 	is_uint "${!v}" || die "$v must be a non-negative integer (got '${!v}')"
 done
 if [ "$BENCH_ROUNDS" -lt 1 ] || [ "$BENCH_SECONDS" -lt 1 ] || [ "$BENCH_SCALE" -lt 1 ] ||
@@ -119,10 +126,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-median() { # numbers as arguments
+median() { # numbers as arguments (4 decimals: callers round for display)
 	printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {
 		if (NR == 0) { print "nan"; exit }
-		if (NR % 2) printf "%.2f\n", a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2 }'
+		if (NR % 2) printf "%.4f\n", a[(NR+1)/2]; else printf "%.4f\n", (a[NR/2]+a[NR/2+1])/2 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f\n", a/b; else print "nan" }'; }
 verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r != "nan" && r >= t) ? "PASS" : "MISS" }'; }
@@ -172,13 +179,13 @@ psql_q() { # mode port sql
 	as_pg "$PG_BINDIR/psql" -X -A -t -q $(pg_conn "$1" "$2") -d postgres -c "$3"
 }
 
-run_pgbench() { # mode port workload seconds -> prints tps
-	local mode=$1 port=$2 workload=$3 secs=$4 args=()
+run_pgbench() { # mode port workload seconds [clients jobs] -> prints tps
+	local mode=$1 port=$2 workload=$3 secs=$4 clients=${5:-$BENCH_CLIENTS} jobs=${6:-$BENCH_JOBS} args=()
 	[ "$workload" = select ] && args+=(-S)
 	local out
 	# shellcheck disable=SC2046
 	out=$(as_pg "$PG_BINDIR/pgbench" $(pg_conn "$mode" "$port") -n -M "$BENCH_PROTOCOL" \
-		-c "$BENCH_CLIENTS" -j "$BENCH_JOBS" -T "$secs" "${args[@]}" postgres 2>&1) ||
+		-c "$clients" -j "$jobs" -T "$secs" "${args[@]}" postgres 2>&1) ||
 		{ echo "$out" >&2; die "pgbench ($mode, $workload) failed"; }
 	echo "$out" | awk '/^tps = / { print $3; exit }'
 }
@@ -296,6 +303,50 @@ EOF
 		done
 	done
 
+	# Cross-check: both clusters under load at the same time, half the clients each.
+	# Alternated runs are minutes apart, and on a shared VM single runs of one mode
+	# spread +-20 %; here whatever the host does hits both clusters at once. With the
+	# cores shared, each cluster's TPS follows its cost per transaction.
+	declare -A CONC  # CONC[workload] = ratios of the concurrent runs
+	CONC_CLIENTS=$((BENCH_CLIENTS / 2))
+	[ "$CONC_CLIENTS" -ge 1 ] || CONC_CLIENTS=1
+	CONC_JOBS=$((BENCH_JOBS / 2))
+	[ "$CONC_JOBS" -ge 1 ] || CONC_JOBS=1
+	if [ "$BENCH_CONCURRENT_RUNS" -gt 0 ]; then
+		for workload in $BENCH_WORKLOADS; do
+			for mode in enc plain; do
+				server_start "$mode"
+				psql_q "$mode" "${PORT[$mode]}" "CHECKPOINT"
+			done
+			sync
+			if [ "$BENCH_WARMUP" -gt 0 ]; then
+				for mode in enc plain; do
+					run_pgbench "$mode" "${PORT[$mode]}" "$workload" "$BENCH_WARMUP" \
+						"$CONC_CLIENTS" "$CONC_JOBS" >/dev/null &
+				done
+				wait
+			fi
+			for ((i = 1; i <= BENCH_CONCURRENT_RUNS; i++)); do
+				run_pgbench enc "${PORT[enc]}" "$workload" "$BENCH_SECONDS" \
+					"$CONC_CLIENTS" "$CONC_JOBS" >"$WORK/conc_enc.tps" &
+				pid_e=$!
+				run_pgbench plain "${PORT[plain]}" "$workload" "$BENCH_SECONDS" \
+					"$CONC_CLIENTS" "$CONC_JOBS" >"$WORK/conc_plain.tps" &
+				pid_p=$!
+				wait "$pid_e" || die "concurrent pgbench (enc, $workload) failed"
+				wait "$pid_p" || die "concurrent pgbench (plain, $workload) failed"
+				te=$(<"$WORK/conc_enc.tps")
+				tp=$(<"$WORK/conc_plain.tps")
+				if [ -z "$te" ] || [ -z "$tp" ]; then die "no tps in concurrent pgbench output ($workload)"; fi
+				r=$(ratio "$te" "$tp")
+				CONC[$workload]="${CONC[$workload]:-} $r"
+				printf '[%s] concurrent %d/%d  %-6s  enc tps %10.2f  plain tps %10.2f  ratio %s\n' \
+					"$(date +%H:%M:%S)" "$i" "$BENCH_CONCURRENT_RUNS" "$workload" "$te" "$tp" "$r"
+			done
+			for mode in enc plain; do server_stop "$mode"; done
+		done
+	fi
+
 	for workload in $BENCH_WORKLOADS; do
 		# shellcheck disable=SC2086
 		me=$(median ${TPS[enc,$workload]})
@@ -320,8 +371,14 @@ EOF
 		ce=$(median ${CPU[enc,$workload]})
 		# shellcheck disable=SC2086
 		cp=$(median ${CPU[plain,$workload]})
-		add_summary "$(printf '             server CPU per transaction (median): encrypted %s us, plaintext %s us; plaintext/encrypted %s (not judged: the TPS ratio a CPU-bound run would reach)' \
+		add_summary "$(printf '             server CPU per transaction (median): encrypted %.1f us, plaintext %.1f us; plaintext/encrypted %s (not judged: the TPS ratio a CPU-bound run would reach)' \
 			"$ce" "$cp" "$(ratio "$cp" "$ce")")"
+		if [ -n "${CONC[$workload]:-}" ]; then
+			# shellcheck disable=SC2086
+			add_summary "$(printf '             concurrent (both loaded at once, -c %d each, %d x %ds): ratios%s  (median %s; not judged: the target is on alternated runs)' \
+				"$CONC_CLIENTS" "$BENCH_CONCURRENT_RUNS" "$BENCH_SECONDS" "${CONC[$workload]}" \
+				"$(median ${CONC[$workload]} | awk '{ printf "%.3f", $1 }')")"
+		fi
 	done
 fi
 
