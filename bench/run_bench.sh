@@ -312,6 +312,7 @@ EOF
 	[ "$CONC_CLIENTS" -ge 1 ] || CONC_CLIENTS=1
 	CONC_JOBS=$((BENCH_JOBS / 2))
 	[ "$CONC_JOBS" -ge 1 ] || CONC_JOBS=1
+	[ "$CONC_JOBS" -le "$CONC_CLIENTS" ] || CONC_JOBS=$CONC_CLIENTS
 	if [ "$BENCH_CONCURRENT_RUNS" -gt 0 ]; then
 		for workload in $BENCH_WORKLOADS; do
 			for mode in enc plain; do
