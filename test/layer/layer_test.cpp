@@ -8,12 +8,15 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <limits.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -293,6 +296,108 @@ TEST(Layer, DupSharesTheCipherState) {
     ASSERT_EQ(::read(fd, got.data(), 8192), 8192);
     ::close(fd);
     EXPECT_EQ(got, page);
+}
+
+bool mapped_in_this_process(const std::string& path) {
+    std::FILE* f = std::fopen("/proc/self/maps", "r");
+    if (!f) return false;
+    char line[4096];
+    bool found = false;
+    while (std::fgets(line, sizeof line, f)) {
+        std::string l(line);
+        if (l.size() > path.size() && l.compare(l.size() - path.size() - 1, path.size(), path) == 0)
+            found = true;
+    }
+    std::fclose(f);
+    return found;
+}
+
+// Whole-page reads of relation files are decrypted straight from a mapping of the page
+// cache; what other descriptors write is seen at once, and a file truncated by another
+// descriptor under the mapping reads as a short read (the SIGBUS guard), not a crash.
+TEST(Layer, RelationReadsThroughTheMapping) {
+    const size_t U = 8192;
+    mkdirs("base/1/x");
+    std::string path = P("base/1/16500");
+    ::unlink(path.c_str());
+    std::mt19937 rng(77);
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    auto d = random_bytes(rng, 4 * U);
+    ASSERT_EQ(::pwrite(fd, d.data(), d.size(), 0), ssize_t(d.size()));
+    ASSERT_FALSE(mapped_in_this_process(path));
+    std::vector<uint8_t> got(U);
+    ASSERT_EQ(::pread(fd, got.data(), U, U), ssize_t(U));
+    EXPECT_EQ(0, std::memcmp(got.data(), d.data() + U, U));
+    ASSERT_TRUE(mapped_in_this_process(path)) << "an aligned page read did not map the segment";
+    auto wide = std::vector<uint8_t>(2 * U);
+    ASSERT_EQ(::pread(fd, wide.data(), 2 * U, 2 * U), ssize_t(2 * U));
+    EXPECT_EQ(0, std::memcmp(wide.data(), d.data() + 2 * U, 2 * U));
+    EXPECT_FALSE(leaks(raw_read(path), d));
+
+    // Another descriptor rewrites page 0: the mapping is the page cache, so it is seen.
+    int fd2 = ::open(path.c_str(), O_RDWR);
+    ASSERT_GE(fd2, 0);
+    auto d0 = random_bytes(rng, U);
+    ASSERT_EQ(::pwrite(fd2, d0.data(), U, 0), ssize_t(U));
+    ASSERT_EQ(::pread(fd, got.data(), U, 0), ssize_t(U));
+    EXPECT_EQ(0, std::memcmp(got.data(), d0.data(), U));
+
+    // ... truncates the file to one page: reading page 2 through the stale mapping
+    // faults, and the read falls back to pread and reports the end of the file.
+    ASSERT_EQ(::ftruncate(fd2, U), 0);
+    EXPECT_EQ(::pread(fd, got.data(), U, 2 * U), 0);
+    EXPECT_EQ(::pread(fd, wide.data(), 2 * U, 0), ssize_t(U));
+    EXPECT_EQ(0, std::memcmp(wide.data(), d0.data(), U));
+
+    // ... and extends it again, with a hole: new pages and zero pages read right.
+    auto d5 = random_bytes(rng, U);
+    ASSERT_EQ(::pwrite(fd2, d5.data(), U, 5 * U), ssize_t(U));
+    ASSERT_EQ(::pread(fd, got.data(), U, 5 * U), ssize_t(U));
+    EXPECT_EQ(0, std::memcmp(got.data(), d5.data(), U));
+    ASSERT_EQ(::pread(fd, got.data(), U, 3 * U), ssize_t(U));
+    EXPECT_EQ(std::vector<uint8_t>(U, 0), got);
+
+    // The same descriptor's own truncation is known without a fault.
+    ASSERT_EQ(::ftruncate(fd, 2 * U), 0);
+    EXPECT_EQ(::pread(fd, got.data(), U, 5 * U), 0);
+    ::close(fd2);
+    ::close(fd);
+    EXPECT_FALSE(mapped_in_this_process(path)) << "close did not unmap";
+}
+
+// A SIGBUS that is not a read of ours (a fault in some other mapping, a kill) still
+// gets the default action once the layer's handler is installed.
+void foreign_sigbus_child(bool fault) {
+    const size_t U = 8192;
+    std::string path = P("base/1/16501");
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    std::vector<uint8_t> page(U, 7);
+    if (fd < 0 || ::pwrite(fd, page.data(), U, 0) != ssize_t(U) ||
+        ::pread(fd, page.data(), U, 0) != ssize_t(U) || !mapped_in_this_process(path))
+        ::_exit(3);  // the handler is installed with the first mapping
+    if (!fault) ::raise(SIGBUS);
+    std::string other = g_data + "/../sigbus_other";
+    int ofd = ::open(other.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (ofd < 0 || ::ftruncate(ofd, 2 * U) != 0) ::_exit(4);
+    auto* m = static_cast<volatile uint8_t*>(::mmap(nullptr, 2 * U, PROT_READ, MAP_SHARED, ofd, 0));
+    if (m == MAP_FAILED || ::ftruncate(ofd, 0) != 0) ::_exit(5);
+    (void)m[U];  // beyond the end of the file now
+    ::_exit(0);
+}
+
+TEST(Layer, ForeignSigbusIsNotSwallowed) {
+    for (bool fault : {false, true}) {
+        pid_t pid = ::fork();
+        ASSERT_GE(pid, 0);
+        if (pid == 0) foreign_sigbus_child(fault);
+        int status = 0;
+        ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+        ASSERT_TRUE(WIFSIGNALED(status))
+            << (fault ? "fault: " : "kill: ") << "exited with " << WEXITSTATUS(status);
+        EXPECT_EQ(WTERMSIG(status), SIGBUS);
+    }
 }
 
 TEST(Layer, DirectIo) {
