@@ -20,6 +20,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <openssl/crypto.h>
 #include <unistd.h>
 
@@ -145,6 +146,7 @@ struct FileCtx {
     std::atomic<const uint8_t*> map{nullptr};
     size_t map_len = 0;
     std::atomic<int64_t> map_valid{0};
+    std::atomic<uint32_t> map_skip{0};  // reads to serve by pread after a slow mapped one
     ~FileCtx();
 };
 
@@ -871,6 +873,8 @@ struct UnitLock {
 
 constexpr size_t kMapReserve = size_t(1) << 30;  // PostgreSQL's RELSEG_SIZE x BLCKSZ
 constexpr int kMaxMaps = 32;
+constexpr int64_t kSlowMappedReadNs = 20000;  // a warm 8 KiB read takes ~1-3 us
+constexpr uint32_t kReadsAfterSlow = 64;
 std::atomic<int> g_maps{0};
 
 FileCtx::~FileCtx() {
@@ -997,16 +1001,25 @@ ssize_t map_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off
     }
     if (st().wiped.load()) return -1;
     const uint8_t* m = c->map.load(std::memory_order_acquire);
-    // Only pages already in the page cache: a fault on a missing page would read it
-    // from disk one 4 KiB page at a time (the mapping is MADV_RANDOM), where pread
-    // reads the whole request in one I/O.
-    unsigned char vec[kChunk / 4096 + 2];
-    static const size_t pg = size_t(::sysconf(_SC_PAGESIZE));
-    if (len / pg + 1 > sizeof vec || pg > U) return -1;
-    if (::mincore(const_cast<uint8_t*>(m) + off, len, vec) != 0) return -1;
-    for (size_t i = 0; i < (len + pg - 1) / pg; i++)
-        if (!(vec[i] & 1)) return -1;
-    if (!map_decrypt(key, m + off, buf, uint64_t(off) / U, len)) {
+    // A page that is not in the page cache faults in from disk one 4 KiB page at a time
+    // (the mapping is MADV_RANDOM), where pread reads the whole request in one I/O; and
+    // asking first (mincore) costs a system call, which is what the mapping saves. So
+    // the mapping is used optimistically and timed (vDSO clock, no system call): a read
+    // slower than kSlowMappedRead took a disk fault, and the next kReadsAfterSlow reads
+    // of this descriptor go to pread. A workload of cold reads then pays for one extra
+    // 4 KiB I/O in every kReadsAfterSlow + 1 reads; a warm one never leaves the mapping.
+    uint32_t skip = c->map_skip.load(std::memory_order_relaxed);
+    if (skip > 0) {
+        c->map_skip.store(skip - 1, std::memory_order_relaxed);
+        return -1;
+    }
+    struct timespec t0, t1;
+    ::clock_gettime(CLOCK_MONOTONIC, &t0);
+    bool ok = map_decrypt(key, m + off, buf, uint64_t(off) / U, len);
+    ::clock_gettime(CLOCK_MONOTONIC, &t1);
+    int64_t ns = int64_t(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+    if (ns > kSlowMappedReadNs) c->map_skip.store(kReadsAfterSlow, std::memory_order_relaxed);
+    if (!ok) {
         // Truncated under us: forget what we knew of its size and let pread tell.
         c->map_valid.store(0, std::memory_order_release);
         return -1;
