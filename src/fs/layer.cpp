@@ -141,7 +141,7 @@ struct FileCtx {
     // Decrypting reads from a read-only mapping of the segment (see "reads from the
     // page cache" below). map_ok: this descriptor may be mapped (a relation file,
     // readable, not O_DIRECT). map_valid: bytes known to exist, whole units.
-    bool map_ok = false;
+    std::atomic<bool> map_ok{false};
     std::mutex map_mu;
     std::atomic<const uint8_t*> map{nullptr};
     size_t map_len = 0;
@@ -858,7 +858,7 @@ struct UnitLock {
 // lookup, copy into the buffer) and then the decryption. Reading the ciphertext
 // straight from a read-only MAP_SHARED mapping of the segment and decrypting it out of
 // place into the caller's buffer costs the decryption alone once the page is mapped:
-// select-only pgbench went from 0.84-0.90 to 0.94-0.97 of plaintext (bench/README.md).
+// select-only pgbench went from ~0.86 to ~0.95-1.0 of plaintext (bench/README.md).
 // The mapping is the page cache itself, so writes through any descriptor are seen.
 //
 // A mapped page beyond the end of the file raises SIGBUS on access, and another
@@ -866,21 +866,26 @@ struct UnitLock {
 // reads it). So every access to a mapping runs under a SIGBUS guard: the handler
 // (installed on the first mapping of a process, chaining to the previous disposition
 // for faults that are not ours) jumps back, and the read is served by pread, which
-// returns the short read PostgreSQL expects. Bounds: each mapping reserves one 1 GiB
-// segment's address space; a process maps at most kMaxMaps segments (their page
-// tables grow with the pages it touches), then reads the others with pread.
+// returns the short read PostgreSQL expects.
+//
+// Bounds: a mapping covers the segment as it was when first read, plus headroom for
+// growth (never more than a 1 GiB segment); reads past it use pread. Page tables grow
+// with the pages a process touches through its mappings (8 bytes per 4 KiB), so a
+// process maps at most kMapBudget bytes in all (page tables of at most 8 MiB, as for
+// 4 GiB of shared_buffers); a descriptor that does not fit reads with pread, as before.
 // CMK_LAKEBASE_MAP_READS=off turns it off.
 
-constexpr size_t kMapReserve = size_t(1) << 30;  // PostgreSQL's RELSEG_SIZE x BLCKSZ
-constexpr int kMaxMaps = 32;
+constexpr int64_t kMapMax = int64_t(1) << 30;       // PostgreSQL's RELSEG_SIZE x BLCKSZ
+constexpr int64_t kMapHeadroom = int64_t(16) << 20;  // growth covered without remapping
+constexpr int64_t kMapBudget = int64_t(4) << 30;
 constexpr int64_t kSlowMappedReadNs = 20000;  // a warm 8 KiB read takes ~1-3 us
 constexpr uint32_t kReadsAfterSlow = 64;
-std::atomic<int> g_maps{0};
+std::atomic<int64_t> g_mapped{0};
 
 FileCtx::~FileCtx() {
     if (const uint8_t* m = map.load()) {
         ::munmap(const_cast<uint8_t*>(m), map_len);
-        g_maps.fetch_sub(1);
+        g_mapped.fetch_sub(int64_t(map_len));
     }
 }
 
@@ -966,25 +971,28 @@ bool map_decrypt(FileKey& k, const uint8_t* src, uint8_t* dst, uint64_t unit0, s
 // Makes [0, end) of the file readable through the mapping if it exists. False: use pread.
 bool map_prepare(FileCtx* c, int fd, uint64_t end) {
     std::lock_guard<std::mutex> g(c->map_mu);
-    if (!c->map_ok) return false;
+    if (!c->map_ok.load()) return false;
+    if (c->map.load() && int64_t(end) > int64_t(c->map_len)) return false;  // past the mapping
     struct stat sb;
     if (::fstat(fd, &sb) != 0) return false;
     int64_t valid = sb.st_size - sb.st_size % int64_t(U);
+    if (int64_t(end) > valid) return false;  // past the end of the file: pread says so
     if (!c->map.load()) {
-        if (g_maps.fetch_add(1) >= kMaxMaps) {
-            g_maps.fetch_sub(1);
-            return false;  // not now; a close frees a slot
-        }
-        void* m =
-            bus_guard_ready() ? real().mmap(nullptr, kMapReserve, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
-        if (m == MAP_FAILED) {
-            g_maps.fetch_sub(1);
-            c->map_ok = false;
+        int64_t len = std::min(kMapMax, ((valid + kMapHeadroom + (int64_t(2) << 20) - 1) >> 21) << 21);
+        if (g_mapped.fetch_add(len) + len > kMapBudget) {
+            g_mapped.fetch_sub(len);
+            c->map_ok.store(false);  // over the budget: this descriptor reads with pread
             return false;
         }
-        (void)::madvise(m, kMapReserve, MADV_RANDOM);
-        (void)::madvise(m, kMapReserve, MADV_DONTDUMP);
-        c->map_len = kMapReserve;
+        void* m = bus_guard_ready() ? real().mmap(nullptr, size_t(len), PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+        if (m == MAP_FAILED) {
+            g_mapped.fetch_sub(len);
+            c->map_ok.store(false);
+            return false;
+        }
+        (void)::madvise(m, size_t(len), MADV_RANDOM);
+        (void)::madvise(m, size_t(len), MADV_DONTDUMP);
+        c->map_len = size_t(len);
         c->map.store(static_cast<const uint8_t*>(m), std::memory_order_release);
     }
     valid = std::min<int64_t>(valid, int64_t(c->map_len));
@@ -1043,7 +1051,7 @@ ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
         }
         return r;
     }
-    if (c->map_ok && off % U == 0 && len % U == 0 && len <= kChunk) {
+    if (c->map_ok.load(std::memory_order_relaxed) && off % U == 0 && len % U == 0 && len <= kChunk) {
         try {
             ssize_t r = map_read(c, *key, fd, buf, len, off);
             if (r >= 0) return r;
@@ -1578,7 +1586,7 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
     c->rel = r->rel;
     c->append = append;
     c->known_size.store(sb.st_size);
-    c->map_ok = r->cls == FileClass::Relation && readable && !(flags & O_DIRECT) && map_reads_enabled();
+    c->map_ok.store(r->cls == FileClass::Relation && readable && !(flags & O_DIRECT) && map_reads_enabled());
     try {
         if (is_ephemeral(r->cls)) {
             c->key = ephemeral_key(sb.st_dev, sb.st_ino);
