@@ -858,7 +858,7 @@ struct UnitLock {
 // lookup, copy into the buffer) and then the decryption. Reading the ciphertext
 // straight from a read-only MAP_SHARED mapping of the segment and decrypting it out of
 // place into the caller's buffer costs the decryption alone once the page is mapped:
-// select-only pgbench went from ~0.86 to ~0.95-1.0 of plaintext (bench/README.md).
+// select-only pgbench went from ~0.86 to ~0.91-0.94 of plaintext (bench/README.md).
 // The mapping is the page cache itself, so writes through any descriptor are seen.
 //
 // A mapped page beyond the end of the file raises SIGBUS on access, and another
