@@ -358,7 +358,7 @@ TEST(Layer, RelationReadsThroughTheMapping) {
     ASSERT_EQ(::pread(fd, got.data(), U, 3 * U), ssize_t(U));
     EXPECT_EQ(std::vector<uint8_t>(U, 0), got);
 
-    // The same descriptor's own truncation is known without a fault.
+    // The same descriptor's own truncation lowers what it reads through the mapping.
     ASSERT_EQ(::ftruncate(fd, 2 * U), 0);
     EXPECT_EQ(::pread(fd, got.data(), U, 5 * U), 0);
     ::close(fd2);
