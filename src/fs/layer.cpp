@@ -145,6 +145,8 @@ struct FileCtx {
     std::mutex map_mu;
     std::atomic<const uint8_t*> map{nullptr};
     size_t map_len = 0;
+    int64_t map_charged = 0;  // bytes of map_budget() this descriptor holds (under map_mu)
+    bool map_capped = false;  // the budget ran out: no reads past map_charged (under map_mu)
     std::atomic<int64_t> map_valid{0};
     std::atomic<uint32_t> map_skip{0};  // reads to serve by pread after a slow mapped one
     ~FileCtx();
@@ -868,31 +870,50 @@ struct UnitLock {
 // for faults that are not ours) jumps back, and the read is served by pread, which
 // returns the short read PostgreSQL expects.
 //
-// Bounds: a mapping covers the segment as it was when first read, plus headroom for
-// growth (never more than a 1 GiB segment); reads past it use pread. Page tables grow
-// with the pages a process touches through its mappings (8 bytes per 4 KiB), so a
-// process maps at most kMapBudget bytes in all (page tables of at most 8 MiB, as for
-// 4 GiB of shared_buffers); a descriptor that does not fit reads with pread, as before.
-// CMK_LAKEBASE_MAP_READS=off turns it off.
+// Bounds: a mapping spans a whole 1 GiB segment's addresses from the start, so a file
+// that grows after it was first read stays readable through the same mapping and is
+// never remapped (addresses past the end of the file cost nothing until touched, and
+// are never touched: reads stop at map_valid). Page tables grow with the pages a
+// process touches (8 bytes per 4 KiB), so the budget counts bytes made readable, not
+// addresses: a process reads at most map_budget() bytes in all through its mappings
+// (page tables of at most 8 MiB, as for 4 GiB of shared_buffers); past that, reads use
+// pread, as before. Reserving addresses this way needs a 64-bit address space without
+// an RLIMIT_AS; where there is a limit, mapped reads are off (a mapping would use up
+// the address space PostgreSQL allocates memory from). CMK_LAKEBASE_MAP_READS=off
+// turns them off.
 
-constexpr int64_t kMapMax = int64_t(1) << 30;       // PostgreSQL's RELSEG_SIZE x BLCKSZ
-constexpr int64_t kMapHeadroom = int64_t(16) << 20;  // growth covered without remapping
-constexpr int64_t kMapBudget = int64_t(4) << 30;
+constexpr int64_t kMapMax = int64_t(1) << 30;  // PostgreSQL's RELSEG_SIZE x BLCKSZ
+
+// CMK_LAKEBASE_MAP_BUDGET_MB overrides the budget (MiB, 1 to 1048576; default 4096).
+int64_t map_budget() {
+    static const int64_t b = [] {
+        const char* v = std::getenv("CMK_LAKEBASE_MAP_BUDGET_MB");
+        if (!v || !*v) return int64_t(4) << 30;
+        char* e = nullptr;
+        long long mb = std::strtoll(v, &e, 10);
+        if (*e || mb < 1 || mb > (1ll << 20)) {
+            log_line(std::string("CMK_LAKEBASE_MAP_BUDGET_MB=\"") + v + "\" is not a number of MiB from 1 to 1048576: using 4096");
+            return int64_t(4) << 30;
+        }
+        return int64_t(mb) << 20;
+    }();
+    return b;
+}
 constexpr int64_t kSlowMappedReadNs = 20000;  // a warm 8 KiB read takes ~1-3 us
 constexpr uint32_t kReadsAfterSlow = 64;
 std::atomic<int64_t> g_mapped{0};
 
 FileCtx::~FileCtx() {
-    if (const uint8_t* m = map.load()) {
-        ::munmap(const_cast<uint8_t*>(m), map_len);
-        g_mapped.fetch_sub(int64_t(map_len));
-    }
+    if (const uint8_t* m = map.load()) ::munmap(const_cast<uint8_t*>(m), map_len);
+    g_mapped.fetch_sub(map_charged);
 }
 
 bool map_reads_enabled() {
     static const bool on = [] {
         const char* v = std::getenv("CMK_LAKEBASE_MAP_READS");
-        return !(v && (std::strcmp(v, "off") == 0 || std::strcmp(v, "0") == 0));
+        if (v && (std::strcmp(v, "off") == 0 || std::strcmp(v, "0") == 0)) return false;
+        struct rlimit rl {};
+        return sizeof(void*) >= 8 && ::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur == RLIM_INFINITY;
     }();
     return on;
 }
@@ -971,33 +992,38 @@ bool map_decrypt(FileKey& k, const uint8_t* src, uint8_t* dst, uint64_t unit0, s
 // Makes [0, end) of the file readable through the mapping if it exists. False: use pread.
 bool map_prepare(FileCtx* c, int fd, uint64_t end) {
     std::lock_guard<std::mutex> g(c->map_mu);
-    if (!c->map_ok.load()) return false;
-    if (c->map.load() && int64_t(end) > int64_t(c->map_len)) return false;  // past the mapping
+    if (!c->map_ok.load() || int64_t(end) > kMapMax) return false;
+    if (c->map_capped && int64_t(end) > c->map_charged) return false;
     struct stat sb;
     if (::fstat(fd, &sb) != 0) return false;
-    int64_t valid = sb.st_size - sb.st_size % int64_t(U);
+    int64_t valid = std::min<int64_t>(sb.st_size - sb.st_size % int64_t(U), kMapMax);
     if (int64_t(end) > valid) return false;  // past the end of the file: pread says so
-    if (!c->map.load()) {
-        int64_t len = std::min(kMapMax, ((valid + kMapHeadroom + (int64_t(2) << 20) - 1) >> 21) << 21);
-        if (g_mapped.fetch_add(len) + len > kMapBudget) {
-            g_mapped.fetch_sub(len);
-            c->map_ok.store(false);  // over the budget: this descriptor reads with pread
-            return false;
+    if (valid > c->map_charged) {
+        int64_t more = valid - c->map_charged;
+        if (g_mapped.fetch_add(more) + more > map_budget()) {
+            g_mapped.fetch_sub(more);  // over the budget: what is charged stays mapped
+            c->map_capped = true;
+            valid = c->map_charged;
+            if (int64_t(end) > valid) return false;
+        } else {
+            c->map_charged = valid;
         }
-        void* m = bus_guard_ready() ? real().mmap(nullptr, size_t(len), PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    }
+    if (!c->map.load()) {
+        void* m = bus_guard_ready() ? real().mmap(nullptr, size_t(kMapMax), PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
         if (m == MAP_FAILED) {
-            g_mapped.fetch_sub(len);
+            g_mapped.fetch_sub(c->map_charged);
+            c->map_charged = 0;
             c->map_ok.store(false);
             return false;
         }
-        (void)::madvise(m, size_t(len), MADV_RANDOM);
-        (void)::madvise(m, size_t(len), MADV_DONTDUMP);
-        c->map_len = size_t(len);
+        (void)::madvise(m, size_t(kMapMax), MADV_RANDOM);
+        (void)::madvise(m, size_t(kMapMax), MADV_DONTDUMP);
+        c->map_len = size_t(kMapMax);
         c->map.store(static_cast<const uint8_t*>(m), std::memory_order_release);
     }
-    valid = std::min<int64_t>(valid, int64_t(c->map_len));
     c->map_valid.store(valid, std::memory_order_release);
-    return int64_t(end) <= valid;
+    return true;
 }
 
 // A read served from the mapping: len, or -1 if the caller must use pread.

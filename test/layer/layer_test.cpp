@@ -10,6 +10,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -366,6 +367,71 @@ TEST(Layer, RelationReadsThroughTheMapping) {
     EXPECT_FALSE(mapped_in_this_process(path)) << "close did not unmap";
 }
 
+long minor_faults() {
+    struct rusage ru {};
+    ::getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_minflt;
+}
+
+// Reads page `page` of fd into buf; true if it was served through the mapping, which
+// touches a page of the mapping not yet in this process's page tables (a minor fault)
+// where pread into an already touched buffer takes none.
+bool read_was_mapped(int fd, std::vector<uint8_t>& buf, off_t off) {
+    long before = minor_faults();
+    EXPECT_EQ(::pread(fd, buf.data(), buf.size(), off), ssize_t(buf.size()));
+    return minor_faults() > before;
+}
+
+// A segment that grows after its first read stays readable through its mapping; the
+// per-process budget (64 MiB in this test binary: reexec) counts bytes made readable,
+// and a descriptor over it reads with pread until the budget is free again.
+TEST(Layer, MappingFollowsGrowthWithinTheBudget) {
+    const size_t U = 8192;
+    const off_t MiB = 1 << 20;
+    std::mt19937 rng(78);
+    std::string a = P("base/1/16502"), b = P("base/1/16503");
+    ::unlink(a.c_str());
+    ::unlink(b.c_str());
+    int fa = ::open(a.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fa, 0) << strerror(errno);
+    auto p0 = random_bytes(rng, U);
+    ASSERT_EQ(::pwrite(fa, p0.data(), U, 0), ssize_t(U));
+    std::vector<uint8_t> got(U);
+    std::fill(got.begin(), got.end(), 1);  // touched: pread into it takes no fault
+    ASSERT_TRUE(read_was_mapped(fa, got, 0));
+    EXPECT_EQ(got, p0);
+    // Another descriptor grows the file to 40 MiB, far past what it was when mapped.
+    int fa2 = ::open(a.c_str(), O_RDWR);
+    ASSERT_GE(fa2, 0);
+    auto p1 = random_bytes(rng, U);
+    ASSERT_EQ(::pwrite(fa2, p1.data(), U, 40 * MiB - U), ssize_t(U));
+    ::close(fa2);
+    EXPECT_TRUE(read_was_mapped(fa, got, 40 * MiB - U)) << "a grown segment was read with pread";
+    EXPECT_EQ(got, p1);
+    EXPECT_FALSE(read_was_mapped(fa, got, 40 * MiB - U)) << "a second read of a mapped page faulted";
+
+    // b (32 MiB) does not fit beside a's 40 MiB: its reads use pread, and are right.
+    int fb = ::open(b.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fb, 0);
+    auto p2 = random_bytes(rng, U);
+    ASSERT_EQ(::pwrite(fb, p2.data(), U, 32 * MiB - U), ssize_t(U));
+    EXPECT_FALSE(read_was_mapped(fb, got, 32 * MiB - U)) << "the budget was not applied";
+    EXPECT_EQ(got, p2);
+    ASSERT_EQ(::pread(fb, got.data(), U, 0), ssize_t(U));
+    EXPECT_EQ(got, std::vector<uint8_t>(U, 0));
+    ::close(fb);
+    // Closing a gives its share back: a new descriptor of b is mapped.
+    ::close(fa);
+    fb = ::open(b.c_str(), O_RDONLY);
+    ASSERT_GE(fb, 0);
+    std::fill(got.begin(), got.end(), 1);
+    EXPECT_TRUE(read_was_mapped(fb, got, 32 * MiB - U)) << "closing did not return the budget";
+    EXPECT_EQ(got, p2);
+    ::close(fb);
+    ::unlink(a.c_str());
+    ::unlink(b.c_str());
+}
+
 // A SIGBUS that is not a read of ours (a fault in some other mapping, a kill) still
 // gets the default action once the layer's handler is installed.
 void foreign_sigbus_child(bool fault) {
@@ -481,6 +547,7 @@ int reexec(int argc, char** argv) {
     setenv("LD_PRELOAD", real_layer, 1);
     setenv("CMK_LAKEBASE_PGDATA", data.c_str(), 1);
     setenv("CMK_LAYER_TEST_ROOT", root.c_str(), 1);
+    setenv("CMK_LAKEBASE_MAP_BUDGET_MB", "64", 0);  // MappingFollowsGrowthWithinTheBudget
     execv("/proc/self/exe", argv);
     (void)argc;
     return 2;
