@@ -57,8 +57,10 @@ src/core/%.o: src/core/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
 
 # The interposers define open(), read(), ...: glibc's fortify wrappers must be off here.
+# initial-exec TLS: the layer's per-thread state is reached on every I/O without a
+# __tls_get_addr call (it is loaded at startup, where static TLS has room for it).
 src/fs/%.o: src/fs/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
-	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -c -o $@ $<
+	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -ftls-model=initial-exec -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -c -o $@ $<
 
 src/cli/%.o: src/cli/%.cpp $(wildcard include/cmk_lakebase/*.hpp)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<

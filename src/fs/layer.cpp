@@ -805,19 +805,25 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
     }
 }
 
-void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t len) {
+// Encrypts or decrypts len bytes of units from src into dst (which may be src). A unit
+// of zeros stays zeros.
+void crypt_units(FileKey& k, bool enc, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len) {
     std::lock_guard<std::mutex> g(k.mu);
     for (size_t pos = 0; pos < len; pos += U) {
         size_t n = std::min(U, len - pos);
-        uint8_t* p = buf + pos;
-        if (enc) {
-            if (all_zero(p, n)) continue;
-            k.cipher.encrypt(first_unit + pos / U, p, p, n);
+        const uint8_t* p = src + pos;
+        uint8_t* q = dst + pos;
+        if (all_zero(p, n)) {
+            if (q != p) std::memset(q, 0, n);
+        } else if (enc) {
+            k.cipher.encrypt(first_unit + pos / U, p, q, n);
         } else {
-            if (all_zero(p, n)) continue;
-            k.cipher.decrypt(first_unit + pos / U, p, p, n);
+            k.cipher.decrypt(first_unit + pos / U, p, q, n);
         }
     }
+}
+void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t len) {
+    crypt_units(k, enc, buf, buf, first_unit, len);
 }
 
 // WAL pages are rewritten while other processes (walsender, logical decoding) read
@@ -923,7 +929,7 @@ struct BusGuard {
     const uint8_t* lo;
     const uint8_t* hi;
 };
-__attribute__((tls_model("initial-exec"))) thread_local BusGuard* tl_bus = nullptr;
+thread_local BusGuard* tl_bus = nullptr;  // initial-exec, as all TLS here (Makefile)
 struct sigaction g_prev_bus;
 
 void bus_handler(int sig, siginfo_t* si, void* uc) {
@@ -1198,8 +1204,12 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
     };
     if (keep_head && !load_unit(u0)) return -1;
     if (keep_tail && !(keep_head && u1 == u0) && !load_unit(u1)) return -1;
-    std::memcpy(b + (off - span_start), buf, len);
-    crypt_units(key, true, b, u0, span_len);
+    if (off == span_start && end == span_end) {  // whole units (pages, WAL): no copy first
+        crypt_units(key, true, buf, b, u0, span_len);
+    } else {
+        std::memcpy(b + (off - span_start), buf, len);
+        crypt_units(key, true, b, u0, span_len);
+    }
     if (st().wiped.load()) {
         errno = EIO;
         return -1;
