@@ -1035,6 +1035,11 @@ bool map_prepare(FileCtx* c, int fd, uint64_t end) {
 // A read served from the mapping: len, or -1 if the caller must use pread.
 ssize_t map_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off_t off) {
     uint64_t end = uint64_t(off) + len;
+    uint32_t skip = c->map_skip.load(std::memory_order_relaxed);
+    if (skip > 0) {  // backing off after a slow read (below): pread, without an fstat first
+        c->map_skip.store(skip - 1, std::memory_order_relaxed);
+        return -1;
+    }
     if (!c->map.load(std::memory_order_acquire) ||
         int64_t(end) > c->map_valid.load(std::memory_order_acquire)) {
         if (!map_prepare(c, fd, end)) return -1;
@@ -1048,11 +1053,6 @@ ssize_t map_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off
     // slower than kSlowMappedRead took a disk fault, and the next kReadsAfterSlow reads
     // of this descriptor go to pread. A workload of cold reads then pays for one extra
     // 4 KiB I/O in every kReadsAfterSlow + 1 reads; a warm one never leaves the mapping.
-    uint32_t skip = c->map_skip.load(std::memory_order_relaxed);
-    if (skip > 0) {
-        c->map_skip.store(skip - 1, std::memory_order_relaxed);
-        return -1;
-    }
     struct timespec t0, t1;
     ::clock_gettime(CLOCK_MONOTONIC, &t0);
     bool ok = map_decrypt(key, m + off, buf, uint64_t(off) / U, len);
