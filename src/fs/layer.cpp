@@ -907,6 +907,7 @@ int64_t map_budget() {
 }
 constexpr int64_t kSlowMappedReadNs = 20000;  // a warm 8 KiB read takes ~1-3 us
 constexpr uint32_t kReadsAfterSlow = 64;
+thread_local long tl_majflt = -1;  // this thread's major faults at its last slow mapped read
 std::atomic<int64_t> g_mapped{0};
 
 FileCtx::~FileCtx() {
@@ -1050,15 +1051,25 @@ ssize_t map_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off
     // (the mapping is MADV_RANDOM), where pread reads the whole request in one I/O; and
     // asking first (mincore) costs a system call, which is what the mapping saves. So
     // the mapping is used optimistically and timed (vDSO clock, no system call): a read
-    // slower than kSlowMappedRead took a disk fault, and the next kReadsAfterSlow reads
-    // of this descriptor go to pread. A workload of cold reads then pays for one extra
-    // 4 KiB I/O in every kReadsAfterSlow + 1 reads; a warm one never leaves the mapping.
+    // slower than kSlowMappedReadNs may have taken a disk fault, and if this thread's count
+    // of major faults (getrusage, asked only after a slow read) grew since the last
+    // slow one, the next kReadsAfterSlow reads of this descriptor go to pread. A
+    // workload of cold reads then pays for one extra 4 KiB I/O in every
+    // kReadsAfterSlow + 1 reads; a warm one never leaves the mapping, also when the
+    // host preempts this VM in the middle of a read (slow, but no fault: on a shared
+    // host that happened often enough to send a share of warm reads to pread).
     struct timespec t0, t1;
     ::clock_gettime(CLOCK_MONOTONIC, &t0);
     bool ok = map_decrypt(key, m + off, buf, uint64_t(off) / U, len);
     ::clock_gettime(CLOCK_MONOTONIC, &t1);
     int64_t ns = int64_t(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
-    if (ns > kSlowMappedReadNs) c->map_skip.store(kReadsAfterSlow, std::memory_order_relaxed);
+    if (ns > kSlowMappedReadNs) {
+        struct rusage ru {};
+        if (::getrusage(RUSAGE_THREAD, &ru) != 0 || ru.ru_majflt != tl_majflt) {
+            tl_majflt = ru.ru_majflt;
+            c->map_skip.store(kReadsAfterSlow, std::memory_order_relaxed);
+        }
+    }
     if (!ok) {
         // Truncated under us: forget what we knew of its size and let pread tell.
         c->map_valid.store(0, std::memory_order_release);

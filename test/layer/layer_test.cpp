@@ -432,6 +432,53 @@ TEST(Layer, MappingFollowsGrowthWithinTheBudget) {
     ::unlink(b.c_str());
 }
 
+long major_faults() {
+    struct rusage ru {};
+    ::getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_majflt;
+}
+
+// A mapped read that waited for the disk (a major fault: a page faults in 4 KiB at a
+// time) sends the descriptor's next reads to pread, which reads a page in one I/O.
+TEST(Layer, ColdMappedReadBacksOffToPread) {
+    const size_t U = 8192;
+    std::mt19937 rng(79);
+    std::string path = P("base/1/16504");
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    auto d = random_bytes(rng, 64 * U);
+    ASSERT_EQ(::pwrite(fd, d.data(), d.size(), 0), ssize_t(d.size()));
+    ASSERT_EQ(::fsync(fd), 0);
+    ::close(fd);
+    fd = ::open(path.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    std::vector<uint8_t> got(U, 1);
+    // Clean pages not mapped into a process leave the page cache.
+    ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    long maj = major_faults();
+    struct timespec t0, t1;
+    ::clock_gettime(CLOCK_MONOTONIC, &t0);
+    ASSERT_EQ(::pread(fd, got.data(), U, 10 * U), ssize_t(U));
+    ::clock_gettime(CLOCK_MONOTONIC, &t1);
+    EXPECT_EQ(0, std::memcmp(got.data(), d.data() + 10 * U, U));
+    long us = (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000;
+    if (major_faults() == maj || us < 60) {  // well above the 20 us the layer times
+        ::close(fd);
+        GTEST_SKIP() << "the page did not come from the disk slowly (" << us << " us, "
+                     << major_faults() - maj << " major faults): nothing to back off from";
+    }
+    // Page 20 is cold too: read through the mapping it would fault; with pread it does not.
+    maj = major_faults();
+    long minor = minor_faults();
+    ASSERT_EQ(::pread(fd, got.data(), U, 20 * U), ssize_t(U));
+    EXPECT_EQ(major_faults(), maj) << "the read after a disk fault went through the mapping";
+    EXPECT_EQ(minor_faults(), minor);
+    EXPECT_EQ(0, std::memcmp(got.data(), d.data() + 20 * U, U));
+    ::close(fd);
+    ::unlink(path.c_str());
+}
+
 // A SIGBUS that is not a read of ours (a fault in some other mapping, a kill) still
 // gets the default action once the layer's handler is installed.
 void foreign_sigbus_child(bool fault) {
