@@ -143,8 +143,7 @@ struct FileCtx {
     // readable, not O_DIRECT). map_valid: bytes known to exist, whole units.
     std::atomic<bool> map_ok{false};
     std::mutex map_mu;
-    std::atomic<const uint8_t*> map{nullptr};
-    size_t map_len = 0;
+    std::atomic<const uint8_t*> map{nullptr};  // kMapMax bytes of addresses
     int64_t map_charged = 0;  // bytes of map_budget() this descriptor holds (under map_mu)
     bool map_capped = false;  // the budget ran out: no reads past map_charged (under map_mu)
     std::atomic<int64_t> map_valid{0};
@@ -911,7 +910,7 @@ thread_local long tl_majflt = -1;  // this thread's major faults at its last slo
 std::atomic<int64_t> g_mapped{0};
 
 FileCtx::~FileCtx() {
-    if (const uint8_t* m = map.load()) ::munmap(const_cast<uint8_t*>(m), map_len);
+    if (const uint8_t* m = map.load()) ::munmap(const_cast<uint8_t*>(m), size_t(kMapMax));
     g_mapped.fetch_sub(map_charged);
 }
 
@@ -1026,7 +1025,6 @@ bool map_prepare(FileCtx* c, int fd, uint64_t end) {
         }
         (void)::madvise(m, size_t(kMapMax), MADV_RANDOM);
         (void)::madvise(m, size_t(kMapMax), MADV_DONTDUMP);
-        c->map_len = size_t(kMapMax);
         c->map.store(static_cast<const uint8_t*>(m), std::memory_order_release);
     }
     c->map_valid.store(valid, std::memory_order_release);

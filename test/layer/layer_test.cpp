@@ -373,7 +373,7 @@ long minor_faults() {
     return ru.ru_minflt;
 }
 
-// Reads page `page` of fd into buf; true if it was served through the mapping, which
+// Reads buf.size() bytes at off into buf; true if it was served through the mapping, which
 // touches a page of the mapping not yet in this process's page tables (a minor fault)
 // where pread into an already touched buffer takes none.
 bool read_was_mapped(int fd, std::vector<uint8_t>& buf, off_t off) {
@@ -383,8 +383,9 @@ bool read_was_mapped(int fd, std::vector<uint8_t>& buf, off_t off) {
 }
 
 // A segment that grows after its first read stays readable through its mapping; the
-// per-process budget (64 MiB in this test binary: reexec) counts bytes made readable,
-// and a descriptor over it reads with pread until the budget is free again.
+// per-process budget (64 MiB in this test binary: reexec) counts bytes made readable:
+// a descriptor over it reads with pread, and once other descriptors close and give
+// their share back, a new descriptor of the same file is mapped.
 TEST(Layer, MappingFollowsGrowthWithinTheBudget) {
     const size_t U = 8192;
     const off_t MiB = 1 << 20;
