@@ -433,6 +433,61 @@ TEST(Layer, MappingFollowsGrowthWithinTheBudget) {
     ::unlink(b.c_str());
 }
 
+// Run in a child by MappedReadsOffUnderAnAddressSpaceLimit (CMK_LAYER_TEST_CHILD=as):
+// a process with a finite RLIMIT_AS (inherited over exec, as from a ulimit -v in a
+// server's start script) must not map segments, one without must. The layer decides
+// once per process, so the check needs a process of its own.
+TEST(LayerChild, MappingFollowsTheAddressSpaceLimit) {
+    const char* child = std::getenv("CMK_LAYER_TEST_CHILD");
+    if (!child || std::strcmp(child, "as") != 0) GTEST_SKIP() << "run by Layer.MappedReadsOffUnderAnAddressSpaceLimit";
+    struct rlimit rl {};
+    ASSERT_EQ(::getrlimit(RLIMIT_AS, &rl), 0);
+    const bool limited = rl.rlim_cur != RLIM_INFINITY;
+    const size_t U = 8192;
+    std::mt19937 rng(limited ? 80 : 81);
+    std::string path = P(limited ? "base/1/16505" : "base/1/16506");
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    auto d = random_bytes(rng, 4 * U);
+    ASSERT_EQ(::pwrite(fd, d.data(), d.size(), 0), ssize_t(d.size()));
+    std::vector<uint8_t> got(U, 1);
+    for (int i = 0; i < 4; i++) {
+        ASSERT_EQ(::pread(fd, got.data(), U, off_t(i) * U), ssize_t(U));
+        EXPECT_EQ(0, std::memcmp(got.data(), d.data() + size_t(i) * U, U)) << "unit " << i;
+    }
+    EXPECT_EQ(mapped_in_this_process(path), !limited)
+        << (limited ? "mapped a segment under a finite RLIMIT_AS" : "did not map a segment without a limit");
+    ::close(fd);
+    ::unlink(path.c_str());
+}
+
+// Runs LayerChild.MappingFollowsTheAddressSpaceLimit in a fresh process of this binary
+// (the layer still preloaded), with and without a 4 GiB RLIMIT_AS; both must pass.
+TEST(Layer, MappedReadsOffUnderAnAddressSpaceLimit) {
+    for (bool limit : {true, false}) {
+        pid_t pid = ::fork();
+        ASSERT_GE(pid, 0);
+        if (pid == 0) {
+            if (limit) {
+                struct rlimit rl {};
+                rl.rlim_cur = rl.rlim_max = rlim_t(4) << 30;
+                if (::setrlimit(RLIMIT_AS, &rl) != 0) _exit(3);
+            }
+            ::setenv("CMK_LAYER_TEST_CHILD", "as", 1);
+            char filter[] = "--gtest_filter=LayerChild.MappingFollowsTheAddressSpaceLimit";
+            char self[] = "cmk_layer_tests";
+            char* argv[] = {self, filter, nullptr};
+            ::execv("/proc/self/exe", argv);
+            _exit(4);
+        }
+        int status = 0;
+        ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+        EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+            << (limit ? "with" : "without") << " RLIMIT_AS: child status " << status;
+    }
+}
+
 long major_faults() {
     struct rusage ru {};
     ::getrusage(RUSAGE_SELF, &ru);
@@ -607,9 +662,13 @@ int main(int argc, char** argv) {
     if (!std::getenv("CMK_LAKEBASE_PGDATA")) return reexec(argc, argv);
     g_data = std::getenv("CMK_LAKEBASE_PGDATA");
     ::testing::InitGoogleTest(&argc, argv);
+    // LayerChild tests run only in the processes their parent tests start.
+    if (!std::getenv("CMK_LAYER_TEST_CHILD") && ::testing::GTEST_FLAG(filter) == "*")
+        ::testing::GTEST_FLAG(filter) = "*-LayerChild.*";
     int rc = RUN_ALL_TESTS();
     std::string root = std::getenv("CMK_LAYER_TEST_ROOT");
     unsetenv("LD_PRELOAD");  // the cleanup is not a test of the layer
-    if (rc == 0) std::system(("rm -rf '" + root + "'").c_str());
+    // A child run (CMK_LAYER_TEST_CHILD) shares its parent's root and leaves it be.
+    if (rc == 0 && !std::getenv("CMK_LAYER_TEST_CHILD")) std::system(("rm -rf '" + root + "'").c_str());
     return rc;
 }
