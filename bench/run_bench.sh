@@ -151,15 +151,19 @@ server_cpu_seconds() { # mode
 	local pm hz
 	pm=$(head -n 1 "$WORK/$1/postmaster.pid")
 	hz=$(getconf CLK_TCK)
-	awk -v pm="$pm" -v hz="$hz" '
-		FNR == 1 {
+	# Through cat, not as awk's own file list: any process on the machine may exit
+	# between the glob and the read, and mawk (Debian's awk) stops at a file it cannot
+	# open without running END, which printed nothing and made the run's CPU time
+	# negative now and then. The pid is the first field of the stat line.
+	{ cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v pm="$pm" -v hz="$hz" '
+		{
 			line = $0; sub(/^.*\) /, "", line); n = split(line, f, " ")
 			# after "(comm) ": f[1]=state f[2]=ppid ... f[12]=utime f[13]=stime f[14]=cutime f[15]=cstime
-			pid = FILENAME; sub(/^\/proc\//, "", pid); sub(/\/stat$/, "", pid)
-			if (pid == pm) t += f[12] + f[13] + f[14] + f[15]
+			if ($1 == pm) { t += f[12] + f[13] + f[14] + f[15]; seen = 1 }
 			else if (f[2] == pm) t += f[12] + f[13]
 		}
-		END { printf "%.3f\n", t / hz }' /proc/[0-9]*/stat 2>/dev/null
+		END { if (!seen) exit 1; printf "%.3f\n", t / hz }' ||
+		die "cannot read the CPU time of the $1 server (postmaster $pm) from /proc"
 }
 
 server_start() { # mode
