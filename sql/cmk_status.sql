@@ -92,7 +92,7 @@ ORDER BY fork;
 -- A temporary table: ephemeral, keyed from the per-boot key.
 CREATE TEMP TABLE cmk_tmp AS SELECT g FROM generate_series(1, 1000) g;
 SELECT cmk_lakebase.relation_is_encrypted('cmk_tmp') AS temp_encrypted;
-SELECT DISTINCT fork, encrypted, key_kind
+SELECT DISTINCT fork, encrypted, key_kind, dek_fingerprint ~ '^[0-9a-f]{32}$' AS fingerprint_shown
 FROM cmk_lakebase.relation_keys('cmk_tmp')
 ORDER BY fork;
 

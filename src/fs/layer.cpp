@@ -119,12 +119,13 @@ namespace {
 constexpr size_t U = kUnitSize;
 constexpr size_t kChunk = 1 << 20;  // largest span encrypted per system call
 
-// One file's data key, shared by every descriptor open on it in this process.
+// One file's data key, shared by every descriptor open on it in this process. No
+// fingerprint here: an HMAC per open was a third of what opening a file cost (SLRU
+// segments are opened for every page read); describe_file computes it when asked.
 struct FileKey {
-    explicit FileKey(const SecureBytes& k) : cipher(k.data()), fingerprint(key_fingerprint(k.data(), k.size())) {}
+    explicit FileKey(const SecureBytes& k) : cipher(k.data()) {}
     std::mutex mu;
     XtsCipher cipher;
-    std::string fingerprint;
 };
 
 struct FileCtx {
@@ -754,12 +755,14 @@ void slot_state(uint32_t oid, int state) {
     st().dbshared->epoch.fetch_add(1, std::memory_order_acq_rel);
 }
 
-std::shared_ptr<FileKey> ephemeral_key(dev_t dev, ino_t ino) {
+SecureBytes ephemeral_key_bytes(dev_t dev, ino_t ino) {
     State& s = st();
     std::string info = "cmk_lakebase ephemeral v1 " + std::to_string((unsigned long long)dev) +
                        " " + std::to_string((unsigned long long)ino);
-    SecureBytes k = hkdf_sha256(s.per_boot.data(), s.per_boot.size(), info, kXtsKeySize);
-    return std::make_shared<FileKey>(k);
+    return hkdf_sha256(s.per_boot.data(), s.per_boot.size(), info, kXtsKeySize);
+}
+std::shared_ptr<FileKey> ephemeral_key(dev_t dev, ino_t ino) {
+    return std::make_shared<FileKey>(ephemeral_key_bytes(dev, ino));
 }
 
 // The key of a context, finding or (for_write) making it. null with errno on failure.
@@ -2049,7 +2052,10 @@ FileKeyInfo describe_file(const std::string& relpath) {
     if (!fi.encrypted || !fi.exists) return fi;
     if (is_ephemeral(fi.file_class)) {
         fi.key_kind = "per-boot";
-        if (!s.wiped.load()) fi.fingerprint = ephemeral_key(sb.st_dev, sb.st_ino)->fingerprint;
+        if (!s.wiped.load()) {
+            SecureBytes k = ephemeral_key_bytes(sb.st_dev, sb.st_ino);
+            fi.fingerprint = key_fingerprint(k.data(), k.size());
+        }
         return fi;
     }
     std::optional<std::string> fp;
