@@ -63,6 +63,12 @@ public:
     // The unwrapped DEK of a file, or nullopt if the map has none (after a refresh).
     // Throws KeyMapError if the entry does not authenticate (tampered / wrong KEK).
     std::optional<SecureBytes> get(const std::string& identity);
+    // As get(); *tag receives the entry's tag: its sealed DEK and the KEK generation it
+    // is sealed under. No secret. Equal tags of an identity mean the same DEK: a new
+    // key, a move or a re-seal gives a new one (sealing draws a fresh nonce).
+    std::optional<SecureBytes> get(const std::string& identity, std::vector<uint8_t>* tag);
+    // The entry's tag after a refresh, without unwrapping; nullopt if there is none.
+    std::optional<std::vector<uint8_t>> entry_tag(const std::string& identity);
     bool contains(const std::string& identity);
 
     // A new random 64-byte DEK for identity, durable before return. Replaces any entry.

@@ -503,13 +503,32 @@ void KeyMap::refresh() {
     load_locked(false);
 }
 
-std::optional<SecureBytes> KeyMap::get(const std::string& identity) {
+namespace {
+std::vector<uint8_t> tag_of(const std::vector<uint8_t>& wrapped, uint32_t generation) {
+    std::vector<uint8_t> t(wrapped);
+    for (int i = 0; i < 4; i++) t.push_back(uint8_t(generation >> (8 * i)));
+    return t;
+}
+}  // namespace
+
+std::optional<SecureBytes> KeyMap::get(const std::string& identity) { return get(identity, nullptr); }
+
+std::optional<std::vector<uint8_t>> KeyMap::entry_tag(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    auto it = entries_.find(identity);
+    if (it == entries_.end()) return std::nullopt;
+    return tag_of(it->second.wrapped, generation_);
+}
+
+std::optional<SecureBytes> KeyMap::get(const std::string& identity, std::vector<uint8_t>* tag) {
     std::lock_guard<std::recursive_mutex> g(mu_);
     // Always look for news: another process may have replaced this identity's key
     // (file unlinked and created again), and a stale DEK would decrypt to garbage.
     refresh();
     auto it = entries_.find(identity);
     if (it == entries_.end()) return std::nullopt;
+    if (tag) *tag = tag_of(it->second.wrapped, generation_);
     try {
         return aead_open(kek_.data(), it->second.wrapped.data(), it->second.wrapped.size(),
                          dek_aad(identity, generation_));

@@ -542,6 +542,60 @@ KeyMap& keymap() {
     return *s.keymap;
 }
 
+// ---- file keys kept by a process ---------------------------------------------------------
+//
+// PostgreSQL opens and closes an SLRU segment (pg_xact, pg_subtrans, pg_multixact, ...)
+// for every page it reads or writes, and each open unwrapped the DEK (AES-GCM) and keyed
+// three cipher contexts anew. A process keeps the FileKey of the files it opened, each
+// with the tag of the key-map entry it came from (KeyMap::entry_tag: the sealed DEK and
+// its KEK generation), and uses it only while the key map, looked at first as before,
+// holds that very entry. A file unlinked and created again, a key moved between maps, a
+// KEK rotation: each gives the entry a new tag, so no key the map no longer holds is
+// served. Bounded (emptied past kKeyCacheMax entries); emptied when this process wipes
+// its keys or drops a database's key map; an entry goes when this process removes or
+// moves the file's key. A key kept here lives as long as it would under a descriptor
+// that stayed open, as PostgreSQL's own file cache keeps them.
+constexpr size_t kKeyCacheMax = 256;
+struct KeptKey {
+    std::vector<uint8_t> tag;
+    std::shared_ptr<FileKey> key;
+};
+std::mutex& kept_mu() {
+    static std::mutex* m = new std::mutex;  // never destroyed: used from exit paths
+    return *m;
+}
+std::unordered_map<std::string, KeptKey>& kept() {
+    static auto* m = new std::unordered_map<std::string, KeptKey>;
+    return *m;
+}
+void forget_kept_keys() {
+    std::lock_guard<std::mutex> g(kept_mu());
+    kept().clear();
+}
+void forget_kept_key(const std::string& rel) {
+    std::lock_guard<std::mutex> g(kept_mu());
+    kept().erase(rel);
+}
+
+// The FileKey of rel's entry in km, kept or unwrapped; null if km has no entry.
+std::shared_ptr<FileKey> key_from(KeyMap& km, const std::string& rel) {
+    std::optional<std::vector<uint8_t>> tag = km.entry_tag(rel);
+    if (!tag) return nullptr;
+    {
+        std::lock_guard<std::mutex> g(kept_mu());
+        auto it = kept().find(rel);
+        if (it != kept().end() && it->second.tag == *tag) return it->second.key;
+    }
+    std::vector<uint8_t> t;
+    std::optional<SecureBytes> dek = km.get(rel, &t);
+    if (!dek) return nullptr;
+    auto key = std::make_shared<FileKey>(*dek);
+    std::lock_guard<std::mutex> g(kept_mu());
+    if (kept().size() >= kKeyCacheMax) kept().clear();
+    kept()[rel] = KeptKey{std::move(t), key};
+    return key;
+}
+
 // ---- database key maps ------------------------------------------------------------------
 
 // A file of a bound database whose key is not available (revoked, locked).
@@ -634,6 +688,7 @@ void db_sweep() {
     for (auto& [oid, p] : s.dbs) {
         DbSlot* sl = db_slot(oid);
         if (!sl || !db_usable(sl)) {
+            if (p.map) forget_kept_keys();
             p.map.reset();
             p.map_pid = 0;
         }
@@ -647,6 +702,7 @@ KeyMap& db_keymap(uint32_t oid, DbSlot* sl) {
     std::lock_guard<std::recursive_mutex> g(s.db_mu);
     State::DbProc& p = s.dbs[oid];
     if (!db_usable(sl)) {
+        if (p.map) forget_kept_keys();
         p.map.reset();
         throw DbUnavailable(oid);
     }
@@ -694,6 +750,19 @@ std::optional<SecureBytes> lookup_key(const std::string& rel, DbSlot** slot = nu
     return std::nullopt;
 }
 
+// lookup_key's route, for a FileKey: kept by this process while its entry is unchanged.
+std::shared_ptr<FileKey> lookup_file_key(const std::string& rel, DbSlot** slot) {
+    for (int attempt = 0; attempt < 2; attempt++) {
+        DbSlot* sl = nullptr;
+        KeyMap& km = map_for(rel, &sl);
+        if (slot) *slot = sl;
+        if (auto k = key_from(km, rel)) return k;
+        if (sl)
+            if (auto k = key_from(keymap(), rel)) return k;
+    }
+    return nullptr;
+}
+
 // A new DEK for a durable file, in the map its route names at this moment. Files of a
 // database take the cluster map's writer lock first: a binding holds it while it moves
 // the database's keys, so no key lands in the map being left.
@@ -706,6 +775,7 @@ SecureBytes create_key(const std::string& rel, FileClass cls) {
 }
 
 void remove_key(const std::string& rel) {
+    forget_kept_key(rel);
     DbSlot* sl = nullptr;
     KeyMap* km = nullptr;
     try {
@@ -719,6 +789,8 @@ void remove_key(const std::string& rel) {
 
 // Gives `to` the DEK of `from`, across maps when the two lie in different ones.
 void move_key(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from) {
+    if (!keep_from) forget_kept_key(from);
+    forget_kept_key(to);
     DbSlot *sf = nullptr, *stt = nullptr;
     KeyMap& mf = map_for(from, &sf);
     KeyMap& mt = map_for(to, &stt);
@@ -780,9 +852,9 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
     if (c->key) return c->key;
     try {
         if (!c->fresh) {
-            if (auto k = lookup_key(c->rel, &c->db)) {
+            if (auto k = lookup_file_key(c->rel, &c->db)) {
                 c->db_oid = database_of(c->rel);
-                c->key = std::make_shared<FileKey>(*k);
+                c->key = std::move(k);
                 return c->key;
             }
         }
@@ -1646,9 +1718,9 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
         } else {
             // Bind the key at open: the descriptor keeps it even if the name moves on
             // (a recycled WAL segment read by a walsender, for instance).
-            if (auto k = lookup_key(r->rel, &c->db)) {
+            if (auto k = lookup_file_key(r->rel, &c->db)) {
                 c->db_oid = database_of(r->rel);
-                c->key = std::make_shared<FileKey>(*k);
+                c->key = std::move(k);
             } else if (sb.st_size > 0) {
                 log_line("no data encryption key for non-empty file \"" + r->rel +
                          "\" (key map damaged or truncated, or a file from elsewhere)");
@@ -1837,7 +1909,7 @@ namespace {
 std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, bool* missing) {
     *missing = false;
     if (is_ephemeral(r.cls)) return ephemeral_key(sb.st_dev, sb.st_ino);
-    if (auto k = lookup_key(r.rel)) return std::make_shared<FileKey>(*k);
+    if (auto k = lookup_file_key(r.rel, nullptr)) return k;
     *missing = sb.st_size > 0;
     return nullptr;
 }
@@ -2154,6 +2226,7 @@ void wipe_keys() {
     s.wiped.store(true);
     s.kek.wipe();
     s.per_boot.wipe();
+    forget_kept_keys();
     // Every process's KEK source: from now on no process can open the key map.
     if (SharedKeys* sh = s.shared) {
         sh->seq.fetch_add(1);
@@ -2550,6 +2623,7 @@ void lock_database(uint32_t oid) {
     State& s = st();
     KeyMap::Exclusive lock(keymap());
     if (db_slot(oid)) slot_set(oid, nullptr, kDbLocked);
+    forget_kept_keys();
     std::lock_guard<std::recursive_mutex> g(s.db_mu);
     auto it = s.dbs.find(oid);
     if (it != s.dbs.end()) {
@@ -2578,6 +2652,7 @@ void forget_database(uint32_t oid) {
     dbkeys::forget(s.keyring_dir, oid);
     slot_set(oid, nullptr, kDbFree);
     s.dbs.erase(oid);
+    forget_kept_keys();
 }
 
 std::string keyring_directory() {

@@ -367,6 +367,55 @@ TEST(Layer, RelationReadsThroughTheMapping) {
     EXPECT_FALSE(mapped_in_this_process(path)) << "close did not unmap";
 }
 
+// A process keeps the keys of files it has closed (SLRU segments are reopened for every
+// page). Another process unlinking the file and creating it again gives it a new key:
+// reopened here, it must be read with that key, not the kept one.
+TEST(Layer, KeptKeyIsNotUsedForAFileRecreatedElsewhere) {
+    const size_t U = 8192;
+    std::mt19937 rng(82);
+    std::string path = P("pg_xact/0001");
+    ::mkdir(P("pg_xact").c_str(), 0700);
+    ::unlink(path.c_str());
+    auto d1 = random_bytes(rng, 4 * U), d2 = random_bytes(rng, 4 * U);
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    ASSERT_EQ(::pwrite(fd, d1.data(), d1.size(), 0), ssize_t(d1.size()));
+    ::close(fd);
+    std::vector<uint8_t> got(4 * U);
+    for (int i = 0; i < 2; i++) {  // opened and closed as PostgreSQL's SLRU code does
+        fd = ::open(path.c_str(), O_RDWR);
+        ASSERT_GE(fd, 0);
+        ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+        ::close(fd);
+        ASSERT_EQ(got, d1);
+    }
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        ::unlink(path.c_str());
+        int f = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+        if (f < 0 || ::pwrite(f, d2.data(), d2.size(), 0) != ssize_t(d2.size())) _exit(1);
+        ::close(f);
+        _exit(0);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    fd = ::open(path.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    EXPECT_EQ(got, d2) << "the file was read with the key of the file it replaced";
+    // And this process's own rewrite of it is read back with the same key.
+    ASSERT_EQ(::pwrite(fd, d1.data(), U, 0), ssize_t(U));
+    ::close(fd);
+    fd = ::open(path.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pread(fd, got.data(), U, 0), ssize_t(U));
+    EXPECT_EQ(0, std::memcmp(got.data(), d1.data(), U));
+    ::close(fd);
+    ::unlink(path.c_str());
+}
+
 long minor_faults() {
     struct rusage ru {};
     ::getrusage(RUSAGE_SELF, &ru);

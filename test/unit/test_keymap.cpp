@@ -212,6 +212,33 @@ TEST_F(KeyMapTest, TwoInstancesSeeEachOther) {
     EXPECT_EQ(a->size(), 10u);
 }
 
+// The layer keeps unwrapped keys per process while an entry's tag is unchanged: the
+// tag must change whenever the DEK or its sealing does, and only then.
+TEST_F(KeyMapTest, EntryTagChangesWithTheKey) {
+    auto a = open();
+    auto b = open();
+    EXPECT_FALSE(a->entry_tag("base/5/1").has_value());
+    a->create("base/5/1", FileClass::Relation);
+    std::vector<uint8_t> t0;
+    ASSERT_TRUE(a->get("base/5/1", &t0).has_value());
+    ASSERT_EQ(b->entry_tag("base/5/1"), t0) << "another instance sees another tag for the same entry";
+    a->create("x", FileClass::Relation);
+    a->remove("x");
+    a->compact();  // rewrites the file: the entry, and its tag, stay
+    EXPECT_EQ(b->entry_tag("base/5/1"), t0);
+    b->create("base/5/1", FileClass::Relation);  // recreated by another process
+    auto t1 = a->entry_tag("base/5/1");
+    ASSERT_TRUE(t1.has_value());
+    EXPECT_NE(*t1, t0);
+    a->move("base/5/1", "base/5/2", FileClass::Relation, true);  // same DEK, sealed for another identity
+    EXPECT_EQ(a->entry_tag("base/5/1"), t1);
+    EXPECT_NE(a->entry_tag("base/5/2"), t1);
+    a->rewrap(random_key(kKekSize), 2);  // same DEK, sealed under a new KEK generation
+    EXPECT_NE(a->entry_tag("base/5/1"), t1);
+    a->remove("base/5/1");
+    EXPECT_FALSE(a->entry_tag("base/5/1").has_value());
+}
+
 TEST_F(KeyMapTest, ForkedProcessesAppendConcurrently) {
     auto km = open();  // opened before fork, like the postmaster's instance
     km->create("before-fork", FileClass::Relation);
