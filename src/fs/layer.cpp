@@ -731,36 +731,31 @@ KeyMap& map_for(const std::string& rel, DbSlot** slot = nullptr) {
     return db_keymap(oid, sl);
 }
 
-// The DEK of a durable file, looked up where it lives. A binding or unbinding may move
-// keys between maps while we look: the route is taken again once on a miss, and a miss
-// in a database's map falls back to the cluster's (remains of an interrupted bind).
-std::optional<SecureBytes> lookup_key(const std::string& rel, DbSlot** slot = nullptr) {
+// Looks a durable file's key up where it lives: look(map) answers from one key map,
+// empty when that map has no entry. A binding or unbinding may move keys between maps
+// while we look: the route is taken again once on a miss, and a miss in a database's
+// map falls back to the cluster's (remains of an interrupted bind).
+template <class T, class Look>
+T on_key_route(const std::string& rel, DbSlot** slot, Look look) {
     for (int attempt = 0; attempt < 2; attempt++) {
         DbSlot* sl = nullptr;
         KeyMap& km = map_for(rel, &sl);
         if (slot) *slot = sl;
-        km.refresh();
-        if (auto k = km.get(rel)) return k;
-        if (sl) {
-            KeyMap& cm = keymap();
-            cm.refresh();
-            if (auto k = cm.get(rel)) return k;
-        }
+        if (T k = look(km)) return k;
+        if (sl)
+            if (T k = look(keymap())) return k;
     }
-    return std::nullopt;
+    return T{};
 }
 
-// lookup_key's route, for a FileKey: kept by this process while its entry is unchanged.
+// The DEK of a durable file (KeyMap::get refreshes the map first).
+std::optional<SecureBytes> lookup_key(const std::string& rel, DbSlot** slot = nullptr) {
+    return on_key_route<std::optional<SecureBytes>>(rel, slot, [&](KeyMap& km) { return km.get(rel); });
+}
+
+// The same, as a FileKey: kept by this process while its entry is unchanged.
 std::shared_ptr<FileKey> lookup_file_key(const std::string& rel, DbSlot** slot) {
-    for (int attempt = 0; attempt < 2; attempt++) {
-        DbSlot* sl = nullptr;
-        KeyMap& km = map_for(rel, &sl);
-        if (slot) *slot = sl;
-        if (auto k = key_from(km, rel)) return k;
-        if (sl)
-            if (auto k = key_from(keymap(), rel)) return k;
-    }
-    return nullptr;
+    return on_key_route<std::shared_ptr<FileKey>>(rel, slot, [&](KeyMap& km) { return key_from(km, rel); });
 }
 
 // A new DEK for a durable file, in the map its route names at this moment. Files of a
