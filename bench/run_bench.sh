@@ -7,8 +7,8 @@
 #      (scale 50 ~ 750 MB) is many times shared_buffers (32 MB), so most page reads miss
 #      shared_buffers and come from the OS page cache: exactly where the layer decrypts.
 #      Runs alternate encrypted/plaintext (the order flips every round) and each run gets
-#      a freshly started server plus a short warm-up, so drift and page-cache state hit
-#      both modes alike. Reported: median TPS per mode and the ratio encrypted/plaintext,
+#      its cluster's files read into the page cache, a freshly started server and a short
+#      warm-up, so drift and page-cache state hit both modes alike. Reported: median TPS per mode and the ratio encrypted/plaintext,
 #      against the targets TPC-B >= 0.95 and select-only >= 0.90. Cross-check, not
 #      judged: runs with both clusters loaded at the same time (half the clients each),
 #      whose ratio the host's noise cannot tilt.
@@ -33,6 +33,11 @@
 #   BENCH_JOBS=2            pgbench -j
 #   BENCH_PROTOCOL=prepared pgbench -M (simple|extended|prepared)
 #   BENCH_WARMUP=5          seconds of unmeasured pgbench before each measured run
+#   BENCH_PRIME=1           read each cluster's relation files into the OS page cache
+#                           before each of its runs (0: don't). Hosts that reclaim idle
+#                           page cache (this one's DAMON pages out what was not touched
+#                           for ~60 s) would otherwise send a share of the "OS" reads to
+#                           the disk, whose latency swings far more than the layer costs
 #   BENCH_SHARED_BUFFERS=32MB
 #   BENCH_SYNC_COMMIT=on    synchronous_commit of both clusters ("off" removes the
 #                           WAL-flush floor from TPC-B and shows more of the CPU cost)
@@ -58,6 +63,7 @@ BENCH_CLIENTS=${BENCH_CLIENTS:-2}
 BENCH_JOBS=${BENCH_JOBS:-2}
 BENCH_PROTOCOL=${BENCH_PROTOCOL:-prepared}
 BENCH_WARMUP=${BENCH_WARMUP:-5}
+BENCH_PRIME=${BENCH_PRIME:-1}
 BENCH_SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-32MB}
 BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-tpcb select}
@@ -166,6 +172,19 @@ server_cpu_seconds() { # mode
 		die "cannot read the CPU time of the $1 server (postmaster $pm) from /proc"
 }
 
+# The page cache the layer reads ciphertext from, filled alike for both modes: every
+# file of the cluster's databases, read as bytes (ciphertext for the encrypted one).
+prime_page_cache() { # mode
+	[ "$BENCH_PRIME" = 1 ] || return 0
+	find "$WORK/$1/base" "$WORK/$1/global" -type f -exec cat {} + >/dev/null
+}
+# Reads completed by the disk that holds the work directory (/proc/diskstats), or "n/a".
+DISK_DEV=
+disk_reads() {
+	[ -n "$DISK_DEV" ] || { echo n/a; return; }
+	awk -v d="$DISK_DEV" '$3 == d { print $4; found = 1 } END { if (!found) print "n/a" }' /proc/diskstats
+}
+
 server_start() { # mode
 	local d="$WORK/$1"
 	as_pg "$PG_BINDIR/pg_ctl" -D "$d" -l "$WORK/$1.log" -w -t 120 start >/dev/null ||
@@ -211,6 +230,8 @@ if [ "$BENCH_SKIP_PGBENCH" != 1 ]; then
 		WORK=$(mktemp -d /tmp/cmk_bench.XXXXXX)
 	fi
 	CLEAN_DIR=$WORK
+	DISK_DEV=$(df -P "$WORK" | awk 'NR == 2 && $1 ~ /^\/dev\// { sub(/^\/dev\//, "", $1); print $1 }')
+	[ -z "$DISK_DEV" ] || grep -q " $DISK_DEV " /proc/diskstats || DISK_DEV=
 	chown "$PG_USER:" "$WORK"
 	chmod 0700 "$WORK"
 	as_pg mkdir -m 0700 "$WORK/keys" "$WORK/sock_enc" "$WORK/sock_plain"
@@ -273,6 +294,7 @@ EOF
 		if ((round % 2)); then order="enc plain"; else order="plain enc"; fi
 		for workload in $BENCH_WORKLOADS; do
 			for mode in $order; do
+				prime_page_cache "$mode"
 				server_start "$mode"
 				psql_q "$mode" "${PORT[$mode]}" "CHECKPOINT"
 				# Flush what the previous run's shutdown checkpoint left dirty in the OS
@@ -286,7 +308,9 @@ EOF
 					"SELECT blks_read || ' ' || blks_hit FROM pg_stat_database WHERE datname = 'postgres'")
 				sleep 0.2  # the psql backend above exits and is reaped
 				cpu0=$(server_cpu_seconds "$mode")
+				disk0=$(disk_reads)
 				tps=$(run_pgbench "$mode" "${PORT[$mode]}" "$workload" "$BENCH_SECONDS")
+				disk1=$(disk_reads)
 				sleep 0.2  # pgbench's backends exit and are reaped
 				cpu1=$(server_cpu_seconds "$mode")
 				after=$(psql_q "$mode" "${PORT[$mode]}" \
@@ -301,8 +325,10 @@ EOF
 				read -r r1 h1 <<<"$after"
 				hit=$(awk -v r=$((r1 - r0)) -v h=$((h1 - h0)) \
 					'BEGIN { if (r + h > 0) printf "%.1f", 100 * h / (r + h); else print "n/a" }')
-				printf '[%s] round %d/%d  %-6s %-5s  tps %10.2f   server CPU %7s us/tx   shared_buffers hit %s%%, %d blocks read from the OS\n' \
-					"$(date +%H:%M:%S)" "$round" "$BENCH_ROUNDS" "$workload" "$mode" "$tps" "$us_tx" "$hit" $((r1 - r0))
+				disk=n/a
+				[ "$disk0" = n/a ] || [ "$disk1" = n/a ] || disk=$((disk1 - disk0))
+				printf '[%s] round %d/%d  %-6s %-5s  tps %10.2f   server CPU %7s us/tx   shared_buffers hit %s%%, %d blocks read from the OS, %s from the disk\n' \
+					"$(date +%H:%M:%S)" "$round" "$BENCH_ROUNDS" "$workload" "$mode" "$tps" "$us_tx" "$hit" $((r1 - r0)) "$disk"
 			done
 		done
 	done
@@ -320,6 +346,7 @@ EOF
 	if [ "$BENCH_CONCURRENT_RUNS" -gt 0 ]; then
 		for workload in $BENCH_WORKLOADS; do
 			for mode in enc plain; do
+				prime_page_cache "$mode"
 				server_start "$mode"
 				psql_q "$mode" "${PORT[$mode]}" "CHECKPOINT"
 			done
@@ -332,6 +359,7 @@ EOF
 				wait
 			fi
 			for ((i = 1; i <= BENCH_CONCURRENT_RUNS; i++)); do
+				for mode in enc plain; do prime_page_cache "$mode"; done
 				run_pgbench enc "${PORT[enc]}" "$workload" "$BENCH_SECONDS" \
 					"$CONC_CLIENTS" "$CONC_JOBS" >"$WORK/conc_enc.tps" &
 				pid_e=$!
