@@ -16,12 +16,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cmk_lakebase/keymap.hpp"
@@ -511,30 +513,130 @@ TEST(LayerChild, MappingFollowsTheAddressSpaceLimit) {
     ::unlink(path.c_str());
 }
 
-// Runs LayerChild.MappingFollowsTheAddressSpaceLimit in a fresh process of this binary
-// (the layer still preloaded), with and without a 4 GiB RLIMIT_AS; both must pass.
+// Runs LayerChild.<test> in a fresh process of this binary (the layer still preloaded,
+// the same scratch data directory, a shared region of its own) after pre() in the
+// forked child; its exit status, or -1.
+template <typename Pre>
+int run_layer_child(const char* tag, const char* test, Pre pre) {
+    pid_t pid = ::fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        pre();
+        ::setenv("CMK_LAYER_TEST_CHILD", tag, 1);
+        std::string filter = std::string("--gtest_filter=LayerChild.") + test;
+        char self[] = "cmk_layer_tests";
+        char* argv[] = {self, filter.data(), nullptr};
+        ::execv("/proc/self/exe", argv);
+        _exit(4);
+    }
+    int status = 0;
+    if (::waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Runs LayerChild.MappingFollowsTheAddressSpaceLimit with and without a 4 GiB
+// RLIMIT_AS; both must pass.
 TEST(Layer, MappedReadsOffUnderAnAddressSpaceLimit) {
     for (bool limit : {true, false}) {
-        pid_t pid = ::fork();
-        ASSERT_GE(pid, 0);
-        if (pid == 0) {
-            if (limit) {
-                struct rlimit rl {};
-                rl.rlim_cur = rl.rlim_max = rlim_t(4) << 30;
-                if (::setrlimit(RLIMIT_AS, &rl) != 0) _exit(3);
-            }
-            ::setenv("CMK_LAYER_TEST_CHILD", "as", 1);
-            char filter[] = "--gtest_filter=LayerChild.MappingFollowsTheAddressSpaceLimit";
-            char self[] = "cmk_layer_tests";
-            char* argv[] = {self, filter, nullptr};
-            ::execv("/proc/self/exe", argv);
-            _exit(4);
-        }
-        int status = 0;
-        ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-        EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-            << (limit ? "with" : "without") << " RLIMIT_AS: child status " << status;
+        int rc = run_layer_child("as", "MappingFollowsTheAddressSpaceLimit", [limit] {
+            if (!limit) return;
+            struct rlimit rl {};
+            rl.rlim_cur = rl.rlim_max = rlim_t(4) << 30;
+            if (::setrlimit(RLIMIT_AS, &rl) != 0) _exit(3);
+        });
+        EXPECT_EQ(rc, 0) << (limit ? "with" : "without") << " RLIMIT_AS";
     }
+}
+
+// True if a pwrite through the layer ends within wait_ms while another open file
+// description holds a read lock over [off, off + len) of the file (raw fcntl); the lock
+// is released afterwards either way and the write is waited for.
+bool write_ends_under_read_lock(int fd, const std::string& path, const uint8_t* d, size_t len, off_t off, int wait_ms) {
+    int rfd = int(syscall(SYS_openat, AT_FDCWD, path.c_str(), O_RDONLY));
+    if (rfd < 0) return false;
+    struct flock fl {};
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = off - off % 8192;
+    fl.l_len = off_t(len) + off % 8192;
+    if (syscall(SYS_fcntl, rfd, F_OFD_SETLK, &fl) != 0) {
+        syscall(SYS_close, rfd);
+        return false;
+    }
+    std::atomic<bool> done{false};
+    std::atomic<ssize_t> wrote{-2};
+    std::thread t([&] {
+        wrote = ::pwrite(fd, d, len, off);
+        done = true;
+    });
+    for (int i = 0; i < wait_ms && !done; i++) ::usleep(1000);
+    bool ended = done;
+    fl.l_type = F_UNLCK;
+    syscall(SYS_fcntl, rfd, F_OFD_SETLK, &fl);
+    t.join();
+    syscall(SYS_close, rfd);
+    return ended && wrote == ssize_t(len);
+}
+
+// Run in a child by WalWritesLockOnlyWhileWalIsRead (CMK_LAYER_TEST_CHILD=wal), a
+// process whose shared region no WAL reader has registered in yet.
+TEST(LayerChild, WalLockFollowsReaders) {
+    const char* child = std::getenv("CMK_LAYER_TEST_CHILD");
+    if (!child || std::strcmp(child, "wal") != 0) GTEST_SKIP() << "run by Layer.WalWritesLockOnlyWhileWalIsRead";
+    const size_t U = 8192;
+    std::mt19937 rng(82);
+    std::string path = P("pg_wal/000000010000000000000007");
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    std::vector<uint8_t> model = random_bytes(rng, 2 * U);
+    ASSERT_EQ(::pwrite(fd, model.data(), model.size(), 0), ssize_t(model.size()));
+    auto rewrite_unit = [&](size_t u, int wait_ms) {
+        auto d = random_bytes(rng, U);
+        std::memcpy(model.data() + u * U, d.data(), U);
+        return write_ends_under_read_lock(fd, path, d.data(), U, off_t(u * U), wait_ms);
+    };
+    // No process has read WAL: a whole-unit write does not take the lock.
+    EXPECT_TRUE(rewrite_unit(0, 5000)) << "a whole-unit WAL write waited for the lock with no WAL reader";
+    // A write of part of a unit (read-modify-write) always does.
+    {
+        auto d = random_bytes(rng, 100);
+        std::memcpy(model.data() + U + 10, d.data(), d.size());
+        EXPECT_FALSE(write_ends_under_read_lock(fd, path, d.data(), d.size(), off_t(U + 10), 300))
+            << "a partial-unit WAL write did not wait for the lock";
+    }
+    // A reader that has exited: the next write locks (and clears its slot); the one
+    // after it goes unlocked again.
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        int rfd = ::open(path.c_str(), O_RDONLY);
+        uint8_t b[8192];
+        _exit(rfd >= 0 && ::pread(rfd, b, U, 0) == ssize_t(U) ? 0 : 1);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    EXPECT_FALSE(rewrite_unit(1, 300)) << "a WAL write right after a reader registered did not lock";
+    bool unlocked = false;  // dead readers are looked for at most once a second
+    for (int i = 0; i < 40 && !unlocked; i++) unlocked = rewrite_unit(1, 100);
+    EXPECT_TRUE(unlocked) << "the slot of a reader that exited was not cleared";
+    // This process reads WAL from now on: every WAL write locks.
+    std::vector<uint8_t> got(2 * U);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    EXPECT_EQ(got, model);
+    EXPECT_FALSE(rewrite_unit(0, 300)) << "a WAL write did not lock while a reader was registered";
+    EXPECT_FALSE(rewrite_unit(1, 300)) << "a WAL write did not lock while a reader was registered";
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    EXPECT_EQ(got, model);
+    ::close(fd);
+    ::unlink(path.c_str());
+}
+
+// WAL writes skip the unit lock while no process of the server reads WAL, and take it
+// once one does (src/fs/layer.cpp, "WAL pages are rewritten ...").
+TEST(Layer, WalWritesLockOnlyWhileWalIsRead) {
+    EXPECT_EQ(run_layer_child("wal", "WalLockFollowsReaders", [] {}), 0);
 }
 
 long major_faults() {
