@@ -8,8 +8,9 @@
 #      shared_buffers and come from the OS page cache: exactly where the layer decrypts.
 #      Runs alternate encrypted/plaintext (the order flips every round) and each run gets
 #      its cluster's files read into the page cache, a freshly started server and a short
-#      warm-up, so drift and page-cache state hit both modes alike. Reported: median TPS per mode and the ratio encrypted/plaintext,
-#      against the targets TPC-B >= 0.95 and select-only >= 0.90. Cross-check, not
+#      warm-up, so drift and page-cache state hit both modes alike. Reported: median TPS
+#      per mode and the ratio encrypted/plaintext, against the targets TPC-B >= 0.95
+#      and select-only >= 0.90. Cross-check, not
 #      judged: runs with both clusters loaded at the same time (half the clients each),
 #      whose ratio the host's noise cannot tilt.
 #  (b) the page cipher: "pg_cmk bench-cipher" (AES-256-XTS, one 8 KiB unit in place,
@@ -93,6 +94,7 @@ for v in BENCH_SECONDS BENCH_ROUNDS BENCH_SCALE BENCH_CLIENTS BENCH_JOBS BENCH_W
 	BENCH_CIPHER_SECONDS BENCH_CIPHER_ROUNDS BENCH_CONCURRENT_RUNS; do
 	is_uint "${!v}" || die "$v must be a non-negative integer (got '${!v}')"
 done
+[[ $BENCH_PRIME =~ ^[01]$ ]] || die "BENCH_PRIME must be 0 or 1 (got '$BENCH_PRIME')"
 if [ "$BENCH_ROUNDS" -lt 1 ] || [ "$BENCH_SECONDS" -lt 1 ] || [ "$BENCH_SCALE" -lt 1 ] ||
 	[ "$BENCH_CIPHER_ROUNDS" -lt 1 ] || [ "$BENCH_CIPHER_SECONDS" -lt 1 ]; then
 	die "BENCH_ROUNDS, BENCH_SECONDS, BENCH_SCALE and BENCH_CIPHER_* must be at least 1"
