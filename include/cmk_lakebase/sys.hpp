@@ -26,6 +26,10 @@ ssize_t pread_full(int fd, void* buf, size_t n, off_t off);
 ssize_t pwrite_full(int fd, const void* buf, size_t n, off_t off);
 int write_full(int fd, const void* buf, size_t n);
 
+// Whether a process with this pid exists (kill(pid, 0); EPERM counts as existing: it
+// belongs to another user). Leaves errno as it was.
+bool process_exists(pid_t pid);
+
 // fsync() of a directory (after a rename or create in it).
 int fsync_dir(const char* dir);
 

@@ -20,6 +20,7 @@
 #include "cmk_lakebase/keyring.hpp"
 #include "cmk_lakebase/kms.hpp"
 #include "cmk_lakebase/lifecycle.hpp"
+#include "cmk_lakebase/sys.hpp"
 
 namespace cmk::cli {
 namespace {
@@ -49,7 +50,7 @@ bool cluster_running(const std::string& datadir) {
     std::ifstream f(datadir + "/postmaster.pid");
     long pid = 0;
     if (!(f >> pid) || pid <= 0) return false;
-    return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM;
+    return sys::process_exists(static_cast<pid_t>(pid));
 }
 
 // Everything a lifecycle operation needs, for an offline cluster.

@@ -4,6 +4,7 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -183,6 +184,13 @@ std::string read_file(const char* path) {
     }
     close(fd);
     return out;
+}
+
+bool process_exists(pid_t pid) {
+    int saved = errno;
+    bool exists = ::kill(pid, 0) == 0 || errno == EPERM;
+    errno = saved;
+    return exists;
 }
 
 }  // namespace cmk::sys

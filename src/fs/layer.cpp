@@ -948,8 +948,6 @@ pid_t my_pid() {
 std::atomic<pid_t> g_wal_reader{0};        // pid under which this process registered
 std::atomic<int> g_unlocked_writes{0};     // this process's unlocked WAL writes in flight
 
-bool pid_alive(pid_t p) { return ::kill(p, 0) == 0 || errno == EPERM; }
-
 int64_t mono_ns() {
     struct timespec t;
     ::clock_gettime(CLOCK_MONOTONIC, &t);
@@ -960,12 +958,10 @@ void wal_sweep_readers(WalShared* w, bool now) {
     int64_t t = mono_ns();
     int64_t last = w->last_sweep_ns.load();
     if (!now && (t - last < 1000000000 || !w->last_sweep_ns.compare_exchange_strong(last, t))) return;
-    int saved = errno;
     for (auto& slot : w->reader_pid) {
         int32_t p = slot.load();
-        if (p != 0 && !pid_alive(p) && slot.compare_exchange_strong(p, 0)) w->readers.fetch_sub(1);
+        if (p != 0 && !sys::process_exists(p) && slot.compare_exchange_strong(p, 0)) w->readers.fetch_sub(1);
     }
-    errno = saved;
 }
 
 void wal_register_reader() {
@@ -995,7 +991,7 @@ void wal_register_reader() {
             if (p == 0) break;
             // Left behind by a writer that died mid-write (or by a dead process whose pid
             // this one now has): cleared; a live writer ends its write within microseconds.
-            bool stale = p == me ? g_unlocked_writes.load() == 0 : (spins % 256 == 0 && !pid_alive(p));
+            bool stale = p == me ? g_unlocked_writes.load() == 0 : (spins % 256 == 0 && !sys::process_exists(p));
             if (stale) {
                 slot.compare_exchange_strong(p, 0);
                 break;
@@ -1268,11 +1264,9 @@ ssize_t map_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off
     // kReadsAfterSlow + 1 reads; a warm one never leaves the mapping, also when the
     // host preempts this VM in the middle of a read (slow, but no fault: on a shared
     // host that happened often enough to send a share of warm reads to pread).
-    struct timespec t0, t1;
-    ::clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t t0 = mono_ns();
     bool ok = map_decrypt(key, m + off, buf, uint64_t(off) / U, len);
-    ::clock_gettime(CLOCK_MONOTONIC, &t1);
-    int64_t ns = int64_t(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+    int64_t ns = mono_ns() - t0;
     if (ns > kSlowMappedReadNs) {
         struct rusage ru {};
         if (::getrusage(RUSAGE_THREAD, &ru) != 0 || ru.ru_majflt != tl_majflt) {

@@ -548,12 +548,14 @@ TEST(Layer, MappedReadsOffUnderAnAddressSpaceLimit) {
     }
 }
 
-// True if a pwrite through the layer ends within wait_ms while another open file
-// description holds a read lock over [off, off + len) of the file (raw fcntl); the lock
-// is released afterwards either way and the write is waited for.
-bool write_ends_under_read_lock(int fd, const std::string& path, const uint8_t* d, size_t len, off_t off, int wait_ms) {
+// Whether a pwrite through the layer ends within wait_ms while another open file
+// description holds a read lock over the units of [off, off + len) (raw fcntl): kEnded
+// or kWaited; the lock is released afterwards either way and the write waited for.
+// kFailed if the lock could not be taken or the write did not write it all.
+enum class UnderLock { kEnded, kWaited, kFailed };
+UnderLock write_under_read_lock(int fd, const std::string& path, const uint8_t* d, size_t len, off_t off, int wait_ms) {
     int rfd = int(syscall(SYS_openat, AT_FDCWD, path.c_str(), O_RDONLY));
-    if (rfd < 0) return false;
+    if (rfd < 0) return UnderLock::kFailed;
     struct flock fl {};
     fl.l_type = F_RDLCK;
     fl.l_whence = SEEK_SET;
@@ -561,7 +563,7 @@ bool write_ends_under_read_lock(int fd, const std::string& path, const uint8_t* 
     fl.l_len = off_t(len) + off % 8192;
     if (syscall(SYS_fcntl, rfd, F_OFD_SETLK, &fl) != 0) {
         syscall(SYS_close, rfd);
-        return false;
+        return UnderLock::kFailed;
     }
     std::atomic<bool> done{false};
     std::atomic<ssize_t> wrote{-2};
@@ -575,7 +577,8 @@ bool write_ends_under_read_lock(int fd, const std::string& path, const uint8_t* 
     syscall(SYS_fcntl, rfd, F_OFD_SETLK, &fl);
     t.join();
     syscall(SYS_close, rfd);
-    return ended && wrote == ssize_t(len);
+    if (wrote != ssize_t(len)) return UnderLock::kFailed;
+    return ended ? UnderLock::kEnded : UnderLock::kWaited;
 }
 
 // Run in a child by WalWritesLockOnlyWhileWalIsRead (CMK_LAYER_TEST_CHILD=wal), a
@@ -594,15 +597,15 @@ TEST(LayerChild, WalLockFollowsReaders) {
     auto rewrite_unit = [&](size_t u, int wait_ms) {
         auto d = random_bytes(rng, U);
         std::memcpy(model.data() + u * U, d.data(), U);
-        return write_ends_under_read_lock(fd, path, d.data(), U, off_t(u * U), wait_ms);
+        return write_under_read_lock(fd, path, d.data(), U, off_t(u * U), wait_ms);
     };
     // No process has read WAL: a whole-unit write does not take the lock.
-    EXPECT_TRUE(rewrite_unit(0, 5000)) << "a whole-unit WAL write waited for the lock with no WAL reader";
+    EXPECT_EQ(rewrite_unit(0, 5000), UnderLock::kEnded) << "a whole-unit WAL write waited for the lock with no WAL reader";
     // A write of part of a unit (read-modify-write) always does.
     {
         auto d = random_bytes(rng, 100);
         std::memcpy(model.data() + U + 10, d.data(), d.size());
-        EXPECT_FALSE(write_ends_under_read_lock(fd, path, d.data(), d.size(), off_t(U + 10), 300))
+        EXPECT_EQ(write_under_read_lock(fd, path, d.data(), d.size(), off_t(U + 10), 300), UnderLock::kWaited)
             << "a partial-unit WAL write did not wait for the lock";
     }
     // A reader that has exited: the next write locks (and clears its slot); the one
@@ -617,16 +620,16 @@ TEST(LayerChild, WalLockFollowsReaders) {
     int status = 0;
     ASSERT_EQ(::waitpid(pid, &status, 0), pid);
     ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    EXPECT_FALSE(rewrite_unit(1, 300)) << "a WAL write right after a reader registered did not lock";
-    bool unlocked = false;  // dead readers are looked for at most once a second
-    for (int i = 0; i < 40 && !unlocked; i++) unlocked = rewrite_unit(1, 100);
-    EXPECT_TRUE(unlocked) << "the slot of a reader that exited was not cleared";
+    EXPECT_EQ(rewrite_unit(1, 300), UnderLock::kWaited) << "a WAL write right after a reader registered did not lock";
+    UnderLock r = UnderLock::kWaited;  // dead readers are looked for at most once a second
+    for (int i = 0; i < 40 && r == UnderLock::kWaited; i++) r = rewrite_unit(1, 100);
+    EXPECT_EQ(r, UnderLock::kEnded) << "the slot of a reader that exited was not cleared";
     // This process reads WAL from now on: every WAL write locks.
     std::vector<uint8_t> got(2 * U);
     ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
     EXPECT_EQ(got, model);
-    EXPECT_FALSE(rewrite_unit(0, 300)) << "a WAL write did not lock while a reader was registered";
-    EXPECT_FALSE(rewrite_unit(1, 300)) << "a WAL write did not lock while a reader was registered";
+    EXPECT_EQ(rewrite_unit(0, 300), UnderLock::kWaited) << "a WAL write did not lock while a reader was registered";
+    EXPECT_EQ(rewrite_unit(1, 300), UnderLock::kWaited) << "a WAL write did not lock while a reader was registered";
     ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
     EXPECT_EQ(got, model);
     ::close(fd);
