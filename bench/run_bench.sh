@@ -10,9 +10,9 @@
 #      its cluster's files read into the page cache, a freshly started server and a short
 #      warm-up, so drift and page-cache state hit both modes alike. Reported: median TPS
 #      per mode and the ratio encrypted/plaintext, against the targets TPC-B >= 0.95
-#      and select-only >= 0.90. Cross-check, not
-#      judged: runs with both clusters loaded at the same time (half the clients each),
-#      whose ratio the host's noise cannot tilt.
+#      and select-only >= 0.90. Cross-check, not judged: runs with both clusters loaded
+#      at the same time (half the clients each), whose ratio the host's noise cannot
+#      tilt.
 #  (b) the page cipher: "pg_cmk bench-cipher" (AES-256-XTS, one 8 KiB unit in place,
 #      new tweak per call) beside "openssl speed -evp aes-256-xts -bytes 8192" (one 8 KiB
 #      buffer; encrypt and -decrypt), many short alternating rounds, best-of-N compared,
