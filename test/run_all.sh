@@ -84,6 +84,13 @@ if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
 	fi
 fi
 
+echo "== include rule (scripts/check_layers.sh)"
+if bash scripts/check_layers.sh; then
+	record "include rule" 1 0
+else
+	record "include rule" 0 1 "see check_layers output above"
+fi
+
 echo "== make WERROR=-Werror"
 if ! make WERROR=-Werror >"$logdir/make.log" 2>&1; then
 	tail -n 80 "$logdir/make.log"

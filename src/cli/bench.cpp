@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "cli.hpp"
-#include "cmk_lakebase/crypto.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
 
 namespace cmk::cli {
 namespace {

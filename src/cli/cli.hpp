@@ -7,19 +7,21 @@
 #include <string>
 #include <vector>
 
+#include "cmk_lakebase/base/error.hpp"
+
 namespace cmk::cli {
 
 // Bad arguments: reported as one error line plus a pointer to `pg_cmk COMMAND --help`,
 // exit 2. `command` is what goes into that pointer ("initdb", "key create", "" for the
 // top level).
-struct UsageError : std::runtime_error {
-    UsageError(std::string cmd, const std::string& msg) : std::runtime_error(msg), command(std::move(cmd)) {}
+struct UsageError : Error {
+    UsageError(std::string cmd, const std::string& msg) : Error(ErrorCategory::Usage, msg), command(std::move(cmd)) {}
     std::string command;
 };
 
 // A runtime failure the tool explains itself (what failed, what to do): exit 1.
-struct CliError : std::runtime_error {
-    using std::runtime_error::runtime_error;
+struct CliError : Error {
+    explicit CliError(const std::string& m, ErrorCategory c = ErrorCategory::Internal) : Error(c, m) {}
 };
 
 // --- option parsing -------------------------------------------------------------

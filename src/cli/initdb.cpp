@@ -20,11 +20,11 @@
 #include <vector>
 
 #include "cli.hpp"
-#include "cmk_lakebase/crypto.hpp"
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/sys.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::cli {
 namespace {

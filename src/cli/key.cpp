@@ -12,8 +12,8 @@
 #include <rapidjson/document.h>
 
 #include "cli.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/sys.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::cli {
 namespace {

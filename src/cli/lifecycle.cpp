@@ -14,13 +14,13 @@
 #include <vector>
 
 #include "cli.hpp"
-#include "cmk_lakebase/audit.hpp"
-#include "cmk_lakebase/keyconfigs.hpp"
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/lifecycle.hpp"
-#include "cmk_lakebase/sys.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/keys/keyconfigs.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "cmk_lakebase/keys/lifecycle.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::cli {
 namespace {

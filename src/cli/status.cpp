@@ -12,12 +12,12 @@
 #include <rapidjson/writer.h>
 
 #include "cli.hpp"
-#include "cmk_lakebase/audit.hpp"
-#include "cmk_lakebase/crypto.hpp"
-#include "cmk_lakebase/dbkeys.hpp"
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "cmk_lakebase/keys/dbkeys.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 
 namespace cmk::cli {
 namespace {
@@ -64,10 +64,6 @@ struct StatusReport {
     };
     std::vector<Database> databases;
 };
-
-KeyHealth health_of(KmsErrorKind k) {
-    return k == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
-}
 
 std::string key_state_text(KeyHealth health, const std::string& provider_state, const std::string& detail) {
     std::string s = key_health_name(health);
@@ -194,7 +190,7 @@ int cmd_status(const std::vector<std::string>& args) {
         r.detail = st.detail;
     } catch (const KmsError& e) {
         if (e.kind == KmsErrorKind::Config) throw;
-        r.health = health_of(e.kind);
+        r.health = health_of(e.category);
         r.provider_state = "error";
         r.detail = e.what();
     }
@@ -218,7 +214,7 @@ int cmd_status(const std::vector<std::string>& args) {
             throw CliError(std::string(e.what()) + " (" + keyring_file + ")");
         } catch (const KmsError& e) {
             if (e.kind == KmsErrorKind::Config) throw;
-            r.health = health_of(e.kind);
+            r.health = health_of(e.category);
             r.provider_state = "unwrap failed";
             r.detail = e.what();
         }
@@ -246,7 +242,7 @@ int cmd_status(const std::vector<std::string>& args) {
                 d.deks = dm.size();
             }
         } catch (const KmsError& e) {
-            d.health = health_of(e.kind);
+            d.health = health_of(e.category);
             d.provider_state = "error";
             d.detail = e.what();
         } catch (const std::exception& e) {

@@ -39,17 +39,17 @@
 #include <unordered_map>
 #include <vector>
 
-#include "cmk_lakebase/audit.hpp"
-#include "cmk_lakebase/crypto.hpp"
-#include "cmk_lakebase/dbkeys.hpp"
-#include "cmk_lakebase/fileclass.hpp"
-#include "cmk_lakebase/keyconfigs.hpp"
-#include "cmk_lakebase/lifecycle.hpp"
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/layer.hpp"
-#include "cmk_lakebase/sys.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "cmk_lakebase/keys/dbkeys.hpp"
+#include "cmk_lakebase/base/fileclass.hpp"
+#include "cmk_lakebase/keys/keyconfigs.hpp"
+#include "cmk_lakebase/keys/lifecycle.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "cmk_lakebase/fs/layer.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 #include "layer_internal.hpp"
 
 namespace cmk::fs {

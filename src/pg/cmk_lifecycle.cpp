@@ -11,12 +11,12 @@
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 
-#include "cmk_lakebase/audit.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/layer.hpp"
-#include "cmk_lakebase/lifecycle.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "cmk_lakebase/fs/layer.hpp"
+#include "cmk_lakebase/keys/lifecycle.hpp"
 #include "cmk_lifecycle.hpp"
 
 extern "C" {

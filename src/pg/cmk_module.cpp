@@ -10,8 +10,8 @@
 #include <exception>
 #include <string>
 
-#include "cmk_lakebase/audit.hpp"
-#include "cmk_lakebase/layer.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/fs/layer.hpp"
 #include "cmk_lifecycle.hpp"
 #include "cmk_watchdog.hpp"
 

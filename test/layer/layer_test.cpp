@@ -26,9 +26,9 @@
 #include <thread>
 #include <vector>
 
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 
 namespace {
 

@@ -14,11 +14,11 @@
 #include <map>
 #include <sstream>
 
-#include "cmk_lakebase/aws_sigv4.hpp"
-#include "cmk_lakebase/crypto.hpp"
-#include "cmk_lakebase/http.hpp"
-#include "cmk_lakebase/kms_aws.hpp"
-#include "cmk_lakebase/kms.hpp"
+#include "core/kms/aws_sigv4.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "core/kms/http.hpp"
+#include "core/kms/aws.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
 
 namespace {

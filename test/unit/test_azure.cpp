@@ -15,8 +15,8 @@
 #include <fstream>
 #include <rapidjson/document.h>
 
-#include "cmk_lakebase/crypto.hpp"
-#include "cmk_lakebase/kms_azure.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "core/kms/azure.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

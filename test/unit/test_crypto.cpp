@@ -6,7 +6,7 @@
 #include <cstring>
 #include <set>
 
-#include "cmk_lakebase/crypto.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

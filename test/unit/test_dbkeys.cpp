@@ -8,12 +8,12 @@
 #include <map>
 #include <string>
 
-#include "cmk_lakebase/dbkeys.hpp"
-#include "cmk_lakebase/fileclass.hpp"
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/lifecycle.hpp"
+#include "cmk_lakebase/keys/dbkeys.hpp"
+#include "cmk_lakebase/base/fileclass.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "cmk_lakebase/keys/lifecycle.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

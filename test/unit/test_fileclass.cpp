@@ -1,7 +1,7 @@
 // Unit tests of the file classification table (DESIGN §4) and path normalization.
 #include <gtest/gtest.h>
 
-#include "cmk_lakebase/fileclass.hpp"
+#include "cmk_lakebase/base/fileclass.hpp"
 
 using namespace cmk;
 

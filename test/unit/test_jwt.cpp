@@ -8,9 +8,9 @@
 
 #include <memory>
 
-#include "cmk_lakebase/crypto.hpp"
-#include "cmk_lakebase/jwt.hpp"
-#include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "core/kms/jwt.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

@@ -8,8 +8,8 @@
 #include <cstring>
 #include <map>
 
-#include "cmk_lakebase/keymap.hpp"
-#include "cmk_lakebase/keyring.hpp"
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

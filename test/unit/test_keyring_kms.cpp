@@ -6,8 +6,8 @@
 #include <cstdlib>
 #include <functional>
 
-#include "cmk_lakebase/keyring.hpp"
-#include "cmk_lakebase/kms.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

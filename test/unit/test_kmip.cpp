@@ -10,8 +10,8 @@
 #include <map>
 #include <random>
 
-#include "cmk_lakebase/kmip.hpp"
-#include "cmk_lakebase/kms.hpp"
+#include "core/kms/kmip.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

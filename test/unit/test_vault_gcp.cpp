@@ -14,10 +14,10 @@
 #include <functional>
 #include <thread>
 
-#include "cmk_lakebase/http.hpp"
-#include "cmk_lakebase/kms.hpp"
-#include "cmk_lakebase/kms_gcp.hpp"
-#include "cmk_lakebase/kms_vault.hpp"
+#include "core/kms/http.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "core/kms/gcp.hpp"
+#include "core/kms/vault.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;

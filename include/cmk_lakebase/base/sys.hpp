@@ -1,0 +1,47 @@
+// The C library's own file calls, bypassing the encrypting file layer. Code that runs
+// inside the layer's process (key map, keyring, providers, the layer itself) uses
+// these for its own files, so that it never re-enters the layer while holding a lock,
+// whether the layer is preloaded (LD_PRELOAD) or installed over the executable's GOT.
+#pragma once
+
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include <string>
+
+namespace cmk::sys {
+
+int open(const char* path, int flags, mode_t mode = 0);
+int close(int fd);
+ssize_t read(int fd, void* buf, size_t n);
+ssize_t write(int fd, const void* buf, size_t n);
+ssize_t pread(int fd, void* buf, size_t n, off_t off);
+ssize_t pwrite(int fd, const void* buf, size_t n, off_t off);
+int rename(const char* from, const char* to);
+int unlink(const char* path);
+int ftruncate(int fd, off_t len);
+
+// Whole-buffer helpers: loop over short transfers and EINTR; -1 with errno on error.
+ssize_t pread_full(int fd, void* buf, size_t n, off_t off);
+ssize_t pwrite_full(int fd, const void* buf, size_t n, off_t off);
+int write_full(int fd, const void* buf, size_t n);
+
+// Whether a process with this pid exists (kill(pid, 0); EPERM counts as existing: it
+// belongs to another user). Leaves errno as it was.
+bool process_exists(pid_t pid);
+
+// fsync() of a directory (after a rename or create in it).
+int fsync_dir(const char* dir);
+
+// Atomic durable replace: write tmp, fsync, rename over path, fsync directory.
+// Throws std::runtime_error with errno text on failure.
+void write_file_atomic(const char* path, const void* data, size_t n, mode_t mode);
+// Reads a whole file; throws std::runtime_error (message names the path).
+std::string read_file(const char* path);
+
+}  // namespace cmk::sys
+
+namespace cmk {
+// The current UTC time as 2026-12-05T12:00:00Z (timestamps in key files).
+std::string now_iso8601();
+}  // namespace cmk

@@ -1,0 +1,456 @@
+// Crypto core (crypto.hpp): secure key memory, the AES-256-XTS page cipher, the
+// AES-256-GCM AEAD that wraps keys, HMAC/HKDF, fingerprints and encodings. Everything
+// goes through OpenSSL 3 EVP with algorithms fetched once per process: the page cipher
+// runs on every buffer miss and every WAL write, so a per-call implicit fetch (a
+// global lock and a property query) would cost more than the AES itself.
+#include "cmk_lakebase/base/crypto.hpp"
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/kdf.h>
+#include <openssl/params.h>
+#include <openssl/rand.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <limits>
+
+namespace cmk {
+namespace {
+
+std::atomic<bool> g_mlock_failed{false};
+
+[[noreturn]] void fail(const std::string& what) {
+    unsigned long e = ERR_get_error();
+    ERR_clear_error();
+    std::string msg = what;
+    if (e != 0) {
+        char buf[256];
+        ERR_error_string_n(e, buf, sizeof buf);
+        msg += ": ";
+        msg += buf;
+    }
+    throw CryptoError(msg);
+}
+
+struct CtxFree {
+    void operator()(EVP_CIPHER_CTX* c) const { EVP_CIPHER_CTX_free(c); }
+};
+using CtxPtr = std::unique_ptr<EVP_CIPHER_CTX, CtxFree>;
+struct KdfCtxFree {
+    void operator()(EVP_KDF_CTX* k) const { EVP_KDF_CTX_free(k); }
+};
+
+// Process-wide fetched algorithms (never freed: they live as long as libcrypto).
+const EVP_CIPHER* fetch_cipher(const char* name) {
+    EVP_CIPHER* c = EVP_CIPHER_fetch(nullptr, name, nullptr);
+    if (!c) fail(std::string("cannot fetch cipher ") + name);
+    return c;
+}
+const EVP_CIPHER* xts_cipher() {
+    static const EVP_CIPHER* c = fetch_cipher("AES-256-XTS");
+    return c;
+}
+const EVP_CIPHER* ecb_cipher() {
+    static const EVP_CIPHER* c = fetch_cipher("AES-256-ECB");
+    return c;
+}
+const EVP_CIPHER* gcm_cipher() {
+    static const EVP_CIPHER* c = fetch_cipher("AES-256-GCM");
+    return c;
+}
+
+CtxPtr new_ctx() {
+    CtxPtr c(EVP_CIPHER_CTX_new());
+    if (!c) fail("EVP_CIPHER_CTX_new failed");
+    return c;
+}
+
+constexpr size_t kGcmNonce = 12;
+constexpr size_t kGcmTag = 16;
+constexpr size_t kMaxXtsLen = size_t(16) << 20;
+
+}  // namespace
+
+// ---------------------------------------------------------------- SecureBytes
+
+SecureBytes::SecureBytes(size_t n) {
+    if (n == 0) return;
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t page = pg > 0 ? static_cast<size_t>(pg) : 4096;
+    if (n > std::numeric_limits<size_t>::max() - page) throw CryptoError("key buffer too large");
+    size_t len = (n + page - 1) / page * page;
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw CryptoError("cannot allocate secure key memory");
+    // Excluded from core dumps whatever happens with mlock below.
+    (void)madvise(p, len, MADV_DONTDUMP);
+    if (mlock(p, len) != 0) g_mlock_failed.store(true, std::memory_order_relaxed);
+    p_ = static_cast<uint8_t*>(p);
+    n_ = n;
+    mapped_ = len;
+}
+
+SecureBytes::SecureBytes(const uint8_t* p, size_t n) : SecureBytes(n) {
+    if (n) std::memcpy(p_, p, n);
+}
+
+SecureBytes::~SecureBytes() { wipe(); }
+
+SecureBytes::SecureBytes(SecureBytes&& o) noexcept : p_(o.p_), n_(o.n_), mapped_(o.mapped_) {
+    o.p_ = nullptr;
+    o.n_ = 0;
+    o.mapped_ = 0;
+}
+
+SecureBytes& SecureBytes::operator=(SecureBytes&& o) noexcept {
+    if (this != &o) {
+        wipe();
+        p_ = o.p_;
+        n_ = o.n_;
+        mapped_ = o.mapped_;
+        o.p_ = nullptr;
+        o.n_ = 0;
+        o.mapped_ = 0;
+    }
+    return *this;
+}
+
+SecureBytes SecureBytes::clone() const { return SecureBytes(p_, n_); }
+
+void SecureBytes::wipe() {
+    if (p_) {
+        OPENSSL_cleanse(p_, mapped_);
+        munlock(p_, mapped_);
+        munmap(p_, mapped_);
+    }
+    p_ = nullptr;
+    n_ = 0;
+    mapped_ = 0;
+}
+
+bool secure_memory_lock_failed() { return g_mlock_failed.load(std::memory_order_relaxed); }
+
+// ---------------------------------------------------------------- randomness
+
+void random_fill(uint8_t* p, size_t n) {
+    while (n > 0) {
+        int chunk = n > (1u << 30) ? (1 << 30) : static_cast<int>(n);
+        if (RAND_bytes(p, chunk) != 1) fail("RAND_bytes failed");
+        p += chunk;
+        n -= chunk;
+    }
+}
+
+std::vector<uint8_t> random_bytes(size_t n) {
+    std::vector<uint8_t> v(n);
+    if (n) random_fill(v.data(), n);
+    return v;
+}
+
+SecureBytes random_key(size_t n) {
+    SecureBytes k(n);
+    if (n) random_fill(k.data(), n);
+    return k;
+}
+
+// ---------------------------------------------------------------- XtsCipher
+
+struct XtsCipher::Impl {
+    CtxPtr enc;
+    CtxPtr dec;
+    CtxPtr pad;  // AES-256-ECB under the first XTS key half, for sub-block fragments
+};
+
+XtsCipher::XtsCipher(const uint8_t* key64) : impl_(new Impl) {
+    impl_->enc = new_ctx();
+    impl_->dec = new_ctx();
+    impl_->pad = new_ctx();
+    if (EVP_CipherInit_ex2(impl_->enc.get(), xts_cipher(), key64, nullptr, 1, nullptr) != 1)
+        fail("cannot key AES-256-XTS");
+    if (EVP_CipherInit_ex2(impl_->dec.get(), xts_cipher(), key64, nullptr, 0, nullptr) != 1)
+        fail("cannot key AES-256-XTS");
+    if (EVP_CipherInit_ex2(impl_->pad.get(), ecb_cipher(), key64, nullptr, 1, nullptr) != 1)
+        fail("cannot key AES-256-ECB");
+    EVP_CIPHER_CTX_set_padding(impl_->pad.get(), 0);
+}
+
+XtsCipher::~XtsCipher() = default;  // EVP_CIPHER_CTX_free cleanses the key schedules
+
+namespace {
+
+void xts_run(EVP_CIPHER_CTX* ctx, EVP_CIPHER_CTX* pad, int enc, uint64_t unit,
+             const uint8_t* in, uint8_t* out, size_t len) {
+    if (len == 0 || len > kMaxXtsLen) throw CryptoError("XTS length out of range");
+    uint8_t iv[16] = {0};
+    for (int i = 0; i < 8; i++) iv[i] = static_cast<uint8_t>(unit >> (8 * i));
+    if (len < 16) {
+        // XTS cannot process less than one block. Such fragments only occur at the end
+        // of odd-length files: XOR them with a pad E_K1(tweak with byte 15 = 0xFF).
+        // Byte 15 of a real XTS tweak is always 0 here (64-bit unit numbers), so the
+        // pad block is never an input block of the XTS tweak chain. Length-preserving
+        // but not XTS: rewriting such a fragment in place reuses its pad (documented).
+        iv[15] = 0xFF;
+        uint8_t ks[16];
+        int outl = 0;
+        if (EVP_EncryptUpdate(pad, ks, &outl, iv, 16) != 1 || outl != 16) {
+            OPENSSL_cleanse(ks, sizeof ks);
+            fail("AES-256-ECB failed");
+        }
+        for (size_t i = 0; i < len; i++) out[i] = in[i] ^ ks[i];
+        OPENSSL_cleanse(ks, sizeof ks);
+        return;
+    }
+    // Only the tweak changes per call: the key schedule stays in the context.
+    if (EVP_CipherInit_ex2(ctx, nullptr, nullptr, iv, enc, nullptr) != 1) fail("XTS re-init failed");
+    int outl = 0;
+    if (EVP_CipherUpdate(ctx, out, &outl, in, static_cast<int>(len)) != 1 ||
+        static_cast<size_t>(outl) != len)
+        fail("AES-256-XTS failed");
+}
+
+}  // namespace
+
+void XtsCipher::encrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len) {
+    xts_run(impl_->enc.get(), impl_->pad.get(), 1, unit, in, out, len);
+}
+
+void XtsCipher::decrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len) {
+    xts_run(impl_->dec.get(), impl_->pad.get(), 0, unit, in, out, len);
+}
+
+// ---------------------------------------------------------------- AEAD
+
+std::vector<uint8_t> aead_seal(const uint8_t* key32, const uint8_t* pt, size_t n,
+                               const std::string& aad) {
+    if (n > static_cast<size_t>(std::numeric_limits<int>::max() - 64) ||
+        aad.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+        throw CryptoError("AEAD input too large");
+    std::vector<uint8_t> out(kGcmNonce + n + kGcmTag);
+    random_fill(out.data(), kGcmNonce);
+    CtxPtr ctx = new_ctx();
+    if (EVP_EncryptInit_ex2(ctx.get(), gcm_cipher(), key32, out.data(), nullptr) != 1)
+        fail("AES-256-GCM init failed");
+    int outl = 0;
+    if (!aad.empty() &&
+        EVP_EncryptUpdate(ctx.get(), nullptr, &outl,
+                          reinterpret_cast<const unsigned char*>(aad.data()),
+                          static_cast<int>(aad.size())) != 1)
+        fail("AES-256-GCM aad failed");
+    uint8_t* ct = out.data() + kGcmNonce;
+    if (n && EVP_EncryptUpdate(ctx.get(), ct, &outl, pt, static_cast<int>(n)) != 1)
+        fail("AES-256-GCM encrypt failed");
+    int fin = 0;
+    if (EVP_EncryptFinal_ex(ctx.get(), ct + n, &fin) != 1) fail("AES-256-GCM final failed");
+    if (EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, kGcmTag, ct + n) != 1)
+        fail("AES-256-GCM tag failed");
+    return out;
+}
+
+SecureBytes aead_open(const uint8_t* key32, const uint8_t* blob, size_t n, const std::string& aad) {
+    if (n < kGcmNonce + kGcmTag) throw CryptoError("sealed blob too short");
+    if (n > static_cast<size_t>(std::numeric_limits<int>::max() - 64) ||
+        aad.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+        throw CryptoError("AEAD input too large");
+    size_t ctlen = n - kGcmNonce - kGcmTag;
+    CtxPtr ctx = new_ctx();
+    if (EVP_DecryptInit_ex2(ctx.get(), gcm_cipher(), key32, blob, nullptr) != 1)
+        fail("AES-256-GCM init failed");
+    int outl = 0;
+    if (!aad.empty() &&
+        EVP_DecryptUpdate(ctx.get(), nullptr, &outl,
+                          reinterpret_cast<const unsigned char*>(aad.data()),
+                          static_cast<int>(aad.size())) != 1)
+        fail("AES-256-GCM aad failed");
+    SecureBytes pt(ctlen);
+    if (ctlen && EVP_DecryptUpdate(ctx.get(), pt.data(), &outl, blob + kGcmNonce,
+                                   static_cast<int>(ctlen)) != 1)
+        fail("AES-256-GCM decrypt failed");
+    uint8_t tag[kGcmTag];
+    std::memcpy(tag, blob + kGcmNonce + ctlen, kGcmTag);
+    if (EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG, kGcmTag, tag) != 1)
+        fail("AES-256-GCM set tag failed");
+    uint8_t dummy[16];
+    int fin = 0;
+    if (EVP_DecryptFinal_ex(ctx.get(), dummy, &fin) != 1) {
+        ERR_clear_error();
+        pt.wipe();  // never hand out unauthenticated plaintext
+        throw CryptoError("authentication failed: the sealed data was modified, or the key or context is wrong");
+    }
+    return pt;
+}
+
+// ---------------------------------------------------------------- MAC, KDF
+
+std::array<uint8_t, 32> hmac_sha256(const uint8_t* key, size_t keylen, const void* data, size_t n) {
+    std::array<uint8_t, 32> out{};
+    size_t outlen = 0;
+    static const uint8_t empty = 0;
+    if (!EVP_Q_mac(nullptr, "HMAC", nullptr, "SHA256", nullptr, keylen ? key : &empty, keylen,
+                   static_cast<const unsigned char*>(n ? data : &empty), n, out.data(), out.size(),
+                   &outlen) ||
+        outlen != out.size())
+        fail("HMAC-SHA256 failed");
+    return out;
+}
+
+SecureBytes hkdf_sha256(const uint8_t* ikm, size_t ikmlen, const std::string& info, size_t outlen) {
+    static EVP_KDF* kdf = [] {
+        EVP_KDF* k = EVP_KDF_fetch(nullptr, "HKDF", nullptr);
+        if (!k) fail("cannot fetch HKDF");
+        return k;
+    }();
+    std::unique_ptr<EVP_KDF_CTX, KdfCtxFree> kctx(EVP_KDF_CTX_new(kdf));
+    if (!kctx) fail("EVP_KDF_CTX_new failed");
+    char digest[] = "SHA256";
+    OSSL_PARAM params[4];
+    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, digest, 0);
+    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY,
+                                                  const_cast<uint8_t*>(ikm), ikmlen);
+    params[2] = OSSL_PARAM_construct_octet_string(
+        OSSL_KDF_PARAM_INFO, const_cast<char*>(info.data()), info.size());
+    params[3] = OSSL_PARAM_construct_end();
+    SecureBytes out(outlen);
+    if (EVP_KDF_derive(kctx.get(), out.data(), outlen, params) != 1) fail("HKDF derive failed");
+    return out;
+}
+
+std::string key_fingerprint(const uint8_t* key, size_t n) {
+    static const char label[] = "cmk_lakebase key fingerprint v1";
+    auto mac = hmac_sha256(key, n, label, sizeof label - 1);
+    std::string fp = hex_encode(mac.data(), 16);
+    OPENSSL_cleanse(mac.data(), mac.size());
+    return fp;
+}
+
+bool ct_equal(const void* a, const void* b, size_t n) { return CRYPTO_memcmp(a, b, n) == 0; }
+
+// ---------------------------------------------------------------- encodings
+
+std::string hex_encode(const void* p, size_t n) {
+    static const char digits[] = "0123456789abcdef";
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    std::string s(n * 2, '0');
+    for (size_t i = 0; i < n; i++) {
+        s[2 * i] = digits[b[i] >> 4];
+        s[2 * i + 1] = digits[b[i] & 15];
+    }
+    return s;
+}
+
+namespace {
+
+const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const char kB64Url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+std::string b64_encode(const void* p, size_t n, const char* alpha, bool pad) {
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    std::string s;
+    s.reserve((n + 2) / 3 * 4);
+    size_t i = 0;
+    for (; i + 3 <= n; i += 3) {
+        uint32_t v = (uint32_t(b[i]) << 16) | (uint32_t(b[i + 1]) << 8) | b[i + 2];
+        s += alpha[(v >> 18) & 63];
+        s += alpha[(v >> 12) & 63];
+        s += alpha[(v >> 6) & 63];
+        s += alpha[v & 63];
+    }
+    size_t rest = n - i;
+    if (rest == 1) {
+        uint32_t v = uint32_t(b[i]) << 16;
+        s += alpha[(v >> 18) & 63];
+        s += alpha[(v >> 12) & 63];
+        if (pad) s += "==";
+    } else if (rest == 2) {
+        uint32_t v = (uint32_t(b[i]) << 16) | (uint32_t(b[i + 1]) << 8);
+        s += alpha[(v >> 18) & 63];
+        s += alpha[(v >> 12) & 63];
+        s += alpha[(v >> 6) & 63];
+        if (pad) s += '=';
+    }
+    return s;
+}
+
+int b64_value(char c, bool url) {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (!url && c == '+') return 62;
+    if (!url && c == '/') return 63;
+    if (url && c == '-') return 62;
+    if (url && c == '_') return 63;
+    return -1;
+}
+
+// Strict decoding: only the alphabet, canonical trailing bits, padding exactly as the
+// encoder writes it (standard) or none at all (url).
+std::vector<uint8_t> b64_decode(const std::string& in, bool url) {
+    const char* what = url ? "invalid base64url" : "invalid base64";
+    size_t n = in.size();
+    size_t pads = 0;
+    if (!url) {
+        if (n % 4 != 0) throw CryptoError(std::string(what) + ": length is not a multiple of 4");
+        while (pads < 2 && pads < n && in[n - 1 - pads] == '=') pads++;
+    } else if (n % 4 == 1) {
+        throw CryptoError(std::string(what) + ": impossible length");
+    }
+    size_t data = n - pads;
+    std::vector<uint8_t> out;
+    out.reserve(data * 3 / 4);
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < data; i++) {
+        int v = b64_value(in[i], url);
+        if (v < 0) throw CryptoError(std::string(what) + ": unexpected character at offset " + std::to_string(i));
+        acc = (acc << 6) | static_cast<uint32_t>(v);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out.push_back(static_cast<uint8_t>(acc >> bits));
+            acc &= (1u << bits) - 1;
+        }
+    }
+    if (acc != 0) throw CryptoError(std::string(what) + ": non-canonical trailing bits");
+    return out;
+}
+
+}  // namespace
+
+std::string base64_encode(const void* p, size_t n) { return b64_encode(p, n, kB64, true); }
+std::vector<uint8_t> base64_decode(const std::string& s) { return b64_decode(s, false); }
+std::string base64url_encode(const void* p, size_t n) { return b64_encode(p, n, kB64Url, false); }
+std::vector<uint8_t> base64url_decode(const std::string& s) { return b64_decode(s, true); }
+
+// ---------------------------------------------------------------- CRC32C
+
+namespace {
+struct Crc32cTable {
+    uint32_t t[256];
+    Crc32cTable() {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+            t[i] = c;
+        }
+    }
+};
+}  // namespace
+
+uint32_t crc32c(const void* p, size_t n, uint32_t crc) {
+    static const Crc32cTable table;
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    uint32_t c = ~crc;
+    for (size_t i = 0; i < n; i++) c = table.t[(c ^ b[i]) & 0xFF] ^ (c >> 8);
+    return ~c;
+}
+
+std::string random_id() {
+    uint8_t b[16];
+    random_fill(b, sizeof b);
+    return hex_encode(b, sizeof b);
+}
+
+}  // namespace cmk

@@ -1,0 +1,765 @@
+// The key map (keymap.hpp): an append-only, checksummed log of wrapped DEKs shared by
+// every process that works on one data directory.
+//
+// File layout (all integers little-endian):
+//   header, 96 bytes:
+//     0  magic "CMKKMAP1"            8  u32 format version (1)
+//     12 u32 KEK generation          16 u16 cluster id length
+//     18 cluster id (64 bytes, NUL padded)   82 reserved (10 zero bytes)
+//     92 u32 CRC32C of bytes 0..91
+//   records, back to back:
+//     u32 body length | u32 CRC32C(length bytes) ^ kLenSeal | body | u32 CRC32C(length bytes + body)
+//     body: u8 type (1 ADD, 2 DEL) | u8 file class | u16 identity length | identity
+//           | ADD only: u16 wrapped length | wrapped DEK (AES-256-GCM blob under the KEK,
+//             aad = dek_aad(identity, generation))
+// The length has its own check so that a damaged length in the middle of the log is
+// reported as damage instead of looking like a torn tail (which would silently drop
+// every later record). A record that runs past the end of the file, or an all-zero
+// tail, is a torn append: ignored, and cut off by the next writer.
+//
+// Locking: a thread mutex, then flock() on keymap.lock (shared to read, exclusive to
+// append or replace). The lock file is opened per operation rather than kept open: a
+// descriptor inherited over fork() shares its lock with the parent, which would let
+// the postmaster's children append concurrently.
+#include "cmk_lakebase/keys/keymap.hpp"
+
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/base/sys.hpp"
+
+namespace cmk {
+namespace {
+
+constexpr char kMagic[8] = {'C', 'M', 'K', 'K', 'M', 'A', 'P', '1'};
+constexpr uint32_t kFormatVersion = 1;
+constexpr size_t kHeaderSize = 96;
+constexpr size_t kClusterIdMax = 64;
+constexpr uint32_t kLenSeal = 0x4b4d5245;  // keeps a zero length from checking as valid
+constexpr uint32_t kMaxBody = 1u << 20;
+constexpr uint8_t kAdd = 1;
+constexpr uint8_t kDel = 2;
+constexpr size_t kDekSize = kXtsKeySize;
+
+void put16(std::vector<uint8_t>& b, uint16_t v) {
+    b.push_back(static_cast<uint8_t>(v));
+    b.push_back(static_cast<uint8_t>(v >> 8));
+}
+void put32(std::vector<uint8_t>& b, uint32_t v) {
+    for (int i = 0; i < 4; i++) b.push_back(static_cast<uint8_t>(v >> (8 * i)));
+}
+void set32(uint8_t* p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+uint16_t get16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+uint32_t get32(const uint8_t* p) {
+    return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
+}
+
+std::string map_path(const std::string& dir) { return dir + "/" + kKeyMapFile; }
+std::string lock_path(const std::string& dir) { return dir + "/" + kKeyMapLockFile; }
+
+std::string errno_text() { return std::strerror(errno); }
+
+// ---- crash injection (tests only)
+std::mutex g_crash_mu;
+std::string g_crash_step;
+
+void crash_point(const char* step) {
+    std::lock_guard<std::mutex> g(g_crash_mu);
+    if (!g_crash_step.empty() && g_crash_step == step) {
+        g_crash_step.clear();  // one shot
+        throw KeyMapCrash(std::string("injected crash at ") + step);
+    }
+}
+
+// ---- flock on keymap.lock, released by close
+class FileLock {
+public:
+    FileLock(const std::string& dir, int op) {
+        std::string p = lock_path(dir);
+        fd_ = sys::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd_ < 0) throw KeyMapError("could not open key map lock \"" + p + "\": " + errno_text());
+        while (::flock(fd_, op) != 0) {
+            if (errno == EINTR) continue;
+            std::string e = errno_text();
+            sys::close(fd_);
+            throw KeyMapError("could not lock key map lock \"" + p + "\": " + e);
+        }
+    }
+    ~FileLock() {
+        if (fd_ >= 0) sys::close(fd_);
+    }
+    FileLock(const FileLock&) = delete;
+    FileLock& operator=(const FileLock&) = delete;
+
+private:
+    int fd_ = -1;
+};
+
+}  // namespace
+
+// A FileLock unless the KeyMap already holds LOCK_EX through an Exclusive section.
+class HeldLock {
+public:
+    HeldLock(KeyMap& km, const std::string& dir, int op) {
+        if (!km.ex_held_) lock_.emplace(dir, op);
+    }
+
+private:
+    std::optional<FileLock> lock_;
+};
+
+namespace {
+
+std::vector<uint8_t> encode_header(const std::string& cluster_id, uint32_t gen) {
+    if (cluster_id.empty() || cluster_id.size() > kClusterIdMax)
+        throw KeyMapError("cluster id must be 1 to 64 bytes");
+    std::vector<uint8_t> h(kHeaderSize, 0);
+    std::memcpy(h.data(), kMagic, 8);
+    set32(&h[8], kFormatVersion);
+    set32(&h[12], gen);
+    h[16] = static_cast<uint8_t>(cluster_id.size());
+    h[17] = 0;
+    std::memcpy(&h[18], cluster_id.data(), cluster_id.size());
+    set32(&h[92], crc32c(h.data(), 92));
+    return h;
+}
+
+struct Header {
+    std::string cluster_id;
+    uint32_t generation = 0;
+};
+
+Header parse_header(const uint8_t* h, size_t n, const std::string& path) {
+    if (n < kHeaderSize)
+        throw KeyMapError("key map \"" + path + "\" is damaged: the header is truncated (" +
+                          std::to_string(n) + " of " + std::to_string(kHeaderSize) + " bytes)");
+    if (std::memcmp(h, kMagic, 8) != 0)
+        throw KeyMapError("key map \"" + path + "\" is damaged at offset 0: not a cmk_lakebase key map header");
+    if (get32(h + 92) != crc32c(h, 92))
+        throw KeyMapError("key map \"" + path + "\" is damaged at offset 0: header checksum mismatch");
+    uint32_t ver = get32(h + 8);
+    if (ver != kFormatVersion)
+        throw KeyMapError("key map \"" + path + "\" has format version " + std::to_string(ver) +
+                          ", which this version of cmk_lakebase does not know");
+    size_t idlen = get16(h + 16);
+    if (idlen == 0 || idlen > kClusterIdMax)
+        throw KeyMapError("key map \"" + path + "\" is damaged at offset 16: bad cluster id length");
+    Header hd;
+    hd.generation = get32(h + 12);
+    hd.cluster_id.assign(reinterpret_cast<const char*>(h + 18), idlen);
+    return hd;
+}
+
+std::vector<uint8_t> frame(const std::vector<uint8_t>& body) {
+    std::vector<uint8_t> r;
+    r.reserve(body.size() + 12);
+    put32(r, static_cast<uint32_t>(body.size()));
+    put32(r, crc32c(r.data(), 4) ^ kLenSeal);
+    r.insert(r.end(), body.begin(), body.end());
+    uint32_t c = crc32c(r.data(), 4);
+    c = crc32c(body.data(), body.size(), c);
+    put32(r, c);
+    return r;
+}
+
+void check_identity(const std::string& id) {
+    if (id.empty() || id.size() > 4096) throw KeyMapError("invalid key map identity \"" + id + "\"");
+}
+
+std::vector<uint8_t> encode_add(const std::string& id, FileClass cls, const std::vector<uint8_t>& wrapped) {
+    std::vector<uint8_t> b;
+    b.push_back(kAdd);
+    b.push_back(static_cast<uint8_t>(cls));
+    put16(b, static_cast<uint16_t>(id.size()));
+    b.insert(b.end(), id.begin(), id.end());
+    put16(b, static_cast<uint16_t>(wrapped.size()));
+    b.insert(b.end(), wrapped.begin(), wrapped.end());
+    return frame(b);
+}
+
+std::vector<uint8_t> encode_del(const std::string& id) {
+    std::vector<uint8_t> b;
+    b.push_back(kDel);
+    b.push_back(0);
+    put16(b, static_cast<uint16_t>(id.size()));
+    b.insert(b.end(), id.begin(), id.end());
+    return frame(b);
+}
+
+struct Record {
+    uint8_t type = 0;
+    FileClass cls = FileClass::Plaintext;
+    std::string identity;
+    std::vector<uint8_t> wrapped;
+};
+
+bool all_zero(const uint8_t* p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (p[i]) return false;
+    return true;
+}
+
+// Parses records in data[0..n) (file offset base). Returns the number of bytes of
+// complete, valid records; stops early at a torn tail. Throws KeyMapError on damage.
+template <typename F>
+size_t parse_records(const uint8_t* data, size_t n, uint64_t base, const std::string& path, F&& apply) {
+    size_t pos = 0;
+    while (pos < n) {
+        size_t left = n - pos;
+        const uint8_t* p = data + pos;
+        auto damaged = [&](const std::string& what) {
+            return KeyMapError("key map \"" + path + "\" is damaged at offset " + std::to_string(base + pos) +
+                               ": " + what);
+        };
+        if (left < 8) break;  // torn inside the length words
+        if (all_zero(p, left)) break;  // extended by a crash but never written
+        uint32_t len = get32(p);
+        if ((crc32c(p, 4) ^ kLenSeal) != get32(p + 4)) throw damaged("record length check mismatch");
+        if (len > kMaxBody || len < 4) throw damaged("impossible record length " + std::to_string(len));
+        if (static_cast<uint64_t>(len) + 12 > left) break;  // torn: runs past the end of the file
+        uint32_t c = crc32c(p, 4);
+        c = crc32c(p + 8, len, c);
+        if (c != get32(p + 8 + len)) throw damaged("record checksum mismatch");
+        const uint8_t* b = p + 8;
+        Record r;
+        r.type = b[0];
+        if (b[1] > static_cast<uint8_t>(FileClass::Notify)) throw damaged("unknown file class");
+        r.cls = static_cast<FileClass>(b[1]);
+        size_t idlen = get16(b + 2);
+        if (4 + idlen > len) throw damaged("identity runs past the record");
+        r.identity.assign(reinterpret_cast<const char*>(b + 4), idlen);
+        if (r.type == kAdd) {
+            size_t off = 4 + idlen;
+            if (off + 2 > len) throw damaged("truncated ADD record");
+            size_t wl = get16(b + off);
+            if (off + 2 + wl != len) throw damaged("wrapped key length mismatch");
+            r.wrapped.assign(b + off + 2, b + off + 2 + wl);
+        } else if (r.type == kDel) {
+            if (4 + idlen != len) throw damaged("DEL record length mismatch");
+        } else {
+            throw damaged("unknown record type " + std::to_string(r.type));
+        }
+        apply(r);
+        pos += 12 + len;
+    }
+    return pos;
+}
+
+}  // namespace
+
+std::string dek_aad(const std::string& identity, uint32_t kek_generation) {
+    std::string a = "cmk_lakebase dek v1";
+    a.push_back('\0');
+    a += std::to_string(kek_generation);
+    a.push_back('\0');
+    a += identity;
+    return a;
+}
+
+void KeyMap::set_crash_point(const std::string& step) {
+    std::lock_guard<std::mutex> g(g_crash_mu);
+    g_crash_step = step;
+}
+
+void KeyMap::create_empty(const std::string& dir, const std::string& cluster_id, uint32_t kek_generation) {
+    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
+        throw KeyMapError("could not create directory \"" + dir + "\": " + errno_text());
+    std::string path = map_path(dir);
+    FileLock lock(dir, LOCK_EX);
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0) throw KeyMapError("key map \"" + path + "\" already exists");
+    std::vector<uint8_t> h = encode_header(cluster_id, kek_generation);
+    try {
+        sys::write_file_atomic(path.c_str(), h.data(), h.size(), 0600);
+    } catch (const std::runtime_error& e) {
+        throw KeyMapError(e.what());
+    }
+}
+
+KeyMap::KeyMap(std::string dir, const SecureBytes& kek, const std::string& cluster_id,
+               uint32_t kek_generation, KekResolver resolver)
+    : dir_(std::move(dir)),
+      kek_(kek.clone()),
+      cluster_id_(cluster_id),
+      generation_(kek_generation),
+      resolver_(std::move(resolver)) {
+    if (kek_.size() != kKekSize && !resolver_) throw KeyMapError("the KEK must be 32 bytes");
+    std::string path = map_path(dir_);
+    fd_ = sys::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd_ < 0) {
+        if (errno == ENOENT) throw KeyMapError("key map \"" + path + "\" is missing");
+        throw KeyMapError("could not open key map \"" + path + "\": " + errno_text());
+    }
+    try {
+        struct stat st;
+        if (::fstat(fd_, &st) != 0) throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
+        file_ino_ = st.st_ino;
+        HeldLock lock(*this, dir_, LOCK_SH);
+        load_locked(true);
+    } catch (...) {
+        sys::close(fd_);
+        fd_ = -1;
+        throw;
+    }
+}
+
+KeyMap::~KeyMap() {
+    if (fd_ >= 0) sys::close(fd_);
+    if (lock_fd_ >= 0) sys::close(lock_fd_);
+}
+
+// Caller holds mu_ and a flock. Switches to a replaced file (compaction/rewrap by
+// any process), then reads the header (full) and every record not yet seen.
+void KeyMap::load_locked(bool full) {
+    std::string path = map_path(dir_);
+    struct stat ps;
+    if (::stat(path.c_str(), &ps) != 0) throw KeyMapError("key map \"" + path + "\" is missing: " + errno_text());
+    if (static_cast<uint64_t>(ps.st_ino) != file_ino_) {
+        int nfd = sys::open(path.c_str(), O_RDWR | O_CLOEXEC);
+        if (nfd < 0) throw KeyMapError("could not open key map \"" + path + "\": " + errno_text());
+        struct stat ns;
+        if (::fstat(nfd, &ns) != 0) {
+            sys::close(nfd);
+            throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
+        }
+        sys::close(fd_);
+        fd_ = nfd;
+        file_ino_ = ns.st_ino;
+        full = true;
+    }
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
+    uint64_t size = static_cast<uint64_t>(st.st_size);
+    if (full) {
+        uint8_t h[kHeaderSize];
+        ssize_t r = sys::pread_full(fd_, h, sizeof h, 0);
+        if (r < 0) throw KeyMapError("could not read key map \"" + path + "\": " + errno_text());
+        Header hd = parse_header(h, static_cast<size_t>(r), path);
+        if (hd.cluster_id != cluster_id_)
+            throw KeyMapError("key map \"" + path + "\" belongs to cluster " + hd.cluster_id +
+                              ", not to this cluster (" + cluster_id_ + ")");
+        if (hd.generation != generation_ && resolver_) {
+            // Re-sealed by a KEK rotation in another process: adopt that generation's
+            // KEK if the resolver knows it (the server publishes it to every process).
+            if (std::optional<SecureBytes> k = resolver_(hd.generation)) {
+                kek_ = std::move(*k);
+                generation_ = hd.generation;
+            }
+        }
+        if (hd.generation != generation_)
+            throw KeyMapError("key map \"" + path + "\" is sealed under KEK generation " +
+                              std::to_string(hd.generation) + ", but the keyring's KEK is generation " +
+                              std::to_string(generation_));
+        entries_.clear();
+        dead_records_ = 0;
+        read_offset_ = kHeaderSize;
+    }
+    if (size <= read_offset_) return;
+    std::vector<uint8_t> buf(size - read_offset_);
+    ssize_t r = sys::pread_full(fd_, buf.data(), buf.size(), static_cast<off_t>(read_offset_));
+    if (r < 0) throw KeyMapError("could not read key map \"" + path + "\": " + errno_text());
+    buf.resize(static_cast<size_t>(r));
+    // Parse everything first so that damage leaves the in-memory map as it was.
+    std::vector<Record> recs;
+    size_t used = parse_records(buf.data(), buf.size(), read_offset_, path,
+                                [&](Record& rec) { recs.push_back(std::move(rec)); });
+    for (Record& rec : recs) {
+        auto it = entries_.find(rec.identity);
+        if (rec.type == kAdd) {
+            if (it != entries_.end()) dead_records_++;
+            entries_[rec.identity] = Entry{rec.cls, std::move(rec.wrapped)};
+        } else if (it != entries_.end()) {
+            entries_.erase(it);
+            dead_records_ += 2;
+        } else {
+            dead_records_ += 1;
+        }
+    }
+    read_offset_ += used;
+}
+
+// Caller holds mu_ and LOCK_EX and has called load_locked. Cuts a torn tail, then
+// appends rec and makes it durable before applying it in memory.
+void KeyMap::append_locked(const std::vector<uint8_t>& rec) {
+    std::string path = map_path(dir_);
+    load_locked(false);
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
+    if (static_cast<uint64_t>(st.st_size) > read_offset_) {
+        // A torn record from a crashed writer: cut it so the log stays parseable.
+        if (sys::ftruncate(fd_, static_cast<off_t>(read_offset_)) != 0 || ::fsync(fd_) != 0)
+            throw KeyMapError("could not repair key map \"" + path + "\": " + errno_text());
+    }
+    {
+        std::lock_guard<std::mutex> g(g_crash_mu);
+        if (g_crash_step == "append-write") {
+            g_crash_step.clear();
+            size_t half = rec.size() / 2;
+            (void)sys::pwrite_full(fd_, rec.data(), half, static_cast<off_t>(read_offset_));
+            throw KeyMapCrash("injected crash at append-write");
+        }
+    }
+    if (sys::pwrite_full(fd_, rec.data(), rec.size(), static_cast<off_t>(read_offset_)) < 0) {
+        std::string e = errno_text();
+        (void)sys::ftruncate(fd_, static_cast<off_t>(read_offset_));
+        throw KeyMapError("could not append to key map \"" + path + "\": " + e);
+    }
+    crash_point("append-fsync");
+    if (::fsync(fd_) != 0) {
+        // After a failed fsync the page cache state is unknown: do not trust the record.
+        std::string e = errno_text();
+        (void)sys::ftruncate(fd_, static_cast<off_t>(read_offset_));
+        throw KeyMapError("could not fsync key map \"" + path + "\": " + e);
+    }
+    load_locked(false);  // applies what we just wrote, through the same parser as everyone
+}
+
+// Caller holds mu_ and LOCK_EX. Replaces the key map file atomically with a new one
+// holding header(gen) and one ADD per entry, and switches fd_ to it.
+void KeyMap::write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,
+                               const std::unordered_map<std::string, Entry>& entries,
+                               const std::function<void()>& before_rename) {
+    (void)kek;  // entries are already sealed under it; kept for the signature's clarity
+    std::vector<std::string> ids;
+    ids.reserve(entries.size());
+    for (const auto& e : entries) ids.push_back(e.first);
+    std::sort(ids.begin(), ids.end());
+    std::vector<uint8_t> data = encode_header(cluster_id_, gen);
+    for (const auto& id : ids) {
+        const Entry& e = entries.at(id);
+        std::vector<uint8_t> r = encode_add(id, e.cls, e.wrapped);
+        data.insert(data.end(), r.begin(), r.end());
+    }
+    std::string tmp = path + ".tmp";
+    int fd = sys::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) throw KeyMapError("could not create \"" + tmp + "\": " + errno_text());
+    auto fail = [&](const std::string& what) {
+        std::string e = errno_text();
+        sys::close(fd);
+        sys::unlink(tmp.c_str());
+        return KeyMapError(what + " \"" + tmp + "\": " + e);
+    };
+    {
+        std::unique_lock<std::mutex> g(g_crash_mu);
+        if (g_crash_step == "compact-write") {
+            g_crash_step.clear();
+            g.unlock();
+            (void)sys::write_full(fd, data.data(), data.size() / 2);
+            sys::close(fd);
+            throw KeyMapCrash("injected crash at compact-write");
+        }
+    }
+    if (sys::write_full(fd, data.data(), data.size()) != 0) throw fail("could not write");
+    {
+        std::unique_lock<std::mutex> g(g_crash_mu);
+        if (g_crash_step == "compact-fsync") {
+            g_crash_step.clear();
+            g.unlock();
+            sys::close(fd);
+            throw KeyMapCrash("injected crash at compact-fsync");
+        }
+    }
+    if (::fsync(fd) != 0) throw fail("could not fsync");
+    sys::close(fd);
+    if (before_rename) before_rename();
+    crash_point("compact-rename");
+    if (sys::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::string e = errno_text();
+        sys::unlink(tmp.c_str());
+        throw KeyMapError("could not rename \"" + tmp + "\" into place: " + e);
+    }
+    if (sys::fsync_dir(dir_.c_str()) != 0) throw KeyMapError("could not fsync directory \"" + dir_ + "\": " + errno_text());
+    int nfd = sys::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (nfd < 0) throw KeyMapError("could not reopen key map \"" + path + "\": " + errno_text());
+    struct stat st;
+    if (::fstat(nfd, &st) != 0) {
+        sys::close(nfd);
+        throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
+    }
+    sys::close(fd_);
+    fd_ = nfd;
+    file_ino_ = st.st_ino;
+    read_offset_ = static_cast<uint64_t>(st.st_size);
+}
+
+void KeyMap::refresh() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    // Cheap check first: most calls find nothing new.
+    struct stat ps, fs;
+    if (::stat(map_path(dir_).c_str(), &ps) == 0 && ::fstat(fd_, &fs) == 0 &&
+        static_cast<uint64_t>(ps.st_ino) == file_ino_ && static_cast<uint64_t>(fs.st_size) == read_offset_)
+        return;
+    HeldLock lock(*this, dir_, LOCK_SH);
+    load_locked(false);
+}
+
+namespace {
+std::vector<uint8_t> tag_of(const std::vector<uint8_t>& wrapped, uint32_t generation) {
+    std::vector<uint8_t> t(wrapped);
+    for (int i = 0; i < 4; i++) t.push_back(uint8_t(generation >> (8 * i)));
+    return t;
+}
+}  // namespace
+
+std::optional<SecureBytes> KeyMap::get(const std::string& identity) { return get(identity, nullptr); }
+
+std::optional<std::vector<uint8_t>> KeyMap::entry_tag(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    auto it = entries_.find(identity);
+    if (it == entries_.end()) return std::nullopt;
+    return tag_of(it->second.wrapped, generation_);
+}
+
+std::optional<SecureBytes> KeyMap::get(const std::string& identity, std::vector<uint8_t>* tag) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    // Always look for news: another process may have replaced this identity's key
+    // (file unlinked and created again), and a stale DEK would decrypt to garbage.
+    refresh();
+    auto it = entries_.find(identity);
+    if (it == entries_.end()) return std::nullopt;
+    if (tag) *tag = tag_of(it->second.wrapped, generation_);
+    try {
+        return aead_open(kek_.data(), it->second.wrapped.data(), it->second.wrapped.size(),
+                         dek_aad(identity, generation_));
+    } catch (const CryptoError&) {
+        throw KeyMapError("key map entry for \"" + identity +
+                          "\" does not authenticate: the key map was tampered with or the KEK is not this cluster's");
+    }
+}
+
+bool KeyMap::contains(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    return entries_.count(identity) != 0;
+}
+
+SecureBytes KeyMap::create(const std::string& identity, FileClass cls) {
+    check_identity(identity);
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    SecureBytes dek = random_key(kDekSize);
+    HeldLock lock(*this, dir_, LOCK_EX);
+    load_locked(false);
+    // Sealed only now, under the lock and after load_locked: a KEK rotation by another
+    // process may just have switched the generation.
+    std::vector<uint8_t> wrapped =
+        aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(identity, generation_));
+    append_locked(encode_add(identity, cls, wrapped));
+    return dek;
+}
+
+void KeyMap::move(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from) {
+    check_identity(to);
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    HeldLock lock(*this, dir_, LOCK_EX);
+    load_locked(false);
+    auto it = entries_.find(from);
+    if (it == entries_.end()) throw KeyMapError("key map has no entry for \"" + from + "\"");
+    SecureBytes dek;
+    try {
+        dek = aead_open(kek_.data(), it->second.wrapped.data(), it->second.wrapped.size(),
+                        dek_aad(from, generation_));
+    } catch (const CryptoError&) {
+        throw KeyMapError("key map entry for \"" + from +
+                          "\" does not authenticate: the key map was tampered with or the KEK is not this cluster's");
+    }
+    std::vector<uint8_t> rec =
+        encode_add(to, to_cls, aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(to, generation_)));
+    if (!keep_from && from != to) {
+        std::vector<uint8_t> del = encode_del(from);
+        rec.insert(rec.end(), del.begin(), del.end());
+    }
+    append_locked(rec);
+}
+
+void KeyMap::remove(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    {
+        HeldLock lock(*this, dir_, LOCK_EX);
+        load_locked(false);
+        if (!entries_.count(identity)) return;
+        append_locked(encode_del(identity));
+    }
+    try {
+        maybe_compact();
+    } catch (const KeyMapCrash&) {
+        throw;
+    } catch (const std::exception&) {
+        // The removal is durable; a failed compaction leaves a valid (longer) log.
+    }
+}
+
+void KeyMap::remove_prefix(const std::string& prefix) {
+    if (prefix.empty()) throw KeyMapError("refusing to remove every key map entry (empty prefix)");
+    remove_if([&prefix](const std::string& id) { return id.compare(0, prefix.size(), prefix) == 0; });
+}
+
+size_t KeyMap::remove_if(const std::function<bool(const std::string&)>& pred) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    size_t n = 0;
+    {
+        HeldLock lock(*this, dir_, LOCK_EX);
+        load_locked(false);
+        std::vector<uint8_t> recs;
+        for (const auto& e : entries_) {
+            if (pred(e.first)) {
+                std::vector<uint8_t> d = encode_del(e.first);
+                recs.insert(recs.end(), d.begin(), d.end());
+                n++;
+            }
+        }
+        if (recs.empty()) return 0;
+        append_locked(recs);
+    }
+    try {
+        maybe_compact();
+    } catch (const KeyMapCrash&) {
+        throw;
+    } catch (const std::exception&) {
+    }
+    return n;
+}
+
+void KeyMap::put(const std::vector<Import>& entries) {
+    if (entries.empty()) return;
+    for (const auto& e : entries) {
+        check_identity(e.identity);
+        if (e.dek.size() != kDekSize) throw KeyMapError("DEK of \"" + e.identity + "\" has the wrong size");
+    }
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    HeldLock lock(*this, dir_, LOCK_EX);
+    load_locked(false);
+    std::vector<uint8_t> recs;
+    for (const auto& e : entries) {
+        std::vector<uint8_t> r = encode_add(
+            e.identity, e.cls, aead_seal(kek_.data(), e.dek.data(), e.dek.size(), dek_aad(e.identity, generation_)));
+        recs.insert(recs.end(), r.begin(), r.end());
+    }
+    append_locked(recs);
+}
+
+size_t KeyMap::size() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    return entries_.size();
+}
+
+std::vector<std::string> KeyMap::identities() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    std::vector<std::string> out;
+    out.reserve(entries_.size());
+    for (const auto& e : entries_) out.push_back(e.first);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+std::optional<std::string> KeyMap::fingerprint(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    auto dek = get(identity);
+    if (!dek) return std::nullopt;
+    return key_fingerprint(dek->data(), dek->size());
+}
+
+std::optional<FileClass> KeyMap::entry_class(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    auto it = entries_.find(identity);
+    if (it == entries_.end()) return std::nullopt;
+    return it->second.cls;
+}
+
+void KeyMap::maybe_compact() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    if (dead_records_ > entries_.size() && dead_records_ > 1000) compact();
+}
+
+void KeyMap::compact() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    HeldLock lock(*this, dir_, LOCK_EX);
+    load_locked(false);
+    write_full_locked(map_path(dir_), kek_, generation_, entries_);
+    dead_records_ = 0;
+}
+
+void KeyMap::rewrap(const SecureBytes& new_kek, uint32_t new_generation,
+                    const std::function<void()>& before_rename) {
+    if (new_kek.size() != kKekSize) throw KeyMapError("the new KEK must be 32 bytes");
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    HeldLock lock(*this, dir_, LOCK_EX);
+    load_locked(false);
+    std::unordered_map<std::string, Entry> resealed;
+    resealed.reserve(entries_.size());
+    for (const auto& e : entries_) {
+        SecureBytes dek;
+        try {
+            dek = aead_open(kek_.data(), e.second.wrapped.data(), e.second.wrapped.size(),
+                            dek_aad(e.first, generation_));
+        } catch (const CryptoError&) {
+            throw KeyMapError("key map entry for \"" + e.first +
+                              "\" does not authenticate: the key map was tampered with or the KEK is not this cluster's");
+        }
+        resealed[e.first] =
+            Entry{e.second.cls, aead_seal(new_kek.data(), dek.data(), dek.size(), dek_aad(e.first, new_generation))};
+    }
+    write_full_locked(map_path(dir_), new_kek, new_generation, resealed, before_rename);
+    kek_ = new_kek.clone();
+    generation_ = new_generation;
+    entries_ = std::move(resealed);
+    dead_records_ = 0;
+}
+
+uint32_t KeyMap::generation() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    return generation_;
+}
+
+void KeyMap::set_kek_resolver(KekResolver r) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    resolver_ = std::move(r);
+}
+
+uint32_t KeyMap::peek_generation(const std::string& dir) {
+    std::string path = map_path(dir);
+    FileLock lock(dir, LOCK_SH);
+    int fd = sys::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw KeyMapError("could not open key map \"" + path + "\": " + errno_text());
+    uint8_t h[kHeaderSize];
+    ssize_t r = sys::pread_full(fd, h, sizeof h, 0);
+    int e = errno;
+    sys::close(fd);
+    if (r < 0) throw KeyMapError("could not read key map \"" + path + "\": " + std::strerror(e));
+    return parse_header(h, static_cast<size_t>(r), path).generation;
+}
+
+KeyMap::Exclusive::Exclusive(KeyMap& km) : km_(km), g_(km.mu_) {
+    if (km_.ex_held_) return;  // nested: the outer section holds the lock
+    std::string p = lock_path(km_.dir_);
+    fd_ = sys::open(p.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) throw KeyMapError("could not open key map lock \"" + p + "\": " + errno_text());
+    while (::flock(fd_, LOCK_EX) != 0) {
+        if (errno == EINTR) continue;
+        std::string e = errno_text();
+        sys::close(fd_);
+        throw KeyMapError("could not lock key map lock \"" + p + "\": " + e);
+    }
+    km_.ex_held_ = true;
+}
+
+KeyMap::Exclusive::~Exclusive() {
+    if (fd_ < 0) return;
+    km_.ex_held_ = false;
+    sys::close(fd_);
+}
+
+}  // namespace cmk

@@ -1,0 +1,76 @@
+// Key provider dispatch (kms.hpp): validates a key configuration and returns the
+// provider for it: local, kmip, aws, azure, vault, gcp (one implementation file each,
+// kms_<name>.cpp). Each factory validates its own options before any KMS call.
+#include "cmk_lakebase/kms/provider.hpp"
+#include "azure.hpp"
+
+#include <pwd.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+namespace cmk {
+
+std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);  // kms_local.cpp
+std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);   // kms_kmip.cpp
+std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);    // kms_aws.cpp
+std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // kms_vault.cpp
+std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // kms_gcp.cpp
+
+ErrorCategory category_of(KmsErrorKind k) {
+    switch (k) {
+        case KmsErrorKind::Config:
+            return ErrorCategory::Invalid;
+        case KmsErrorKind::Unavailable:
+            return ErrorCategory::KeyUnavailable;
+        case KmsErrorKind::Revoked:
+            return ErrorCategory::KeyRevoked;
+    }
+    return ErrorCategory::Internal;
+}
+
+// Only the provider's refusal is a revocation; anything else that stops a probe
+// (timeouts, a bad answer, a local failure) is an outage, governed by the grace period.
+KeyHealth health_of(ErrorCategory c) {
+    return c == ErrorCategory::KeyRevoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
+}
+
+const char* key_health_name(KeyHealth h) {
+    switch (h) {
+        case KeyHealth::Ok:
+            return "ok";
+        case KeyHealth::Unavailable:
+            return "unavailable";
+        case KeyHealth::Revoked:
+            return "revoked";
+    }
+    return "unknown";
+}
+
+std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
+    if (cfg.provider.empty()) throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    if (cfg.provider == "local") return make_local_provider(cfg);
+    if (cfg.provider == "kmip") return make_kmip_provider(cfg);
+    if (cfg.provider == "aws") return make_aws_provider(cfg);
+    if (cfg.provider == "azure") return azure::make_azure_provider(cfg);
+    if (cfg.provider == "vault") return make_vault_provider(cfg);
+    if (cfg.provider == "gcp") return make_gcp_provider(cfg);
+    throw KmsError(KmsErrorKind::Config, "provider: unknown key provider \"" + cfg.provider +
+                                             "\" (known: local, aws, azure, gcp, vault, kmip)");
+}
+
+std::string default_local_key_store() {
+    const char* env = std::getenv("CMK_LAKEBASE_KEY_STORE");
+    if (env && *env) return env;
+    const char* home = std::getenv("HOME");
+    std::string h = home && *home ? home : "";
+    if (h.empty()) {
+        struct passwd* pw = getpwuid(getuid());
+        if (pw && pw->pw_dir) h = pw->pw_dir;
+    }
+    if (h.empty()) h = "/";
+    if (h.size() > 1 && h.back() == '/') h.pop_back();
+    return (h == "/" ? "" : h) + "/.cmk_lakebase/keys";
+}
+
+}  // namespace cmk
