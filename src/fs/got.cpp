@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "cmk_lakebase/fs/layer.hpp"
+#include "cmk_lakebase/fs/io.hpp"
 #include "layer_internal.hpp"
 
 namespace cmk::fs::detail {

@@ -1,7 +1,7 @@
 // The layer's entry points under the C library's own names. Preloaded (LD_PRELOAD)
 // they replace libc's for the whole process; in the server the same functions are
 // written into the postgres executable's GOT slots (got.cpp). Each one only forwards
-// to an op_* of layer.cpp, keeping errno semantics; none throws.
+// to an op_* of file_ops.cpp, keeping errno semantics; none throws.
 #include <fcntl.h>
 #include <stdarg.h>
 #include <sys/mman.h>

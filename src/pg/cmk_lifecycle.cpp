@@ -15,7 +15,7 @@
 #include "cmk_lakebase/keys/keyring.hpp"
 #include "cmk_lakebase/keys/keymap.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
-#include "cmk_lakebase/fs/layer.hpp"
+#include "cmk_lakebase/fs/key_admin.hpp"
 #include "cmk_lakebase/keys/lifecycle.hpp"
 #include "cmk_lifecycle.hpp"
 

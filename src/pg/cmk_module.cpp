@@ -11,7 +11,7 @@
 #include <string>
 
 #include "cmk_lakebase/keys/audit.hpp"
-#include "cmk_lakebase/fs/layer.hpp"
+#include "cmk_lakebase/fs/key_admin.hpp"
 #include "cmk_lifecycle.hpp"
 #include "cmk_watchdog.hpp"
 

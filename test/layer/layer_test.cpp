@@ -637,7 +637,7 @@ TEST(LayerChild, WalLockFollowsReaders) {
 }
 
 // WAL writes skip the unit lock while no process of the server reads WAL, and take it
-// once one does (src/fs/layer.cpp, "WAL pages are rewritten ...").
+// once one does (src/fs/wal_lock.cpp, "WAL pages are rewritten ...").
 TEST(Layer, WalWritesLockOnlyWhileWalIsRead) {
     EXPECT_EQ(run_layer_child("wal", "WalLockFollowsReaders", [] {}), 0);
 }

@@ -1,0 +1,318 @@
+// Cipher I/O: the read and write paths of an encrypted descriptor. A file is a
+// sequence of 8 KiB units, each AES-256-XTS encrypted with its unit number as tweak
+// over its current length (the last unit of an odd-length file is shorter and is
+// re-encrypted when the file grows or shrinks). A unit whose bytes are all zero reads
+// and writes as zeros (holes, never-written pages). Unaligned reads decrypt the
+// covering units; unaligned writes read, modify and write them back. Aligned relation
+// reads go to the mapping first (mapped_reads.cpp); WAL I/O takes the unit lock
+// (wal_lock.cpp).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "layer_internal.hpp"
+
+namespace cmk::fs::detail {
+namespace {
+
+// ---- bounce buffers -----------------------------------------------------------------
+
+struct Bounce {
+    uint8_t* p = nullptr;
+    size_t cap = 0;
+    ~Bounce() { std::free(p); }
+    uint8_t* get(size_t n) {
+        if (n > cap) {
+            std::free(p);
+            p = nullptr;
+            cap = 0;
+            size_t want = (n + 4095) & ~size_t(4095);
+            void* q = nullptr;
+            if (posix_memalign(&q, 4096, want) != 0) return nullptr;
+            p = static_cast<uint8_t*>(q);
+            cap = want;
+        }
+        return p;
+    }
+};
+thread_local Bounce tl_bounce;
+thread_local Bounce tl_bounce2;
+
+}  // namespace
+
+// Encrypts or decrypts len bytes of units from src into dst (which may be src). A unit
+// of zeros stays zeros.
+void crypt_units(FileKey& k, bool enc, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len) {
+    std::lock_guard<std::mutex> g(k.mu);
+    for (size_t pos = 0; pos < len; pos += U) {
+        size_t n = std::min(U, len - pos);
+        const uint8_t* p = src + pos;
+        uint8_t* q = dst + pos;
+        if (all_zero(p, n)) {
+            if (q != p) std::memset(q, 0, n);
+        } else if (enc) {
+            k.cipher.encrypt(first_unit + pos / U, p, q, n);
+        } else {
+            k.cipher.decrypt(first_unit + pos / U, p, q, n);
+        }
+    }
+}
+void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t len) {
+    crypt_units(k, enc, buf, buf, first_unit, len);
+}
+
+// ---- read ---------------------------------------------------------------------------------
+
+ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
+    if (len == 0) return real().pread(fd, buf, 0, off);
+    std::shared_ptr<FileKey> key = ensure_key(c, false);
+    if (!key) {
+        if (errno != 0) return -1;
+        // No key: the file must be empty (nothing was ever written through a key).
+        ssize_t r = real().pread(fd, buf, std::min<size_t>(len, 1), off);
+        if (r > 0) {
+            log_line("no data encryption key for non-empty file \"" + c->rel + "\"");
+            errno = EIO;
+            return -1;
+        }
+        return r;
+    }
+    if (c->map_ok.load(std::memory_order_relaxed) && off % U == 0 && len % U == 0 && len <= kChunk) {
+        try {
+            ssize_t r = map_read(c, *key, fd, buf, len, off);
+            if (r >= 0) return r;
+        } catch (const std::exception& e) {
+            log_line(std::string("decrypt failed: ") + e.what());
+            errno = EIO;
+            return -1;
+        }
+    }
+    size_t total = 0;
+    while (total < len) {
+        off_t o = off + total;
+        size_t want = std::min(len - total, kChunk);
+        off_t span_start = o - (o % U);
+        size_t span_len = ((o + want + U - 1) / U) * U - span_start;
+        bool direct = (o % U == 0) && (want % U == 0);
+        uint8_t* b = direct ? buf + total : tl_bounce.get(span_len);
+        if (!b) {
+            errno = ENOMEM;
+            return total ? ssize_t(total) : -1;
+        }
+        ssize_t n;
+        {
+            UnitLock lk(fd, c->cls, span_start, span_len, false);
+            n = sys::pread_full(fd, b, span_len, span_start);
+        }
+        if (n < 0) return total ? ssize_t(total) : -1;
+        if (st().wiped.load()) {
+            errno = EIO;
+            return -1;
+        }
+        try {
+            crypt_units(*key, false, b, span_start / U, size_t(n));
+        } catch (const std::exception& e) {
+            log_line(std::string("decrypt failed: ") + e.what());
+            errno = EIO;
+            return -1;
+        }
+        size_t avail = size_t(n) > size_t(o - span_start) ? size_t(n) - size_t(o - span_start) : 0;
+        size_t got = std::min(avail, want);
+        if (!direct && got) std::memcpy(buf + total, b + (o - span_start), got);
+        total += got;
+        if (got < want) break;  // end of file
+    }
+    return ssize_t(total);
+}
+
+// ---- write --------------------------------------------------------------------------------
+
+// Re-encrypts unit u of a file whose size changes from old_size to new_size (the unit
+// holds the end of the file in at least one of them). Extends with zeros.
+namespace {
+
+int reshape_unit(FileCtx* c, FileKey& key, int fd, uint64_t u, int64_t old_size, int64_t new_size) {
+    int64_t start = int64_t(u) * U;
+    size_t old_len = old_size > start ? size_t(std::min<int64_t>(U, old_size - start)) : 0;
+    size_t new_len = new_size > start ? size_t(std::min<int64_t>(U, new_size - start)) : 0;
+    if (old_len == new_len || new_len == 0) return 0;
+    uint8_t* b = tl_bounce2.get(U);
+    if (!b) {
+        errno = ENOMEM;
+        return -1;
+    }
+    std::memset(b, 0, U);
+    UnitLock lk(fd, c->cls, start, U, true);
+    if (old_len) {
+        ssize_t n = sys::pread_full(fd, b, old_len, start);
+        if (n < 0) return -1;
+        if (size_t(n) < old_len) std::memset(b + n, 0, old_len - n);
+        crypt_units(key, false, b, u, old_len);
+    }
+    crypt_units(key, true, b, u, new_len);
+    if (sys::pwrite_full(fd, b, new_len, start) < 0) return -1;
+    return 0;
+}
+}  // namespace
+
+int64_t file_size(int fd) {
+    struct stat sb;
+    if (::fstat(fd, &sb) != 0) return -1;
+    return sb.st_size;
+}
+
+namespace {
+
+ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, size_t len, off_t off) {
+    int64_t end = off + int64_t(len);
+    int64_t size = c->known_size.load(std::memory_order_relaxed);
+    bool extends = end > size;
+    if (extends || size % U) {
+        size = file_size(fd);
+        if (size < 0) return -1;
+        extends = end > size;
+    }
+    uint64_t u0 = uint64_t(off) / U;
+    uint64_t u1 = uint64_t(end - 1) / U;
+    int64_t new_size = std::max<int64_t>(size, end);
+    // The old last unit, if partial and before the span, grows: re-encrypt it first.
+    if (extends && size % U && uint64_t(size) / U < u0) {
+        if (reshape_unit(c, key, fd, uint64_t(size) / U, size, new_size) != 0) return -1;
+    }
+    int64_t span_start = int64_t(u0) * U;
+    int64_t span_end = std::min<int64_t>(int64_t(u1 + 1) * U, new_size);
+    size_t span_len = size_t(span_end - span_start);
+    uint8_t* b = tl_bounce.get(span_len);
+    if (!b) {
+        errno = ENOMEM;
+        return -1;
+    }
+    UnitLock lk(fd, c->cls, span_start, span_end - span_start, true, off % U == 0 && end % U == 0);
+    // Old contents are needed only in the first and last unit, where the write leaves
+    // part of the unit as it was; they are decrypted over their old lengths.
+    bool keep_head = off > span_start && size > span_start;
+    bool keep_tail = size > end && end < span_end;
+    if (off > span_start || end < span_end) std::memset(b, 0, span_len);
+    auto load_unit = [&](uint64_t u) -> bool {
+        int64_t us = int64_t(u) * U;
+        size_t ol = size_t(std::min<int64_t>(U, size - us));
+        ssize_t n = sys::pread_full(fd, b + (us - span_start), ol, us);
+        if (n < 0) return false;
+        crypt_units(key, false, b + (us - span_start), u, size_t(n));
+        return true;
+    };
+    if (keep_head && !load_unit(u0)) return -1;
+    if (keep_tail && !(keep_head && u1 == u0) && !load_unit(u1)) return -1;
+    if (off == span_start && end == span_end) {  // whole units (pages, WAL): no copy first
+        crypt_units(key, true, buf, b, u0, span_len);
+    } else {
+        std::memcpy(b + (off - span_start), buf, len);
+        crypt_units(key, true, b, u0, span_len);
+    }
+    if (st().wiped.load()) {
+        errno = EIO;
+        return -1;
+    }
+    ssize_t w = sys::pwrite_full(fd, b, span_len, span_start);
+    if (w < 0) return -1;
+    int64_t cur = c->known_size.load(std::memory_order_relaxed);
+    while (new_size > cur && !c->known_size.compare_exchange_weak(cur, new_size)) {
+    }
+    return ssize_t(len);
+}
+
+}  // namespace
+
+ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off) {
+    if (len == 0) return real().pwrite(fd, buf, 0, off);
+    std::shared_ptr<FileKey> key = ensure_key(c, true);
+    if (!key) {
+        if (errno == 0) errno = EIO;
+        return -1;
+    }
+    size_t total = 0;
+    try {
+        while (total < len) {
+            size_t n = std::min(len - total, kChunk);
+            ssize_t w = enc_pwrite_chunk(c, *key, fd, buf + total, n, off + total);
+            if (w < 0) return total ? ssize_t(total) : -1;
+            total += size_t(w);
+        }
+    } catch (const std::exception& e) {
+        log_line(std::string("encrypt failed: ") + e.what());
+        errno = EIO;
+        return total ? ssize_t(total) : -1;
+    }
+    return ssize_t(total);
+}
+
+// Size change of an encrypted file: fix the unit that holds the (old or new) end.
+int enc_resize(FileCtx* c, int fd, int64_t new_size) {
+    int64_t size = file_size(fd);
+    if (size < 0) return -1;
+    if (size == new_size) return 0;
+    if (new_size < size) {  // this descriptor's mapping must not read past the new end
+        int64_t v = c->map_valid.load();
+        int64_t nv = new_size - new_size % int64_t(U);
+        while (v > nv && !c->map_valid.compare_exchange_weak(v, nv)) {
+        }
+    }
+    std::shared_ptr<FileKey> key = ensure_key(c, false);
+    if (!key) {
+        if (errno != 0) return -1;
+        if (size == 0) return 0;
+        errno = EIO;
+        return -1;
+    }
+    try {
+        if (new_size < size && new_size % U) {
+            if (reshape_unit(c, *key, fd, uint64_t(new_size) / U, size, new_size) != 0) return -1;
+        } else if (new_size > size && size % U) {
+            if (reshape_unit(c, *key, fd, uint64_t(size) / U, size, new_size) != 0) return -1;
+        }
+    } catch (const std::exception& e) {
+        log_line(std::string("resize failed: ") + e.what());
+        errno = EIO;
+        return -1;
+    }
+    c->known_size.store(new_size);
+    return 0;
+}
+
+// Rewrites a whole file from one encoding to another in place (class change on
+// rename). A null key means plaintext.
+int transcode(const std::string& abs, const std::shared_ptr<FileKey>& from,
+              const std::shared_ptr<FileKey>& to) {
+    int fd = sys::open(abs.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int64_t size = file_size(fd);
+    std::vector<uint8_t> b(U);
+    int rc = 0;
+    for (int64_t pos = 0; pos < size && rc == 0; pos += U) {
+        size_t n = size_t(std::min<int64_t>(U, size - pos));
+        if (sys::pread_full(fd, b.data(), n, pos) != ssize_t(n)) {
+            rc = -1;
+            break;
+        }
+        if (from) crypt_units(*from, false, b.data(), uint64_t(pos) / U, n);
+        if (to) crypt_units(*to, true, b.data(), uint64_t(pos) / U, n);
+        if (sys::pwrite_full(fd, b.data(), n, pos) < 0) rc = -1;
+    }
+    std::fill(b.begin(), b.end(), 0);
+    if (rc == 0 && ::fsync(fd) != 0) rc = -1;
+    int saved = errno;
+    sys::close(fd);
+    errno = saved;
+    return rc;
+}
+
+}  // namespace cmk::fs::detail

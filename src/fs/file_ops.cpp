@@ -1,0 +1,368 @@
+// The layer's operations (op_*), one per libc call it replaces: the entry points
+// (interpose.cpp, got.cpp) forward here. Each classifies the path or looks the
+// descriptor up, and either passes the call to libc untouched or serves it through
+// cipher I/O, carrying the file's key along on open, rename, link and unlink. Each
+// behaves like the call it replaces (return value, errno) and never throws.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cmk_lakebase/keys/keymap.hpp"
+#include "layer_internal.hpp"
+
+namespace cmk::fs::detail {
+
+
+int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
+    std::optional<Resolved> r;
+    if (!tl_in_layer && !(flags & O_PATH)) r = resolve(dirfd, path);
+    if (!r || !is_encrypted(r->cls) || !ensure_active()) return real().openat(dirfd, path, flags, mode);
+    State& s = st();
+    int rflags = flags;
+    bool append = flags & O_APPEND;
+    rflags &= ~O_APPEND;  // pwrite() on an O_APPEND descriptor ignores its offset
+    if ((rflags & O_ACCMODE) == O_WRONLY) rflags = (rflags & ~O_ACCMODE) | O_RDWR;  // for read-modify-write
+    int fd = real().openat(dirfd, path, rflags, mode);
+    bool readable = true;
+    if (fd < 0 && (flags & O_ACCMODE) == O_WRONLY && errno == EACCES) {
+        fd = real().openat(dirfd, path, flags & ~O_APPEND, mode);
+        readable = false;
+    }
+    if (fd < 0) return fd;
+    struct stat sb;
+    if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) return fd;
+    if (s.wiped.load()) {
+        real().close(fd);
+        errno = EIO;
+        return -1;
+    }
+    auto* c = new FileCtx();
+    c->cls = r->cls;
+    c->rel = r->rel;
+    c->append = append;
+    c->known_size.store(sb.st_size);
+    c->map_ok.store(r->cls == FileClass::Relation && readable && !(flags & O_DIRECT) && map_reads_enabled());
+    try {
+        if (is_ephemeral(r->cls)) {
+            c->key = ephemeral_key(sb.st_dev, sb.st_ino);
+        } else if ((flags & O_CREAT) && (flags & O_EXCL)) {
+            c->fresh = true;  // a new file: a new key at its first write
+            c->db_oid = database_of(r->rel);
+            c->db = db_slot(c->db_oid);
+            if (c->db && !db_usable(c->db)) throw DbUnavailable(c->db_oid);
+        } else {
+            // Bind the key at open: the descriptor keeps it even if the name moves on
+            // (a recycled WAL segment read by a walsender, for instance).
+            if (auto k = lookup_file_key(r->rel, &c->db)) {
+                c->db_oid = database_of(r->rel);
+                c->key = std::move(k);
+            } else if (sb.st_size > 0) {
+                log_line("no data encryption key for non-empty file \"" + r->rel +
+                         "\" (key map damaged or truncated, or a file from elsewhere)");
+                delete c;
+                real().close(fd);
+                errno = EIO;
+                return -1;
+            }
+        }
+    } catch (const DbUnavailable& e) {
+        log_line("cannot open \"" + r->rel + "\": " + e.what());
+        delete c;
+        real().close(fd);
+        errno = EIO;
+        return -1;
+    } catch (const std::exception& e) {
+        log_line(std::string("cannot open \"") + r->rel + "\": " + e.what());
+        delete c;
+        real().close(fd);
+        errno = EIO;
+        return -1;
+    }
+    ctx_set(fd, c);
+    return fd;
+}
+
+int op_close(int fd) {
+    if (ctx_get(fd)) {
+        ctx_set(fd, nullptr);
+        // A database locked since: the closes its revocation makes every process do
+        // (SMGRRELEASE) also drop this process's key map of it. One atomic load.
+        db_sweep();
+    }
+    return real().close(fd);
+}
+
+bool op_is_encrypted_fd(int fd) { return ctx_get(fd) != nullptr; }
+
+void op_dup(int oldfd, int newfd) {
+    if (newfd < 0 || oldfd == newfd) return;
+    FileCtx* c = ctx_get(oldfd);
+    if (c) c->refs.fetch_add(1);
+    ctx_set(newfd, c);
+}
+
+ssize_t op_pread(int fd, void* buf, size_t n, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().pread(fd, buf, n, off);
+    return enc_pread(c, fd, static_cast<uint8_t*>(buf), n, off);
+}
+
+ssize_t op_pwrite(int fd, const void* buf, size_t n, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().pwrite(fd, buf, n, off);
+    return enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, off);
+}
+
+ssize_t op_read(int fd, void* buf, size_t n) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().read(fd, buf, n);
+    off_t cur = real().lseek(fd, 0, SEEK_CUR);
+    if (cur < 0) return -1;
+    ssize_t r = enc_pread(c, fd, static_cast<uint8_t*>(buf), n, cur);
+    if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
+    return r;
+}
+
+ssize_t op_write(int fd, const void* buf, size_t n) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return real().write(fd, buf, n);
+    off_t cur = c->append ? off_t(file_size(fd)) : real().lseek(fd, 0, SEEK_CUR);
+    if (cur < 0) return -1;
+    ssize_t r = enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, cur);
+    if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
+    return r;
+}
+
+namespace {
+size_t iov_total(const struct iovec* iov, int cnt) {
+    size_t t = 0;
+    for (int i = 0; i < cnt; i++) t += iov[i].iov_len;
+    return t;
+}
+}  // namespace
+
+ssize_t op_preadv(int fd, const struct iovec* iov, int cnt, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return off < 0 ? real().readv(fd, iov, cnt) : real().preadv(fd, iov, cnt, off);
+    size_t total = iov_total(iov, cnt);
+    std::vector<uint8_t> tmp(total);
+    ssize_t r = off < 0 ? op_read(fd, tmp.data(), total) : enc_pread(c, fd, tmp.data(), total, off);
+    if (r <= 0) return r;
+    size_t pos = 0;
+    for (int i = 0; i < cnt && pos < size_t(r); i++) {
+        size_t k = std::min(iov[i].iov_len, size_t(r) - pos);
+        std::memcpy(iov[i].iov_base, tmp.data() + pos, k);
+        pos += k;
+    }
+    std::fill(tmp.begin(), tmp.end(), 0);
+    return r;
+}
+
+ssize_t op_pwritev(int fd, const struct iovec* iov, int cnt, off_t off) {
+    FileCtx* c = ctx_get(fd);
+    if (!c) return off < 0 ? real().writev(fd, iov, cnt) : real().pwritev(fd, iov, cnt, off);
+    size_t total = iov_total(iov, cnt);
+    std::vector<uint8_t> tmp(total);
+    size_t pos = 0;
+    for (int i = 0; i < cnt; i++) {
+        std::memcpy(tmp.data() + pos, iov[i].iov_base, iov[i].iov_len);
+        pos += iov[i].iov_len;
+    }
+    ssize_t r = off < 0 ? op_write(fd, tmp.data(), total) : enc_pwrite(c, fd, tmp.data(), total, off);
+    std::fill(tmp.begin(), tmp.end(), 0);
+    return r;
+}
+
+int op_ftruncate(int fd, off_t len) {
+    FileCtx* c = ctx_get(fd);
+    if (c && enc_resize(c, fd, len) != 0) return -1;
+    return real().ftruncate(fd, len);
+}
+
+int op_truncate(const char* path, off_t len) {
+    std::optional<Resolved> r = tl_in_layer ? std::nullopt : resolve(AT_FDCWD, path);
+    if (!r || !is_encrypted(r->cls) || !ensure_active()) return real().truncate(path, len);
+    if (len == 0) return real().truncate(path, 0);  // nothing of the old content remains
+    int fd = op_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int rc = op_ftruncate(fd, len);
+    int saved = errno;
+    op_close(fd);
+    errno = saved;
+    return rc;
+}
+
+int op_fallocate(int fd, int mode, off_t off, off_t len, bool posix) {
+    FileCtx* c = ctx_get(fd);
+    if (c && (posix || mode == 0)) {
+        int64_t size = file_size(fd);
+        if (size >= 0 && off + len > size && enc_resize(c, fd, off + len) != 0)
+            return posix ? errno : -1;
+    }
+    return posix ? real().posix_fallocate(fd, off, len) : real().fallocate(fd, mode, off, len);
+}
+
+ssize_t op_copy_file_range(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags) {
+    if (!ctx_get(fdin) && !ctx_get(fdout))
+        return real().copy_file_range(fdin, offin, fdout, offout, len, flags);
+    // Each side has its own key: copy through the layer (decrypt, re-encrypt).
+    std::vector<uint8_t> b(std::min<size_t>(len, kChunk));
+    size_t done = 0;
+    while (done < len) {
+        size_t want = std::min(len - done, b.size());
+        ssize_t r = offin ? op_pread(fdin, b.data(), want, *offin) : op_read(fdin, b.data(), want);
+        if (r < 0) return done ? ssize_t(done) : -1;
+        if (r == 0) break;
+        ssize_t w = offout ? op_pwrite(fdout, b.data(), size_t(r), *offout) : op_write(fdout, b.data(), size_t(r));
+        if (w < 0) return done ? ssize_t(done) : -1;
+        if (offin) *offin += r;
+        if (offout) *offout += w;
+        done += size_t(w);
+        if (w < r) break;
+    }
+    std::fill(b.begin(), b.end(), 0);
+    return ssize_t(done);
+}
+
+int op_unlinkat(int dirfd, const char* path, int flags) {
+    std::optional<Resolved> r;
+    if (!tl_in_layer && !(flags & AT_REMOVEDIR)) r = resolve(dirfd, path);
+    int rc = real().unlinkat(dirfd, path, flags);
+    if (rc != 0 || !r || !is_durable(r->cls) || !ensure_active()) return rc;
+    int saved = errno;
+    try {
+        remove_key(r->rel);  // crypto-shredding: the segment's key is gone
+    } catch (const std::exception& e) {
+        log_line("could not remove the key of \"" + r->rel + "\": " + e.what());
+    }
+    errno = saved;
+    return rc;
+}
+
+namespace {
+// The key a file at `rel` (class cls, inode of sb) is encrypted under now.
+std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, bool* missing) {
+    *missing = false;
+    if (is_ephemeral(r.cls)) return ephemeral_key(sb.st_dev, sb.st_ino);
+    if (auto k = lookup_file_key(r.rel, nullptr)) return k;
+    *missing = sb.st_size > 0;
+    return nullptr;
+}
+}  // namespace
+
+int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, unsigned flags) {
+    auto do_rename = [&] { return real().renameat2(olddirfd, from, newdirfd, to, flags); };
+    if (tl_in_layer) return do_rename();
+    std::optional<Resolved> rf = resolve(olddirfd, from), rt = resolve(newdirfd, to);
+    FileClass cf = rf ? rf->cls : FileClass::Plaintext;
+    FileClass ct = rt ? rt->cls : FileClass::Plaintext;
+    struct stat sb;
+    bool have = ::fstatat(olddirfd, from, &sb, AT_SYMLINK_NOFOLLOW) == 0;
+    bool is_dir = have && S_ISDIR(sb.st_mode);
+    if ((!is_encrypted(cf) && !is_encrypted(ct) && !is_dir) || !have || !(rf || rt) || !ensure_active())
+        return do_rename();
+    try {
+        KeyMap& km = keymap();
+        if (is_dir) {
+            // Durable keys below a renamed directory follow it.
+            int rc = do_rename();
+            if (rc != 0 || !rf || !rt) return rc;
+            int saved = errno;
+            km.refresh();
+            std::string pf = rf->rel + "/";
+            for (const std::string& id : km.identities())
+                if (id.compare(0, pf.size(), pf) == 0) {
+                    std::string nid = rt->rel + "/" + id.substr(pf.size());
+                    move_key(id, nid, classify_relative(nid), false);
+                }
+            errno = saved;
+            return 0;
+        }
+        if (!S_ISREG(sb.st_mode)) return do_rename();
+        if (is_durable(cf) && is_durable(ct)) {
+            if (!has_key(rf->rel)) {
+                int rc = do_rename();
+                if (rc == 0) remove_key(rt->rel);  // the new file has no key: drop any stale one
+                return rc;
+            }
+            move_key(rf->rel, rt->rel, ct, true);
+            int rc = do_rename();
+            int saved = errno;
+            if (rc == 0) remove_key(rf->rel);
+            errno = saved;
+            return rc;
+        }
+        if (is_ephemeral(cf) && is_ephemeral(ct)) return do_rename();  // key follows the inode
+        // The class changes (e.g. pg_wal/xlogtemp.N -> 00000002.history, read by
+        // PostgreSQL through stdio): rewrite the contents in the new encoding first.
+        bool missing = false;
+        std::shared_ptr<FileKey> src;
+        if (is_encrypted(cf)) {
+            src = current_key(*rf, sb, &missing);
+            if (missing) {
+                log_line("no data encryption key for \"" + rf->rel + "\"");
+                errno = EIO;
+                return -1;
+            }
+        }
+        std::shared_ptr<FileKey> dst;
+        if (is_durable(ct)) {
+            dst = std::make_shared<FileKey>(create_key(rt->rel, ct));
+        } else if (is_ephemeral(ct)) {
+            dst = ephemeral_key(sb.st_dev, sb.st_ino);
+        }
+        std::string abs = absolute_of(olddirfd, from);
+        if ((src || dst) && transcode(abs, src, dst) != 0) return -1;
+        int rc = do_rename();
+        int saved = errno;
+        if (rc == 0) {
+            if (is_durable(cf)) remove_key(rf->rel);
+            if (!is_durable(ct) && rt) remove_key(rt->rel);
+        }
+        errno = saved;
+        return rc;
+    } catch (const std::exception& e) {
+        log_line(std::string("rename of \"") + from + "\" failed: " + e.what());
+        errno = EIO;
+        return -1;
+    }
+}
+
+int op_linkat(int olddirfd, const char* from, int newdirfd, const char* to, int flags) {
+    if (tl_in_layer) return real().linkat(olddirfd, from, newdirfd, to, flags);
+    std::optional<Resolved> rf = resolve(olddirfd, from), rt = resolve(newdirfd, to);
+    FileClass cf = rf ? rf->cls : FileClass::Plaintext;
+    FileClass ct = rt ? rt->cls : FileClass::Plaintext;
+    if ((!is_encrypted(cf) && !is_encrypted(ct)) || !ensure_active())
+        return real().linkat(olddirfd, from, newdirfd, to, flags);
+    if (is_ephemeral(cf) && is_ephemeral(ct)) return real().linkat(olddirfd, from, newdirfd, to, flags);
+    if (!(is_durable(cf) && is_durable(ct))) {
+        errno = EXDEV;  // one inode cannot hold two encodings; callers fall back to copying
+        return -1;
+    }
+    try {
+        if (!has_key(rf->rel)) return real().linkat(olddirfd, from, newdirfd, to, flags);
+        move_key(rf->rel, rt->rel, ct, true);
+        int rc = real().linkat(olddirfd, from, newdirfd, to, flags);
+        int saved = errno;
+        if (rc != 0) remove_key(rt->rel);
+        errno = saved;
+        return rc;
+    } catch (const std::exception& e) {
+        log_line(std::string("link of \"") + from + "\" failed: " + e.what());
+        errno = EIO;
+        return -1;
+    }
+}
+
+
+}  // namespace cmk::fs::detail

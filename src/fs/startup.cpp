@@ -1,0 +1,347 @@
+// Start-up of the layer, in the server (start_server, from _PG_init in the postmaster)
+// and in tools (ensure_active, at the first touch of the data directory under
+// LD_PRELOAD): load the keyring, unwrap the KEK through the provider, open the key map,
+// finish a KEK rotation a crash interrupted, open the bound databases' keys, refuse a
+// data file without a key, make the per-boot key. Also the layer's own status (info).
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include <cerrno>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/keys/dbkeys.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/keys/lifecycle.hpp"
+#include "layer_internal.hpp"
+
+namespace cmk::fs {
+namespace detail {
+namespace {
+
+std::string kms_hint(KmsErrorKind k, const KeyConfig& cfg) {
+    switch (k) {
+        case KmsErrorKind::Revoked:
+            if (cfg.provider == "local") {
+                std::string store = cfg.options.count("key_store") ? cfg.options.at("key_store") : "DIR";
+                return "If the key was disabled, enable it (pg_cmk key enable " + cfg.key_id +
+                       " --key-store " + store + "); if the key store holds other key material under "
+                       "this id, restore the key file " + cfg.key_id + ".key from its backup.";
+            }
+            return "Restore the key (or this cluster's access to it) in the KMS, then start again.";
+        case KmsErrorKind::Unavailable:
+            return "Check that the key provider is reachable, then start again.";
+        case KmsErrorKind::Config:
+        default:
+            return "Correct the key configuration in cmk_lakebase/keyring.json.";
+    }
+}
+
+}  // namespace
+
+std::unique_ptr<KeyProvider> audited(const KeyConfig& cfg, const std::string& name) {
+    return audit::audited_provider(make_provider(cfg), name, st().aggregate_probes);
+}
+
+void stamp_keyring(State& s) {
+    if (::stat((s.keyring_dir + "/" + kKeyringFile).c_str(), &s.keyring_stamp) != 0) s.keyring_stamp = {};
+}
+
+namespace {
+
+// Server start: the keys of databases bound to key configurations of their own. A
+// database whose key cannot be unwrapped does not stop the cluster: it is locked (its
+// sessions refused, its files unreadable) until its key is usable again.
+void load_databases(State& s) {
+    for (const std::string& line : dbkeys::remove_strays(s.keyring_dir)) log_line(line);
+    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+        std::string dir = dbkeys::dir_for(s.keyring_dir, oid);
+        State::DbProc& p = s.dbs[oid];
+        std::string who = "database " + std::to_string(oid);
+        try {
+            p.keyring = load_keyring(dir);
+            who += " (key \"" + p.keyring.config.key_id + "\" of provider \"" + p.keyring.config.provider + "\")";
+            if (p.keyring.cluster_id != s.keyring.cluster_id)
+                throw KeyringError("its keyring belongs to another cluster");
+            p.provider = audited(p.keyring.config, p.keyring.bound_name());
+            SecureBytes k = unlock_keyring(p.keyring, *p.provider);
+            slot_set(oid, &k, kDbOpen);
+            size_t n = dbkeys::settle(*s.keymap, db_keymap(oid, db_slot(oid)), oid);
+            if (n)
+                log_line(who + ": moved " + std::to_string(n) +
+                         " keys left in the cluster key map by an interrupted binding");
+        } catch (const std::exception& e) {
+            slot_set(oid, nullptr, kDbLocked);
+            log_line(who + ": its key is not available (" + e.what() +
+                     "); the database is locked: its sessions are refused and its files unreadable until the "
+                     "key is usable again (the watchdog retries)");
+        }
+    }
+}
+
+}  // namespace
+
+// Loads keyring, unwraps the KEK, opens the key map; completes a KEK rotation a crash
+// interrupted (keyring with a previous KEK). Throws LayerError.
+void load_keys(State& s, const std::string& datadir, const std::string& keyring_dir) {
+    s.datadir = normalize_path(datadir);
+    s.datadir_real = real_path(s.datadir);
+    s.keyring_dir = keyring_dir.empty() ? keyring_dir_for(s.datadir) : keyring_dir;
+    audit::set_directory(s.keyring_dir);
+    try {
+        s.keyring = load_keyring(s.keyring_dir);
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: cannot load the keyring of data directory \"" + s.datadir + "\"",
+                         e.what(),
+                         "Create encrypted clusters with \"pg_cmk initdb\"; a plaintext cluster cannot "
+                         "run with cmk_lakebase in shared_preload_libraries.");
+    }
+    stamp_keyring(s);
+    const KeyConfig& cfg = s.keyring.config;
+    std::string who = "key \"" + cfg.key_id + "\" of provider \"" + cfg.provider + "\"";
+    SecureBytes map_kek;
+    uint32_t map_gen = s.keyring.kek_generation;
+    try {
+        s.provider = audited(cfg, s.keyring.bound_name());
+        s.kek = unlock_keyring(s.keyring, *s.provider);
+        if (s.keyring.previous) {
+            // Interrupted KEK rotation: the key map may still be sealed under the
+            // previous generation.
+            try {
+                map_gen = KeyMap::peek_generation(s.keyring_dir);
+            } catch (const std::exception&) {
+                map_gen = s.keyring.kek_generation;  // reported by the KeyMap below
+            }
+            if (map_gen == s.keyring.previous->kek_generation)
+                map_kek = unlock_previous_kek(s.keyring, *s.provider);
+        }
+        if (map_kek.empty()) {
+            map_kek = s.kek.clone();
+            map_gen = s.keyring.kek_generation;
+        }
+    } catch (const KmsError& e) {
+        throw LayerError("cmk_lakebase: could not unwrap the key-encryption key with " + who,
+                         std::string("The key provider said: ") + e.what(), kms_hint(e.kind, cfg));
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: could not unwrap the key-encryption key with " + who, e.what(),
+                         "The keyring cmk_lakebase/keyring.json may have been modified, or belong to "
+                         "another cluster.");
+    }
+    if (!s.shared) {
+        if (SharedRegion* r = map_shared_region()) {
+            s.shared = &r->keys;
+            s.dbshared = &r->dbs;
+            s.walshared = &r->wal;
+        }
+    }
+    shared_write(s.keyring.kek_generation, s.kek.data());
+    if (map_gen != s.keyring.kek_generation) shared_write(map_gen, map_kek.data());
+    try {
+        s.keymap.reset(new KeyMap(s.keyring_dir, map_kek, s.keyring.cluster_id, map_gen, shared_kek));
+        s.keymap_pid = ::getpid();
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: the key map of data directory \"" + s.datadir + "\" is unusable",
+                         e.what(),
+                         "Restore the data directory together with its cmk_lakebase/ directory from "
+                         "the same backup.");
+    }
+    map_kek.wipe();
+    if (s.keyring.previous) {
+        try {
+            lifecycle::Context ctx = make_context(s);
+            bool done = false;
+            try {
+                done = lifecycle::finish_interrupted(ctx);
+            } catch (...) {
+                adopt_context(s, ctx);
+                throw;
+            }
+            adopt_context(s, ctx);
+            if (done)
+                log_line(
+                    "completed a KEK rotation that a crash had interrupted; the key map is sealed under KEK "
+                    "generation " +
+                    std::to_string(s.keyring.kek_generation));
+        } catch (const std::exception& e) {
+            throw LayerError(
+                "cmk_lakebase: could not complete an interrupted KEK rotation", e.what(),
+                "Check that the key provider is reachable and cmk_lakebase/ is writable, then start "
+                "again.");
+        }
+    }
+    load_databases(s);
+    s.per_boot = random_key(32);
+}
+
+// Preload mode: initialize on the first touch of the data directory.
+bool ensure_active() {
+    State& s = st();
+    Mode m = s.mode.load(std::memory_order_acquire);
+    if (m != Mode::Off) return true;
+    if (tl_in_layer) return false;
+    env_once();
+    if (s.env_datadir.empty()) return false;
+    std::lock_guard<std::mutex> g(s.init_mu);
+    if (s.mode.load() != Mode::Off) return true;
+    if (s.init_failed) return false;
+    ReentryGuard guard;
+    try {
+        audit::set_default_actor(std::string("tool ") + program_invocation_short_name);
+        load_keys(s, s.env_datadir, s.env_keyring_dir);
+    } catch (const LayerError& e) {
+        s.init_failed = true;
+        log_line(std::string(e.what()) + "\nDETAIL: " + e.detail + "\nHINT: " + e.hint);
+        ::_exit(1);
+    } catch (const std::exception& e) {
+        s.init_failed = true;
+        log_line(std::string("initialization failed: ") + e.what());
+        ::_exit(1);
+    }
+    s.mode.store(Mode::Preload, std::memory_order_release);
+    return true;
+}
+
+namespace {
+
+// Refuses to start when a durable encrypted file with data has no key.
+void check_every_file_has_key(State& s) {
+    std::vector<std::string> missing;
+    size_t count = 0;
+    std::vector<std::string> stack{""};
+    while (!stack.empty()) {
+        std::string rel = stack.back();
+        stack.pop_back();
+        std::string abs = rel.empty() ? s.datadir : s.datadir + "/" + rel;
+        DIR* d = ::opendir(abs.c_str());
+        if (!d) continue;
+        while (struct dirent* e = ::readdir(d)) {
+            std::string name = e->d_name;
+            if (name == "." || name == "..") continue;
+            std::string r = rel.empty() ? name : rel + "/" + name;
+            if (r == kKeyringDirName) continue;
+            struct stat sb;
+            if (::stat((abs + "/" + name).c_str(), &sb) != 0) continue;  // follows pg_tblspc links
+            if (S_ISDIR(sb.st_mode)) {
+                stack.push_back(r);
+            } else if (S_ISREG(sb.st_mode) && sb.st_size > 0) {
+                FileClass c = classify_relative(r);
+                if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
+                    count++;
+                    if (missing.size() < 5) missing.push_back(r);
+                }
+            }
+        }
+        ::closedir(d);
+    }
+    if (count) {
+        std::string list;
+        for (auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+        throw LayerError("cmk_lakebase: " + std::to_string(count) +
+                             " data file(s) have no data encryption key in the key map",
+                         "First files without a key: " + list + ".",
+                         "The key map cmk_lakebase/keymap is damaged or truncated, or files were copied "
+                         "in from another cluster. Restore the data directory together with its "
+                         "cmk_lakebase/ directory from the same backup.");
+    }
+}
+
+}  // namespace
+}  // namespace detail
+
+using namespace detail;
+
+const char* mode_name(Mode m) {
+    switch (m) {
+        case Mode::Preload:
+            return "preload";
+        case Mode::Got:
+            return "got";
+        default:
+            return "off";
+    }
+}
+
+void start_server(const std::string& datadir) {
+    State& s = st();
+    std::string dd = normalize_path(datadir);
+    if (s.mode.load() == Mode::Off) {
+        // Preloaded but not yet touched the data directory? Initialize through it.
+        env_once();
+        if (!s.env_datadir.empty() && real_path(s.env_datadir) == real_path(dd)) ensure_active();
+    }
+    Mode m = s.mode.load();
+    if (m == Mode::Preload) {
+        if (real_path(s.datadir) != real_path(dd))
+            throw LayerError("cmk_lakebase: the preloaded file layer serves another data directory",
+                             "It serves \"" + s.datadir + "\", the server runs on \"" + dd + "\".",
+                             "Start the server without LD_PRELOAD, or with CMK_LAKEBASE_PGDATA set to its "
+                             "data directory.");
+        return;  // tool-style preload already intercepts every call
+    }
+    if (m == Mode::Got) return;
+    std::lock_guard<std::mutex> g(s.init_mu);
+    {
+        ReentryGuard guard;
+        load_keys(s, dd, "");
+        check_every_file_has_key(s);
+    }
+    detail::install_got();
+    s.mode.store(Mode::Got, std::memory_order_release);
+    // From here the postmaster needs no KEK of its own: children take it from the
+    // shared region, so a KEK rotation that retires a generation there leaves no
+    // copy of the old KEK in any process started after it (the postmaster included).
+    if (s.shared) {
+        std::lock_guard<std::mutex> g2(s.keymap_mu);
+        s.keymap.reset();
+        s.keymap_pid = 0;
+        s.kek.wipe();
+        std::lock_guard<std::recursive_mutex> g3(s.db_mu);
+        s.dbs.clear();
+    }
+}
+
+LayerInfo info() {
+    State& s = st();
+    LayerInfo i;
+    i.mode = s.mode.load();
+    if (i.mode == Mode::Off) return i;
+    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+    refresh_keyring_locked(s);
+    i.config_name = s.keyring.bound_name();
+    i.kek_version = s.keyring.kek_version;
+    i.rotation_pending = s.keyring.previous.has_value();
+    i.data_directory = s.datadir;
+    i.provider = s.keyring.config.provider;
+    i.key_id = s.keyring.config.key_id;
+    i.kek_fingerprint = s.keyring.kek_fingerprint;
+    i.kek_generation = s.keyring.kek_generation;
+    i.cluster_id = s.keyring.cluster_id;
+    i.keys_wiped = s.wiped.load();
+    i.per_boot_key_present = !s.per_boot.empty() && !i.keys_wiped;
+    try {
+        KeyMap& km = keymap();
+        km.refresh();
+        i.dek_count = km.size();
+    } catch (const std::exception&) {
+        i.dek_count = 0;
+    }
+    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+        DbSlot* sl = db_slot(oid);
+        if (!sl || !db_usable(sl)) continue;  // a locked database's DEKs are not countable
+        try {
+            KeyMap& dm = db_keymap(oid, sl);
+            dm.refresh();
+            i.dek_count += dm.size();
+        } catch (const std::exception&) {
+        }
+    }
+    return i;
+}
+
+}  // namespace cmk::fs
