@@ -24,7 +24,7 @@ REGRESS = cmk_status cmk_lifecycle
 PG_CONFIG ?= pg_config
 # Every header: the public ones by audience (base, kms, keys, fs) and core's internal
 # provider headers. Any change rebuilds everything (the tree is small).
-HEADERS = $(wildcard include/cmk_lakebase/*/*.hpp src/core/*/*.hpp src/fs/*.hpp)
+CMK_HEADERS = $(wildcard include/cmk_lakebase/*/*.hpp src/core/*/*.hpp src/fs/*.hpp)
 # No JIT bitcode for a C++ module (would need clang at build time for nothing).
 override with_llvm = no
 
@@ -56,25 +56,25 @@ CORE_LIBS = -lssl -lcrypto -lcurl -ldl -lpthread
 CMK_DEFS = -DCMK_PG_BINDIR='"$(PG_BINDIR)"' -DCMK_PKGLIBDIR='"$(PG_PKGLIBDIR)"' \
 	-DCMK_VERSION='"$(EXTVERSION)"'
 
-src/core/%.o: src/core/%.cpp $(HEADERS)
+src/core/%.o: src/core/%.cpp $(CMK_HEADERS)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
 
 # The interposers define open(), read(), ...: glibc's fortify wrappers must be off here.
 # initial-exec TLS: the layer's per-thread state is reached on every I/O without a
 # __tls_get_addr call (it is loaded at startup, where static TLS has room for it).
-src/fs/%.o: src/fs/%.cpp $(HEADERS)
+src/fs/%.o: src/fs/%.cpp $(CMK_HEADERS)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -ftls-model=initial-exec -U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=0 -c -o $@ $<
 
-src/cli/%.o: src/cli/%.cpp $(HEADERS)
+src/cli/%.o: src/cli/%.cpp $(CMK_HEADERS)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
 
-src/pg/%.o: src/pg/%.cpp $(HEADERS)
+src/pg/%.o: src/pg/%.cpp $(CMK_HEADERS)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -isystem $(includedir_server) $(CPPFLAGS) -c -o $@ $<
 
-test/layer/%.o: test/layer/%.cpp $(HEADERS)
+test/layer/%.o: test/layer/%.cpp $(CMK_HEADERS)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -c -o $@ $<
 
-test/unit/%.o: test/unit/%.cpp $(HEADERS)
+test/unit/%.o: test/unit/%.cpp $(CMK_HEADERS)
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -Isrc -c -o $@ $<
 
 $(LAYER): $(CORE_OBJS) $(FS_OBJS)
@@ -96,7 +96,7 @@ build/cmk_layer_tests: $(LAYER_TEST_OBJS) $(CORE_OBJS) $(LAYER)
 
 # The same units under AddressSanitizer and UBSan (STYLE.md): one compile, own directory.
 SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-build/sanitize/cmk_unit_tests: $(CORE_SRCS) $(UNIT_SRCS) $(HEADERS)
+build/sanitize/cmk_unit_tests: $(CORE_SRCS) $(UNIT_SRCS) $(CMK_HEADERS)
 	@mkdir -p build/sanitize
 	$(CXX) $(CMK_CXXFLAGS) $(CMK_DEFS) -Isrc $(SANITIZE) -o $@ $(CORE_SRCS) $(UNIT_SRCS) -lgtest -lgtest_main $(CORE_LIBS)
 
