@@ -1,8 +1,9 @@
 // pg_cmk's key lifecycle commands for a cluster that is not running (issue 5):
 // rewrap, rotate-kek, bind, config create|drop|list and audit. The same code as the
-// server's SQL functions (src/core/lifecycle.cpp), with the KEK unwrapped here
-// through the provider. A running cluster is refused: its processes hold the KEK and
-// must switch together, which only the SQL functions do.
+// server's SQL functions (src/core/keys/lifecycle.cpp), with the KEK unwrapped here
+// through the provider as the server does it (keys/open_keys.hpp). A running cluster
+// is refused: its processes hold the KEK and must switch together, which only the SQL
+// functions do.
 #include <signal.h>
 
 #include <cerrno>
@@ -20,6 +21,7 @@
 #include "cmk_lakebase/keys/keyring.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "cmk_lakebase/keys/lifecycle.hpp"
+#include "cmk_lakebase/keys/open_keys.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::cli {
@@ -81,15 +83,12 @@ std::unique_ptr<Offline> open_offline(const std::string& given, const std::strin
     o->ctx.make_provider = make;
     o->ctx.dir = dir;
     o->ctx.provider = make(kr.config, kr.bound_name());
-    o->ctx.kek = unlock_keyring(kr, *o->ctx.provider);
-    uint32_t map_gen = kr.kek_generation;
-    SecureBytes map_kek = o->ctx.kek.clone();
-    if (kr.previous) {
-        o->previous_kek = unlock_previous_kek(kr, *o->ctx.provider);
-        map_gen = KeyMap::peek_generation(dir);
-        if (map_gen == kr.previous->kek_generation) map_kek = o->previous_kek.clone();
-    }
-    o->keymap = std::make_unique<KeyMap>(dir, map_kek, kr.cluster_id, map_gen);
+    // The previous KEK too, whenever the keyring records one: completing an interrupted
+    // rotation may need it (kek_of below), whatever the key map is sealed under.
+    ClusterKeys keys = unlock_cluster_keys(dir, kr, *o->ctx.provider, UnwrapPrevious::Always);
+    o->keymap = open_cluster_keymap(dir, kr, keys);
+    o->ctx.kek = std::move(keys.kek);
+    o->previous_kek = std::move(keys.previous_kek);
     Offline* self = o.get();
     auto lookup = [self](uint32_t g) -> std::optional<SecureBytes> {
         if (g == self->ctx.keyring.kek_generation && !self->ctx.kek.empty()) return self->ctx.kek.clone();

@@ -17,6 +17,7 @@
 #include "cmk_lakebase/keys/dbkeys.hpp"
 #include "cmk_lakebase/keys/keymap.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/keys/open_keys.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 
 namespace cmk::cli {
@@ -200,16 +201,11 @@ int cmd_status(const std::vector<std::string>& args) {
         // that the key map opens under this KEK. KeyringError / KeyMapError (tampered,
         // damaged) are errors of their own, exit 1.
         try {
-            SecureBytes kek = unlock_keyring(kr, *provider);
-            uint32_t gen = kr.kek_generation;
-            if (kr.previous && KeyMap::peek_generation(dir) == kr.previous->kek_generation) {
-                // An interrupted KEK rotation (completed at the next start).
-                kek = unlock_previous_kek(kr, *provider);
-                gen = kr.previous->kek_generation;
-            }
-            KeyMap km(dir, kek, kr.cluster_id, gen);
-            kek.wipe();
-            r.deks = km.size();
+            // An interrupted KEK rotation is completed at the next start; until then the
+            // key map may be sealed under the previous generation.
+            ClusterKeys keys = unlock_cluster_keys(dir, kr, *provider);
+            std::unique_ptr<KeyMap> km = open_cluster_keymap(dir, kr, keys);
+            r.deks = km->size();
         } catch (const KeyringError& e) {
             throw CliError(std::string(e.what()) + " (" + keyring_file + ")");
         } catch (const KmsError& e) {

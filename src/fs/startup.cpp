@@ -19,6 +19,7 @@
 #include "cmk_lakebase/keys/dbkeys.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
 #include "cmk_lakebase/keys/lifecycle.hpp"
+#include "cmk_lakebase/keys/open_keys.hpp"
 #include "layer_internal.hpp"
 
 namespace cmk::fs {
@@ -105,26 +106,11 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
     stamp_keyring(s);
     const KeyConfig& cfg = s.keyring.config;
     std::string who = "key \"" + cfg.key_id + "\" of provider \"" + cfg.provider + "\"";
-    SecureBytes map_kek;
-    uint32_t map_gen = s.keyring.kek_generation;
+    ClusterKeys keys;
     try {
         s.provider = audited(cfg, s.keyring.bound_name());
-        s.kek = unlock_keyring(s.keyring, *s.provider);
-        if (s.keyring.previous) {
-            // Interrupted KEK rotation: the key map may still be sealed under the
-            // previous generation.
-            try {
-                map_gen = KeyMap::peek_generation(s.keyring_dir);
-            } catch (const std::exception&) {
-                map_gen = s.keyring.kek_generation;  // reported by the KeyMap below
-            }
-            if (map_gen == s.keyring.previous->kek_generation)
-                map_kek = unlock_previous_kek(s.keyring, *s.provider);
-        }
-        if (map_kek.empty()) {
-            map_kek = s.kek.clone();
-            map_gen = s.keyring.kek_generation;
-        }
+        keys = unlock_cluster_keys(s.keyring_dir, s.keyring, *s.provider);
+        s.kek = keys.kek.clone();
     } catch (const KmsError& e) {
         throw LayerError("cmk_lakebase: could not unwrap the key-encryption key with " + who,
                          std::string("The key provider said: ") + e.what(), kms_hint(e.kind, cfg));
@@ -141,9 +127,9 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
         }
     }
     shared_write(s.keyring.kek_generation, s.kek.data());
-    if (map_gen != s.keyring.kek_generation) shared_write(map_gen, map_kek.data());
+    if (keys.map_generation != s.keyring.kek_generation) shared_write(keys.map_generation, keys.map_kek().data());
     try {
-        s.keymap.reset(new KeyMap(s.keyring_dir, map_kek, s.keyring.cluster_id, map_gen, shared_kek));
+        s.keymap = open_cluster_keymap(s.keyring_dir, s.keyring, keys, shared_kek);
         s.keymap_pid = ::getpid();
     } catch (const std::exception& e) {
         throw LayerError("cmk_lakebase: the key map of data directory \"" + s.datadir + "\" is unusable",
@@ -151,7 +137,7 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                          "Restore the data directory together with its cmk_lakebase/ directory from "
                          "the same backup.");
     }
-    map_kek.wipe();
+    keys = ClusterKeys{};  // wiped: this process keeps s.kek only
     if (s.keyring.previous) {
         try {
             lifecycle::Context ctx = make_context(s);
