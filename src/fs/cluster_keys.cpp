@@ -104,7 +104,7 @@ KeyStatus provider_status() {
         return s.provider->status();
     } catch (const KmsError& e) {
         KeyStatus ks;
-        ks.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
+        ks.health = health_of(e.category);
         ks.state = "error";
         ks.detail = e.what();
         return ks;
@@ -147,11 +147,8 @@ ProbeResult probe_key() {
         }
         r.health = KeyHealth::Ok;
         r.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state) + "; unwrap probe matched";
-    } catch (const KmsError& e) {
-        r.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
-        r.detail = e.what();
     } catch (const std::exception& e) {
-        r.health = KeyHealth::Unavailable;
+        r.health = health_of(category_of(e));  // revoked only when the provider refused
         r.detail = e.what();
     }
     return r;
@@ -178,36 +175,17 @@ void wipe_keys() {
 
 // ---- key lifecycle (online) --------------------------------------------------------------
 
-namespace {
-
-KeyOpResult to_result(const lifecycle::Result& r) {
-    KeyOpResult o;
-    o.action = r.action;
-    o.config_name = r.config_name;
-    o.provider = r.provider;
-    o.key_id = r.key_id;
-    o.key_version_before = r.key_version_before;
-    o.key_version = r.key_version;
-    o.kek_generation_before = r.kek_generation_before;
-    o.kek_generation = r.kek_generation;
-    o.kek_fingerprint = r.kek_fingerprint;
-    o.finished_interrupted = r.finished_interrupted;
-    return o;
-}
-
-}  // namespace
-
 KeyOpResult rewrap_kek() {
-    return with_context([](lifecycle::Context& c) { return to_result(lifecycle::rewrap(c)); });
+    return with_context([](lifecycle::Context& c) { return lifecycle::rewrap(c); });
 }
 
 KeyOpResult rotate_kek() {
-    return with_context([](lifecycle::Context& c) { return to_result(lifecycle::rotate_kek(c)); });
+    return with_context([](lifecycle::Context& c) { return lifecycle::rotate_kek(c); });
 }
 
 KeyOpResult bind_cluster(const std::string& config_name) {
     return with_context(
-        [&](lifecycle::Context& c) { return to_result(lifecycle::bind_cluster(c, config_name)); });
+        [&](lifecycle::Context& c) { return lifecycle::bind_cluster(c, config_name); });
 }
 
 std::vector<KeyConfigInfo> key_configs() {

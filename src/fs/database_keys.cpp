@@ -292,11 +292,8 @@ std::vector<DbProbe> probe_databases() {
                 pr.health = KeyHealth::Ok;  // locked, and the key says usable again
                 pr.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state);
             }
-        } catch (const KmsError& e) {
-            pr.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
-            pr.detail = e.what();
         } catch (const std::exception& e) {
-            pr.health = KeyHealth::Unavailable;
+            pr.health = health_of(category_of(e));  // revoked only when the provider refused
             pr.detail = e.what();
         }
         out.push_back(std::move(pr));

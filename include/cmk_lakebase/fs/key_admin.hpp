@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cmk_lakebase/fs/io.hpp"
+#include "cmk_lakebase/keys/lifecycle.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 
 namespace cmk::fs {
@@ -37,18 +38,7 @@ void wipe_keys();
 // memory for a new KEK; keyring.json re-read and verified on their next key use). No
 // data file is rewritten and no connection is dropped. Throw LayerError (layer not
 // active, keys wiped), lifecycle::LifecycleError, KmsError, KeyringError, KeyMapError.
-struct KeyOpResult {
-    std::string action;
-    std::string config_name;
-    std::string provider;
-    std::string key_id;
-    std::string key_version_before;
-    std::string key_version;
-    uint32_t kek_generation_before = 0;
-    uint32_t kek_generation = 0;
-    std::string kek_fingerprint;
-    bool finished_interrupted = false;
-};
+using KeyOpResult = lifecycle::Result;  // what the step order reports, as it reports it
 KeyOpResult rewrap_kek();
 KeyOpResult rotate_kek();
 KeyOpResult bind_cluster(const std::string& config_name);
