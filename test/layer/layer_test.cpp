@@ -5,6 +5,10 @@
 // sequential I/O), and (b) what is on disk, read with raw system calls that bypass the
 // layer: ciphertext for encrypted classes, plaintext for the documented plaintext
 // list, zeros for zero pages, keys created, moved and destroyed with their files.
+//
+// One file past the house's ~700 lines on purpose: every test shares the re-exec
+// harness and the raw-syscall readers at its top, and a test of the layer is read
+// next to the model it is checked against.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <limits.h>

@@ -21,6 +21,11 @@
 // append or replace). The lock file is opened per operation rather than kept open: a
 // descriptor inherited over fork() shares its lock with the parent, which would let
 // the postmaster's children append concurrently.
+//
+// Longer than the house's ~700 lines on purpose: the record format, its torn-tail
+// rules and the locking that makes appends safe are one argument, read together when
+// the key map's durability is reviewed; split, each half would only be checkable with
+// the other open.
 #include "cmk_lakebase/keys/keymap.hpp"
 
 #include <fcntl.h>
