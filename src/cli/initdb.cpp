@@ -38,7 +38,7 @@ const char kInitdbUsage[] =
     "Options:\n"
     "  -D, --pgdata=DATADIR   data directory to create (must not exist, or be empty)\n"
     "  --provider=NAME        key provider: local (the default), aws, azure, gcp,\n"
-    "                         vault, kmip (see the README for each one's options)\n"
+    "                         vault, kmip (docs/providers/ has each one's options)\n"
     "  --kms-option=KEY=VALUE a provider option (repeatable), e.g. region=eu-west-1;\n"
     "                         credentials are references (file paths, environment),\n"
     "                         never secrets\n"

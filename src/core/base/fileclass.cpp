@@ -1,7 +1,7 @@
 // File classes (fileclass.hpp, DESIGN §4): pure string rules deciding, from a path
 // relative to the data directory, whether a file is ciphertext at rest and under which
 // kind of key. Anything not recognised is plaintext; the plaintext list is part of the
-// threat model (README), so a new PostgreSQL file that holds user data must be added
+// threat model (docs/threat-model.md), so a new PostgreSQL file that holds user data must be added
 // here explicitly.
 #include "cmk_lakebase/base/fileclass.hpp"
 
