@@ -1,6 +1,9 @@
 // `pg_cmk exec`: runs a stock PostgreSQL tool (pg_waldump, pg_checksums, pg_resetwal,
 // ...) on an encrypted cluster by replacing this process with it, the encrypting file
 // layer preloaded and pointed at the data directory. The exit status is the tool's.
+// Tools that would write plaintext copies of the cluster or move key maps between
+// clusters are refused before they run (issue 16: no route may report success while
+// writing something that cannot be restored or that is not ciphertext).
 #include <unistd.h>
 
 #include <cerrno>
@@ -29,7 +32,38 @@ const char kExecUsage[] =
     "TOOL is a name looked up in the PostgreSQL bindir first, then in PATH, or a path.\n"
     "Pass the data directory to the tool as well if it needs one, e.g.\n"
     "  pg_cmk exec -D /srv/pg -- pg_checksums --check -D /srv/pg\n"
-    "The exit status is the tool's.\n";
+    "The exit status is the tool's.\n"
+    "\n"
+    "Refused (they would write plaintext copies or copy key maps between clusters):\n"
+    "pg_basebackup, pg_receivewal, pg_combinebackup, pg_rewind, pg_upgrade.\n";
+
+// Tools that cannot run safely under the layer, with why and what to do instead. The
+// layer encrypts only paths inside the one data directory it serves: a copy written
+// elsewhere is plaintext, and a tool that copies files between two clusters would
+// carry ciphertext under one cluster's keys into the other's key map.
+struct Refusal {
+    const char* tool;
+    const char* why;
+    const char* instead;
+};
+const Refusal kRefused[] = {
+    {"pg_basebackup", "it would write a plaintext copy of the cluster (the server sends the files decrypted)",
+     "take a copy of the data directory between pg_backup_start() and pg_backup_stop(), with "
+     "cmk_lakebase/ copied last"},
+    {"pg_receivewal", "it would write the WAL it receives as plaintext files",
+     "archive WAL with archive_command from the encrypted pg_wal"},
+    {"pg_combinebackup", "it would write a plaintext combined backup", "restore full copies of the data directory"},
+    {"pg_rewind", "it copies files and the key map from the source cluster over the target's without re-keying them",
+     "re-create the old primary from a copy of the new primary (pg_backup_start(), copy, "
+     "pg_backup_stop(), cmk_lakebase/ copied last)"},
+    {"pg_upgrade", "it copies data files between clusters without re-keying them, leaving a corrupt new cluster",
+     "move the data with pg_dump and pg_restore into a new cluster made by pg_cmk initdb"},
+};
+
+std::string base_of(const std::string& path) {
+    size_t slash = path.rfind('/');
+    return slash == std::string::npos ? path : path.substr(slash + 1);
+}
 
 }  // namespace
 
@@ -51,6 +85,13 @@ int cmd_exec(const std::vector<std::string>& args) {
     std::string path = find_tool(tool);
     if (path.empty())
         throw CliError("tool \"" + tool + "\" not found in " + pg_bindir() + " or PATH; give its path");
+
+    for (const Refusal& r : kRefused)
+        if (base_of(path) == r.tool)
+            throw CliError(std::string("pg_cmk exec refuses ") + r.tool + ": " + r.why +
+                               ", which is not supported on a cluster encrypted by cmk_lakebase; instead, " +
+                               r.instead + " (see docs/backups.md)",
+                           ErrorCategory::NotSupported);
 
     std::vector<std::string> env = layer_environment(layer, datadir, "");
     // argv[0] is the resolved path: PostgreSQL tools find their siblings (pg_upgrade,
