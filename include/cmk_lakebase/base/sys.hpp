@@ -7,6 +7,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include <cstddef>
 #include <string>
 
 namespace cmk::sys {
@@ -36,8 +37,11 @@ int fsync_dir(const char* dir);
 // Atomic durable replace: write tmp, fsync, rename over path, fsync directory.
 // Throws std::runtime_error with errno text on failure.
 void write_file_atomic(const char* path, const void* data, size_t n, mode_t mode);
-// Reads a whole file; throws std::runtime_error (message names the path).
-std::string read_file(const char* path);
+// Reads a whole regular file of at most max_bytes; throws std::runtime_error (message
+// names the path) for anything else: a FIFO or device (never blocks on one), a
+// directory, a file past the limit.
+constexpr size_t kReadFileMax = size_t(64) << 20;
+std::string read_file(const char* path, size_t max_bytes = kReadFileMax);
 
 }  // namespace cmk::sys
 

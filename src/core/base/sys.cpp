@@ -166,9 +166,29 @@ void write_file_atomic(const char* path, const void* data, size_t n, mode_t mode
     if (fsync_dir(dir.c_str()) != 0) throw sys_error("could not fsync directory", dir.c_str());
 }
 
-std::string read_file(const char* path) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+std::string read_file(const char* path, size_t max_bytes) {
+    // O_NONBLOCK: a FIFO must not hang the open (nor a server start or pg_cmk status);
+    // only a regular file is read, and never more than max_bytes (a symlink to
+    // /dev/zero would otherwise grow the process without end).
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw sys_error("could not open file", path);
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        throw sys_error("could not stat file", path);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        throw std::runtime_error(std::string("could not read file \"") + path + "\": not a regular file");
+    }
+    auto too_large = [&] {
+        close(fd);
+        return std::runtime_error(std::string("could not read file \"") + path + "\": larger than " +
+                                  std::to_string(max_bytes) + " bytes");
+    };
+    if (uint64_t(st.st_size) > max_bytes) throw too_large();
     std::string out;
     char buf[65536];
     for (;;) {
@@ -181,6 +201,7 @@ std::string read_file(const char* path) {
             throw sys_error("could not read file", path);
         }
         if (r == 0) break;
+        if (out.size() + size_t(r) > max_bytes) throw too_large();
         out.append(buf, r);
     }
     close(fd);

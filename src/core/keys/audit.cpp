@@ -2,6 +2,7 @@
 // write() on an O_APPEND descriptor opened per event (the file may have been rotated
 // by another process since the last event). Rotation past the size limit happens
 // under flock() on audit.lock so that two processes never rotate twice in a row.
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 
 #include <fcntl.h>
@@ -178,7 +179,8 @@ std::vector<Event> read_all(const std::string& keyring_dir) {
         std::string path = keyring_dir + "/" + name;
         struct stat st;
         if (::stat(path.c_str(), &st) != 0) continue;
-        std::string text = sys::read_file(path.c_str());
+        // The trail is bounded by its own rotation (audit_max_size), not by read_file's default.
+        std::string text = sys::read_file(path.c_str(), size_t(-1));
         size_t pos = 0;
         while (pos < text.size()) {
             size_t nl = text.find('\n', pos);
@@ -187,9 +189,8 @@ std::vector<Event> read_all(const std::string& keyring_dir) {
             pos = nl + 1;
             if (line.empty()) continue;
             rapidjson::Document d;
-            d.Parse(line.c_str(), line.size());
             Event e;
-            if (d.HasParseError() || !d.IsObject()) {
+            if (!parse_json_bounded(d, line, nullptr) || !d.IsObject()) {
                 e.action = "unparsable";
                 e.detail = one_line(line);
                 out.push_back(std::move(e));

@@ -1,5 +1,6 @@
 // Named key configurations (keyconfigs.hpp): configs.json, MAC'd under a key derived
 // from the KEK of the generation the file names.
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/keys/keyconfigs.hpp"
 
 #include <sys/stat.h>
@@ -71,8 +72,9 @@ KeyConfigSet load_key_configs(const std::string& dir, const KekLookup& kek_of) {
         return KeyringError("key configuration file \"" + path + "\" is damaged: " + what);
     };
     rapidjson::Document d;
-    d.Parse(text.c_str(), text.size());
-    if (d.HasParseError() || !d.IsObject()) throw bad("not a JSON object");
+    std::string why;
+    if (!parse_json_bounded(d, text, &why)) throw bad(why);
+    if (!d.IsObject()) throw bad("not a JSON object");
     auto it = d.FindMember("kek_generation");
     if (it == d.MemberEnd() || !it->value.IsUint()) throw bad("field \"kek_generation\" is missing");
     s.kek_generation = it->value.GetUint();

@@ -3,6 +3,7 @@
 // fields decide which KMS key the cluster trusts, so a MAC keyed by the KEK covers
 // every field: an edited key id or key store path is detected as soon as the KEK is
 // unwrapped, before anything is decrypted with it.
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
 
 #include <fcntl.h>
@@ -108,11 +109,8 @@ Keyring load_keyring(const std::string& dir) {
         throw KeyringError(e.what());
     }
     rapidjson::Document d;
-    d.Parse(text.c_str(), text.size());
-    if (d.HasParseError())
-        throw KeyringError("keyring \"" + path + "\" is damaged: invalid JSON at offset " +
-                           std::to_string(d.GetErrorOffset()) + ": " +
-                           rapidjson::GetParseError_En(d.GetParseError()));
+    std::string why;
+    if (!parse_json_bounded(d, text, &why)) throw KeyringError("keyring \"" + path + "\" is damaged: " + why);
     if (!d.IsObject()) throw KeyringError("keyring \"" + path + "\" is damaged: not a JSON object");
     auto bad = [&path](const std::string& field, const std::string& what) {
         return KeyringError("keyring \"" + path + "\" is damaged: field \"" + field + "\" " + what);
