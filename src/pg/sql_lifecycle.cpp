@@ -17,7 +17,7 @@
 #include "cmk_lakebase/kms/provider.hpp"
 #include "cmk_lakebase/fs/layer.hpp"
 #include "cmk_lakebase/keys/lifecycle.hpp"
-#include "cmk_lifecycle.hpp"
+#include "module.hpp"
 
 extern "C" {
 #include "postgres.h"

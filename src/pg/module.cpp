@@ -12,8 +12,7 @@
 
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/fs/layer.hpp"
-#include "cmk_lifecycle.hpp"
-#include "cmk_watchdog.hpp"
+#include "module.hpp"
 
 extern "C" {
 #include "postgres.h"
