@@ -1,13 +1,16 @@
 // pg_cmk: the command-line tool of cmk_lakebase (docs/CONTRACTS.md, "pg_cmk command
 // line"). Dispatches to one function per command and turns every failure into the
-// contract's form: one line "pg_cmk: error: ..." on stderr, exit 2 for bad arguments
-// (plus a pointer to the command's --help), exit 1 for anything else.
+// contract's form: one line "pg_cmk: error: ..." on stderr and the exit code of the
+// error's category (src/core/base/error.cpp): 2 for bad arguments (plus a pointer to
+// the command's --help), 3 when the key provider refuses the key, 4 when it cannot be
+// reached, 1 for anything else.
 #include <cstdio>
 #include <exception>
 #include <string>
 #include <vector>
 
 #include "cli.hpp"
+#include "cmk_lakebase/base/error.hpp"
 
 #ifndef CMK_VERSION
 #define CMK_VERSION "unknown"
@@ -102,11 +105,11 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "Try \"pg_cmk --help\".\n");
         else
             std::fprintf(stderr, "Try \"pg_cmk %s --help\".\n", e.command.c_str());
-        return 2;
+        return cmk::category_info(e.category).exit_code;
     } catch (const std::exception& e) {
-        // CliError, KeyringError, KeyMapError, CryptoError, system errors: their
-        // messages already say what failed.
+        // CliError, KmsError, KeyringError, KeyMapError, CryptoError, system errors:
+        // their messages already say what failed.
         print_error(e.what());
-        return 1;
+        return cmk::category_info(cmk::category_of(e)).exit_code;
     }
 }

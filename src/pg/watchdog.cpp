@@ -7,12 +7,12 @@
 // What it sees lives in a small shared-memory block read by watchdog_status().
 #include <csignal>
 #include <cstring>
-#include <exception>
-#include <string>
 
-#include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/fs/key_admin.hpp"
-#include "cmk_watchdog.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "module.hpp"
+#include "wall.hpp"
 
 extern "C" {
 #include "postgres.h"
@@ -47,6 +47,9 @@ PG_FUNCTION_INFO_V1(cmk_check_key_now);
 namespace {
 
 enum WatchState { WS_STARTING = 0, WS_OK, WS_UNAVAILABLE, WS_REVOKED };
+WatchState watch_state(cmk::KeyHealth h) {
+    return h == cmk::KeyHealth::Ok ? WS_OK : h == cmk::KeyHealth::Revoked ? WS_REVOKED : WS_UNAVAILABLE;
+}
 const char* state_name(int s) {
     switch (s) {
         case WS_OK: return "ok";
@@ -115,18 +118,20 @@ struct Probe {
     char request_id[128];
 };
 
+// A probe that fails outright is read from its error's category, as everywhere else
+// (cmk::health_of): a revoked key if the provider refused, unavailable otherwise.
 void run_probe(Probe* p) {
-    p->health = WS_UNAVAILABLE;
     p->detail[0] = p->request_id[0] = 0;
-    try {
+    cmk::pg::Failure f;
+    bool ok = cmk::pg::try_cpp(nullptr, [&] {
         cmk::fs::ProbeResult r = cmk::fs::probe_key();
-        p->health = r.health == cmk::KeyHealth::Ok        ? WS_OK
-                    : r.health == cmk::KeyHealth::Revoked ? WS_REVOKED
-                                                          : WS_UNAVAILABLE;
+        p->health = watch_state(r.health);
         strlcpy(p->detail, r.detail.c_str(), sizeof p->detail);
         strlcpy(p->request_id, r.request_id.c_str(), sizeof p->request_id);
-    } catch (const std::exception& e) {
-        strlcpy(p->detail, e.what(), sizeof p->detail);
+    }, &f);
+    if (!ok) {
+        p->health = watch_state(cmk::health_of(f.category));
+        strlcpy(p->detail, f.message, sizeof p->detail);
     }
 }
 
@@ -137,18 +142,17 @@ struct KeyNames {
 
 KeyNames key_names() {
     KeyNames k{};
-    try {
+    cmk::pg::quietly([&] {
         cmk::fs::LayerInfo i = cmk::fs::info();
         strlcpy(k.provider, i.provider.c_str(), sizeof k.provider);
         strlcpy(k.key_id, i.key_id.c_str(), sizeof k.key_id);
-    } catch (const std::exception&) {
-    }
+    });
     return k;
 }
 
 // A kill-switch or outage action in the audit trail (never throws).
 void audit_action(const char* action, const KeyNames& names, const char* outcome, const char* detail) {
-    try {
+    cmk::pg::quietly([&] {
         cmk::audit::Event e;
         e.action = action;
         e.provider = names.provider;
@@ -156,33 +160,27 @@ void audit_action(const char* action, const KeyNames& names, const char* outcome
         e.outcome = outcome;
         e.detail = detail;
         cmk::audit::record(e);
-    } catch (const std::exception&) {
-    }
+    });
 }
 
 void audit_as_watchdog() {
-    try {
+    cmk::pg::quietly([] {
         cmk::audit::set_default_actor("watchdog");
         // One line per change of answer (and at least hourly), not one per check.
         cmk::fs::set_probe_audit_aggregation(true);
-    } catch (const std::exception&) {
-    }
+    });
 }
 
 // ---- databases bound to key configurations of their own ----------------------------------
 
-// Runs a layer call across the C++ wall: an exception becomes text in err, so that
-// ereport() (which may longjmp) is only ever called once no C++ frame is live.
+// Runs a layer call through the wall: a failure becomes its message in err, which the
+// worker logs (it never raises).
 template <typename F>
 bool layer_call(F&& fn, char* err, size_t errlen) {
-    err[0] = 0;
-    try {
-        fn();
-        return true;
-    } catch (const std::exception& e) {
-        strlcpy(err, e.what(), errlen);
-        return false;
-    }
+    cmk::pg::Failure f;
+    bool ok = cmk::pg::try_cpp(nullptr, std::forward<F>(fn), &f);
+    strlcpy(err, ok ? "" : f.message, errlen);
+    return ok;
 }
 
 struct DbCheck {
@@ -205,9 +203,7 @@ int probe_databases(DbCheck* out, int max) {
             DbCheck& c = out[n++];
             memset(&c, 0, sizeof c);
             c.oid = d.oid;
-            c.health = d.health == cmk::KeyHealth::Ok        ? WS_OK
-                       : d.health == cmk::KeyHealth::Revoked ? WS_REVOKED
-                                                             : WS_UNAVAILABLE;
+            c.health = watch_state(d.health);
             c.dropped = d.dropped;
             strlcpy(c.state, d.state.c_str(), sizeof c.state);
             strlcpy(c.detail, d.detail.c_str(), sizeof c.detail);
@@ -339,10 +335,7 @@ void check_databases() {
 }
 
 void wipe_keys_quietly() {
-    try {
-        cmk::fs::wipe_keys();
-    } catch (const std::exception&) {
-    }
+    cmk::pg::quietly([] { cmk::fs::wipe_keys(); });
 }
 
 }  // namespace

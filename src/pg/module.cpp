@@ -1,0 +1,63 @@
+// The PostgreSQL module's entry: _PG_init (postmaster) loads the keyring, unwraps the
+// KEK and installs the encrypting file layer over the server's GOT before any child is
+// forked, then lets each part define its settings (sql_lifecycle.cpp, watchdog.cpp).
+// The module's own setting: whether server processes may dump core.
+#include <sys/prctl.h>
+
+#include "cmk_lakebase/fs/key_admin.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
+#include "module.hpp"
+#include "wall.hpp"
+
+extern "C" {
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/guc.h"
+
+PG_MODULE_MAGIC;
+
+void _PG_init(void);
+}
+
+namespace {
+
+bool allow_core_dumps = false;
+
+}  // namespace
+
+void _PG_init(void) {
+    if (!process_shared_preload_libraries_in_progress)
+        ereport(ERROR,
+                (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                 errmsg("cmk_lakebase must be loaded via shared_preload_libraries"),
+                 errdetail("The encrypting file layer must be installed in the postmaster before any "
+                           "server process starts."),
+                 errhint("Create the cluster with \"pg_cmk initdb\", which adds cmk_lakebase to "
+                         "shared_preload_libraries; a plaintext cluster cannot be encrypted in place.")));
+
+    DefineCustomBoolVariable("cmk_lakebase.allow_core_dumps",
+                             "Allows server processes to write core dumps (which may contain keys).",
+                             "Off by default: key schedules live in process memory, so server processes "
+                             "are made non-dumpable.",
+                             &allow_core_dumps, false, PGC_POSTMASTER, 0, NULL, NULL, NULL);
+
+    cmk_lifecycle_init();
+
+    cmk::pg::call_cpp(
+        nullptr,
+        [] {
+            cmk::audit::set_default_actor("postmaster");
+            cmk::fs::start_server(DataDir);
+        },
+        FATAL);
+
+    cmk_watchdog_init();
+    MarkGUCPrefixReserved("cmk_lakebase");
+
+    // Keys (and the cipher contexts holding their schedules) must not reach a core
+    // file; children inherit this across fork().
+    if (!allow_core_dumps && prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+        ereport(WARNING, (errmsg("cmk_lakebase: could not disable core dumps: %m")));
+}
