@@ -4,7 +4,7 @@
 // The module's own setting: whether server processes may dump core.
 #include <sys/prctl.h>
 
-#include "cmk_lakebase/fs/key_admin.hpp"
+#include "cmk_lakebase/fs/io.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "module.hpp"
 #include "wall.hpp"

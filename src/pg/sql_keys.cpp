@@ -10,6 +10,7 @@
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/fs/key_admin.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/keys/lifecycle.hpp"
@@ -127,8 +128,7 @@ extern "C" Datum cmk_create_key_config(PG_FUNCTION_ARGS) {
         cfg.provider = provider;
         cfg.key_id = key_id;
         rapidjson::Document d;
-        d.Parse(opts, strlen(opts));
-        if (d.HasParseError() || !d.IsObject())
+        if (!cmk::parse_json_bounded(d, opts, nullptr) || !d.IsObject())
             throw cmk::lifecycle::LifecycleError("options must be a JSON object of strings");
         for (const auto& m : d.GetObject()) {
             std::string k(m.name.GetString(), m.name.GetStringLength());

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "cmk_lakebase/base/error.hpp"
-#include "cmk_lakebase/fs/key_admin.hpp"
+#include "cmk_lakebase/fs/io.hpp"
 #include "cmk_lakebase/keys/keymap.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
