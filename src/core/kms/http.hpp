@@ -74,11 +74,5 @@ Response send_wiped(Request& req, const std::string& what, const RetryPolicy& po
 
 // The secrets of kit.hpp, under the names the HTTP providers and their tests know.
 using kit::Secret;
-// The kit's option and secret helpers under their former names, until every HTTP
-// provider reads them from the kit.
-using kit::option;
-using kit::read_secret_file;
-using kit::require_readable_file;
-using kit::secret_from;
 
 }  // namespace cmk::http
