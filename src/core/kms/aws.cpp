@@ -210,14 +210,10 @@ public:
         last_request_id_.clear();
         call("Decrypt", body, a);
         last_request_id_ = a.request_id;
-        const rapidjson::Value* pt = member(a.doc, "Plaintext");
-        if (!pt || !pt->IsString())
-            throw unavailable(where("Decrypt") + ": the answer has no Plaintext" + rid(a.request_id));
-        try {
-            return kit::decode_secret(pt->GetString(), pt->GetStringLength());
-        } catch (const CryptoError&) {
-            throw unavailable(where("Decrypt") + ": Plaintext is not base64" + rid(a.request_id));
-        }
+        return kit::decode_secret(
+            member(a.doc, "Plaintext"),
+            unavailable(where("Decrypt") + ": the answer has no Plaintext" + rid(a.request_id)),
+            unavailable(where("Decrypt") + ": Plaintext is not base64" + rid(a.request_id)));
     }
 
     KeyStatus status() override {

@@ -109,20 +109,11 @@ std::string xml_text(const std::string& xml, const std::string& tag) {
 
 enum class CredSource { Environment, WebIdentity, SharedFile, ConfigFile, Imds };
 
-const char* source_name(CredSource s) {
-    switch (s) {
-        case CredSource::Environment:
-            return "environment (AWS_ACCESS_KEY_ID)";
-        case CredSource::WebIdentity:
-            return "web identity token (STS AssumeRoleWithWebIdentity)";
-        case CredSource::SharedFile:
-            return "shared credentials file";
-        case CredSource::ConfigFile:
-            return "config file";
-        case CredSource::Imds:
-            return "EC2 instance metadata (IMDSv2)";
-    }
-    return "?";
+const char* source_name(CredSource s) {  // in the order of CredSource
+    static const char* const kNames[] = {
+        "environment (AWS_ACCESS_KEY_ID)", "web identity token (STS AssumeRoleWithWebIdentity)",
+        "shared credentials file", "config file", "EC2 instance metadata (IMDSv2)"};
+    return kNames[static_cast<int>(s)];
 }
 
 }  // namespace

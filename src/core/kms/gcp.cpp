@@ -181,14 +181,9 @@ public:
         kit::WipeOnExit wr{r.body};
         rapidjson::Document d;
         d.ParseInsitu(&r.body[0]);
-        const rapidjson::Value* pt = member(d, "plaintext");
-        if (!pt || !pt->IsString()) throw unavailable_error("decrypt", "the answer has no plaintext");
-        SecureBytes kek;
-        try {
-            kek = kit::decode_secret(pt->GetString(), pt->GetStringLength());
-        } catch (const CryptoError&) {
-            throw unavailable_error("decrypt", "the plaintext in the answer is not base64");
-        }
+        SecureBytes kek = kit::decode_secret(
+            member(d, "plaintext"), unavailable_error("decrypt", "the answer has no plaintext"),
+            unavailable_error("decrypt", "the plaintext in the answer is not base64"));
         if (string_member(d, "plaintextCrc32c") != crc_str(kek.data(), kek.size()))
             throw unavailable_error("decrypt", "the plaintext's CRC32C does not match (damaged in transit)");
         return kek;

@@ -131,6 +131,16 @@ SecureBytes decode_secret(const char* b64, size_t n, bool url) {
     return out;
 }
 
+SecureBytes decode_secret(const rapidjson::Value* v, const KmsError& absent, const KmsError& not_base64,
+                          bool url) {
+    if (!v || !v->IsString()) throw absent;
+    try {
+        return decode_secret(v->GetString(), v->GetStringLength(), url);
+    } catch (const CryptoError&) {
+        throw not_base64;
+    }
+}
+
 // ---------------------------------------------------------------- options, environment
 
 std::string option(const KeyConfig& cfg, const std::string& name, const std::string& def) {

@@ -86,6 +86,12 @@ void require_private_file(const std::string& field, const std::string& path);
 // Throws CryptoError when the text is not base64.
 SecureBytes decode_secret(const char* b64, size_t n, bool url = false);
 
+// The same for a JSON answer's member value `v` (a KEK coming back from unwrap):
+// throws `absent` when v is missing or not a string, `not_base64` when it is not
+// base64 (both a provider's own message, naming the operation and the key).
+SecureBytes decode_secret(const rapidjson::Value* v, const KmsError& absent, const KmsError& not_base64,
+                          bool url = false);
+
 // ---------------------------------------------------------------- options, environment
 // Option lookup: the value, or def.
 std::string option(const KeyConfig& cfg, const std::string& name, const std::string& def = "");

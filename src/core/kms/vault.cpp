@@ -150,14 +150,9 @@ public:
         rapidjson::Document d;
         d.ParseInsitu(&r.body[0]);  // in place: no copy of the plaintext outside r.body
         last_request_id_ = string_of(member(d, "request_id"));
-        const rapidjson::Value* pt = member(member_or_null(d, "data"), "plaintext");
-        if (!pt || !pt->IsString()) throw unavailable_error("decrypt", "the answer has no plaintext");
-        SecureBytes kek;
-        try {
-            kek = kit::decode_secret(pt->GetString(), pt->GetStringLength());
-        } catch (const CryptoError&) {
-            throw unavailable_error("decrypt", "the plaintext is not base64");
-        }
+        SecureBytes kek = kit::decode_secret(member(member_or_null(d, "data"), "plaintext"),
+                                             unavailable_error("decrypt", "the answer has no plaintext"),
+                                             unavailable_error("decrypt", "the plaintext is not base64"));
         our_version_ = ver;
         return kek;
     }
