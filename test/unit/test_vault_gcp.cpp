@@ -5,6 +5,7 @@
 // test/kms, through each state those servers can be put in.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include <thread>
 
 #include "core/kms/http.hpp"
+#include "core/kms/kit.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "core/kms/gcp.hpp"
 #include "core/kms/vault.hpp"
@@ -549,4 +551,95 @@ TEST(GcpLoopback, MetadataServerToken) {
     KeyStatus s = p->status();
     EXPECT_EQ(s.health, KeyHealth::Revoked);
     EXPECT_NE(s.detail.find("attach a service account"), std::string::npos) << s.detail;
+}
+
+// ------------------------------------------------------------------ the provider kit
+// The helpers every provider shares (kit.hpp): one rule, one message, tested once.
+
+TEST(Kit, PlainHttpOnlyToLoopback) {
+    for (const char* ok : {"https://kms.example.com", "http://127.0.0.1:8200", "http://127.0.0.1",
+                           "http://localhost/v1", "http://[::1]:9", "http://127.0.0.2:1"})
+        EXPECT_TRUE(kit::https_or_loopback(ok)) << ok;
+    for (const char* bad : {"http://vault.example.com:8200", "http://localhost.example.com:8200",
+                            "http://127.evil.example", "http://127.0.0.1:80@evil.example/",
+                            "http://10.0.0.1", "http://[::2]", "ftp://127.0.0.1", "https://", ""})
+        EXPECT_FALSE(kit::https_or_loopback(bad)) << bad;
+    EXPECT_TRUE(kit::loopback_authority("localhost:4566"));
+    EXPECT_FALSE(kit::loopback_authority("user@127.0.0.1"));
+}
+
+TEST(Kit, OptionsNameTheFieldAndTheRange) {
+    KeyConfig c;
+    c.options["timeout_ms"] = "50";
+    std::string m;
+    EXPECT_EQ(kind_of([&] { kit::int_option(c, "timeout_ms", 10, 100, 200, "milliseconds"); }, &m),
+              KmsErrorKind::Config);
+    EXPECT_EQ(m, "timeout_ms: \"50\" is not a number of milliseconds from 100 to 200");
+    c.options["timeout_ms"] = "+150";  // digits only
+    EXPECT_EQ(kind_of([&] { kit::int_option(c, "timeout_ms", 10, 100, 200); }), KmsErrorKind::Config);
+    c.options["timeout_ms"] = "150";
+    EXPECT_EQ(kit::int_option(c, "timeout_ms", 10, 100, 200), 150);
+    EXPECT_EQ(kit::int_option(c, "retries", 3, 1, 10), 3);
+    kit::Timing t = kit::read_timing(KeyConfig{});
+    EXPECT_EQ(t.timeout_ms, kit::kTimeoutMs);
+    EXPECT_EQ(t.connect_timeout_ms, kit::kConnectTimeoutMs);
+    EXPECT_EQ(t.attempts, kit::kAttempts);
+    c.options["colour"] = "blue";
+    EXPECT_EQ(kind_of([&] { kit::require_known_options(c, "the test provider", {"timeout_ms", "mount"}); }, &m),
+              KmsErrorKind::Config);
+    EXPECT_EQ(m, "colour: unknown option of the test provider (known: timeout_ms, mount)");
+}
+
+TEST(Kit, SecretFilesMustBePrivateAndAreTrimmed) {
+    cmk_test::TempDir d;
+    std::string f = d.sub("token");
+    cmk_test::spit(f, "s3cr3t-token\n");
+    chmod(f.c_str(), 0644);
+    std::string m;
+    EXPECT_EQ(kind_of([&] { kit::read_secret_file("token_file", f); }, &m), KmsErrorKind::Config);
+    EXPECT_NE(m.find("chmod 600"), std::string::npos) << m;
+    EXPECT_EQ(m.find("s3cr3t"), std::string::npos) << m;
+    chmod(f.c_str(), 0600);
+    EXPECT_EQ(kit::read_secret_file("token_file", f).str(), "s3cr3t-token");
+    KeyConfig c;
+    c.options["token_file"] = f;
+    EXPECT_EQ(kit::secret_from(c, "token_file", nullptr).str(), "s3cr3t-token");
+    EXPECT_TRUE(kit::secret_from(KeyConfig{}, "token_file", nullptr).empty());
+}
+
+TEST(Kit, TokenCacheFetchesOnceWhileFresh) {
+    kit::TokenCache cache(60);
+    int fetches = 0;
+    auto fetch = [&](long* life) {
+        ++fetches;
+        *life = 3600;
+        return kit::Secret("token-" + std::to_string(fetches));
+    };
+    EXPECT_EQ(cache.get(false, fetch).str(), "token-1");
+    EXPECT_EQ(cache.get(false, fetch).str(), "token-1");
+    EXPECT_EQ(cache.get(true, fetch).str(), "token-2");  // refresh asked (a 401)
+    cache.forget();
+    EXPECT_EQ(cache.get(false, fetch).str(), "token-3");
+    kit::TokenCache brief(60);
+    auto expired = [&](long* life) {
+        ++fetches;
+        *life = 0;  // no life left: not kept
+        return kit::Secret("t");
+    };
+    brief.get(false, expired);
+    brief.get(false, expired);
+    EXPECT_EQ(fetches, 5);
+}
+
+TEST(Kit, StatusFromErrorAndOneLine) {
+    KeyStatus s = kit::status_from_error(kit::revoked("key gone"), "credentials refused");
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_EQ(s.state, "credentials refused");
+    EXPECT_EQ(s.detail, "key gone");
+    s = kit::status_from_error(kit::unavailable("timeout"));
+    EXPECT_EQ(s.health, KeyHealth::Unavailable);
+    EXPECT_EQ(s.state, "unavailable");
+    EXPECT_EQ(kind_of([] { kit::status_from_error(kit::config_error("addr: bad")); }), KmsErrorKind::Config);
+    EXPECT_EQ(kit::one_line("a\nb\tc", 200), "a b c");
+    EXPECT_EQ(kit::one_line(std::string(10, 'x'), 4), "xxxx...");
 }

@@ -89,19 +89,7 @@ std::string amz_date(std::time_t t) {
 }
 
 std::string canonical_uri(const std::string& path) {
-    if (path.empty()) return "/";
-    static const char* hex = "0123456789ABCDEF";
-    std::string out;
-    for (unsigned char c : path) {
-        if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || c == '/') {
-            out.push_back(static_cast<char>(c));
-        } else {
-            out.push_back('%');
-            out.push_back(hex[c >> 4]);
-            out.push_back(hex[c & 15]);
-        }
-    }
-    return out;
+    return path.empty() ? "/" : http::url_encode(path, true);
 }
 
 std::string canonical_query(const std::string& query) {

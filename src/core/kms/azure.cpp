@@ -1,4 +1,4 @@
-// The Azure Key Vault / Managed HSM key provider (kms_azure.hpp). The KEK is wrapped
+// The Azure Key Vault / Managed HSM key provider (azure.hpp). The KEK is wrapped
 // by POST {key_id}/wrapkey and unwrapped by POST {key_id}/unwrapkey under a versioned
 // key identifier (a versionless id would follow the key's rotation and stop
 // unwrapping blobs made under the old version); the key's state is GET {key_id}.
@@ -7,46 +7,33 @@
 //
 // Tokens: Entra ID v2.0 client credentials (a secret, or a certificate through an
 // RS256 client assertion) or a managed identity endpoint (IMDS, or App Service's
-// IDENTITY_ENDPOINT). A token is cached until shortly before it expires; a 401 from
-// the vault drops it and the request is retried once with a fresh token, so a 401
-// that survives a fresh token is the vault's decision about this identity (revoked),
-// not an outage.
+// IDENTITY_ENDPOINT), in azure_identity.cpp. A token is cached until shortly before it
+// expires; a 401 from the vault drops it and the request is retried once with a fresh
+// token, so a 401 that survives a fresh token is the vault's decision about this
+// identity (revoked), not an outage. Options and secrets are the kit's (kit.hpp).
 #include "azure.hpp"
-#include "jwt.hpp"
-
-#include <openssl/bio.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
 
 #include <rapidjson/document.h>
 
-#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <set>
 
+#include "azure_identity.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
 
-#ifndef CMK_VERSION
-#define CMK_VERSION "dev"
-#endif
-
 namespace cmk::azure {
-namespace {
 
-KmsError config_error(const std::string& m) {
-    return KmsError(KmsErrorKind::Config, m);
-}
-KmsError revoked(const std::string& m) {
-    return KmsError(KmsErrorKind::Revoked, m);
-}
-KmsError unavailable(const std::string& m) {
-    return KmsError(KmsErrorKind::Unavailable, m);
-}
+using kit::config_error;
+using kit::int_member;
+using kit::member;
+using kit::one_line;
+using kit::revoked;
+using kit::string_member;
+using kit::unavailable;
+using kit::wipe;
+
+namespace {
 
 std::string lower(std::string s) {
     for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -61,19 +48,6 @@ bool all_of_set(const std::string& s, const char* extra) {
     for (char c : s)
         if (!std::isalnum(static_cast<unsigned char>(c)) && !std::strchr(extra, c)) return false;
     return true;
-}
-
-// One line for an error message: no control characters, bounded length.
-std::string one_line(const std::string& s, size_t max = 200) {
-    std::string out;
-    for (char c : s) {
-        if (out.size() >= max) {
-            out += "...";
-            break;
-        }
-        out.push_back(static_cast<unsigned char>(c) < 0x20 ? ' ' : c);
-    }
-    return out;
 }
 
 struct Cloud {
@@ -100,48 +74,6 @@ bool plain_origin(const std::string& u, bool https_only) {
     else
         return false;
     return !rest.empty() && all_of_set(rest, ".-:[]");
-}
-
-bool is_guid(const std::string& s) {
-    if (s.size() != 36) return false;
-    for (size_t i = 0; i < s.size(); ++i) {
-        bool dash = i == 8 || i == 13 || i == 18 || i == 23;
-        if (dash ? s[i] != '-' : !std::isxdigit(static_cast<unsigned char>(s[i]))) return false;
-    }
-    return true;
-}
-
-const rapidjson::Value* member(const rapidjson::Value& o, const char* name) {
-    if (!o.IsObject()) return nullptr;
-    auto it = o.FindMember(name);
-    return it == o.MemberEnd() ? nullptr : &it->value;
-}
-
-std::string string_member(const rapidjson::Value& o, const char* name) {
-    const rapidjson::Value* v = member(o, name);
-    return v && v->IsString() ? std::string(v->GetString(), v->GetStringLength()) : "";
-}
-
-// A number that may come as a JSON number or a string of digits (IMDS sends strings).
-bool int_member(const rapidjson::Value& o, const char* name, long long* out) {
-    const rapidjson::Value* v = member(o, name);
-    if (!v) return false;
-    if (v->IsInt64()) {
-        *out = v->GetInt64();
-        return true;
-    }
-    if (v->IsNumber()) {
-        *out = static_cast<long long>(v->GetDouble());
-        return true;
-    }
-    if (v->IsString() && v->GetStringLength() > 0 && v->GetStringLength() < 19) {
-        const char* s = v->GetString();
-        for (const char* p = s; *p; ++p)
-            if (!std::isdigit(static_cast<unsigned char>(*p))) return false;
-        *out = std::strtoll(s, nullptr, 10);
-        return true;
-    }
-    return false;
 }
 
 // Key Vault's error body {"error":{"code":..,"message":..,"innererror":{"code":..}}}.
@@ -187,59 +119,6 @@ std::string challenge_tenant(const std::string& www_authenticate) {
         if (!t.empty() && all_of_set(t, ".-")) return t;
     }
     return "";
-}
-
-std::string uuid4() {
-    std::string h = random_id();  // 32 hex digits
-    h[12] = '4';
-    h[16] = "89ab"[std::strtol(h.substr(16, 1).c_str(), nullptr, 16) & 3];
-    return h.substr(0, 8) + "-" + h.substr(8, 4) + "-" + h.substr(12, 4) + "-" + h.substr(16, 4) + "-" +
-           h.substr(20);
-}
-
-void scrub(std::string& s) {
-    if (!s.empty()) OPENSSL_cleanse(&s[0], s.size());
-    s.clear();
-}
-
-struct ScrubOnExit {
-    std::string& s;
-    ~ScrubOnExit() { scrub(s); }
-};
-
-// ------------------------------------------------------------- client certificate
-
-struct BioFree {
-    void operator()(BIO* b) const { BIO_free(b); }
-};
-struct X509Free {
-    void operator()(X509* x) const { X509_free(x); }
-};
-struct PkeyFree {
-    void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
-};
-
-const char kCertField[] = "client_certificate_file";
-
-std::unique_ptr<X509, X509Free> read_cert(const std::string& pem) {
-    std::unique_ptr<BIO, BioFree> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-    if (!bio) throw config_error(std::string(kCertField) + ": out of memory");
-    std::unique_ptr<X509, X509Free> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-    if (!cert) throw config_error(std::string(kCertField) + ": no PEM certificate in the file");
-    return cert;
-}
-
-std::unique_ptr<EVP_PKEY, PkeyFree> read_key(const std::string& pem) {
-    std::unique_ptr<BIO, BioFree> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-    if (!bio) throw config_error(std::string(kCertField) + ": out of memory");
-    // An empty passphrase callback: encrypted keys fail instead of prompting.
-    auto no_pass = [](char*, int, int, void*) -> int { return 0; };
-    std::unique_ptr<EVP_PKEY, PkeyFree> key(PEM_read_bio_PrivateKey(bio.get(), nullptr, no_pass, nullptr));
-    if (!key)
-        throw config_error(std::string(kCertField) +
-                           ": no unencrypted PEM private key in the file (it must hold the "
-                           "certificate and its private key)");
-    return key;
 }
 
 }  // namespace
@@ -312,7 +191,7 @@ KeyId parse_key_id(const std::string& url, const std::string& resource) {
     k.host = host;
     k.vault_url = "https://" + authority;
     k.url = k.vault_url + "/keys/" + k.name + "/" + k.version;
-    k.loopback = host == "127.0.0.1" || host == "localhost" || host == "[::1]";
+    k.loopback = kit::loopback_authority(host);
 
     bool known = false;
     for (const Cloud& c : kClouds) {
@@ -359,18 +238,11 @@ std::string Settings::scope() const {
 }
 
 Settings parse_settings(const KeyConfig& cfg) {
-    static const std::set<std::string> kKnown = {
-        "algorithm",  "ca_file",        "tenant_id",         "client_id", "client_secret_file",
-        "credential", "authority_host", "identity_endpoint", "resource",  "client_certificate_file",
-        "timeout"};
-    for (const auto& o : cfg.options)
-        if (!kKnown.count(o.first))
-            throw config_error(o.first +
-                               ": unknown option of the azure provider (known: algorithm, ca_file, "
-                               "credential, tenant_id, client_id, client_secret_file, "
-                               "client_certificate_file, authority_host, identity_endpoint, resource, "
-                               "timeout)");
-    auto opt = [&](const char* n) { return http::option(cfg, n); };
+    kit::require_known_options(cfg, "the azure provider",
+                               {"algorithm", "ca_file", "credential", "tenant_id", "client_id",
+                                "client_secret_file", "client_certificate_file", "authority_host",
+                                "identity_endpoint", "resource", "timeout"});
+    auto opt = [&](const char* n) { return kit::option(cfg, n); };
     // The server reads these files with the data directory as its working directory.
     for (const char* f : {"ca_file", "client_secret_file", "client_certificate_file"}) {
         std::string v = opt(f);
@@ -389,7 +261,7 @@ Settings parse_settings(const KeyConfig& cfg) {
                            "oct-HSM keys)");
 
     s.ca_file = opt("ca_file");
-    if (!s.ca_file.empty()) http::require_readable_file("ca_file", s.ca_file);
+    if (!s.ca_file.empty()) kit::require_readable_file("ca_file", s.ca_file);
 
     s.tenant_id = opt("tenant_id");
     s.client_id = opt("client_id");
@@ -397,7 +269,7 @@ Settings parse_settings(const KeyConfig& cfg) {
     s.client_certificate_file = opt("client_certificate_file");
     if (!s.tenant_id.empty() && (s.tenant_id.size() > 128 || !all_of_set(s.tenant_id, ".-")))
         throw config_error("tenant_id: \"" + s.tenant_id + "\" is not a tenant id (a GUID or a domain name)");
-    if (!s.client_id.empty() && !is_guid(s.client_id))
+    if (!s.client_id.empty() && !kit::is_uuid(s.client_id))
         throw config_error("client_id: \"" + s.client_id +
                            "\" is not a GUID (the application or identity client id)");
 
@@ -440,92 +312,12 @@ Settings parse_settings(const KeyConfig& cfg) {
         s.identity_endpoint.compare(0, 8, "https://") != 0)
         throw config_error("identity_endpoint: \"" + s.identity_endpoint + "\" is not an http(s) URL");
 
-    std::string t = opt("timeout");
-    if (!t.empty()) {
-        char* end = nullptr;
-        long v = std::strtol(t.c_str(), &end, 10);
-        if (!end || *end || v < 1 || v > 300)
-            throw config_error("timeout: \"" + t + "\" is not a number of seconds from 1 to 300");
-        s.timeout_ms = v * 1000;
-    }
+    // In seconds here (documented before the kit's timeout_ms); the kit's default.
+    s.timeout_ms = kit::int_option(cfg, "timeout", kit::kTimeoutMs / 1000, 1, 300, "seconds") * 1000;
     return s;
 }
 
-// ----------------------------------------------------------------- client assertion
-
-std::string certificate_thumbprint(const std::string& pem) {
-    return jwt::x509_thumbprint(pem, "sha1", kCertField);
-}
-
-// The RS256 client assertion (x5t header) Entra ID takes in place of a secret; the
-// JWT itself is built and signed by jwt.hpp, shared with the GCP provider.
-std::string client_assertion(const std::string& pem, const std::string& client_id,
-                             const std::string& audience, std::time_t now, const std::string& jti) {
-    auto cert = read_cert(pem);
-    auto key = read_key(pem);
-    if (EVP_PKEY_base_id(key.get()) != EVP_PKEY_RSA)
-        throw config_error(std::string(kCertField) + ": the private key is not an RSA key (RS256 needs RSA)");
-    if (X509_check_private_key(cert.get(), key.get()) != 1)
-        throw config_error(std::string(kCertField) + ": the private key does not belong to the certificate");
-    const int64_t t = static_cast<int64_t>(now);
-    jwt::JsonObject claims;
-    claims.set("aud", audience).set("iss", client_id).set("sub", client_id).set("jti", jti);
-    claims.set("nbf", t).set("iat", t).set("exp", t + 600);
-    return jwt::sign_rs256(jwt::rs256_header({{"x5t", certificate_thumbprint(pem)}}), claims, pem,
-                           kCertField);
-}
-
 // -------------------------------------------------------------------- answers
-
-Token parse_token_response(const http::Response& r, std::time_t now, const std::string& who, bool imds) {
-    if (r.status != 200) {
-        // Entra ID: {"error":"invalid_client","error_description":"AADSTS7000215: ..."};
-        // IMDS: {"error":"invalid_request","error_description":"Identity not found"}.
-        rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
-        std::string err, desc;
-        if (!d.HasParseError() && d.IsObject()) {
-            err = string_member(d, "error");
-            desc = string_member(d, "error_description");
-            desc = desc.substr(0, desc.find("\r"));
-            desc = desc.substr(0, desc.find("\n"));
-        }
-        std::string what = "HTTP " + std::to_string(r.status) + (err.empty() ? "" : " " + err) +
-                           (desc.empty() ? "" : ": " + one_line(desc, 160));
-        bool transient = http::transient_status(r.status) || (imds && (r.status == 404 || r.status == 410));
-        if (transient) throw unavailable(who + " is unavailable (" + what + "); retry later");
-        if (r.status == 400 || r.status == 401 || r.status == 403)
-            throw revoked(
-                who + " refused the credentials (" + what +
-                "); check the app's secret or certificate, or the identity assigned to this machine");
-        throw unavailable(who + " gave an unexpected answer (" + what + ")");
-    }
-    std::string body = r.body;  // parsed in place, then wiped: it holds the token
-    Token t;
-    {
-        rapidjson::Document d;
-        d.ParseInsitu(&body[0]);
-        if (d.HasParseError() || !d.IsObject()) {
-            scrub(body);
-            throw unavailable(who + " answered 200 with something that is not a token response");
-        }
-        const rapidjson::Value* at = member(d, "access_token");
-        if (!at || !at->IsString() || at->GetStringLength() == 0) {
-            scrub(body);
-            throw unavailable(who + " answered 200 without an access_token");
-        }
-        t.value = http::Secret(std::string(at->GetString(), at->GetStringLength()));
-        long long in = 0, on = 0;
-        if (int_member(d, "expires_in", &in) && in > 0)
-            t.expires_at = now + static_cast<std::time_t>(in);
-        else if (int_member(d, "expires_on", &on) && on > 0)
-            t.expires_at = static_cast<std::time_t>(on);
-        else
-            t.expires_at = now + 300;  // no lifetime given: use it briefly
-    }
-    scrub(body);
-    return t;
-}
 
 KeyStatus key_status_from(const std::string& body, std::time_t now, const KeyId& key) {
     KeyStatus s;
@@ -629,52 +421,22 @@ namespace {
 class AzureKeyVaultProvider : public KeyProvider {
 public:
     AzureKeyVaultProvider(const KeyConfig& cfg, Transport transport)
-        : cfg_(cfg), s_(parse_settings(cfg)), transport_(std::move(transport)) {
-        if (!transport_) {
-            transport_ = [](const http::Request& r) { return http::perform_with_retry(r); };
-        }
-        switch (s_.credential) {
-            case Credential::ClientSecret:
-                secret_ = http::secret_from(cfg, "client_secret_file", "AZURE_CLIENT_SECRET");
-                if (secret_.empty())
-                    throw config_error(
-                        "client_secret_file: no client secret for the azure provider: set "
-                        "client_secret_file=PATH (a file of mode 0600) or AZURE_CLIENT_SECRET in the "
-                        "environment (the server's, for the server)");
-                break;
-            case Credential::ClientCertificate:
-                secret_ = http::read_secret_file(kCertField, s_.client_certificate_file);
-                (void)client_assertion(secret_.str(), s_.client_id, s_.token_url(), std::time(nullptr),
-                                       "validate");  // fails now, naming the field, if unusable
-                break;
-            case Credential::ManagedIdentity:
-                if (s_.identity_endpoint.empty()) {
-                    const char* ep = std::getenv("IDENTITY_ENDPOINT");
-                    const char* hdr = std::getenv("IDENTITY_HEADER");
-                    if (ep && *ep && hdr && *hdr) {
-                        app_service_ = true;
-                        mi_endpoint_ = ep;
-                        secret_ = http::Secret(hdr);
-                    } else {
-                        mi_endpoint_ = "http://169.254.169.254/metadata/identity/oauth2/token";
-                    }
-                } else {
-                    mi_endpoint_ = s_.identity_endpoint;
-                }
-                break;
-        }
-    }
+        : cfg_(cfg),
+          s_(parse_settings(cfg)),
+          transport_(transport ? std::move(transport)
+                               : [](const http::Request& r) { return http::perform_with_retry(r); }),
+          identity_(cfg_, s_, transport_) {}
 
     std::string name() const override { return "azure"; }
     const KeyConfig& config() const override { return cfg_; }
 
     WrapResult wrap(const SecureBytes& kek) override {
         std::string body;
-        ScrubOnExit guard{body};  // it holds the KEK (base64url), on every path
+        kit::WipeOnExit guard{body};  // it holds the KEK (base64url), on every path
         body.reserve(64 + 2 * kek.size());
         body = "{\"alg\":\"" + s_.algorithm + "\",\"value\":\"";
         std::string value = base64url_encode(kek.data(), kek.size());
-        ScrubOnExit value_guard{value};
+        kit::WipeOnExit value_guard{value};
         body += value;
         body += "\"}";
         http::Response r = call("wrapkey", "POST", s_.key.url + "/wrapkey?api-version=" + kApiVersion, body);
@@ -705,26 +467,21 @@ public:
             call("unwrapkey", "POST", s_.key.url + "/unwrapkey?api-version=" + kApiVersion, body);
         last_request_id_ = r.header("x-ms-request-id");
         if (r.status != 200) throw vault_error(r, "unwrapkey", s_.key);
-        std::string text = r.body;
-        scrub(r.body);
+        kit::WipeOnExit wr{r.body};
         SecureBytes out;
         bool ok = false;
         {
             rapidjson::Document d;
-            d.ParseInsitu(&text[0]);
+            d.ParseInsitu(&r.body[0]);
             const rapidjson::Value* v = d.HasParseError() ? nullptr : member(d, "value");
             if (v && v->IsString() && v->GetStringLength() > 0) {
                 try {
-                    std::vector<uint8_t> raw =
-                        base64url_decode(std::string(v->GetString(), v->GetStringLength()));
-                    out = SecureBytes(raw.data(), raw.size());
-                    OPENSSL_cleanse(raw.data(), raw.size());
+                    out = kit::decode_secret(v->GetString(), v->GetStringLength(), true);
                     ok = true;
                 } catch (const std::exception&) {
                 }
             }
         }
-        scrub(text);
         if (!ok)
             throw unavailable("azure key vault: unwrapkey of key " + s_.key.url +
                               " answered 200 without a readable value");
@@ -752,12 +509,7 @@ public:
             st.request_id = r.header("x-ms-request-id");
             return st;
         } catch (const KmsError& e) {
-            if (e.kind == KmsErrorKind::Config) throw;
-            KeyStatus st;
-            st.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
-            st.state = e.kind == KmsErrorKind::Revoked ? "credentials refused" : "unavailable";
-            st.detail = e.what();
-            return st;
+            return kit::status_from_error(e, "credentials refused");
         }
     }
 
@@ -766,134 +518,35 @@ private:
     http::Response call(const std::string& op, const std::string& method, const std::string& url,
                         const std::string& body) {
         for (int attempt = 0;; ++attempt) {
-            http::Request req;
-            req.method = method;
-            req.url = url;
+            kit::Timing timing;
+            timing.timeout_ms = s_.timeout_ms;
+            http::Request req = http::request(method, url, timing, s_.ca_file);
+            struct Scrub {  // the bearer token and the body (the KEK), on every path
+                http::Request& r;
+                ~Scrub() { http::wipe(r); }
+            } scrub{req};
             req.body = body;
-            req.ca_file = s_.ca_file;
-            req.timeout_ms = s_.timeout_ms;
             req.headers.emplace_back("Authorization", std::string());
-            bearer(req.headers[0].second, attempt > 0);
+            identity_.bearer(req.headers[0].second, attempt > 0);
             req.headers.emplace_back("Accept", "application/json");
             req.headers.emplace_back("x-ms-client-request-id", uuid4());
-            req.headers.emplace_back("User-Agent", std::string("cmk_lakebase/") + CMK_VERSION);
+            req.headers.emplace_back("User-Agent", user_agent());
             if (method != "GET") req.headers.emplace_back("Content-Type", "application/json");
             http::Response r;
             try {
                 r = transport_(req);
             } catch (const KmsError& e) {
-                scrub(req.headers[0].second);
-                scrub(req.body);
-                throw transport_error(e, "azure key vault: " + op + " of key " + s_.key.url);
-            } catch (...) {
-                scrub(req.headers[0].second);
-                scrub(req.body);
-                throw;
+                throw transport_error(e, "azure key vault: " + op + " of key " + s_.key.url, s_.ca_file);
             }
-            scrub(req.headers[0].second);
-            scrub(req.body);
-            if (r.status == 401 && attempt == 0) {
-                std::lock_guard<std::mutex> g(mu_);
-                token_ = Token();
-                continue;
-            }
+            if (r.status == 401 && attempt == 0) continue;  // the next try asks a fresh token
             return r;
         }
-    }
-
-    // A transport failure (timeout, refused, TLS) with the provider, key and a hint.
-    KmsError transport_error(const KmsError& e, const std::string& what) const {
-        std::string m = what + ": " + e.what();
-        if (m.find("certificate") != std::string::npos || m.find("SSL") != std::string::npos)
-            m += s_.ca_file.empty() ? "; if the endpoint uses a private CA, set ca_file=PATH (PEM)"
-                                    : "; check that ca_file " + s_.ca_file + " holds the CA of the endpoint";
-        return KmsError(e.kind, m);
-    }
-
-    // out = "Bearer <token>": the cached token, or a new one when missing, near expiry
-    // or `fresh` is asked. Written in place so that no stray copy of the token is left.
-    void bearer(std::string& out, bool fresh) {
-        std::lock_guard<std::mutex> g(mu_);
-        std::time_t now = std::time(nullptr);
-        if (fresh || token_.value.empty() || now >= refresh_at_) {
-            token_ = fetch_token(now);
-            long life = static_cast<long>(token_.expires_at - now);
-            refresh_at_ = token_.expires_at - std::min<long>(300, std::max<long>(life / 2, 0));
-        }
-        out.reserve(7 + token_.value.str().size());
-        out = "Bearer ";
-        out += token_.value.str();
-    }
-
-    Token fetch_token(std::time_t now) {
-        http::Request req;
-        req.timeout_ms = s_.timeout_ms;
-        bool imds = s_.credential == Credential::ManagedIdentity;
-        std::string who;
-        if (imds) {
-            req.method = "GET";
-            who = "the managed identity endpoint " + mi_endpoint_;
-            req.url = mi_endpoint_ + (mi_endpoint_.find('?') == std::string::npos ? "?" : "&") +
-                      "api-version=" + (app_service_ ? "2019-08-01" : "2018-02-01") +
-                      "&resource=" + http::url_encode(s_.key.resource) +
-                      (s_.client_id.empty() ? "" : "&client_id=" + http::url_encode(s_.client_id));
-            if (app_service_)
-                req.headers.emplace_back("X-IDENTITY-HEADER", secret_.str());
-            else
-                req.headers.emplace_back("Metadata", "true");
-            req.connect_timeout_ms = 2000;
-            if (mi_endpoint_.compare(0, 8, "https://") == 0) req.ca_file = s_.ca_file;
-        } else {
-            who = "Entra ID (" + s_.authority_host + ", tenant " + s_.tenant_id + ")";
-            req.method = "POST";
-            req.url = s_.token_url();
-            req.ca_file = s_.ca_file;
-            req.headers.emplace_back("Content-Type", "application/x-www-form-urlencoded");
-            req.headers.emplace_back("Accept", "application/json");
-            req.body = "grant_type=client_credentials&client_id=" + http::url_encode(s_.client_id) +
-                       "&scope=" + http::url_encode(s_.scope());
-            if (s_.credential == Credential::ClientSecret) {
-                std::string enc = http::url_encode(secret_.str());
-                req.body += "&client_secret=" + enc;
-                scrub(enc);
-            } else {
-                std::string a = client_assertion(secret_.str(), s_.client_id, s_.token_url(), now, uuid4());
-                req.body +=
-                    "&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
-                    "&client_assertion=" +
-                    a;
-                scrub(a);
-            }
-        }
-        req.headers.emplace_back("User-Agent", std::string("cmk_lakebase/") + CMK_VERSION);
-        http::Response r;
-        try {
-            r = transport_(req);
-        } catch (const KmsError& e) {
-            scrub(req.body);
-            if (app_service_) scrub(req.headers[0].second);
-            throw transport_error(e, "azure key vault: token from " + who + " for key " + s_.key.url);
-        } catch (...) {
-            scrub(req.body);
-            if (app_service_) scrub(req.headers[0].second);
-            throw;
-        }
-        scrub(req.body);
-        if (app_service_) scrub(req.headers[0].second);
-        Token t = parse_token_response(r, now, who, imds);
-        scrub(r.body);
-        return t;
     }
 
     KeyConfig cfg_;
     Settings s_;
     Transport transport_;
-    http::Secret secret_;  // client secret, certificate PEM (with key), or App Service header
-    std::string mi_endpoint_;
-    bool app_service_ = false;
-    std::mutex mu_;
-    Token token_;
-    std::time_t refresh_at_ = 0;
+    Identity identity_;
 };
 
 }  // namespace

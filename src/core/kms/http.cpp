@@ -4,32 +4,17 @@
 #include "http.hpp"
 
 #include <curl/curl.h>
-#include <fcntl.h>
 #include <openssl/crypto.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
-#include <cerrno>
-#include <chrono>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <mutex>
-#include <random>
-#include <thread>
-
-#include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::http {
 namespace {
 
-KmsError unavailable(const std::string& m) {
-    return KmsError(KmsErrorKind::Unavailable, m);
-}
-KmsError config_error(const std::string& m) {
-    return KmsError(KmsErrorKind::Config, m);
-}
+using kit::unavailable;
 
 void global_init() {
     static std::once_flag once;
@@ -144,8 +129,7 @@ bool transient_status(long s) {
 
 Response perform_with_retry(const Request& req, const RetryPolicy& policy,
                             const std::function<bool(const Response&)>& transient) {
-    std::mt19937 rng(std::random_device{}());
-    long delay = policy.first_delay_ms;
+    kit::Backoff backoff;
     int attempts = policy.attempts < 1 ? 1 : policy.attempts;
     for (int i = 1;; ++i) {
         bool last = i >= attempts;
@@ -156,17 +140,15 @@ Response perform_with_retry(const Request& req, const RetryPolicy& policy,
         } catch (const KmsError& e) {
             if (e.kind != KmsErrorKind::Unavailable || last) throw;
         }
-        long jitter = delay > 1 ? static_cast<long>(rng() % static_cast<unsigned long>(delay / 2 + 1)) : 0;
-        std::this_thread::sleep_for(std::chrono::milliseconds(delay / 2 + jitter));
-        delay = std::min(delay * 2, policy.max_delay_ms);
+        backoff.pause();
     }
 }
 
-std::string url_encode(const std::string& s) {
+std::string url_encode(const std::string& s, bool keep_slash) {
     static const char* hex = "0123456789ABCDEF";
     std::string out;
     for (unsigned char c : s) {
-        if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+        if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || (keep_slash && c == '/')) {
             out.push_back(static_cast<char>(c));
         } else {
             out.push_back('%');
@@ -177,65 +159,33 @@ std::string url_encode(const std::string& s) {
     return out;
 }
 
-Secret::~Secret() {
-    if (!v_.empty()) OPENSSL_cleanse(&v_[0], v_.size());
+Request request(const std::string& method, const std::string& url, const kit::Timing& timing,
+                const std::string& ca_file) {
+    Request r;
+    r.method = method;
+    r.url = url;
+    r.ca_file = ca_file;
+    r.timeout_ms = timing.timeout_ms;
+    r.connect_timeout_ms = std::min(timing.connect_timeout_ms, timing.timeout_ms);
+    return r;
 }
 
-Secret& Secret::operator=(Secret&& o) noexcept {
-    if (this != &o) {
-        if (!v_.empty()) OPENSSL_cleanse(&v_[0], v_.size());
-        v_ = std::move(o.v_);
-        o.v_.clear();
-    }
-    return *this;
+void wipe(Request& req) {
+    for (auto& h : req.headers) kit::wipe(h.second);
+    kit::wipe(req.body);
 }
 
-Secret read_secret_file(const std::string& field, const std::string& path) {
-    if (path.empty()) throw config_error(field + ": empty file path");
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0)
-        throw config_error(field + ": cannot read \"" + path + "\": " + std::strerror(errno));
-    if (!S_ISREG(st.st_mode)) throw config_error(field + ": \"" + path + "\" is not a regular file");
-    if (st.st_mode & 077)
-        throw config_error(field + ": \"" + path + "\" is readable by group or others; run: chmod 600 " +
-                           path);
-    std::string text;
+Response send_wiped(Request& req, const std::string& what, const RetryPolicy& policy,
+                    const std::function<bool(const Response&)>& transient) {
+    struct Guard {
+        Request& r;
+        ~Guard() { wipe(r); }
+    } guard{req};
     try {
-        text = sys::read_file(path.c_str());
-    } catch (const std::exception& e) {
-        throw config_error(field + ": " + e.what());
+        return perform_with_retry(req, policy, transient);
+    } catch (const KmsError& e) {
+        throw KmsError(e.kind, what + ": " + e.what());
     }
-    Secret s(std::move(text));
-    std::string& v = const_cast<std::string&>(s.str());
-    while (!v.empty() && std::isspace(static_cast<unsigned char>(v.back()))) {
-        v.back() = 0;
-        v.pop_back();
-    }
-    if (v.empty()) throw config_error(field + ": \"" + path + "\" is empty");
-    return s;
-}
-
-Secret secret_from(const KeyConfig& cfg, const std::string& file_option, const char* env_var) {
-    auto it = cfg.options.find(file_option);
-    if (it != cfg.options.end() && !it->second.empty()) return read_secret_file(file_option, it->second);
-    const char* e = env_var ? std::getenv(env_var) : nullptr;
-    if (e && *e) return Secret(e);
-    return Secret();
-}
-
-void require_readable_file(const std::string& field, const std::string& path) {
-    struct stat st;
-    if (path.empty()) throw config_error(field + ": empty file path");
-    if (::stat(path.c_str(), &st) != 0)
-        throw config_error(field + ": cannot read \"" + path + "\": " + std::strerror(errno));
-    if (!S_ISREG(st.st_mode)) throw config_error(field + ": \"" + path + "\" is not a regular file");
-    if (::access(path.c_str(), R_OK) != 0)
-        throw config_error(field + ": cannot read \"" + path + "\": " + std::strerror(errno));
-}
-
-std::string option(const KeyConfig& cfg, const std::string& name, const std::string& def) {
-    auto it = cfg.options.find(name);
-    return it == cfg.options.end() ? def : it->second;
 }
 
 }  // namespace cmk::http

@@ -2,9 +2,9 @@
 // TLS peer and host verification always on (an optional CA file replaces the system
 // store; it never turns verification off), and retries with backoff for transient
 // answers only. Transport failures are KmsError Unavailable; what an HTTP status
-// means is each provider's decision. Also the small helpers every provider needs:
-// secrets from files or the environment (wiped on release), URL encoding.
-// Pure C++ on libcurl; knows nothing of PostgreSQL.
+// means is each provider's decision. The rest a provider needs (options, secrets,
+// timing defaults, the loopback rule) is the kit's (kit.hpp). Pure C++ on libcurl;
+// knows nothing of PostgreSQL.
 #pragma once
 
 #include <functional>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cmk_lakebase/kms/provider.hpp"
+#include "kit.hpp"
 
 namespace cmk::http {
 
@@ -22,8 +23,8 @@ struct Request {
     std::string url;
     std::vector<std::pair<std::string, std::string>> headers;  // name, value
     std::string body;
-    long connect_timeout_ms = 3000;
-    long timeout_ms = 10000;  // whole request
+    long connect_timeout_ms = kit::kConnectTimeoutMs;
+    long timeout_ms = kit::kTimeoutMs;  // whole request
     std::string ca_file;      // PEM bundle; "" = the system's trust store
     std::string client_cert;  // PEM, for mutual TLS; "" = none
     std::string client_key;   // PEM
@@ -41,9 +42,7 @@ struct Response {
 Response perform(const Request& req);
 
 struct RetryPolicy {
-    int attempts = 3;           // total tries
-    long first_delay_ms = 200;  // doubled each retry (with jitter), capped below
-    long max_delay_ms = 2000;
+    int attempts = kit::kAttempts;  // total tries; pauses between them: kit::Backoff
 };
 
 // HTTP statuses that are transient everywhere: 408, 429, 500, 502, 503, 504.
@@ -55,40 +54,25 @@ bool transient_status(long status);
 Response perform_with_retry(const Request& req, const RetryPolicy& policy = {},
                             const std::function<bool(const Response&)>& transient = nullptr);
 
-// RFC 3986 percent-encoding of everything but unreserved characters.
-std::string url_encode(const std::string& s);
+// RFC 3986 percent-encoding of everything but unreserved characters (and '/' when
+// keep_slash: a path, as SigV4's canonical URI wants it).
+std::string url_encode(const std::string& s, bool keep_slash = false);
 
-// A secret's text that is wiped (OPENSSL_cleanse) when it goes away. Move-only.
-class Secret {
-public:
-    Secret() = default;
-    explicit Secret(std::string v) : v_(std::move(v)) {}
-    ~Secret();
-    Secret(Secret&& o) noexcept : v_(std::move(o.v_)) { o.v_.clear(); }
-    Secret& operator=(Secret&& o) noexcept;
-    Secret(const Secret&) = delete;
-    Secret& operator=(const Secret&) = delete;
-    const std::string& str() const { return v_; }
-    bool empty() const { return v_.empty(); }
+// A request with a provider's timing and CA bundle ("" = the system's trust store).
+// The connect timeout is never above the whole request's.
+Request request(const std::string& method, const std::string& url, const kit::Timing& timing,
+                const std::string& ca_file);
 
-private:
-    std::string v_;
-};
+// Wipes every header value and the body of a request (tokens, signatures, key material).
+void wipe(Request& req);
 
-// Reads a secret from a file (trailing newline/spaces trimmed). The file must be a
-// regular file not readable by group or others. Throws KmsError Config naming `field`
-// (missing, unreadable, empty, too open).
-Secret read_secret_file(const std::string& field, const std::string& path);
+// perform_with_retry(), with the request wiped (wipe()) on every path. A transport
+// failure is rethrown as a KmsError of the same kind whose message is
+// `what + ": " + the transport's message`.
+Response send_wiped(Request& req, const std::string& what, const RetryPolicy& policy = {},
+                    const std::function<bool(const Response&)>& transient = nullptr);
 
-// The value of cfg.options[file_option] read as a secret file if set, else the
-// environment variable env_var if set and non-empty, else an empty Secret.
-Secret secret_from(const KeyConfig& cfg, const std::string& file_option, const char* env_var);
-
-// Throws KmsError Config naming `field` unless path is a readable regular file
-// (CA bundles, client certificates: checked at configuration time).
-void require_readable_file(const std::string& field, const std::string& path);
-
-// Option lookup: the value, or def.
-std::string option(const KeyConfig& cfg, const std::string& name, const std::string& def = "");
+// The secrets of kit.hpp, under the names the HTTP providers and their tests know.
+using kit::Secret;
 
 }  // namespace cmk::http

@@ -18,30 +18,16 @@
 
 #include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
+#include "kit.hpp"
 
 namespace cmk::jwt {
 namespace {
 
-struct BioDeleter {
-    void operator()(BIO* b) const { BIO_free(b); }
-};
-struct PkeyDeleter {
-    void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
-};
-struct MdCtxDeleter {
-    void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-};
-struct X509Deleter {
-    void operator()(X509* x) const { X509_free(x); }
-};
-using BioPtr = std::unique_ptr<BIO, BioDeleter>;
-using PkeyPtr = std::unique_ptr<EVP_PKEY, PkeyDeleter>;
-using MdCtxPtr = std::unique_ptr<EVP_MD_CTX, MdCtxDeleter>;
-using X509Ptr = std::unique_ptr<X509, X509Deleter>;
-
-KmsError config_error(const std::string& m) {
-    return KmsError(KmsErrorKind::Config, m);
-}
+using kit::BioPtr;
+using kit::config_error;
+using kit::MdCtxPtr;
+using kit::PkeyPtr;
+using kit::X509Ptr;
 
 BioPtr mem_bio(const std::string& pem) {
     BioPtr b(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));

@@ -32,17 +32,14 @@
 #include <openssl/x509v3.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <memory>
-#include <random>
-#include <thread>
 
-#include "http.hpp"
+#include "kit.hpp"
 #include "kmip.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "cmk_lakebase/base/sys.hpp"
@@ -58,9 +55,7 @@ constexpr uint8_t kBlobFormat = 1;
 constexpr uint8_t kBlobAesCbcPkcs5 = 1;
 constexpr size_t kIvSize = 16;
 
-KmsError config_error(const std::string& m) {
-    return KmsError(KmsErrorKind::Config, m);
-}
+using kit::config_error;
 
 // A failure of one attempt; `transient` says whether another attempt may succeed.
 struct AttemptError {
@@ -69,18 +64,9 @@ struct AttemptError {
     bool transient;
 };
 
-struct SslCtxDeleter {
-    void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
-};
-struct SslDeleter {
-    void operator()(SSL* s) const { SSL_free(s); }
-};
-struct BioDeleter {
-    void operator()(BIO* b) const { BIO_free(b); }
-};
-using SslCtxPtr = std::unique_ptr<SSL_CTX, SslCtxDeleter>;
-using SslPtr = std::unique_ptr<SSL, SslDeleter>;
-using BioPtr = std::unique_ptr<BIO, BioDeleter>;
+using kit::BioPtr;
+using kit::SslCtxPtr;
+using kit::SslPtr;
 
 struct Fd {
     int fd = -1;
@@ -102,30 +88,6 @@ std::string openssl_reason() {
     return buf;
 }
 
-long parse_long_option(const KeyConfig& cfg, const std::string& name, long def, long lo, long hi) {
-    std::string v = http::option(cfg, name);
-    if (v.empty()) return def;
-    char* end = nullptr;
-    errno = 0;
-    long n = std::strtol(v.c_str(), &end, 10);
-    if (errno != 0 || end == v.c_str() || *end != '\0' || n < lo || n > hi)
-        throw config_error(name + ": must be an integer from " + std::to_string(lo) + " to " +
-                           std::to_string(hi) + ", got \"" + v + "\"");
-    return n;
-}
-
-// A private key file must not be readable by group or others (as read_secret_file).
-void require_private_file(const std::string& field, const std::string& path) {
-    http::require_readable_file(field, path);
-    struct stat st;
-    if (::stat(path.c_str(), &st) == 0 && (st.st_mode & 077)) {
-        char mode[8];
-        std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-        throw config_error(field + ": \"" + path + "\" is accessible by group or others (mode " + mode +
-                           "); run: chmod 600 " + path);
-    }
-}
-
 bool is_ip_literal(const std::string& h) {
     unsigned char buf[sizeof(struct in6_addr)];
     return inet_pton(AF_INET, h.c_str(), buf) == 1 || inet_pton(AF_INET6, h.c_str(), buf) == 1;
@@ -136,50 +98,42 @@ struct Settings {
     std::string port;
     std::string server_name;  // what the server certificate must name
     std::string ca_file, client_cert, client_key;
-    long connect_timeout_ms = 3000;
-    long timeout_ms = 10000;
-    int attempts = 3;
+    // The kit's timing; the option for the tries is "attempts" here (documented
+    // before the kit's "retries"), with the same default.
+    kit::Timing timing;
 };
 
 Settings read_settings(const KeyConfig& cfg) {
-    static const char* known[] = {"host",       "port",        "ca_file",    "client_cert",
-                                  "client_key", "server_name", "timeout_ms", "connect_timeout_ms",
-                                  "attempts"};
-    for (const auto& o : cfg.options) {
-        bool ok = false;
-        for (const char* k : known) ok = ok || o.first == k;
-        if (!ok)
-            throw config_error(
-                o.first +
-                ": unknown option of the kmip provider (known: host, port, ca_file, client_cert, "
-                "client_key, server_name, timeout_ms, connect_timeout_ms, attempts)");
-    }
+    kit::require_known_options(cfg, "the kmip provider",
+                               {"host", "port", "ca_file", "client_cert", "client_key", "server_name",
+                                "timeout_ms", "connect_timeout_ms", "attempts"});
     Settings s;
-    s.host = http::option(cfg, "host");
+    s.host = kit::option(cfg, "host");
     if (s.host.empty())
         throw config_error("host: the kmip provider needs option host (the KMIP server's name or address)");
-    s.port = std::to_string(parse_long_option(cfg, "port", 5696, 1, 65535));
-    s.server_name = http::option(cfg, "server_name", s.host);
-    s.ca_file = http::option(cfg, "ca_file");
+    s.port = std::to_string(kit::int_option(cfg, "port", 5696, 1, 65535));
+    s.server_name = kit::option(cfg, "server_name", s.host);
+    s.ca_file = kit::option(cfg, "ca_file");
     if (s.ca_file.empty())
         throw config_error(
             "ca_file: the kmip provider needs option ca_file (PEM CA bundle that signed the KMIP "
             "server's certificate)");
-    http::require_readable_file("ca_file", s.ca_file);
-    s.client_cert = http::option(cfg, "client_cert");
+    kit::require_readable_file("ca_file", s.ca_file);
+    s.client_cert = kit::option(cfg, "client_cert");
     if (s.client_cert.empty())
         throw config_error(
             "client_cert: the kmip provider needs option client_cert (PEM client certificate for "
             "mutual TLS)");
-    http::require_readable_file("client_cert", s.client_cert);
-    s.client_key = http::option(cfg, "client_key");
+    kit::require_readable_file("client_cert", s.client_cert);
+    s.client_key = kit::option(cfg, "client_key");
     if (s.client_key.empty())
         throw config_error(
             "client_key: the kmip provider needs option client_key (PEM private key of client_cert)");
-    require_private_file("client_key", s.client_key);
-    s.connect_timeout_ms = parse_long_option(cfg, "connect_timeout_ms", 3000, 100, 600000);
-    s.timeout_ms = parse_long_option(cfg, "timeout_ms", 10000, 100, 600000);
-    s.attempts = static_cast<int>(parse_long_option(cfg, "attempts", 3, 1, 10));
+    kit::require_private_file("client_key", s.client_key);
+    s.timing.connect_timeout_ms =
+        kit::int_option(cfg, "connect_timeout_ms", kit::kConnectTimeoutMs, 100, 600000);
+    s.timing.timeout_ms = kit::int_option(cfg, "timeout_ms", kit::kTimeoutMs, 100, 600000);
+    s.timing.attempts = static_cast<int>(kit::int_option(cfg, "attempts", kit::kAttempts, 1, 10));
     if (cfg.key_id.empty() || cfg.key_id.size() > 256)
         throw config_error("key_id: the KMIP Unique Identifier of the key must be 1 to 256 characters");
     for (unsigned char c : cfg.key_id)
@@ -218,7 +172,7 @@ public:
     Connection(const Settings& s, SSL_CTX* ctx) : s_(s), ctx_(ctx) {}
 
     Bytes exchange(const Bytes& request) {
-        deadline_ = Clock::now() + std::chrono::milliseconds(s_.timeout_ms);
+        deadline_ = Clock::now() + std::chrono::milliseconds(s_.timing.timeout_ms);
         connect_tcp();
         start_tls();
         write_all(request.data(), request.size());
@@ -272,7 +226,7 @@ private:
         int g = ::getaddrinfo(s_.host.c_str(), s_.port.c_str(), &hints, &res);
         if (g != 0) fail(std::string("cannot resolve host: ") + gai_strerror(g), true);
         std::unique_ptr<struct addrinfo, void (*)(struct addrinfo*)> guard(res, ::freeaddrinfo);
-        Clock::time_point until = Clock::now() + std::chrono::milliseconds(s_.connect_timeout_ms);
+        Clock::time_point until = Clock::now() + std::chrono::milliseconds(s_.timing.connect_timeout_ms);
         if (until > deadline_) until = deadline_;
         std::string last = "no address";
         for (struct addrinfo* ai = res; ai; ai = ai->ai_next) {
@@ -292,7 +246,7 @@ private:
                 bool ready = wait_for(POLLOUT, until);
                 std::swap(fd_.fd, fd.fd);
                 if (!ready) {
-                    last = "connect timed out after " + std::to_string(s_.connect_timeout_ms) + " ms";
+                    last = "connect timed out after " + std::to_string(s_.timing.connect_timeout_ms) + " ms";
                     continue;
                 }
                 int err = 0;
@@ -377,7 +331,7 @@ private:
                     if (wait_for(POLLOUT, deadline_)) continue;
                     OPENSSL_cleanse(buf, sizeof buf);
                     if (!must) return;
-                    fail("timed out after " + std::to_string(s_.timeout_ms) + " ms sending", true);
+                    fail("timed out after " + std::to_string(s_.timing.timeout_ms) + " ms sending", true);
                 }
                 OPENSSL_cleanse(buf, sizeof buf);
                 if (!must) return;
@@ -403,7 +357,8 @@ private:
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 if (wait_for(POLLIN, deadline_)) continue;
-                fail(std::string(what) + ": no answer within " + std::to_string(s_.timeout_ms) + " ms", true);
+                fail(std::string(what) + ": no answer within " + std::to_string(s_.timing.timeout_ms) + " ms",
+                     true);
             }
             fail(std::string(what) + ": recv failed: " + std::strerror(errno), true);
         }
@@ -571,21 +526,18 @@ private:
         last_reason_ = 0;
         Bytes request = kmip::encode(kmip::request_message(op, std::move(payload)));
         std::string what = std::string(kmip::operation_name(op)) + " of key " + cfg_.key_id;
-        std::mt19937 rng(std::random_device{}());
-        long delay = 200;
+        kit::Backoff backoff;
         for (int attempt = 1;; attempt++) {
             try {
                 return attempt_once(op, request, what);
             } catch (const AttemptError& e) {
-                if (!e.transient || attempt >= s_.attempts)
+                if (!e.transient || attempt >= s_.timing.attempts)
                     throw KmsError(e.kind, "kmip provider: " + e.msg +
                                                (e.kind == KmsErrorKind::Unavailable && attempt > 1
                                                     ? " (after " + std::to_string(attempt) + " attempts)"
                                                     : std::string()));
             }
-            long jitter = std::uniform_int_distribution<long>(0, delay / 2)(rng);
-            std::this_thread::sleep_for(std::chrono::milliseconds(delay + jitter));
-            delay = std::min(delay * 2, 2000L);
+            backoff.pause();
         }
     }
 

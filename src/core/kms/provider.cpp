@@ -1,11 +1,10 @@
-// Key provider dispatch (kms.hpp): validates a key configuration and returns the
-// provider for it: local, kmip, aws, azure, vault, gcp (one implementation file each,
-// kms_<name>.cpp). Each factory validates its own options before any KMS call.
+// Key provider dispatch (kms/provider.hpp): validates a key configuration and returns
+// the provider for it: local, kmip, aws, azure, vault, gcp (one implementation file
+// each, <name>.cpp, on the shared provider kit, kit.hpp). Each factory validates its
+// own options before any KMS call.
 #include "cmk_lakebase/kms/provider.hpp"
 #include "azure.hpp"
-
-#include <pwd.h>
-#include <unistd.h>
+#include "kit.hpp"
 
 #include <cstdlib>
 
@@ -62,12 +61,7 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
 std::string default_local_key_store() {
     const char* env = std::getenv("CMK_LAKEBASE_KEY_STORE");
     if (env && *env) return env;
-    const char* home = std::getenv("HOME");
-    std::string h = home && *home ? home : "";
-    if (h.empty()) {
-        struct passwd* pw = getpwuid(getuid());
-        if (pw && pw->pw_dir) h = pw->pw_dir;
-    }
+    std::string h = kit::home_dir();
     if (h.empty()) h = "/";
     if (h.size() > 1 && h.back() == '/') h.pop_back();
     return (h == "/" ? "" : h) + "/.cmk_lakebase/keys";

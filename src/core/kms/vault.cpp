@@ -8,18 +8,14 @@
 // Credentials: a token from token_file (re-read on every login, so a rotated file is
 // picked up) or $VAULT_TOKEN, or AppRole (role_id_file + secret_id_file ->
 // POST /v1/auth/<approle_mount>/login) with the client token cached until shortly
-// before its lease ends. Secrets are wiped after use and never appear in messages.
+// before its lease ends (kit::TokenCache). Options, secrets, timing and the loopback
+// rule are the kit's (kit.hpp). Secrets are wiped after use and never appear in messages.
 #include "vault.hpp"
-
-#include <openssl/crypto.h>
 
 #include <rapidjson/document.h>
 
-#include <chrono>
-#include <cstdlib>
-#include <mutex>
-
 #include "http.hpp"
+#include "kit.hpp"
 
 namespace cmk {
 
@@ -97,52 +93,22 @@ namespace {
 
 using vault::Op;
 
-KmsError config_error(const std::string& m) {
-    return KmsError(KmsErrorKind::Config, m);
-}
-
-// A Vault dev server or a local agent/proxy listens on plain http on this machine.
-bool plain_http_to_this_machine(const std::string& url) {
-    if (url.rfind("http://", 0) != 0) return false;
-    std::string rest = url.substr(7);
-    for (std::string h : {"127.0.0.1", "localhost", "[::1]"}) {
-        if (rest.compare(0, h.size(), h) == 0 &&
-            (rest.size() == h.size() || rest[h.size()] == ':' || rest[h.size()] == '/'))
-            return true;
-    }
-    return false;
-}
-
-// A std::string that held a secret (a token, base64 of the KEK) is wiped on scope exit.
-struct Wipe {
-    std::string& s;
-    ~Wipe() {
-        if (!s.empty()) OPENSSL_cleanse(&s[0], s.size());
-    }
-};
-
-const rapidjson::Value* member(const rapidjson::Value& o, const char* name) {
-    if (!o.IsObject()) return nullptr;
-    auto it = o.FindMember(name);
-    return it == o.MemberEnd() ? nullptr : &it->value;
-}
-
-std::string json_string_field(const rapidjson::Value* v) {
-    return v && v->IsString() ? std::string(v->GetString(), v->GetStringLength()) : std::string();
-}
+using kit::config_error;
+using kit::member;
+using kit::member_or_null;
+using kit::string_of;
 
 class VaultProvider : public KeyProvider {
 public:
     explicit VaultProvider(KeyConfig cfg) : cfg_(std::move(cfg)) {
-        addr_ = http::option(cfg_, "addr");
+        addr_ = kit::option(cfg_, "addr");
         while (!addr_.empty() && addr_.back() == '/') addr_.pop_back();
-        mount_ = http::option(cfg_, "mount", "transit");
-        namespace_ = http::option(cfg_, "namespace");
-        ca_file_ = http::option(cfg_, "ca_file");
-        approle_mount_ = http::option(cfg_, "approle_mount", "approle");
-        approle_ = !http::option(cfg_, "role_id_file").empty();
-        std::string t = http::option(cfg_, "timeout_ms");
-        if (!t.empty()) timeout_ms_ = std::stol(t);
+        mount_ = kit::option(cfg_, "mount", "transit");
+        namespace_ = kit::option(cfg_, "namespace");
+        ca_file_ = kit::option(cfg_, "ca_file");
+        approle_mount_ = kit::option(cfg_, "approle_mount", "approle");
+        approle_ = !kit::option(cfg_, "role_id_file").empty();
+        timing_ = kit::read_timing(cfg_);
     }
 
     std::string name() const override { return "vault"; }
@@ -153,13 +119,13 @@ public:
         // CMK must be created (and its policy set) by its owner, not by us.
         read_key();
         std::string b64 = base64_encode(kek.data(), kek.size());
-        Wipe w1{b64};
+        kit::WipeOnExit w1{b64};
         std::string body = "{\"plaintext\":\"" + b64 + "\"}";
-        Wipe w2{body};
+        kit::WipeOnExit w2{body};
         http::Response r = call(Op::Encrypt, "POST", key_path("encrypt"), body);
         rapidjson::Document d;
         d.Parse(r.body.c_str(), r.body.size());
-        std::string ct = json_string_field(member(member_or_null(d, "data"), "ciphertext"));
+        std::string ct = string_of(member(member_or_null(d, "data"), "ciphertext"));
         uint32_t ver = vault::ciphertext_version(ct);
         if (ver == 0) throw unavailable_error("encrypt", "the answer has no Transit ciphertext");
         WrapResult out;
@@ -180,20 +146,13 @@ public:
         std::string body = "{\"ciphertext\":\"" + ct + "\"}";
         last_request_id_.clear();
         http::Response r = call(Op::Decrypt, "POST", key_path("decrypt"), body);
-        Wipe wr{r.body};
+        kit::WipeOnExit wr{r.body};
         rapidjson::Document d;
         d.ParseInsitu(&r.body[0]);  // in place: no copy of the plaintext outside r.body
-        last_request_id_ = json_string_field(member(d, "request_id"));
-        const rapidjson::Value* pt = member(member_or_null(d, "data"), "plaintext");
-        if (!pt || !pt->IsString()) throw unavailable_error("decrypt", "the answer has no plaintext");
-        std::vector<uint8_t> raw;
-        try {
-            raw = base64_decode(std::string(pt->GetString(), pt->GetStringLength()));
-        } catch (const CryptoError&) {
-            throw unavailable_error("decrypt", "the plaintext is not base64");
-        }
-        SecureBytes kek(raw.data(), raw.size());
-        OPENSSL_cleanse(raw.data(), raw.size());
+        last_request_id_ = string_of(member(d, "request_id"));
+        SecureBytes kek = kit::decode_secret(member(member_or_null(d, "data"), "plaintext"),
+                                             unavailable_error("decrypt", "the answer has no plaintext"),
+                                             unavailable_error("decrypt", "the plaintext is not base64"));
         our_version_ = ver;
         return kek;
     }
@@ -224,10 +183,7 @@ public:
                            ", min_decryption_version " + std::to_string(k.min_decrypt);
             }
         } catch (const KmsError& e) {
-            if (e.kind == KmsErrorKind::Config) throw;
-            s.health = e.kind == KmsErrorKind::Revoked ? KeyHealth::Revoked : KeyHealth::Unavailable;
-            s.state = e.kind == KmsErrorKind::Revoked ? "revoked" : "unavailable";
-            s.detail = e.what();
+            s = kit::status_from_error(e);
         }
         return s;
     }
@@ -241,7 +197,7 @@ public:
         http::Response r = call(Op::Rewrap, "POST", key_path("rewrap"), "{\"ciphertext\":\"" + ct + "\"}");
         rapidjson::Document d;
         d.Parse(r.body.c_str(), r.body.size());
-        std::string nct = json_string_field(member(member_or_null(d, "data"), "ciphertext"));
+        std::string nct = string_of(member(member_or_null(d, "data"), "ciphertext"));
         uint32_t ver = vault::ciphertext_version(nct);
         if (ver == 0) throw unavailable_error("rewrap", "the answer has no Transit ciphertext");
         if (key_version) *key_version = std::to_string(ver);
@@ -258,12 +214,6 @@ private:
         std::string request_id;
     };
 
-    static const rapidjson::Value& member_or_null(const rapidjson::Value& o, const char* name) {
-        static const rapidjson::Value null_value;
-        const rapidjson::Value* v = member(o, name);
-        return v ? *v : null_value;
-    }
-
     std::string where() const {
         return "Vault Transit key " + cfg_.key_id + " (mount " + mount_ + " at " + addr_ +
                (namespace_.empty() ? "" : ", namespace " + namespace_) + ")";
@@ -276,7 +226,7 @@ private:
     static std::string request_id(const http::Response& r) {
         rapidjson::Document d;
         d.Parse(r.body.c_str(), r.body.size());
-        return json_string_field(member(d, "request_id"));
+        return string_of(member(d, "request_id"));
     }
 
     KmsError unavailable_error(const std::string& op, const std::string& why) const {
@@ -296,46 +246,47 @@ private:
         if (v && v->IsUint()) k.min_decrypt = v->GetUint();
         v = member(data, "supports_decryption");
         if (v && v->IsBool()) k.supports_decryption = v->GetBool();
-        k.type = json_string_field(member(data, "type"));
-        k.request_id = json_string_field(member(d, "request_id"));
+        k.type = string_of(member(data, "type"));
+        k.request_id = string_of(member(d, "request_id"));
         return k;
     }
 
     // The token for the next request: the file or environment, or an AppRole login.
-    http::Secret token(bool force_login) {
+    kit::Secret token(bool force_login) {
         if (!approle_) {
-            http::Secret t = http::secret_from(cfg_, "token_file", "VAULT_TOKEN");
+            kit::Secret t = kit::secret_from(cfg_, "token_file", "VAULT_TOKEN");
             if (t.empty())
                 throw config_error("token_file: no Vault token for " + where() +
                                    " (set option token_file, the environment variable VAULT_TOKEN of the "
                                    "server, or role_id_file and secret_id_file)");
             return t;
         }
-        std::lock_guard<std::mutex> g(mu_);
-        auto now = std::chrono::steady_clock::now();
-        if (!force_login && !cached_.empty() && now < cached_until_) return http::Secret(cached_.str());
-        http::Secret role = http::read_secret_file("role_id_file", http::option(cfg_, "role_id_file"));
-        http::Secret secret = http::read_secret_file("secret_id_file", http::option(cfg_, "secret_id_file"));
+        return login_.get(force_login, [this](long* life) { return login(life); });
+    }
+
+    // An AppRole login: the client token and its lease. The ids are read from their
+    // files on each login, so that a rotated secret id is picked up.
+    kit::Secret login(long* life_s) {
+        kit::Secret role = kit::read_secret_file("role_id_file", kit::option(cfg_, "role_id_file"));
+        kit::Secret secret = kit::read_secret_file("secret_id_file", kit::option(cfg_, "secret_id_file"));
         std::string body = "{\"role_id\":\"" + json_escape(role.str()) + "\",\"secret_id\":\"" +
                            json_escape(secret.str()) + "\"}";
-        Wipe wb{body};
+        kit::WipeOnExit wb{body};
         http::Response r = send(Op::Login, "POST", "/v1/auth/" + approle_mount_ + "/login", body, nullptr);
-        Wipe wr{r.body};
+        kit::WipeOnExit wr{r.body};
         rapidjson::Document d;
         d.ParseInsitu(&r.body[0]);
         const rapidjson::Value& auth = member_or_null(d, "auth");
         const rapidjson::Value* tok = member(auth, "client_token");
         if (!tok || !tok->IsString() || tok->GetStringLength() == 0)
-            throw KmsError(KmsErrorKind::Unavailable, "vault AppRole login at " + addr_ + " for " + where() +
-                                                          " returned no client token");
+            throw kit::unavailable("vault AppRole login at " + addr_ + " for " + where() +
+                                   " returned no client token");
         long lease = 0;
         const rapidjson::Value* ld = member(auth, "lease_duration");
         if (ld && ld->IsInt64()) lease = static_cast<long>(ld->GetInt64());
-        // Renew well before the lease ends; a lease of 0 means no expiry (root-like).
-        long keep = lease <= 0 ? 3600 : lease > 120 ? lease - 60 : lease / 2;
-        cached_ = http::Secret(std::string(tok->GetString(), tok->GetStringLength()));
-        cached_until_ = now + std::chrono::seconds(keep);
-        return http::Secret(cached_.str());
+        // A lease of 0 means no expiry (root-like): log in again within the hour anyway.
+        *life_s = lease <= 0 ? 3600 : lease;
+        return kit::Secret(std::string(tok->GetString(), tok->GetStringLength()));
     }
 
     static std::string json_escape(const std::string& s) {
@@ -355,27 +306,14 @@ private:
 
     // One request with retries for transient answers; maps the final answer.
     http::Response send(Op op, const std::string& method, const std::string& path, const std::string& body,
-                        const http::Secret* tok) {
-        http::Request req;
-        req.method = method;
-        req.url = addr_ + path;
-        req.ca_file = ca_file_;
-        req.timeout_ms = timeout_ms_;
-        if (req.connect_timeout_ms > timeout_ms_) req.connect_timeout_ms = timeout_ms_;
+                        const kit::Secret* tok) {
+        http::Request req = http::request(method, addr_ + path, timing_, ca_file_);
         req.body = body;
-        Wipe wb{req.body};
         req.headers.emplace_back("Content-Type", "application/json");
         req.headers.emplace_back("X-Vault-Request", "true");
         if (!namespace_.empty()) req.headers.emplace_back("X-Vault-Namespace", namespace_);
         if (tok) req.headers.emplace_back("X-Vault-Token", tok->str());
-        http::Response r;
-        try {
-            r = http::perform_with_retry(req);
-        } catch (const KmsError& e) {
-            for (auto& h : req.headers) OPENSSL_cleanse(&h.second[0], h.second.size());
-            throw KmsError(e.kind, "vault " + op_name(op) + " of " + where() + ": " + e.what());
-        }
-        for (auto& h : req.headers) OPENSSL_cleanse(&h.second[0], h.second.size());
+        http::Response r = http::send_wiped(req, "vault " + op_name(op) + " of " + where());
         bool cfg = false;
         KeyHealth h = vault::classify(op, r.status, &cfg);
         if (h == KeyHealth::Ok) return r;
@@ -404,25 +342,14 @@ private:
     }
 
     static std::string op_name(Op op) {
-        switch (op) {
-            case Op::Login:
-                return "AppRole login";
-            case Op::ReadKey:
-                return "key read";
-            case Op::Encrypt:
-                return "encrypt";
-            case Op::Decrypt:
-                return "decrypt";
-            case Op::Rewrap:
-                return "rewrap";
-        }
-        return "request";
+        static const char* const kNames[] = {"AppRole login", "key read", "encrypt", "decrypt", "rewrap"};
+        return kNames[static_cast<int>(op)];
     }
 
     // An authenticated request. With AppRole, a 403 may be our cached token having
     // expired or been revoked early: log in once more and retry before calling it.
     http::Response call(Op op, const std::string& method, const std::string& path, const std::string& body) {
-        http::Secret t = token(false);
+        kit::Secret t = token(false);
         try {
             return send(op, method, path, body, &t);
         } catch (const KmsError& e) {
@@ -430,19 +357,17 @@ private:
                   (last_status_ == 403 || last_status_ == 401)))
                 throw;
         }
-        http::Secret t2 = token(true);
+        kit::Secret t2 = token(true);
         return send(op, method, path, body, &t2);
     }
 
     KeyConfig cfg_;
     std::string addr_, mount_, namespace_, ca_file_, approle_mount_;
     bool approle_ = false;
-    long timeout_ms_ = 10000;
+    kit::Timing timing_;
     uint32_t our_version_ = 0;  // Transit version of the last ciphertext we made or opened
     long last_status_ = 0;
-    std::mutex mu_;
-    http::Secret cached_;
-    std::chrono::steady_clock::time_point cached_until_{};
+    kit::TokenCache login_{60};  // the AppRole client token, renewed before its lease ends
 };
 
 }  // namespace
@@ -460,24 +385,15 @@ std::vector<uint8_t> rewrap(KeyProvider& provider, const std::vector<uint8_t>& b
 }  // namespace vault
 
 std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg) {
-    auto opt = [&](const char* n) { return http::option(cfg, n); };
-    static const char* known[] = {"addr",           "mount",         "namespace",
-                                  "ca_file",        "token_file",    "role_id_file",
-                                  "secret_id_file", "approle_mount", "timeout_ms"};
-    for (const auto& o : cfg.options) {
-        bool ok = false;
-        for (const char* k : known) ok = ok || o.first == k;
-        if (!ok)
-            throw config_error(o.first +
-                               ": unknown option of the vault provider (known: addr, mount, namespace, "
-                               "ca_file, token_file, role_id_file, secret_id_file, approle_mount, "
-                               "timeout_ms)");
-    }
+    auto opt = [&](const char* n) { return kit::option(cfg, n); };
+    kit::require_known_options(cfg, "the vault provider",
+                               {"addr", "mount", "namespace", "ca_file", "token_file", "role_id_file",
+                                "secret_id_file", "approle_mount", "timeout_ms"});
     std::string addr = opt("addr");
     if (addr.empty())
         throw config_error(
             "addr: the vault provider needs option addr (e.g. https://vault.example.com:8200)");
-    if (addr.rfind("https://", 0) != 0 && !plain_http_to_this_machine(addr))
+    if (!kit::https_or_loopback(addr))
         throw config_error(
             "addr: must be an https:// URL (http:// only to 127.0.0.1 or localhost: a token "
             "never crosses a network in clear), got \"" +
@@ -492,11 +408,8 @@ std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg) {
     if (!vault::valid_mount(mount)) throw config_error("mount: invalid Transit mount path \"" + mount + "\"");
     std::string am = opt("approle_mount").empty() ? "approle" : opt("approle_mount");
     if (!vault::valid_mount(am)) throw config_error("approle_mount: invalid auth mount path \"" + am + "\"");
-    if (!opt("ca_file").empty()) http::require_readable_file("ca_file", opt("ca_file"));
-    std::string t = opt("timeout_ms");
-    if (!t.empty() &&
-        (t.find_first_not_of("0123456789") != std::string::npos || t.size() > 7 || std::stol(t) < 100))
-        throw config_error("timeout_ms: must be a number of milliseconds >= 100, got \"" + t + "\"");
+    if (!opt("ca_file").empty()) kit::require_readable_file("ca_file", opt("ca_file"));
+    kit::read_timing(cfg);  // checks timeout_ms now
     bool role = !opt("role_id_file").empty(), secret = !opt("secret_id_file").empty();
     if (role != secret)
         throw config_error(std::string(role ? "secret_id_file" : "role_id_file") +
@@ -504,9 +417,9 @@ std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg) {
     if (role) {
         if (!opt("token_file").empty())
             throw config_error("token_file: give either token_file or role_id_file/secret_id_file, not both");
-        http::read_secret_file("role_id_file", opt("role_id_file"));
-        http::read_secret_file("secret_id_file", opt("secret_id_file"));
-    } else if (http::secret_from(cfg, "token_file", "VAULT_TOKEN").empty()) {
+        kit::read_secret_file("role_id_file", opt("role_id_file"));
+        kit::read_secret_file("secret_id_file", opt("secret_id_file"));
+    } else if (kit::secret_from(cfg, "token_file", "VAULT_TOKEN").empty()) {
         throw config_error(
             "token_file: no Vault token for key " + cfg.key_id +
             " (set option token_file, the environment variable VAULT_TOKEN, or role_id_file and "
