@@ -12,6 +12,7 @@
 #include <rapidjson/document.h>
 
 #include "cli.hpp"
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 
@@ -88,7 +89,7 @@ std::string key_created_at(const LocalKeyStore& ks, const std::string& id) {
         // In-situ parsing keeps every string inside `text`, so cleansing it afterwards
         // leaves no copy of the material behind.
         rapidjson::Document doc;
-        doc.ParseInsitu(&text[0]);
+        parse_json_bounded_insitu(doc, text, nullptr);
         if (!doc.HasParseError() && doc.IsObject()) {
             auto it = doc.FindMember("created_at");
             if (it != doc.MemberEnd() && it->value.IsString()) created = it->value.GetString();

@@ -11,6 +11,7 @@
 #include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;
@@ -76,4 +77,14 @@ TEST(BoundedRead, RefusesFifoDeviceDirectoryAndOversizedFile) {
     } catch (const KeyringError& e) {
         EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();
     }
+}
+
+TEST(BoundedRead, LocalKeyFileNestedTooDeepIsAnErrorNotACrash) {
+    TempDir t;
+    LocalKeyStore ks(t.sub("keys"));
+    ks.ensure_dir();
+    ks.create("k1");
+    spit(ks.key_path("k1"), std::string(200000, '['));
+    ::chmod(ks.key_path("k1").c_str(), 0600);
+    EXPECT_THROW(ks.state("k1"), KmsError);
 }

@@ -37,6 +37,7 @@ bool parse_checked(rapidjson::Document& d, const char* text, size_t n, std::stri
     std::string bound = json_bounds_error(text, n);
     if (!bound.empty()) {
         if (why) *why = "JSON " + bound;
+        d.Parse("");  // leaves d with a parse error, as callers that check only d test it
         return false;
     }
     parse();

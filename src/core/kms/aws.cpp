@@ -20,6 +20,7 @@
 
 #include "aws_credentials.hpp"
 #include "aws_sigv4.hpp"
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "http.hpp"
@@ -368,7 +369,7 @@ private:
         if (!t.empty()) return t;
         rapidjson::Document d;
         std::string copy = r.body;
-        d.ParseInsitu(&copy[0]);
+        parse_json_bounded_insitu(d, copy, nullptr);
         if (!d.HasParseError() && d.IsObject()) {
             auto it = d.FindMember("__type");
             if (it != d.MemberEnd() && it->value.IsString()) t = aws::error_type(it->value.GetString());
@@ -412,7 +413,7 @@ private:
             a.request_id = r.header("x-amzn-requestid");
             a.text.swap(r.body);
             if (r.status == 200) {
-                a.doc.ParseInsitu(&a.text[0]);
+                parse_json_bounded_insitu(a.doc, a.text, nullptr);
                 if (a.doc.HasParseError() || !a.doc.IsObject())
                     throw unavailable(where(op) + ": the answer is not a JSON object" + rid(a.request_id));
                 return;
@@ -422,7 +423,7 @@ private:
                 r.body = a.text;
                 type = type_of(r);
                 rapidjson::Document d;
-                d.ParseInsitu(&r.body[0]);
+                parse_json_bounded_insitu(d, r.body, nullptr);
                 if (!d.HasParseError() && d.IsObject())
                     for (const char* k : {"message", "Message"})
                         if (const rapidjson::Value* v = member(d, k); v && v->IsString())

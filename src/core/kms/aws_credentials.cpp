@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "aws.hpp"
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::aws {
@@ -458,7 +459,7 @@ struct CredentialChain::Impl {
         if (cr.status != 200)
             throw unavailable(what + ": credentials request answered HTTP " + std::to_string(cr.status));
         rapidjson::Document d;
-        d.ParseInsitu(&cr.body[0]);
+        parse_json_bounded_insitu(d, cr.body, nullptr);
         Credentials c;
         auto str = [&](const char* k) -> std::string {
             const rapidjson::Value* v = kit::member(d, k);

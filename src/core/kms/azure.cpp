@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "azure_identity.hpp"
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
 
 namespace cmk::azure {
@@ -83,7 +84,7 @@ struct VaultErrorBody {
 VaultErrorBody parse_vault_error(const std::string& body) {
     VaultErrorBody e;
     rapidjson::Document d;
-    d.Parse(body.c_str(), body.size());
+    parse_json_bounded(d, body, nullptr);
     if (d.HasParseError() || !d.IsObject()) return e;
     const rapidjson::Value* err = member(d, "error");
     if (!err) return e;
@@ -322,7 +323,7 @@ Settings parse_settings(const KeyConfig& cfg) {
 KeyStatus key_status_from(const std::string& body, std::time_t now, const KeyId& key) {
     KeyStatus s;
     rapidjson::Document d;
-    d.Parse(body.c_str(), body.size());
+    parse_json_bounded(d, body, nullptr);
     if (d.HasParseError() || !d.IsObject()) {
         s.health = KeyHealth::Unavailable;
         s.state = "unreadable";
@@ -444,7 +445,7 @@ public:
         WrapResult w;
         w.request_id = r.header("x-ms-request-id");
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         std::string v = d.HasParseError() ? "" : string_member(d, "value");
         std::string kid = d.HasParseError() ? "" : string_member(d, "kid");
         if (v.empty())
@@ -472,7 +473,7 @@ public:
         bool ok = false;
         {
             rapidjson::Document d;
-            d.ParseInsitu(&r.body[0]);
+            parse_json_bounded_insitu(d, r.body, nullptr);
             const rapidjson::Value* v = d.HasParseError() ? nullptr : member(d, "value");
             if (v && v->IsString() && v->GetStringLength() > 0) {
                 try {

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
 #include "jwt.hpp"
 
@@ -102,7 +103,7 @@ Token parse_token_response(const http::Response& r, std::time_t now, const std::
         // Entra ID: {"error":"invalid_client","error_description":"AADSTS7000215: ..."};
         // IMDS: {"error":"invalid_request","error_description":"Identity not found"}.
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         std::string err, desc;
         if (!d.HasParseError() && d.IsObject()) {
             err = kit::string_member(d, "error");
@@ -124,7 +125,7 @@ Token parse_token_response(const http::Response& r, std::time_t now, const std::
     Token t;
     {
         rapidjson::Document d;
-        d.ParseInsitu(&body[0]);
+        parse_json_bounded_insitu(d, body, nullptr);
         if (d.HasParseError() || !d.IsObject()) {
             wipe(body);
             throw unavailable(who + " answered 200 with something that is not a token response");

@@ -7,6 +7,7 @@
 // Credentials and access tokens: google_identity.cpp (a service-account key file, or
 // the metadata server). Options, secrets, timing and the loopback rule are the kit's
 // (kit.hpp); no secret appears in a message.
+#include "cmk_lakebase/base/json.hpp"
 #include "gcp.hpp"
 
 #include <rapidjson/document.h>
@@ -52,7 +53,7 @@ bool valid_crypto_key_name(const std::string& name) {
 ApiError parse_error(const std::string& body) {
     ApiError e;
     rapidjson::Document d;
-    d.Parse(body.c_str(), body.size());
+    parse_json_bounded(d, body, nullptr);
     if (d.HasParseError() || !d.IsObject()) return e;
     auto it = d.FindMember("error");
     if (it == d.MemberEnd()) return e;
@@ -140,7 +141,7 @@ public:
         kit::WipeOnExit w2{body};
         http::Response r = call(Op::Encrypt, "POST", ":encrypt", body);
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         const rapidjson::Value* verified = member(d, "verifiedPlaintextCrc32c");
         const rapidjson::Value* verified_aad = member(d, "verifiedAdditionalAuthenticatedDataCrc32c");
         if (!verified || !verified->IsBool() || !verified->GetBool() || !verified_aad ||
@@ -180,7 +181,7 @@ public:
         last_request_id_ = r.header("x-goog-request-id");
         kit::WipeOnExit wr{r.body};
         rapidjson::Document d;
-        d.ParseInsitu(&r.body[0]);
+        parse_json_bounded_insitu(d, r.body, nullptr);
         SecureBytes kek = kit::decode_secret(
             member(d, "plaintext"), unavailable_error("decrypt", "the answer has no plaintext"),
             unavailable_error("decrypt", "the plaintext in the answer is not base64"));
@@ -195,7 +196,7 @@ public:
             http::Response r = call(Op::GetKey, "GET", "", "");
             s.request_id = r.header("x-goog-request-id");
             rapidjson::Document d;
-            d.Parse(r.body.c_str(), r.body.size());
+            parse_json_bounded(d, r.body, nullptr);
             std::string purpose = string_member(d, "purpose");
             const rapidjson::Value* primary = member(d, "primary");
             if (!purpose.empty() && purpose != "ENCRYPT_DECRYPT") {

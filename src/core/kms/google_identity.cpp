@@ -3,6 +3,7 @@
 // file's text and its private key are kit::Secret or wiped as soon as the assertion
 // is signed; the assertion and every token are wiped after use, on error paths too.
 // A message names the file and the field, never their content.
+#include "cmk_lakebase/base/json.hpp"
 #include "google_identity.hpp"
 
 #include <rapidjson/document.h>
@@ -34,7 +35,7 @@ ServiceAccount load_service_account(const std::string& field, const std::string&
     std::string buf = text.str();
     kit::WipeOnExit w{buf};
     rapidjson::Document d;
-    d.ParseInsitu(&buf[0]);
+    parse_json_bounded_insitu(d, buf, nullptr);
     if (d.HasParseError() || !d.IsObject())
         throw config_error(field + ": \"" + path + "\" is not a JSON service-account key file");
     std::string type = kit::string_member(d, "type");
@@ -128,7 +129,7 @@ kit::Secret Identity::fetch(long* life_s, const std::string& where) {
     }
     kit::WipeOnExit wr{r.body};
     rapidjson::Document d;
-    d.ParseInsitu(&r.body[0]);
+    parse_json_bounded_insitu(d, r.body, nullptr);
     const rapidjson::Value* tok = kit::member(d, "access_token");
     if (!tok || !tok->IsString() || tok->GetStringLength() == 0)
         throw kit::unavailable("gcp access token request for " + where + ": the answer has no access_token");

@@ -16,6 +16,7 @@
 
 #include <memory>
 
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "kit.hpp"
@@ -158,7 +159,7 @@ bool verify_rs256(const std::string& token, const std::string& public_pem, std::
         !decode_part(token.substr(d1 + 1, d2 - d1 - 1), &claims) || !decode_part(token.substr(d2 + 1), &sig))
         return false;
     rapidjson::Document h;
-    h.Parse(header.c_str(), header.size());
+    parse_json_bounded(h, header, nullptr);
     if (h.HasParseError() || !h.IsObject()) return false;
     auto alg = h.FindMember("alg");
     if (alg == h.MemberEnd() || !alg->value.IsString() || std::string(alg->value.GetString()) != "RS256")

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"  // now_iso8601
 #include "cmk_lakebase/kms/provider.hpp"
 #include "cmk_lakebase/base/sys.hpp"
@@ -135,7 +136,7 @@ KeyFile parse_key_file(std::string& text, const std::string& path) {
         return config_error("key file \"" + path + "\" is damaged: " + what);
     };
     rapidjson::Document d;
-    d.ParseInsitu(&text[0]);  // strings stay in `text`, which the caller scrubs
+    parse_json_bounded_insitu(d, text, nullptr);  // strings stay in `text`, which the caller scrubs
     if (d.HasParseError() || !d.IsObject()) throw damaged("not a JSON object");
     KeyFile kf;
     const rapidjson::Value* v = member(d, "format");

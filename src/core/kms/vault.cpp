@@ -10,6 +10,7 @@
 // POST /v1/auth/<approle_mount>/login) with the client token cached until shortly
 // before its lease ends (kit::TokenCache). Options, secrets, timing and the loopback
 // rule are the kit's (kit.hpp). Secrets are wiped after use and never appear in messages.
+#include "cmk_lakebase/base/json.hpp"
 #include "vault.hpp"
 
 #include <rapidjson/document.h>
@@ -33,7 +34,7 @@ KeyHealth classify(Op op, long s, bool* config) {
 
 std::string error_message(const std::string& body) {
     rapidjson::Document d;
-    d.Parse(body.c_str(), body.size());
+    parse_json_bounded(d, body, nullptr);
     if (d.HasParseError() || !d.IsObject()) return "";
     auto it = d.FindMember("errors");
     if (it == d.MemberEnd() || !it->value.IsArray()) return "";
@@ -124,7 +125,7 @@ public:
         kit::WipeOnExit w2{body};
         http::Response r = call(Op::Encrypt, "POST", key_path("encrypt"), body);
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         std::string ct = string_of(member(member_or_null(d, "data"), "ciphertext"));
         uint32_t ver = vault::ciphertext_version(ct);
         if (ver == 0) throw unavailable_error("encrypt", "the answer has no Transit ciphertext");
@@ -148,7 +149,7 @@ public:
         http::Response r = call(Op::Decrypt, "POST", key_path("decrypt"), body);
         kit::WipeOnExit wr{r.body};
         rapidjson::Document d;
-        d.ParseInsitu(&r.body[0]);  // in place: no copy of the plaintext outside r.body
+        parse_json_bounded_insitu(d, r.body, nullptr);  // in place: no copy of the plaintext outside r.body
         last_request_id_ = string_of(member(d, "request_id"));
         SecureBytes kek = kit::decode_secret(member(member_or_null(d, "data"), "plaintext"),
                                              unavailable_error("decrypt", "the answer has no plaintext"),
@@ -196,7 +197,7 @@ public:
                                " (wrong key material)");
         http::Response r = call(Op::Rewrap, "POST", key_path("rewrap"), "{\"ciphertext\":\"" + ct + "\"}");
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         std::string nct = string_of(member(member_or_null(d, "data"), "ciphertext"));
         uint32_t ver = vault::ciphertext_version(nct);
         if (ver == 0) throw unavailable_error("rewrap", "the answer has no Transit ciphertext");
@@ -225,7 +226,7 @@ private:
 
     static std::string request_id(const http::Response& r) {
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         return string_of(member(d, "request_id"));
     }
 
@@ -236,7 +237,7 @@ private:
     KeyInfo read_key() {
         http::Response r = call(Op::ReadKey, "GET", "/v1/" + mount_ + "/keys/" + cfg_.key_id, "");
         rapidjson::Document d;
-        d.Parse(r.body.c_str(), r.body.size());
+        parse_json_bounded(d, r.body, nullptr);
         const rapidjson::Value& data = member_or_null(d, "data");
         if (!data.IsObject()) throw unavailable_error("key read", "the answer has no key data");
         KeyInfo k;
@@ -275,7 +276,7 @@ private:
         http::Response r = send(Op::Login, "POST", "/v1/auth/" + approle_mount_ + "/login", body, nullptr);
         kit::WipeOnExit wr{r.body};
         rapidjson::Document d;
-        d.ParseInsitu(&r.body[0]);
+        parse_json_bounded_insitu(d, r.body, nullptr);
         const rapidjson::Value& auth = member_or_null(d, "auth");
         const rapidjson::Value* tok = member(auth, "client_token");
         if (!tok || !tok->IsString() || tok->GetStringLength() == 0)
