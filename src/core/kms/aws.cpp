@@ -4,7 +4,7 @@
 // cmk::http, signed with our own SigV4 (aws_sigv4.cpp); credentials from the usual
 // chain (aws_credentials.cpp). Options, secrets and timing are the kit's (kit.hpp).
 // Secrets are wiped and never appear in messages. The answer -> ok/unavailable/revoked
-// mapping is in classify_error() and key_state_health(), and documented in the README.
+// mapping is in classify_error() and key_state_health(), and documented in docs/providers/aws.md.
 #include "aws.hpp"
 
 #include <openssl/crypto.h>
@@ -259,7 +259,7 @@ public:
         return s;
     }
 
-    // KeyState -> health (README table). Unknown states are not a revocation.
+    // KeyState -> health (docs/providers/aws.md). Unknown states are not a revocation.
     static KeyHealth key_state_health(const std::string& st) {
         if (st == "Enabled") return KeyHealth::Ok;
         if (st == "Disabled" || st == "PendingDeletion" || st == "PendingReplicaDeletion" ||
@@ -337,7 +337,7 @@ private:
 
     // ---------------------------------------------------------------- calls
 
-    // A non-200 answer -> the KmsError it means (README table).
+    // A non-200 answer -> the KmsError it means (docs/providers/aws.md).
     [[noreturn]] void classify_error(const std::string& op, const http::Response& r, const std::string& type,
                                      const std::string& message, const std::string& request_id) {
         std::string m = where(op) + " failed: HTTP " + std::to_string(r.status) +

@@ -596,7 +596,7 @@ private:
 
 namespace kmip {
 
-// What a failed KMIP operation means (the README's table).
+// What a failed KMIP operation means (docs/providers/kmip.md).
 KmsErrorKind classify_failure(Operation op, ResultStatus st, uint32_t reason, bool* transient) {
     *transient = false;
     if (st == ResultStatus::OperationPending || st == ResultStatus::OperationUndone) {

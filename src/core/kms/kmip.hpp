@@ -4,7 +4,7 @@
 // must have their fixed length, structures must be filled exactly by their members,
 // nesting is bounded; anything else is a TtlvError, never a read out of bounds.
 // Byte buffers are wiped when released (they carry the KEK in Encrypt/Decrypt).
-// Pure C++; knows nothing of PostgreSQL. The network is kms_kmip.cpp's.
+// Pure C++; knows nothing of PostgreSQL. The network is kmip.cpp's.
 #pragma once
 
 #include <openssl/crypto.h>
@@ -234,7 +234,7 @@ struct BatchResult {
 // Throws TtlvError if the message is not a well-formed response.
 BatchResult parse_response(const Item& response_message);
 
-// What a failed operation means for the key (kms_kmip.cpp; the README's table):
+// What a failed operation means for the key (kmip.cpp; docs/providers/kmip.md):
 // Revoked or Unavailable; *transient says whether a retry may help.
 KmsErrorKind classify_failure(Operation op, ResultStatus status, uint32_t reason, bool* transient);
 // What a State attribute means: Active is ok, every other state is revoked.

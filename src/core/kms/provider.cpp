@@ -10,11 +10,11 @@
 
 namespace cmk {
 
-std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);  // kms_local.cpp
-std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);   // kms_kmip.cpp
-std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);    // kms_aws.cpp
-std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // kms_vault.cpp
-std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // kms_gcp.cpp
+std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);  // local.cpp
+std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);   // kmip.cpp
+std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);    // aws.cpp
+std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // vault.cpp
+std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // gcp.cpp
 
 ErrorCategory category_of(KmsErrorKind k) {
     switch (k) {

@@ -337,7 +337,7 @@ private:
             return "the key does not exist; restore it or create it (vault write -f " + mount_ + "/keys/" +
                    cfg_.key_id + ")";
         if (status == 403 || status == 401)
-            return "the token may not use this key; grant the policy paths in the README or renew the token";
+            return "the token may not use this key; grant the policy paths in docs/providers/vault.md or renew the token";
         return "the key cannot decrypt the wrapped KEK (wrong key, or its version is below "
                "min_decryption_version)";
     }
