@@ -18,8 +18,11 @@ DATA = $(sort $(wildcard sql/$(EXTENSION)--*--*.sql)) sql/$(EXTENSION)--0.1.0.sq
 EXTRA_CLEAN = build sql/$(EXTENSION)--$(EXTVERSION).sql $(CORE_OBJS) $(FS_OBJS) $(CLI_OBJS) \
 	$(UNIT_OBJS) $(LAYER_TEST_OBJS)
 
-# pg_regress runs against an encrypted instance started by test/run_regress.sh.
+# pg_regress runs against an encrypted instance started by test/run_regress.sh; its
+# inputs are test/sql/*.sql and test/expected/*.out (sql/ holds only the extension's
+# install and upgrade scripts).
 REGRESS = cmk_status cmk_lifecycle
+REGRESS_OPTS = --inputdir=test
 
 PG_CONFIG ?= pg_config
 # Every header: the public ones by audience (base, kms, keys, fs) and core's internal

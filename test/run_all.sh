@@ -154,7 +154,7 @@ else
 fi
 scratch=$(mktemp -d /tmp/cmk_tests.XXXXXX)
 chmod 755 "$scratch"
-cp -a test sql expected "$scratch/"
+cp -a test sql "$scratch/"
 [ "$is_root" -eq 1 ] && chown -R postgres: "$scratch" "$logdir"
 cd "$scratch"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the pg_regress tests (sql/, expected/) against a temporary ENCRYPTED instance:
+# Runs the pg_regress tests (test/sql/, test/expected/) against a temporary ENCRYPTED instance:
 # a new local-provider key store, "pg_cmk initdb", a server on a private Unix socket,
 # pg_regress, then the server is always stopped. On failure the diffs are printed and
 # the scratch directory is kept.
@@ -83,7 +83,7 @@ fi
 
 rc=0
 "$pg_regress" --bindir="$bindir" --host="$tmp" --port="$port" \
-	--inputdir="$root" --outputdir="$tmp/regress" \
+	--inputdir="$root/test" --outputdir="$tmp/regress" \
 	--dbname=contrib_regression "${tests[@]}" || rc=$?
 
 if [ "$rc" -ne 0 ]; then

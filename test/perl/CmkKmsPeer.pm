@@ -1,17 +1,15 @@
 # CmkKmsPeer: loopback KMS test servers (test/kms/*.py) for the TAP tests of the HTTP
-# key providers, and encrypted nodes created through such a provider.
+# key providers. Nodes encrypted through such a provider come from the one factory,
+# CmkTest::new_encrypted_node (provider, key_id and kms_options).
 #
 #   my $peer = start_kms_peer('vault_server.py', '--token-file', $f, '--key', 'k1');
 #   kms_control($peer, action => 'deny', name => 'k1');
-#   my $node = new_kms_node('main', provider => 'vault', key_id => 'k1',
-#                           options => { addr => $peer->{url}, token_file => $f });
+#   my $node = new_encrypted_node('main', provider => 'vault', key_id => 'k1',
+#                                 kms_options => { addr => $peer->{url}, token_file => $f });
 #
 # The servers bind 127.0.0.1 on a free port, stop when this test process goes away
 # (parent-death check) or after a hard lifetime, and are killed by stop_kms_peer or at
-# the end of the test. new_kms_node runs PostgreSQL::Test::Cluster::init with a
-# throwaway "initdb" first in PATH that calls "pg_cmk initdb --provider ... --kms-option
-# ..." (the same trick as test/bin/initdb for the local provider), so the node is
-# encrypted from its first file and everything else is what Cluster.pm writes.
+# the end of the test.
 
 package CmkKmsPeer;
 
@@ -24,11 +22,10 @@ use Exporter 'import';
 use File::Basename qw(dirname);
 use IPC::Run ();
 use JSON::PP ();
-use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-our @EXPORT = qw(start_kms_peer stop_kms_peer kms_control new_kms_node write_secret_file
+our @EXPORT = qw(start_kms_peer stop_kms_peer kms_control write_secret_file
   python_has_modules wait_for_postmaster_exit);
 
 my $kms_dir = abs_path(dirname(__FILE__) . '/../kms');
@@ -143,51 +140,6 @@ sub kms_control
 	BAIL_OUT("kms control $json failed: " . ($code // '-') . " $err $out") unless ($code // 0) == 200;
 	note "kms control: $json";
 	return JSON::PP::decode_json($body);
-}
-
-=item new_kms_node($name, provider => P, key_id => K, options => {...})
-
-A PostgreSQL::Test::Cluster node created by pg_cmk initdb through provider P (not
-started). Appends fsync = on like CmkTest::new_encrypted_node.
-
-=cut
-
-sub new_kms_node
-{
-	my ($name, %o) = @_;
-	my $wrap = PostgreSQL::Test::Utils::tempdir('initdb_wrapper');
-	my @kms = ('--provider', $o{provider}, '--key-id', $o{key_id});
-	push @kms, '--kms-option', "$_=$o{options}{$_}" for sort keys %{ $o{options} };
-	my $args = join(' ', map { "'" . s/'/'\\''/gr . "'" } @kms);
-	open(my $fh, '>', "$wrap/initdb") or die "open: $!";
-	print $fh <<"EOS";
-#!/usr/bin/env bash
-# Throwaway initdb for CmkKmsPeer::new_kms_node: pg_cmk initdb through a KMS provider.
-set -euo pipefail
-pgdata=
-rest=()
-while [ \$# -gt 0 ]; do
-	case "\$1" in
-		-D|--pgdata) pgdata=\$2; shift 2 ;;
-		--pgdata=*) pgdata=\${1#--pgdata=}; shift ;;
-		-D*) pgdata=\${1#-D}; shift ;;
-		*) rest+=("\$1"); shift ;;
-	esac
-done
-exec pg_cmk initdb -D "\$pgdata" $args -- "\${rest[\@]}"
-EOS
-	close $fh;
-	chmod 0755, "$wrap/initdb";
-	my $node = PostgreSQL::Test::Cluster->new($name);
-	{
-		local $ENV{PATH} = "$wrap:$ENV{PATH}";
-		$node->init(extra => [ '--locale=C', '-E', 'UTF8' ]);
-	}
-	BAIL_OUT("pg_cmk initdb left no keyring in " . $node->data_dir)
-	  unless -f $node->data_dir . '/cmk_lakebase/keyring.json';
-	$node->append_conf('postgresql.conf', "fsync = on");
-	$node->{cmk_plain} = 0;
-	return $node;
 }
 
 =item wait_for_postmaster_exit($node, $seconds)

@@ -143,20 +143,32 @@ sub create_key
 
 =item new_encrypted_node($name, %opts)
 
-A PostgreSQL::Test::Cluster node initialised as an encrypted cluster (see the top of
-this file), not yet started. Options:
+The one factory for the nodes of the TAP tests: a PostgreSQL::Test::Cluster node
+initialised as an encrypted cluster (see the top of this file), under the local
+provider or a KMS provider. Options:
 
-  key_store => DIR     key store to use (default: a new one)
-  key_id    => ID      existing key to use (default: a new key in the store)
-  provider  => NAME    key provider (default local); others need key_id
-  kms_options => [..]  provider options "KEY=VALUE" (pg_cmk initdb --kms-option)
+  key_store => DIR     local provider: key store to use (default: a new one)
+  key_id    => ID      existing key to use (default, local provider: a new key in the
+                       store); required for any other provider
+  provider  => NAME    key provider (default local)
+  kms_options => [..] | {..}
+                       provider options (pg_cmk initdb --kms-option): a list of
+                       "KEY=VALUE" strings, or a hash KEY => VALUE (sorted by key)
   fsync     => 0|1     default 1 (Cluster::init's fsync = off is overridden)
-  plain     => 0|1     stock cluster instead (default: CMK_TEST_PLAIN)
+  check_interval => V  cmk_lakebase.check_interval = 'V' (the watchdog's period)
+  test_hooks => 0|1    cmk_lakebase.enable_test_hooks = on and restart_after_crash =
+                       on (Cluster::init writes off): a hook that crashes the server
+                       at a chosen step is followed by crash recovery
+  conf      => TEXT | [LINES]
+                       more postgresql.conf settings, appended after the above
+  start     => 0|1     start the node before returning it (default 0)
+  plain     => 0|1     stock cluster instead. Default: CMK_TEST_PLAIN for the local
+                       provider; a node of any other provider is always encrypted
   extra     => [...]   more initdb arguments
   node      => {...}   parameters for PostgreSQL::Test::Cluster->new
   anything else        passed to $node->init (allows_streaming, has_archiving, ...)
 
-The node remembers its key store and key id: $node->{cmk_key_store},
+The node remembers how it was made: $node->{cmk_provider}, $node->{cmk_key_store},
 $node->{cmk_key_id}; $node->{cmk_plain} is true for a stock node.
 
 =cut
@@ -164,14 +176,25 @@ $node->{cmk_key_id}; $node->{cmk_plain} is true for a stock node.
 sub new_encrypted_node
 {
 	my ($name, %opts) = @_;
-	my $plain = delete $opts{plain};
-	$plain = is_plain_mode() unless defined $plain;
+	my $provider = delete $opts{provider} // 'local';
+	my $plain    = delete $opts{plain};
+	$plain = $provider eq 'local' ? is_plain_mode() : 0 unless defined $plain;
 	my $fsync = delete $opts{fsync};
 	$fsync = 1 unless defined $fsync;
 	my $store    = delete $opts{key_store};
 	my $key_id   = delete $opts{key_id};
-	my $provider = delete $opts{provider} // 'local';
 	my $kms_opts = delete $opts{kms_options} // [];
+	$kms_opts = [ map { "$_=$kms_opts->{$_}" } sort keys %$kms_opts ]
+	  if ref $kms_opts eq 'HASH';
+	my @conf;
+	push @conf, "fsync = on" if $fsync;
+	my $interval = delete $opts{check_interval};
+	push @conf, "cmk_lakebase.check_interval = '$interval'" if defined $interval;
+	push @conf, "cmk_lakebase.enable_test_hooks = on", "restart_after_crash = on"
+	  if delete $opts{test_hooks};
+	my $conf = delete $opts{conf};
+	push @conf, ref $conf eq 'ARRAY' ? @$conf : $conf if defined $conf;
+	my $start    = delete $opts{start};
 	my $new_args = delete $opts{node} // {};
 	my @extra = ('--locale=C', '-E', 'UTF8', @{ delete $opts{extra} // [] });
 
@@ -189,6 +212,7 @@ sub new_encrypted_node
 			$key_id //= create_key($store);
 		}
 		croak "new_encrypted_node: provider $provider needs key_id" unless defined $key_id;
+		croak "new_encrypted_node: a kms option holds a newline" if grep { /\n/ } @$kms_opts;
 		local $ENV{PATH}                 = "$wrapper_dir:$ENV{PATH}";
 		local $ENV{CMK_TEST_KEY_STORE}   = $store // '';
 		local $ENV{CMK_TEST_KEY_ID}      = $key_id;
@@ -202,7 +226,8 @@ sub new_encrypted_node
 		BAIL_OUT("pg_cmk initdb left no keyring in " . $node->data_dir)
 		  unless -f $node->data_dir . '/cmk_lakebase/keyring.json';
 	}
-	$node->append_conf('postgresql.conf', "fsync = on") if $fsync;
+	$node->append_conf('postgresql.conf', join("\n", @conf) . "\n") if @conf;
+	$node->start if $start;
 	return $node;
 }
 

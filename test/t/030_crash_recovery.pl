@@ -22,15 +22,15 @@ my $cycles         = 2;
 my $ledger_clients = 2;
 my $ledger_iters   = 20000;    # per client: far more than the load lasts
 
-my $node = new_encrypted_node('crash');
-$node->append_conf(
-	'postgresql.conf', q{
+my $node = new_encrypted_node(
+	'crash',
+	start => 1,
+	conf  => q{
 log_statement = none
 max_wal_size = 64MB
 min_wal_size = 32MB
 checkpoint_timeout = 30s
 });
-$node->start;
 my $host = $node->host;
 my $port = $node->port;
 

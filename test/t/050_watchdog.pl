@@ -33,15 +33,10 @@ my $interval = 1;    # seconds
 my $runs     = 3;
 my $tmp      = PostgreSQL::Test::Utils::tempdir();
 
-my $node = new_encrypted_node('watchdog');
+my $node = new_encrypted_node('watchdog', check_interval => "${interval}s", conf => 'log_statement = none',
+	start => 1);
 my $store  = $node->{cmk_key_store};
 my $key_id = $node->{cmk_key_id};
-$node->append_conf(
-	'postgresql.conf', qq{
-cmk_lakebase.check_interval = ${interval}s
-log_statement = none
-});
-$node->start;
 my ($host, $port) = ($node->host, $node->port);
 $node->safe_psql(
 	'postgres', q{
@@ -313,9 +308,7 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM ledger WHERE id IN (' . $i
 $node->stop;
 
 # ---- deleted key: irreversible, restart refused --------------------------------------
-my $dnode = new_encrypted_node('deleted');
-$dnode->append_conf('postgresql.conf', "cmk_lakebase.check_interval = 1s\n");
-$dnode->start;
+my $dnode = new_encrypted_node('deleted', check_interval => '1s', start => 1);
 $dnode->safe_psql('postgres', 'CREATE TABLE t AS SELECT 1 AS x');
 $pm = postmaster_pid($dnode);
 my ($out, $err) = ('', '');

@@ -123,16 +123,12 @@ sub kmip_options
 	return map { "$_=$o{$_}" } grep { defined $o{$_} } sort keys %o;
 }
 
-sub new_kmip_node
+# An encrypted node under the KMIP key $uid, started.
+sub kmip_node
 {
-	my ($name, $uid) = @_;
-	my $node = PostgreSQL::Test::Cluster->new($name);
-	local $ENV{PATH}                  = "$kms_dir/bin:$ENV{PATH}";
-	local $ENV{CMK_TEST_KMIP_KEY_ID}  = $uid;
-	local $ENV{CMK_TEST_KMIP_OPTIONS} = join(' ', kmip_options());
-	$node->init(extra => [ '--locale=C', '-E', 'UTF8' ]);
-	$node->append_conf('postgresql.conf', "fsync = on");
-	return $node;
+	my ($name, $uid, $check_interval) = @_;
+	return new_encrypted_node($name, provider => 'kmip', key_id => $uid, kms_options => [ kmip_options() ],
+		check_interval => $check_interval, start => 1);
 }
 
 sub postmaster_pid
@@ -206,9 +202,7 @@ start_kmip();
 # --- 2..4. one cluster through its life -------------------------------------------------
 
 my $uid  = new_active_key();
-my $node = new_kmip_node('kmip_main', $uid);
-$node->append_conf('postgresql.conf', "cmk_lakebase.check_interval = '1h'");
-$node->start;
+my $node = kmip_node('kmip_main', $uid, '1h');
 $node->safe_psql('postgres', 'CREATE EXTENSION cmk_lakebase');
 $node->safe_psql('postgres',
 	"CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 5000) g");
@@ -268,9 +262,7 @@ my @lat;
 for my $run (1 .. 3)
 {
 	my $k = new_active_key();
-	my $n = new_kmip_node("kmip_kill$run", $k);
-	$n->append_conf('postgresql.conf', "cmk_lakebase.check_interval = '1s'");
-	$n->start;
+	my $n = kmip_node("kmip_kill$run", $k, '1s');
 	$n->safe_psql('postgres', 'CREATE TABLE w (i int); INSERT INTO w SELECT generate_series(1, 1000)');
 	my $pid = postmaster_pid($n);
 	my $t0  = time;

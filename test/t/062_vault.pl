@@ -63,7 +63,7 @@ for my $case (
 }
 
 # --- initdb through Transit, start, write, restart ----------------------------------
-my $node = new_kms_node('vault', provider => 'vault', key_id => 'cmk-vault', options => \%opts);
+my $node = new_encrypted_node('vault', provider => 'vault', key_id => 'cmk-vault', kms_options => \%opts);
 my $keyring = $node->data_dir . '/cmk_lakebase/keyring.json';
 like(PostgreSQL::Test::Utils::slurp_file($keyring), qr/"provider":\s*"vault"/, 'keyring names the vault provider');
 unlike(PostgreSQL::Test::Utils::slurp_file($keyring), qr/hvs\.root/, 'keyring holds no token');
@@ -164,8 +164,8 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), '500', 'access restor
 $node->stop;
 
 # --- AppRole instead of a token ----------------------------------------------------
-my $node2 = new_kms_node('vault_approle', provider => 'vault', key_id => 'cmk-vault',
-	options => { addr => $addr, namespace => 'team-a', ca_file => "$dir/ca.pem",
+my $node2 = new_encrypted_node('vault_approle', provider => 'vault', key_id => 'cmk-vault',
+	kms_options => { addr => $addr, namespace => 'team-a', ca_file => "$dir/ca.pem",
 		role_id_file => $role, secret_id_file => $secret, timeout_ms => 1000 });
 $node2->start;
 is($node2->safe_psql('postgres', 'SELECT 1'), '1', 'a cluster through AppRole starts');

@@ -66,7 +66,7 @@ for my $case (
 }
 
 # --- initdb through Cloud KMS, start, write, restart --------------------------------
-my $node = new_kms_node('gcp', provider => 'gcp', key_id => $key, options => \%opts);
+my $node = new_encrypted_node('gcp', provider => 'gcp', key_id => $key, kms_options => \%opts);
 my $keyring = $node->data_dir . '/cmk_lakebase/keyring.json';
 my $kr_text = PostgreSQL::Test::Utils::slurp_file($keyring);
 like($kr_text, qr/"provider":\s*"gcp"/, 'keyring names the gcp provider');
@@ -204,8 +204,8 @@ $node->stop;
 	my $hostport = "127.0.0.1:$peer->{port}";
 	local $ENV{GOOGLE_APPLICATION_CREDENTIALS};
 	delete $ENV{GOOGLE_APPLICATION_CREDENTIALS};
-	my $node2 = new_kms_node('gcp_metadata', provider => 'gcp', key_id => $key,
-		options => { endpoint => $peer->{url}, metadata_host => $hostport, timeout_ms => 1000 });
+	my $node2 = new_encrypted_node('gcp_metadata', provider => 'gcp', key_id => $key,
+		kms_options => { endpoint => $peer->{url}, metadata_host => $hostport, timeout_ms => 1000 });
 	$node2->start;
 	is($node2->safe_psql('postgres', 'SELECT 1'), '1', 'a cluster through the metadata server starts');
 	$node2->stop;

@@ -127,49 +127,14 @@ sub kms_args { return map { ('--kms-option', $_) } @_ }
 }
 
 # --- 3. a cluster under the azure provider (client secret)
-# PostgreSQL::Test::Cluster::init runs "initdb" through PATH; this wrapper turns that
-# into pg_cmk initdb --provider azure (CmkTest's test/bin/initdb is for the local provider).
-my $wrapdir = PostgreSQL::Test::Utils::tempdir('azbin');
-sub make_node
-{
-	my ($name, $id, @opts) = @_;
-	open(my $fh, '>', "$wrapdir/initdb") or die $!;
-	my $args = join(' ', map { "'$_'" } ('--provider', 'azure', '--key-id', $id, kms_args(@opts)));
-	print $fh <<"EOS";
-#!/usr/bin/env bash
-set -euo pipefail
-pgdata=
-rest=()
-while [ \$# -gt 0 ]; do
-	case "\$1" in
-		-D|--pgdata) pgdata=\$2; shift 2 ;;
-		--pgdata=*) pgdata=\${1#--pgdata=}; shift ;;
-		-D*) pgdata=\${1#-D}; shift ;;
-		*) rest+=("\$1"); shift ;;
-	esac
-done
-exec pg_cmk initdb -D "\$pgdata" $args -- "\${rest[\@]}"
-EOS
-	close $fh;
-	chmod 0755, "$wrapdir/initdb";
-	my $node = PostgreSQL::Test::Cluster->new($name);
-	{
-		local $ENV{PATH} = "$wrapdir:$ENV{PATH}";
-		$node->init(extra => [ '--locale=C', '-E', 'UTF8' ]);
-	}
-	BAIL_OUT("pg_cmk initdb --provider azure left no keyring for $name")
-	  unless -f $node->data_dir . '/cmk_lakebase/keyring.json';
-	return $node;
-}
-
-my $node = make_node('azure_secret', $kid, @secret_opts);
+my $node = new_encrypted_node('azure_secret', provider => 'azure', key_id => $kid, kms_options => \@secret_opts,
+	check_interval => '1s');
 my $keyring = slurp_file($node->data_dir . '/cmk_lakebase/keyring.json');
 like($keyring, qr/"provider"\s*:\s*"azure"/, 'keyring names the azure provider');
 my $secret = slurp_file("$state/client_secret");
 $secret =~ s/\s+$//;
 ok(index($keyring, $secret) < 0, 'keyring holds no client secret');
 
-$node->append_conf('postgresql.conf', "cmk_lakebase.check_interval = '1s'\nfsync = on");
 $node->start;
 my $marker = 'AZUREMARKER' . int(rand(1e9));
 $node->safe_psql('postgres', qq{
@@ -286,7 +251,7 @@ my @cert_opts = (
 	"ca_file=$ca", "tenant_id=$info->{tenant}", "client_id=$info->{client_id}",
 	"client_certificate_file=$state/client.pem", "authority_host=$info->{authority_host}");
 my $n_assert = () = grep { ($_->{auth} // '') eq 'assertion' && ($_->{ua} // '') =~ /^cmk_lakebase/ } @{ server_log() };
-my $cnode = make_node('azure_cert', $kid, @cert_opts);
+my $cnode = new_encrypted_node('azure_cert', provider => 'azure', key_id => $kid, kms_options => \@cert_opts, fsync => 0);
 ($rc, $out, $err) = pg_cmk('status', '-D', $cnode->data_dir);
 is($rc, 0, 'certificate credential: pg_cmk status ok');
 {
@@ -300,7 +265,8 @@ control(action => 'refuse_credentials');
 is($rc, 3, 'certificate credential refused by Entra ID: revoked');
 restore_all();
 
-my $mnode = make_node('azure_mi', $kid, "ca_file=$ca", "identity_endpoint=$info->{imds_endpoint}");
+my $mnode = new_encrypted_node('azure_mi', provider => 'azure', key_id => $kid,
+	kms_options => [ "ca_file=$ca", "identity_endpoint=$info->{imds_endpoint}" ], fsync => 0);
 ($rc, $out, $err) = pg_cmk('status', '-D', $mnode->data_dir);
 is($rc, 0, 'managed identity (IMDS protocol): pg_cmk status ok');
 ok(scalar(grep { $_->{kind} eq 'mi' && $_->{protocol} eq 'imds' && $_->{has_header} } @{ server_log() }),

@@ -32,15 +32,8 @@ use CmkTest;
 
 plan skip_all => 'needs an encrypted node' if is_plain_mode();
 
-my $node = new_encrypted_node('rotation');
-$node->append_conf(
-	'postgresql.conf', q{
-autovacuum = off
-cmk_lakebase.enable_test_hooks = on
-cmk_lakebase.check_interval = 1s
-restart_after_crash = on
-});
-$node->start;
+my $node =
+  new_encrypted_node('rotation', test_hooks => 1, check_interval => '1s', conf => 'autovacuum = off', start => 1);
 my $pgdata = $node->data_dir;
 my $store  = $node->{cmk_key_store};
 my $key1   = $node->{cmk_key_id};

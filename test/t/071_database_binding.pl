@@ -38,15 +38,8 @@ use CmkTest;
 plan skip_all => 'needs an encrypted node' if is_plain_mode();
 
 my $check_interval = 1;
-my $node = new_encrypted_node('dbbind');
-$node->append_conf(
-	'postgresql.conf', qq{
-autovacuum = off
-cmk_lakebase.enable_test_hooks = on
-cmk_lakebase.check_interval = ${check_interval}s
-restart_after_crash = on
-});
-$node->start;
+my $node = new_encrypted_node('dbbind', test_hooks => 1, check_interval => "${check_interval}s",
+	conf => 'autovacuum = off', start => 1);
 my $pgdata = $node->data_dir;
 my $store  = $node->{cmk_key_store};
 my $key_db = create_key($store, 'db-app-cmk');
