@@ -21,6 +21,10 @@
 #     correctly through the layer (cursors, temp table, notifications, decoded
 #     changes, tables, indexes, copied databases, the prepared transaction).
 #
+# One file past the house's ~700 lines on purpose: the scan's value is that one
+# workload reaches every storage path and runs on both nodes; split, the plaintext
+# control would no longer prove what the encrypted scan checks.
+#
 # Names are not data: relation, database, tablespace and slot names also live in
 # plaintext file names and metadata files (pg_replslot/<slot>/state holds the slot
 # name), so no marker is ever put into a name. The prepared transaction's GID does
