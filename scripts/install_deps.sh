@@ -35,6 +35,7 @@ packages=(
 	# where it is missing; hvac and PyJWT are Debian packages)
 	python3-cryptography python3-jwt python3-hvac curl
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
+	pgbackrest  # 086_pgbackrest: backups, archive-push and restores of an encrypted cluster
 )
 
 if [ "$list_only" -eq 1 ]; then

@@ -4,6 +4,7 @@
 // Tools that would write plaintext copies of the cluster or move key maps between
 // clusters are refused before they run (issue 16: no route may report success while
 // writing something that cannot be restored or that is not ciphertext).
+#include <limits.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -35,7 +36,8 @@ const char kExecUsage[] =
     "The exit status is the tool's.\n"
     "\n"
     "Refused (they would write plaintext copies or copy key maps between clusters):\n"
-    "pg_basebackup, pg_receivewal, pg_combinebackup, pg_rewind, pg_upgrade.\n";
+    "pg_basebackup, pg_combinebackup, pg_rewind, pg_upgrade.\n"
+    "pg_receivewal runs with its segments encrypted as in pg_wal (uncompressed only).\n";
 
 // Tools that cannot run safely under the layer, with why and what to do instead. The
 // layer encrypts only paths inside the one data directory it serves: a copy written
@@ -50,8 +52,6 @@ const Refusal kRefused[] = {
     {"pg_basebackup", "it would write a plaintext copy of the cluster (the server sends the files decrypted)",
      "take a copy of the data directory between pg_backup_start() and pg_backup_stop(), with "
      "cmk_lakebase/ copied last"},
-    {"pg_receivewal", "it would write the WAL it receives as plaintext files",
-     "archive WAL with archive_command from the encrypted pg_wal"},
     {"pg_combinebackup", "it would write a plaintext combined backup", "restore full copies of the data directory"},
     {"pg_rewind", "it copies files and the key map from the source cluster over the target's without re-keying them",
      "re-create the old primary from a copy of the new primary (pg_backup_start(), copy, "
@@ -59,6 +59,43 @@ const Refusal kRefused[] = {
     {"pg_upgrade", "it copies data files between clusters without re-keying them, leaving a corrupt new cluster",
      "move the data with pg_dump and pg_restore into a new cluster made by pg_cmk initdb"},
 };
+
+// pg_receivewal's target directory, absolute (the layer encrypts the segments written
+// there under the keys they have in pg_wal). Compression is refused: a compressed
+// segment has another name and would be written in plaintext.
+std::string receivewal_target(const std::vector<std::string>& argv) {
+    std::string dir;
+    for (size_t i = 1; i < argv.size(); i++) {
+        const std::string& a = argv[i];
+        std::string compress;
+        if (a == "-D" || a == "--directory") {
+            if (i + 1 < argv.size()) dir = argv[++i];
+        } else if (a.compare(0, 2, "-D") == 0 && a.size() > 2) {
+            dir = a.substr(2);
+        } else if (a.compare(0, 12, "--directory=") == 0) {
+            dir = a.substr(12);
+        } else if (a == "-Z" || a == "--compress") {
+            compress = i + 1 < argv.size() ? argv[++i] : "";
+        } else if (a.compare(0, 2, "-Z") == 0 && a.size() > 2) {
+            compress = a.substr(2);
+        } else if (a.compare(0, 11, "--compress=") == 0) {
+            compress = a.substr(11);
+        } else if (a == "--help" || a == "-?" || a == "--version" || a == "-V") {
+            return "/nonexistent";
+        }
+        if (!compress.empty() && compress != "0" && compress != "none")
+            throw CliError("pg_cmk exec runs pg_receivewal without compression only: a compressed segment would be "
+                           "written in plaintext (ciphertext does not compress; drop -Z/--compress)",
+                           ErrorCategory::NotSupported);
+    }
+    if (dir.empty()) throw UsageError("exec", "pg_receivewal needs its target directory (-D DIR) on the command line");
+    if (dir[0] != '/') {
+        char cwd[PATH_MAX];
+        if (!::getcwd(cwd, sizeof cwd)) throw CliError(std::string("getcwd: ") + std::strerror(errno));
+        dir = std::string(cwd) + "/" + dir;
+    }
+    return dir;
+}
 
 std::string base_of(const std::string& path) {
     size_t slash = path.rfind('/');
@@ -94,6 +131,7 @@ int cmd_exec(const std::vector<std::string>& args) {
                            ErrorCategory::NotSupported);
 
     std::vector<std::string> env = layer_environment(layer, datadir, "");
+    if (base_of(path) == "pg_receivewal") env.push_back("CMK_LAKEBASE_WAL_TARGET=" + receivewal_target(a.rest));
     // argv[0] is the resolved path: PostgreSQL tools find their siblings (pg_upgrade,
     // pg_rewind run postgres) through it.
     std::vector<std::string> tool_args = a.rest;

@@ -49,6 +49,34 @@ thread_local Bounce tl_bounce2;
 
 }  // namespace
 
+namespace {
+
+// Unit 0 of a WAL segment under a derived key (file_keys.cpp): PostgreSQL's long page
+// header stays plaintext with the mark set, the rest of the unit is XTS with tweak 0.
+// Whether a unit has the plaintext header depends only on its length, the same when
+// it is written and read.
+void crypt_wal_head(FileKey& k, bool enc, const uint8_t* p, uint8_t* q, size_t n) {
+    size_t h = k.wal_head;
+    if (enc) {
+        if (p[3] & kWalMarkBit)  // PostgreSQL never sets it: the mark could not be told apart
+            throw std::runtime_error("unit 0 of a WAL segment does not begin with a PostgreSQL page header "
+                                     "(xlp_info bit 0x4000 is set)");
+        k.cipher.encrypt(0, p + h, q + h, n - h);
+        if (q != p) std::memcpy(q, p, h);
+        q[3] |= kWalMarkBit;
+        return;
+    }
+    if (!(p[3] & kWalMarkBit))
+        throw std::runtime_error(
+            "this WAL segment is not cmk_lakebase ciphertext (its page header has no mark): "
+            "plaintext WAL, or WAL from a cluster without cmk_lakebase, is refused in an encrypted cluster");
+    k.cipher.decrypt(0, p + h, q + h, n - h);
+    if (q != p) std::memcpy(q, p, h);
+    q[3] = uint8_t(q[3] & ~kWalMarkBit);
+}
+
+}  // namespace
+
 // Encrypts or decrypts len bytes of units from src into dst (which may be src). A unit
 // of zeros stays zeros.
 void crypt_units(FileKey& k, bool enc, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len) {
@@ -59,6 +87,8 @@ void crypt_units(FileKey& k, bool enc, const uint8_t* src, uint8_t* dst, uint64_
         uint8_t* q = dst + pos;
         if (all_zero(p, n)) {
             if (q != p) std::memset(q, 0, n);
+        } else if (k.wal_head && first_unit + pos / U == 0 && n >= k.wal_head + 16) {
+            crypt_wal_head(k, enc, p, q, n);
         } else if (enc) {
             k.cipher.encrypt(first_unit + pos / U, p, q, n);
         } else {
@@ -121,7 +151,7 @@ ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
         try {
             crypt_units(*key, false, b, span_start / U, size_t(n));
         } catch (const std::exception& e) {
-            log_line(std::string("decrypt failed: ") + e.what());
+            log_line("decrypt of \"" + c->rel + "\" failed: " + e.what());
             errno = EIO;
             return -1;
         }
@@ -297,18 +327,29 @@ int transcode(const std::string& abs, const std::shared_ptr<FileKey>& from,
     int64_t size = file_size(fd);
     std::vector<uint8_t> b(U);
     int rc = 0;
-    for (int64_t pos = 0; pos < size && rc == 0; pos += U) {
-        size_t n = size_t(std::min<int64_t>(U, size - pos));
-        if (sys::pread_full(fd, b.data(), n, pos) != ssize_t(n)) {
-            rc = -1;
-            break;
+    bool wrote = false;
+    try {
+        for (int64_t pos = 0; pos < size && rc == 0; pos += U) {
+            size_t n = size_t(std::min<int64_t>(U, size - pos));
+            if (sys::pread_full(fd, b.data(), n, pos) != ssize_t(n)) {
+                rc = -1;
+                break;
+            }
+            // Zeros are zeros in every encoding: a new WAL segment (16 MiB of zeros,
+            // renamed from xlogtemp.N) costs a read, not a rewrite.
+            if (all_zero(b.data(), n)) continue;
+            if (from) crypt_units(*from, false, b.data(), uint64_t(pos) / U, n);
+            if (to) crypt_units(*to, true, b.data(), uint64_t(pos) / U, n);
+            if (sys::pwrite_full(fd, b.data(), n, pos) < 0) rc = -1;
+            wrote = true;
         }
-        if (from) crypt_units(*from, false, b.data(), uint64_t(pos) / U, n);
-        if (to) crypt_units(*to, true, b.data(), uint64_t(pos) / U, n);
-        if (sys::pwrite_full(fd, b.data(), n, pos) < 0) rc = -1;
+    } catch (const std::exception& e) {
+        log_line("rewrite of \"" + abs + "\" failed: " + e.what());
+        errno = EIO;
+        rc = -1;
     }
     std::fill(b.begin(), b.end(), 0);
-    if (rc == 0 && ::fsync(fd) != 0) rc = -1;
+    if (rc == 0 && wrote && ::fsync(fd) != 0) rc = -1;
     int saved = errno;
     sys::close(fd);
     errno = saved;

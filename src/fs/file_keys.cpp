@@ -4,8 +4,11 @@
 // keeps while the key-map entry is unchanged; an ephemeral file's key is derived from
 // the per-boot key and the inode. Here too the key moves that follow a file's rename,
 // link and unlink, and describe_file() for cmk_lakebase.relation_keys.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <cstdio>
 
 #include <memory>
 #include <mutex>
@@ -77,9 +80,23 @@ std::unordered_map<std::string, KeptKey>& kept() {
 }
 }  // namespace
 
+namespace {
+// Derived WAL keys kept by this process, and the WAL master key they come from.
+struct WalKept {
+    SecureBytes master;
+    std::unordered_map<std::string, std::shared_ptr<FileKey>> keys;
+};
+WalKept& wal_kept() {
+    static auto* w = new WalKept;  // under kept_mu(); never destroyed (exit paths)
+    return *w;
+}
+}  // namespace
+
 void forget_kept_keys() {
     std::lock_guard<std::mutex> g(kept_mu());
     kept().clear();
+    wal_kept().keys.clear();
+    wal_kept().master.wipe();
 }
 void forget_kept_key(const std::string& rel) {
     std::lock_guard<std::mutex> g(kept_mu());
@@ -188,8 +205,12 @@ std::optional<SecureBytes> lookup_key(const std::string& rel, DbSlot** slot) {
 }
 
 // The same, as a FileKey: kept by this process while its entry is unchanged.
+// A WAL file without an entry (every segment since the WAL key scheme; entries remain
+// for xlogtemp.N and for segments written before it) has its derived key.
 std::shared_ptr<FileKey> lookup_file_key(const std::string& rel, DbSlot** slot) {
-    return on_key_route<std::shared_ptr<FileKey>>(rel, slot, [&](KeyMap& km) { return key_from(km, rel); });
+    auto k = on_key_route<std::shared_ptr<FileKey>>(rel, slot, [&](KeyMap& km) { return key_from(km, rel); });
+    if (!k && rel.compare(0, 7, "pg_wal/") == 0) k = wal_derived_key(rel);
+    return k;
 }
 
 // A new DEK for a durable file, in the map its route names at this moment. Files of a
@@ -237,7 +258,7 @@ void move_key(const std::string& from, const std::string& to, FileClass to_cls, 
 
 bool has_key(const std::string& rel) {
     try {
-        return lookup_key(rel).has_value();
+        return lookup_key(rel).has_value() || (rel.compare(0, 7, "pg_wal/") == 0 && wal_derived_key(rel));
     } catch (const DbUnavailable&) {
         return false;
     }
@@ -247,6 +268,110 @@ bool has_key(const std::string& rel) {
 bool db_locked_file(const std::string& rel) {
     DbSlot* sl = db_slot(database_of(rel));
     return sl && !db_usable(sl);
+}
+
+// ---- WAL segment keys -------------------------------------------------------------------
+//
+// docs/backups.md ("The WAL key scheme") has the decision and its security argument.
+// key(segment) = HKDF-SHA256(WAL master key, "cmk_lakebase wal v1 " + segment name),
+// 64 bytes of AES-256-XTS key. The master key is random, made once per cluster (the
+// first process that needs it, under the key map's writer lock, so two processes never
+// make two), sealed in the key map like a DEK (so KEK and CMK rotations re-wrap it and
+// every copy of the key map carries it), and never changed: a segment archived years
+// ago is readable with the key map of any later backup of the same cluster.
+
+std::string wal_segment_of(const std::string& rel) {
+    if (rel.size() < 7 + 24 || rel.compare(0, 7, "pg_wal/") != 0) return "";
+    std::string f = rel.substr(7);
+    if (f.size() != 24 && !(f.size() == 32 && f.compare(24, 8, ".partial") == 0)) return "";
+    std::string seg = f.substr(0, 24);
+    for (char& ch : seg) {
+        if (ch >= 'a' && ch <= 'f') ch = char(ch - 'a' + 'A');
+        if (!((ch >= '0' && ch <= '9') || (ch >= 'A' && ch <= 'F'))) return "";
+    }
+    return seg;
+}
+
+std::string wal_identity_of_header(const uint8_t* h, size_t n) {
+    if (n < kWalHead) return "";
+    auto u16 = [&](size_t o) { return uint32_t(h[o]) | uint32_t(h[o + 1]) << 8; };
+    auto u32 = [&](size_t o) { return u16(o) | u16(o + 2) << 16; };
+    uint32_t info = u16(2) & ~(uint32_t(kWalMarkBit) << 8);
+    uint32_t tli = u32(4);
+    uint64_t addr = uint64_t(u32(8)) | uint64_t(u32(12)) << 32;
+    uint32_t segsize = u32(32);
+    // XLP_LONG_HEADER; a segment size PostgreSQL allows (a power of two, 1 MiB to 1 GiB).
+    if (!(info & 0x0002) || tli == 0) return "";
+    if (segsize < (1u << 20) || segsize > (1u << 30) || (segsize & (segsize - 1)) != 0) return "";
+    if (addr % segsize != 0) return "";
+    uint64_t segno = addr / segsize;
+    uint64_t per_id = (uint64_t(1) << 32) / segsize;
+    char name[25];
+    std::snprintf(name, sizeof name, "%08X%08X%08X", tli, uint32_t(segno / per_id), uint32_t(segno % per_id));
+    return name;
+}
+
+namespace {
+
+// The WAL master key: from the key map, or made there once. Called without kept_mu()
+// held (the key map takes its own locks; kept_mu() is taken inside them elsewhere).
+SecureBytes wal_master_from_map() {
+    KeyMap& km = keymap();
+    std::optional<SecureBytes> k = km.get(kWalMasterId);
+    if (!k) {
+        KeyMap::Exclusive lock(km);
+        km.refresh();
+        k = km.get(kWalMasterId);
+        if (!k) k = km.create(kWalMasterId, FileClass::Wal);
+    }
+    return std::move(*k);
+}
+
+}  // namespace
+
+void ensure_wal_master() { wal_master_from_map().wipe(); }
+
+std::shared_ptr<FileKey> wal_key(const std::string& segment) {
+    SecureBytes m;
+    {
+        std::lock_guard<std::mutex> g(kept_mu());
+        WalKept& w = wal_kept();
+        auto it = w.keys.find(wal_key_id(segment));
+        if (it != w.keys.end()) return it->second;
+        if (!w.master.empty()) m = w.master.clone();
+    }
+    if (m.empty()) m = wal_master_from_map();
+    SecureBytes k = hkdf_sha256(m.data(), m.size(), "cmk_lakebase wal v1 " + wal_key_id(segment), kXtsKeySize);
+    auto key = std::make_shared<FileKey>(k, kWalHead);
+    std::lock_guard<std::mutex> g(kept_mu());
+    WalKept& w = wal_kept();
+    if (w.master.empty()) w.master = std::move(m);
+    if (w.keys.size() >= 64) w.keys.clear();
+    w.keys[wal_key_id(segment)] = key;
+    return key;
+}
+
+std::string wal_identity(const std::string& rel) {
+    std::string seg = wal_segment_of(rel);
+    if (!seg.empty() || rel != "pg_wal/RECOVERYXLOG") return seg;
+    // A segment restore_command fetched back: its header says which one it is.
+    std::string abs = st().datadir + "/" + rel;
+    int fd = sys::open(abs.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return "";
+    uint8_t h[kWalHead];
+    ssize_t n = sys::pread_full(fd, h, sizeof h, 0);
+    sys::close(fd);
+    if (n == ssize_t(sizeof h) && (h[3] & kWalMarkBit)) seg = wal_identity_of_header(h, sizeof h);
+    if (seg.empty() && n > 0)
+        log_line("\"" + rel + "\" is not a WAL segment written by cmk_lakebase (no marked long page "
+                 "header): restore_command must fetch the archived file unchanged");
+    return seg;
+}
+
+std::shared_ptr<FileKey> wal_derived_key(const std::string& rel) {
+    std::string seg = wal_identity(rel);
+    if (seg.empty()) return nullptr;
+    return wal_key(seg);
 }
 
 SecureBytes ephemeral_key_bytes(dev_t dev, ino_t ino) {
@@ -279,6 +404,11 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
                 c->key = std::move(k);
                 return c->key;
             }
+        }
+        if (auto k = wal_derived_key(c->rel)) {  // a segment created under its own name
+            c->fresh = false;
+            c->key = std::move(k);
+            return c->key;
         }
         if (!for_write) {
             errno = 0;  // no key yet: only an empty file is consistent with that

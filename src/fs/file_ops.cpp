@@ -54,6 +54,8 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
     try {
         if (is_ephemeral(r->cls)) {
             c->key = ephemeral_key(sb.st_dev, sb.st_ino);
+        } else if (r->wal_target) {
+            c->key = wal_key(wal_segment_of(r->rel));
         } else if ((flags & O_CREAT) && (flags & O_EXCL)) {
             c->fresh = true;  // a new file: a new key at its first write
             c->db_oid = database_of(r->rel);
@@ -237,7 +239,7 @@ int op_unlinkat(int dirfd, const char* path, int flags) {
     std::optional<Resolved> r;
     if (!tl_in_layer && !(flags & AT_REMOVEDIR)) r = resolve(dirfd, path);
     int rc = real().unlinkat(dirfd, path, flags);
-    if (rc != 0 || !r || !is_durable(r->cls) || !ensure_active()) return rc;
+    if (rc != 0 || !r || !is_durable(r->cls) || r->wal_target || !ensure_active()) return rc;
     int saved = errno;
     try {
         remove_key(r->rel);  // crypto-shredding: the segment's key is gone
@@ -257,6 +259,63 @@ std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, b
     *missing = sb.st_size > 0;
     return nullptr;
 }
+}  // namespace
+
+namespace {
+
+// Clears the first unit of a file (durably): a recycled WAL segment from before the WAL
+// key scheme then reads as the end of WAL, as its stale contents would.
+int clear_first_unit(const std::string& abs) {
+    int fd = sys::open(abs.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return -1;
+    std::vector<uint8_t> z(U, 0);
+    int rc = file_size(fd) >= int64_t(U) && (sys::pwrite_full(fd, z.data(), U, 0) < 0 || ::fdatasync(fd) != 0) ? -1 : 0;
+    int saved = errno;
+    sys::close(fd);
+    errno = saved;
+    return rc;
+}
+
+// A rename inside pg_wal (docs/backups.md, "The WAL key scheme"). Segment names have
+// derived keys: a recycled segment (A -> B) keeps its stale bytes, which B's key reads
+// as garbage, the end of WAL to PostgreSQL as stale WAL is; a restored RECOVERYXLOG
+// renamed to the segment it is needs nothing. A file with a key-map entry (xlogtemp.N,
+// or a segment from before the scheme) is rewritten under the derived key of its new
+// name (zero units cost a read), or, recycled, has its first page cleared. Returns 1
+// when the generic path must handle the rename (a key-map key that follows its file).
+template <class F>
+int rename_wal(const Resolved& rf, const Resolved& rt, FileClass ct, const std::string& abs, F do_rename) {
+    std::string to_seg = wal_segment_of(rt.rel);
+    std::optional<SecureBytes> entry = lookup_key(rf.rel);
+    if (entry) {
+        std::string from_seg = wal_segment_of(rf.rel);
+        if (to_seg.empty() || from_seg == to_seg) return 1;  // X -> X.partial: the entry follows
+        if (!from_seg.empty()) {
+            if (clear_first_unit(abs) != 0) return -1;
+        } else if (transcode(abs, std::make_shared<FileKey>(*entry), wal_key(to_seg)) != 0) {
+            return -1;
+        }
+    } else {
+        std::string id = wal_identity(rf.rel);
+        if (to_seg.empty()) {
+            if (id.empty()) return 1;  // no key at all: the generic path refuses or moves nothing
+            auto dst = std::make_shared<FileKey>(create_key(rt.rel, ct));
+            if (transcode(abs, wal_key(id), dst) != 0) return -1;
+        } else if (!id.empty() && wal_segment_of(rf.rel).empty() && wal_key_id(id) != wal_key_id(to_seg)) {
+            // RECOVERYXLOG kept under another segment's name: its bytes keep their meaning.
+            if (transcode(abs, wal_key(id), wal_key(to_seg)) != 0) return -1;
+        }
+    }
+    int rc = do_rename();
+    int saved = errno;
+    if (rc == 0) {
+        if (entry) remove_key(rf.rel);
+        if (!to_seg.empty()) remove_key(rt.rel);  // a stale entry of the name the file takes
+    }
+    errno = saved;
+    return rc;
+}
+
 }  // namespace
 
 int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, unsigned flags) {
@@ -288,6 +347,20 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
             return 0;
         }
         if (!S_ISREG(sb.st_mode)) return do_rename();
+        if ((rf && rf->wal_target) || (rt && rt->wal_target)) {
+            // pg_receivewal: X.partial -> X keeps its identity; nothing else is allowed.
+            if (rf && rt && rf->wal_target && rt->wal_target &&
+                wal_key_id(wal_segment_of(rf->rel)) == wal_key_id(wal_segment_of(rt->rel)))
+                return do_rename();
+            log_line(std::string("refusing to rename \"") + from + "\" to \"" + to +
+                     "\": a received WAL segment keeps its name");
+            errno = EXDEV;
+            return -1;
+        }
+        if (cf == FileClass::Wal && ct == FileClass::Wal) {
+            int rc = rename_wal(*rf, *rt, ct, absolute_of(olddirfd, from), do_rename);
+            if (rc != 1) return rc;
+        }
         if (is_durable(cf) && is_durable(ct)) {
             if (!has_key(rf->rel)) {
                 int rc = do_rename();
@@ -349,7 +422,19 @@ int op_linkat(int olddirfd, const char* from, int newdirfd, const char* to, int 
         errno = EXDEV;  // one inode cannot hold two encodings; callers fall back to copying
         return -1;
     }
+    if ((rf && rf->wal_target) || (rt && rt->wal_target)) {
+        errno = EXDEV;  // one inode, one identity
+        return -1;
+    }
     try {
+        if (cf == FileClass::Wal && !lookup_key(rf->rel)) {
+            // A derived WAL key belongs to one segment name: one inode, one key.
+            std::string id = wal_identity(rf->rel);
+            if (id.empty() || wal_key_id(id) == wal_key_id(wal_segment_of(rt->rel)))
+                return real().linkat(olddirfd, from, newdirfd, to, flags);
+            errno = EXDEV;
+            return -1;
+        }
         if (!has_key(rf->rel)) return real().linkat(olddirfd, from, newdirfd, to, flags);
         move_key(rf->rel, rt->rel, ct, true);
         int rc = real().linkat(olddirfd, from, newdirfd, to, flags);

@@ -126,7 +126,10 @@ constexpr size_t kChunk = 1 << 20;  // largest span encrypted per system call
 // fingerprint here: an HMAC per open was a third of what opening a file cost (SLRU
 // segments are opened for every page read); describe_file computes it when asked.
 struct FileKey {
-    explicit FileKey(const SecureBytes& k) : cipher(k.data()) {}
+    explicit FileKey(const SecureBytes& k, size_t head = 0) : wal_head(head), cipher(k.data()) {}
+    // WAL segments under a derived key (file_keys.cpp, "WAL segment keys"): the first
+    // wal_head bytes of unit 0 (PostgreSQL's long page header) stay plaintext, marked.
+    const size_t wal_head;
     std::mutex mu;
     XtsCipher cipher;
 };
@@ -263,6 +266,10 @@ struct State {
     std::once_flag env_once;
     std::string env_datadir;  // CMK_LAKEBASE_PGDATA (preload mode)
     std::string env_keyring_dir;
+    // CMK_LAKEBASE_WAL_TARGET (pg_cmk exec -- pg_receivewal): a directory outside the
+    // data directory whose segment files are this cluster's WAL, under derived keys.
+    std::string env_wal_target;
+    std::string env_wal_target_real;
     std::mutex init_mu;
     bool init_failed = false;
 
@@ -317,6 +324,7 @@ struct ReentryGuard {
 struct Resolved {
     std::string rel;
     FileClass cls = FileClass::Plaintext;
+    bool wal_target = false;  // a segment in pg_receivewal's directory: derived key only, no key-map entry
 };
 
 std::string real_path(const std::string& p);  // realpath(), "" if it fails
@@ -346,6 +354,37 @@ void move_key(const std::string& from, const std::string& to, FileClass to_cls, 
 bool has_key(const std::string& rel);
 bool db_locked_file(const std::string& rel);  // a file of a bound database whose key is unavailable
 SecureBytes ephemeral_key_bytes(dev_t dev, ino_t ino);
+
+// ---- WAL segment keys (file_keys.cpp; docs/backups.md, "The WAL key scheme") ------------
+//
+// A WAL segment's key is derived from the cluster's WAL master key (one random key per
+// cluster, sealed in the key map under kWalMasterId) and the segment's name, so an
+// archived copy of the segment needs nothing but the key map of any backup of the
+// cluster. Unit 0 keeps PostgreSQL's long page header (kWalHead bytes: magic,
+// timeline, address, system identifier, sizes) in plaintext, marked with kWalMark in
+// xlp_info, so a segment fetched back under another name (RECOVERYXLOG) says which
+// segment it is, and a plaintext segment is told from ours.
+constexpr const char* kWalMasterId = "cmk_lakebase/wal-master";
+constexpr size_t kWalHead = 40;        // SizeOfXLogLongPHD on every 64-bit platform
+constexpr uint8_t kWalMarkBit = 0x40;  // byte 3 of unit 0: xlp_info bit 0x4000, unused by PostgreSQL
+// "pg_wal/<24 hex>[.partial]" -> "<24 hex>" (upper case); "" for any other path.
+std::string wal_segment_of(const std::string& rel);
+// The segment a WAL file's plaintext long header names, "" if it names none.
+std::string wal_identity_of_header(const uint8_t* head, size_t n);
+// The segment a WAL file is: by its name, or (RECOVERYXLOG) by its header; "" if none.
+std::string wal_identity(const std::string& rel);
+// What a segment's key is derived from: its place in the WAL (the last 16 hex digits of
+// its name), not its timeline. The first segment of a new timeline begins with a copy
+// of the old timeline's segment, whose page headers keep the old timeline, so the
+// header of a restored file names the place reliably and the timeline not.
+inline std::string wal_key_id(const std::string& segment) { return segment.size() == 24 ? segment.substr(8) : segment; }
+// The derived key of a segment (kept by this process; dropped by forget_kept_keys).
+std::shared_ptr<FileKey> wal_key(const std::string& segment);
+// The key a WAL file at rel has without a key-map entry: by its name, or (RECOVERYXLOG)
+// by its header. null: none (errno 0), or the master key could not be had (throws).
+std::shared_ptr<FileKey> wal_derived_key(const std::string& rel);
+// Makes the WAL master key exist (postmaster at start, before any child).
+void ensure_wal_master();
 std::shared_ptr<FileKey> ephemeral_key(dev_t dev, ino_t ino);
 // The key of a context, finding or (for_write) making it. null with errno on failure.
 std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write);

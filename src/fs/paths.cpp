@@ -39,6 +39,11 @@ void env_once() {
         if (d && *d == '/') s.env_datadir = normalize_path(d);
         const char* k = ::getenv("CMK_LAKEBASE_KEYRING_DIR");
         if (k && *k) s.env_keyring_dir = k;
+        const char* w = ::getenv("CMK_LAKEBASE_WAL_TARGET");
+        if (w && *w == '/') {
+            s.env_wal_target = normalize_path(w);
+            s.env_wal_target_real = real_path(s.env_wal_target);
+        }
     });
 }
 
@@ -94,6 +99,26 @@ std::string absolute_of(int dirfd, const char* path) {
     return normalize_path(base + "/" + path);
 }
 
+namespace {
+
+// A segment file directly inside the WAL target directory of pg_receivewal: the same
+// identity as in pg_wal, so it is encrypted exactly as the segment is there (the same
+// derived key, byte for byte the ciphertext archive_command would copy).
+std::optional<Resolved> resolve_wal_target(const std::string& abs) {
+    State& s = st();
+    for (const std::string* dir : {&s.env_wal_target, &s.env_wal_target_real}) {
+        if (dir->empty() || !starts_with_dir(abs, *dir)) continue;
+        std::string name = abs.substr(dir->size() + 1);
+        if (name.find('/') != std::string::npos) return std::nullopt;
+        std::string rel = "pg_wal/" + name;
+        if (wal_segment_of(rel).empty()) return std::nullopt;  // history files: plaintext, as in pg_wal
+        return Resolved{rel, FileClass::Wal, true};
+    }
+    return std::nullopt;
+}
+
+}  // namespace
+
 // Where a path lies relative to the data directory, and its class. nullopt: outside.
 std::optional<Resolved> resolve(int dirfd, const char* path) {
     if (!path || !*path) return std::nullopt;
@@ -102,6 +127,8 @@ std::optional<Resolved> resolve(int dirfd, const char* path) {
     std::string abs = absolute_of(dirfd, path);
     if (abs.empty()) return std::nullopt;
     State& s = st();
+    if (!s.env_wal_target.empty())
+        if (auto r = resolve_wal_target(abs)) return r;
     std::string rel;
     if (starts_with_dir(abs, dd)) {
         rel = abs.substr(dd.size() + 1);

@@ -195,10 +195,55 @@ bool ensure_active() {
 
 namespace {
 
-// Refuses to start when a durable encrypted file with data has no key.
+// A first page in plaintext: PostgreSQL's page header as it writes it (8 KiB pages,
+// layout version 4, known flag bits, pd_lower <= pd_upper <= pd_special <= 8192).
+// Ciphertext passes with a probability below 2^-30.
+bool plaintext_page_header(const uint8_t* p) {
+    auto u16 = [&](size_t o) { return unsigned(p[o]) | unsigned(p[o + 1]) << 8; };
+    unsigned flags = u16(10), lower = u16(12), upper = u16(14), special = u16(16), version = u16(18);
+    return version == (8192 | 4) && (flags & ~7u) == 0 && lower >= 24 && lower <= upper &&
+           upper <= special && special <= 8192;
+}
+
+// Whether a durable file that has a key holds plaintext instead: a relation file whose
+// first page is a plaintext page, a WAL segment under a derived key whose first page
+// holds data without the mark. Reads the first bytes of the file.
+bool holds_plaintext(const std::string& abs, const std::string& rel, FileClass c) {
+    bool wal = c == FileClass::Wal && !wal_segment_of(rel).empty();
+    if (c != FileClass::Relation && !wal) return false;
+    if (wal && lookup_key(rel)) return false;  // a segment from before the WAL key scheme
+    int fd = sys::open(abs.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    uint8_t h[kWalHead];
+    ssize_t n = sys::pread_full(fd, h, sizeof h, 0);
+    sys::close(fd);
+    if (n != ssize_t(sizeof h) || all_zero(h, sizeof h)) return false;
+    return wal ? !(h[3] & kWalMarkBit) : plaintext_page_header(h);
+}
+
+// Refuses to start when a durable encrypted file with data has no key, or holds
+// plaintext (a plaintext copy restored into an encrypted cluster is never half-served:
+// every WAL segment and up to kPlaintextProbes relation files are looked at; a
+// plaintext page elsewhere fails its checksum when read).
+constexpr size_t kPlaintextProbes = 256;
+// A data file copied into an online backup before it was dropped, its key gone from
+// the key map copied after the drop (pgBackRest and other tools copy in their own
+// order). Started from that backup (backup_label present), WAL replay removes the file
+// again; its contents were unreadable without their key anyway. Only a file whose key
+// the key map records as removed qualifies: a file the map never knew still refuses.
+bool dropped_during_backup(State& s, const std::string& rel) {
+    struct stat sb;
+    if (::stat((s.datadir + "/backup_label").c_str(), &sb) != 0) return false;
+    try {
+        return map_for(rel).removed(rel);
+    } catch (const std::exception&) {
+        return false;
+    }
+}
+
 void check_every_file_has_key(State& s) {
-    std::vector<std::string> missing;
-    size_t count = 0;
+    std::vector<std::string> missing, plain;
+    size_t count = 0, plain_count = 0, probes = 0;
     std::vector<std::string> stack{""};
     while (!stack.empty()) {
         std::string rel = stack.back();
@@ -217,9 +262,22 @@ void check_every_file_has_key(State& s) {
                 stack.push_back(r);
             } else if (S_ISREG(sb.st_mode) && sb.st_size > 0) {
                 FileClass c = classify_relative(r);
-                if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
+                if (is_durable(c) && !has_key(r) && !db_locked_file(r) && dropped_during_backup(s, r)) {
+                    // Emptied, so nothing reads the undecryptable bytes before replay drops it.
+                    if (::truncate((abs + "/" + name).c_str(), 0) != 0) {
+                        count++;
+                        if (missing.size() < 5) missing.push_back(r);
+                    } else {
+                        log_line("\"" + r + "\" was dropped while the backup was taken (the key map records "
+                                 "its key as removed): emptied; WAL replay removes it");
+                    }
+                } else if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
                     count++;
                     if (missing.size() < 5) missing.push_back(r);
+                } else if (is_durable(c) && (c == FileClass::Wal || probes++ < kPlaintextProbes) &&
+                           holds_plaintext(abs + "/" + name, r, c)) {
+                    plain_count++;
+                    if (plain.size() < 5) plain.push_back(r);
                 }
             }
         }
@@ -234,6 +292,16 @@ void check_every_file_has_key(State& s) {
                          "The key map cmk_lakebase/keymap is damaged or truncated, or files were copied "
                          "in from another cluster. Restore the data directory together with its "
                          "cmk_lakebase/ directory from the same backup.");
+    }
+    if (plain_count) {
+        std::string list;
+        for (auto& m : plain) list += (list.empty() ? "" : ", ") + m;
+        throw LayerError("cmk_lakebase: " + std::to_string(plain_count) +
+                             " data file(s) of this encrypted cluster hold plaintext",
+                         "First plaintext files: " + list + ".",
+                         "The data directory mixes plaintext and encrypted files (a plaintext copy, such "
+                         "as one made by pg_basebackup, restored into an encrypted cluster?); it is refused "
+                         "rather than half-served. Restore a ciphertext copy (docs/backups.md).");
     }
 }
 
@@ -276,6 +344,7 @@ void start_server(const std::string& datadir) {
         ReentryGuard guard;
         load_keys(s, dd, "");
         check_every_file_has_key(s);
+        ensure_wal_master();  // made once per cluster, before any child needs it
     }
     detail::install_got();
     s.mode.store(Mode::Got, std::memory_order_release);

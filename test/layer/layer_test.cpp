@@ -102,7 +102,9 @@ void mkdirs(const std::string& rel) {
 }
 
 // Random operations against an in-memory model.
-void model_test(const std::string& rel, unsigned seed, int ops) {
+// keep_head: the file's first keep_head bytes are only ever written as zeros (a WAL
+// segment's long page header is PostgreSQL's, not random bytes, and stays plaintext).
+void model_test(const std::string& rel, unsigned seed, int ops, size_t keep_head = 0) {
     std::mt19937 rng(seed);
     mkdirs(rel);
     std::string path = P(rel);
@@ -116,6 +118,7 @@ void model_test(const std::string& rel, unsigned seed, int ops) {
             size_t off = rng() % 70000, len = 1 + rng() % 20000;
             if (rng() % 3 == 0) off = (off / 8192) * 8192, len = 8192 * (1 + rng() % 3);
             auto d = random_bytes(rng, len);
+            for (size_t p = off; p < keep_head && p < off + len; p++) d[p - off] = 0;
             ASSERT_EQ(::pwrite(fd, d.data(), len, off), ssize_t(len)) << strerror(errno);
             if (model.size() < off + len) model.resize(off + len, 0);
             std::memcpy(model.data() + off, d.data(), len);
@@ -133,6 +136,7 @@ void model_test(const std::string& rel, unsigned seed, int ops) {
         } else if (op == 7) {  // sequential write()
             size_t off = rng() % 50000, len = 1 + rng() % 3000;
             auto d = random_bytes(rng, len);
+            for (size_t p = off; p < keep_head && p < off + len; p++) d[p - off] = 0;
             ASSERT_EQ(::lseek(fd, off, SEEK_SET), off_t(off));
             ASSERT_EQ(::write(fd, d.data(), len), ssize_t(len));
             ASSERT_EQ(::lseek(fd, 0, SEEK_CUR), off_t(off + len));
@@ -178,7 +182,85 @@ TEST(Layer, SlruAndNotify) {
     model_test("pg_xact/0000", 8, 100);
     model_test("pg_notify/0000", 9, 100);
 }
-TEST(Layer, WalSegment) { model_test("pg_wal/000000010000000000000001", 10, 150); }
+TEST(Layer, WalSegment) { model_test("pg_wal/000000010000000000000001", 10, 150, 40); }
+
+// A WAL segment's key is derived from its place in the WAL (src/fs/file_keys.cpp, "WAL
+// segment keys"): no key-map entry, the long page header in clear with the mark, the
+// same file fetched back as RECOVERYXLOG readable through its header, a recycled name
+// reading garbage, a segment without the mark refused.
+std::vector<uint8_t> wal_unit0(uint32_t tli, uint64_t segno) {
+    std::vector<uint8_t> u(8192, 'q');
+    auto put = [&](size_t o, uint64_t v, int n) {
+        for (int i = 0; i < n; i++) u[o + i] = uint8_t(v >> (8 * i));
+    };
+    put(0, 0xD110, 2);             // xlp_magic (PostgreSQL 15)
+    put(2, 0x0002, 2);             // xlp_info: XLP_LONG_HEADER
+    put(4, tli, 4);                // xlp_tli
+    put(8, segno << 24, 8);        // xlp_pageaddr (16 MiB segments)
+    put(16, 0, 8);                 // xlp_rem_len, padding
+    put(24, 0x1234567890ULL, 8);   // xlp_sysid
+    put(32, 16u << 20, 4);         // xlp_seg_size
+    put(36, 8192, 4);              // xlp_xlog_blcksz
+    return u;
+}
+
+TEST(Layer, WalSegmentKeysFollowTheirPlace) {
+    mkdirs("pg_wal/x");
+    std::string rel = "pg_wal/000000010000000000000005", path = P(rel);
+    ::unlink(path.c_str());
+    std::vector<uint8_t> plain = wal_unit0(1, 5);
+    std::vector<uint8_t> unit1(8192, 'r');
+    plain.insert(plain.end(), unit1.begin(), unit1.end());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pwrite(fd, plain.data(), plain.size(), 0), ssize_t(plain.size()));
+    ::close(fd);
+    EXPECT_FALSE(keymap_has(rel)) << "a WAL segment's key is derived, not stored";
+    std::vector<uint8_t> raw = raw_read(path);
+    ASSERT_EQ(raw.size(), plain.size());
+    EXPECT_EQ(raw[3], 0x40) << "the mark in xlp_info";
+    EXPECT_EQ(0, std::memcmp(raw.data() + 4, plain.data() + 4, 36)) << "the long page header stays plaintext";
+    EXPECT_NE(0, std::memcmp(raw.data() + 40, plain.data() + 40, 64)) << "the rest of unit 0 is ciphertext";
+    EXPECT_FALSE(leaks(std::vector<uint8_t>(raw.begin() + 8192, raw.end()),
+                       std::vector<uint8_t>(plain.begin() + 8192, plain.end())));
+
+    // Fetched back unchanged under another name (restore_command): read through its header.
+    std::string rec = P("pg_wal/RECOVERYXLOG");
+    raw_write(rec, raw);
+    fd = ::open(rec.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    std::vector<uint8_t> got(plain.size());
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    ::close(fd);
+    EXPECT_EQ(got, plain) << "RECOVERYXLOG decrypts with the key its header names";
+    // ... and kept under its name on another timeline (same place): the same bytes.
+    std::string tl2 = P("pg_wal/000000020000000000000005");
+    ASSERT_EQ(::rename(rec.c_str(), tl2.c_str()), 0);
+    EXPECT_EQ(raw_read(tl2), raw) << "a rename to the same place rewrites nothing";
+    fd = ::open(tl2.c_str(), O_RDONLY);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    ::close(fd);
+    EXPECT_EQ(got, plain);
+
+    // Recycled to another place: the stale bytes are garbage under the new key.
+    std::string later = P("pg_wal/000000010000000000000009");
+    ASSERT_EQ(::rename(path.c_str(), later.c_str()), 0);
+    fd = ::open(later.c_str(), O_RDONLY);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    ::close(fd);
+    EXPECT_NE(0, std::memcmp(got.data() + 8192, plain.data() + 8192, 8192)) << "a recycled segment reads garbage";
+
+    // A segment without the mark (plaintext WAL) is refused, not served.
+    std::string foreign = P("pg_wal/00000001000000000000000A");
+    raw_write(foreign, wal_unit0(1, 10));
+    fd = ::open(foreign.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    errno = 0;
+    EXPECT_EQ(::pread(fd, got.data(), 8192, 0), -1) << "plaintext WAL was served";
+    EXPECT_EQ(errno, EIO);
+    ::close(fd);
+    for (const std::string& f : {tl2, later, foreign}) ::unlink(f.c_str());
+}
 
 TEST(Layer, DurableFilesGetKeysThatDieWithThem) {
     mkdirs("base/1/x");
@@ -241,16 +323,21 @@ TEST(Layer, RenameCarriesTheKey) {
     int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     ASSERT_GE(fd, 0);
     std::vector<uint8_t> page(8192, 'w');
-    for (int i = 0; i < 4; i++) ASSERT_EQ(::pwrite(fd, page.data(), 8192, i * 8192), 8192);
+    std::vector<uint8_t> first = wal_unit0(1, 2);
+    ASSERT_EQ(::pwrite(fd, first.data(), 8192, 0), 8192);
+    for (int i = 1; i < 4; i++) ASSERT_EQ(::pwrite(fd, page.data(), 8192, i * 8192), 8192);
     ::close(fd);
     ASSERT_EQ(::rename(tmp.c_str(), seg.c_str()), 0);
     EXPECT_FALSE(keymap_has("pg_wal/xlogtemp.777"));
-    EXPECT_TRUE(keymap_has("pg_wal/000000010000000000000002"));
+    // A segment name takes its derived key: the file was rewritten under it.
+    EXPECT_FALSE(keymap_has("pg_wal/000000010000000000000002"));
     fd = ::open(seg.c_str(), O_RDONLY);
     std::vector<uint8_t> got(8192);
     ASSERT_EQ(::pread(fd, got.data(), 8192, 3 * 8192), 8192);
-    ::close(fd);
     EXPECT_EQ(got, page);
+    ASSERT_EQ(::pread(fd, got.data(), 8192, 0), 8192);
+    EXPECT_EQ(got, first);
+    ::close(fd);
 }
 
 TEST(Layer, RenameToPlaintextClassDecrypts) {
@@ -597,9 +684,11 @@ TEST(LayerChild, WalLockFollowsReaders) {
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     ASSERT_GE(fd, 0) << strerror(errno);
     std::vector<uint8_t> model = random_bytes(rng, 2 * U);
+    std::memset(model.data(), 0, 40);  // where PostgreSQL's long page header goes
     ASSERT_EQ(::pwrite(fd, model.data(), model.size(), 0), ssize_t(model.size()));
     auto rewrite_unit = [&](size_t u, int wait_ms) {
         auto d = random_bytes(rng, U);
+        if (u == 0) std::memset(d.data(), 0, 40);
         std::memcpy(model.data() + u * U, d.data(), U);
         return write_under_read_lock(fd, path, d.data(), U, off_t(u * U), wait_ms);
     };

@@ -1,19 +1,25 @@
 # Backup and standby routes of an encrypted cluster (issue 16, the part that works
 # today; docs/backups.md). Shown here:
 #   - "pg_cmk exec" refuses the tools that would write a plaintext copy of the
-#     cluster or copy files and key maps between clusters (pg_basebackup,
-#     pg_receivewal, pg_rewind, pg_upgrade), before they run: the target they were
-#     given is never created. A tool it does not refuse still runs.
+#     cluster or copy files and key maps between clusters (pg_basebackup, pg_rewind,
+#     pg_upgrade, and pg_receivewal asked to compress), before they run: the target
+#     they were given is never created. A tool it does not refuse still runs.
 #   - a streaming standby made from a file copy of the stopped primary: it replays,
 #     serves reads, follows writes and is promoted; every byte of it is ciphertext
 #     (marker scan), while the same scan finds the marker in a plaintext control.
 #   - a streaming standby made from a file copy of the RUNNING primary, taken between
 #     pg_backup_start() and pg_backup_stop() with cmk_lakebase/ copied last and rows
 #     written during the copy: it starts, catches up, the rows match the primary's and
-#     amcheck finds its indexes intact; its data directory is ciphertext too.
+#     amcheck finds its indexes intact; its data directory is ciphertext too. A table
+#     dropped while the copy runs (its files copied, its keys gone from the key map
+#     copied later) does not stop the copy from starting: the file is emptied and
+#     replay drops it.
+#   - a data directory mixing plaintext and encrypted data files is refused at start.
 
 use strict;
 use warnings;
+
+use File::Copy ();
 
 use File::Path qw(make_path);
 use PostgreSQL::Test::Cluster;
@@ -36,7 +42,7 @@ $primary->safe_psql('postgres', 'CHECKPOINT');
 
 # --- the wrapper refuses what it cannot do safely
 my $tmp = PostgreSQL::Test::Utils::tempdir();
-for my $tool (qw(pg_basebackup pg_receivewal pg_rewind pg_upgrade))
+for my $tool (qw(pg_basebackup pg_rewind pg_upgrade))
 {
 	my $target = "$tmp/$tool-target";
 	my ($rc, $out, $err) =
@@ -47,6 +53,16 @@ for my $tool (qw(pg_basebackup pg_receivewal pg_rewind pg_upgrade))
 		qr/pg_cmk exec refuses \Q$tool\E: .+ not supported on a cluster encrypted by cmk_lakebase; instead, /,
 		"pg_cmk exec $tool: says why and what to do instead");
 	ok(!-e $target, "pg_cmk exec $tool: the tool did not run (no $target)");
+}
+{
+	# pg_receivewal runs (085_wal_archive), but not compressing: a compressed segment
+	# would be written in plaintext.
+	my $target = "$tmp/receivewal-z";
+	my ($rc, $out, $err) =
+	  pg_cmk('exec', '-D', $primary->data_dir, '--', 'pg_receivewal', '-D', $target, '--compress=gzip');
+	is($rc, 1, 'pg_cmk exec pg_receivewal --compress: exit 1');
+	like($err, qr/without compression only/, 'pg_cmk exec pg_receivewal --compress: says why');
+	ok(!-e $target, 'pg_cmk exec pg_receivewal --compress: the tool did not run');
 }
 {
 	my ($rc, $out, $err) =
@@ -99,6 +115,9 @@ my $online = $primary->backup_dir . '/online';
 my $bg     = $primary->background_psql('postgres');
 # pg_backup_stop's NOTICE (no WAL archiving: the standby streams it) is not an error.
 $bg->query_safe('SET client_min_messages = warning');
+# A table dropped while the copy runs, after its files were copied and before the key
+# map was: the copy holds its files, the key map records their keys as removed.
+$primary->safe_psql('postgres', "CREATE TABLE dropme AS SELECT g, '$marker-dropme' AS v FROM generate_series(1, 3000) g");
 $bg->query_safe("SELECT pg_backup_start('cmk_online', true)");
 # Rows written while the copy runs: replayed by the standby from the primary's WAL.
 $primary->safe_psql('postgres',
@@ -112,6 +131,9 @@ PostgreSQL::Test::RecursiveCopy::copypath(
 	});
 $primary->safe_psql('postgres',
 	"INSERT INTO t SELECT g, '$marker-during-' || g FROM generate_series(4001, 4500) g");
+my $dropme = $primary->safe_psql('postgres', "SELECT pg_relation_filepath('dropme')");
+ok(-s "$online/$dropme", 'the copy holds the table dropped during the backup');
+$primary->safe_psql('postgres', 'DROP TABLE dropme; CHECKPOINT');
 PostgreSQL::Test::RecursiveCopy::copypath("$pd/cmk_lakebase", "$online/cmk_lakebase");
 my $label = $bg->query_safe('SELECT labelfile FROM pg_backup_stop(true)');
 $bg->quit;
@@ -123,7 +145,10 @@ make_path("$online/pg_wal/archive_status");
 
 my $copy = PostgreSQL::Test::Cluster->new('online_standby');
 $copy->init_from_backup($primary, 'online', has_streaming => 1);
-$copy->start;
+my ($copy_started, $copy_log) = CmkTest::try_start($copy);
+ok($copy_started, 'online copy starts although a table was dropped while it was taken');
+like($copy_log, qr/\Q$dropme\E" was dropped while the backup was taken/,
+	'the dropped table\'s file is named in the log as emptied for replay') or diag($copy_log);
 $primary->safe_psql('postgres', "INSERT INTO t VALUES (9500, '$marker-final')");
 $primary->wait_for_catchup($copy);
 my $rows = 'SELECT count(*), sum(hashtext(v)) FROM t';
@@ -139,6 +164,21 @@ is_deeply([ CmkTest::scan_for_markers($copy->data_dir, $marker) ],
 	[], 'online-copy standby: no marker anywhere in its data directory');
 is_deeply([ CmkTest::scan_for_markers($online, $marker) ],
 	[], 'online copy: no marker anywhere in the copy');
+
+# --- a data directory that mixes plaintext and encrypted files is refused at start
+# (a plaintext copy restored over an encrypted cluster): the online copy's table file
+# replaced by the same table's file from a stock cluster.
+my $plain = CmkTest::new_plain_node('plain_source', start => 1);
+$plain->safe_psql('postgres', "CREATE TABLE t (id int, v text); INSERT INTO t VALUES (1, 'plain')");
+$plain->safe_psql('postgres', 'CHECKPOINT');
+my $plain_file = $plain->data_dir . '/' . $plain->safe_psql('postgres', "SELECT pg_relation_filepath('t')");
+my $mixed_file = $copy->data_dir . '/' . $primary->safe_psql('postgres', "SELECT pg_relation_filepath('t')");
+$plain->stop;
+$copy->stop;
+File::Copy::copy($plain_file, $mixed_file) or die "copy $plain_file: $!";
+my ($mixed_started, $mixed_log) = CmkTest::try_start($copy);
+ok(!$mixed_started, 'a plaintext data file in an encrypted cluster: the server refuses to start');
+like($mixed_log, qr/FATAL:.*hold plaintext/, 'it says the directory holds plaintext') or diag($mixed_log);
 
 $primary->stop;
 done_testing();

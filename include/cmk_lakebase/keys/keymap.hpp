@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cmk_lakebase/base/error.hpp"
@@ -82,6 +83,9 @@ public:
     // Removes the entry (crypto-shredding the file's key). No-op if absent.
     void remove(const std::string& identity);
 
+    // True if the log records that identity's key was removed (its file unlinked) and
+    // not made again, since the map was last compacted.
+    bool removed(const std::string& identity);
     // Removes every entry whose identity starts with prefix (a dropped directory).
     void remove_prefix(const std::string& prefix);
     // Removes every entry whose identity satisfies pred, in one durable append.
@@ -157,6 +161,7 @@ private:
     std::string cluster_id_;
     uint32_t generation_;
     std::unordered_map<std::string, Entry> entries_;
+    std::unordered_set<std::string> removed_;  // identities whose last record is a removal
     size_t dead_records_ = 0;
     uint64_t read_offset_ = 0;
     uint64_t file_ino_ = 0;

@@ -366,6 +366,7 @@ void KeyMap::load_locked(bool full) {
                               std::to_string(hd.generation) + ", but the keyring's KEK is generation " +
                               std::to_string(generation_));
         entries_.clear();
+        removed_.clear();
         dead_records_ = 0;
         read_offset_ = kHeaderSize;
     }
@@ -382,9 +383,11 @@ void KeyMap::load_locked(bool full) {
         auto it = entries_.find(rec.identity);
         if (rec.type == kAdd) {
             if (it != entries_.end()) dead_records_++;
+            removed_.erase(rec.identity);
             entries_[rec.identity] = Entry{rec.cls, std::move(rec.wrapped)};
         } else if (it != entries_.end()) {
             entries_.erase(it);
+            removed_.insert(rec.identity);
             dead_records_ += 2;
         } else {
             dead_records_ += 1;
@@ -585,6 +588,12 @@ void KeyMap::move(const std::string& from, const std::string& to, FileClass to_c
         rec.insert(rec.end(), del.begin(), del.end());
     }
     append_locked(rec);
+}
+
+bool KeyMap::removed(const std::string& identity) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    refresh();
+    return removed_.count(identity) != 0;
 }
 
 void KeyMap::remove(const std::string& identity) {
