@@ -48,7 +48,7 @@
 #   BENCH_WORKLOADS="tpcb" BENCH_ROUNDS=12 bash bench/run_bench.sh
 #
 # Settings (environment; bench/README.md has the table):
-#   BENCH_SECONDS=15 BENCH_ROUNDS=8 BENCH_WARMUP=5     tpcb/select runs and rounds
+#   BENCH_SECONDS=20 BENCH_ROUNDS=8 BENCH_WARMUP=5     tpcb/select runs and rounds
 #   BENCH_WRITE_ROUNDS=5                               rounds of every other workload
 #   BENCH_SCALE=50 BENCH_CLIENTS=2 BENCH_JOBS=2 BENCH_PROTOCOL=prepared
 #   BENCH_ROWS=1000000                                 table of copy/ctas/index/...
@@ -79,7 +79,7 @@ if [ "$BENCH_QUICK" = 1 ]; then
 	: "${BENCH_OUT:=/tmp/cmk_bench_quick}"
 fi
 PG_BINDIR=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
-BENCH_SECONDS=${BENCH_SECONDS:-15}
+BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_ROUNDS=${BENCH_ROUNDS:-8}
 BENCH_WRITE_ROUNDS=${BENCH_WRITE_ROUNDS:-5}
 BENCH_SCALE=${BENCH_SCALE:-50}
@@ -110,6 +110,9 @@ BENCH_OUT=${BENCH_OUT:-$SCRIPT_DIR/latest}
 
 PG_USER=postgres
 TARGET_CIPHER=0.90
+# The decode workload's server start: logical decoding, and a decoding memory so small
+# (the minimum) that every transaction of the workload spills to disk.
+DECODE_OPTS="-c wal_level=logical -c logical_decoding_work_mem=64kB"
 
 die() { echo "run_bench: error: $*" >&2; exit 1; }
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -231,13 +234,20 @@ trap 'exit 143' TERM
 
 # ------------------------------------------------------------------ numbers
 
-median() { # numbers as arguments (4 decimals: callers round for display)
-	printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {
-		if (NR == 0) { print "nan"; exit }
-		if (NR % 2) printf "%.4f\n", a[(NR+1)/2]; else printf "%.4f\n", (a[NR/2]+a[NR/2+1])/2 }'
-}
-minmax() { # numbers -> "min max"
-	printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) print lo, hi; else print "nan nan" }'
+# For each argument (a list of numbers): its median; for the first one also its min and
+# max, right after it. All in one process.
+stats() {
+	awk 'BEGIN {
+		for (i = 1; i < ARGC; i++) {
+			k = split(ARGV[i], a, " ")
+			for (x = 2; x <= k; x++) { v = a[x] + 0; for (y = x - 1; y >= 1 && a[y] + 0 > v; y--) a[y + 1] = a[y]; a[y + 1] = v }
+			if (k == 0) med = "nan"
+			else if (k % 2) med = sprintf("%.3f", a[(k + 1) / 2])
+			else med = sprintf("%.3f", (a[k / 2] + a[k / 2 + 1]) / 2)
+			out = out (i > 1 ? " " : "") med
+			if (i == 1) out = out " " (k ? sprintf("%.3f %.3f", a[1], a[k]) : "nan nan")
+		}
+		print out; exit }' "$@"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f\n", a/b; else print "nan" }'; }
 verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r != "nan" && r >= t) ? "PASS" : "MISS" }'; }
@@ -452,11 +462,13 @@ run_one() { # mode workload
 	local mode=$1 w=$2 opts="" clients=$BENCH_CLIENTS jobs=$BENCH_JOBS secs=$BENCH_SECONDS
 	local cpu0 cpu1 h0 h1 t0 t1 before after disk0 disk1 noise ops
 	RUN_NOTE="" RUN_EXTRA=""
-	[ "$w" = decode ] && opts="-c wal_level=logical -c logical_decoding_work_mem=64kB"
+	[ "$w" = decode ] && opts=$DECODE_OPTS
 	case $w in fpw_c*) clients=${w#fpw_c}; jobs=$(fpw_jobs "$clients"); secs=$BENCH_FPW_SECONDS ;; esac
 
-	prime_page_cache "$mode"
-	server_start "$mode" "$opts"
+	if [ "$BENCH_QUICK" != 1 ]; then
+		prime_page_cache "$mode"
+		server_start "$mode" "$opts"
+	fi
 	psql_q "$mode" "CHECKPOINT" >/dev/null
 	setup_workload "$mode" "$w"
 	case $w in
@@ -519,7 +531,7 @@ run_one() { # mode workload
 		RUN_NOTE="spilled ${sp_tx:-?} txns, ${sp_bytes:-?} bytes"
 		RUN_EXTRA="\"spill_txns\":${sp_tx:-null},\"spill_bytes\":${sp_bytes:-null}"
 	fi
-	server_stop "$mode"
+	[ "$BENCH_QUICK" = 1 ] || server_stop "$mode"
 
 	local used
 	used=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')
@@ -639,6 +651,11 @@ EOF
 		server_stop "$mode"
 	done
 
+	if [ "$BENCH_QUICK" = 1 ]; then
+		# Smoke: one server start per mode for all workloads (a restart per run is what
+		# makes a quick run slow); the measured runs are not comparable to a full run's.
+		for mode in enc plain; do server_start "$mode" "$DECODE_OPTS"; done
+	fi
 	max_rounds=$BENCH_ROUNDS
 	[ "$BENCH_WRITE_ROUNDS" -le "$max_rounds" ] || max_rounds=$BENCH_WRITE_ROUNDS
 	for ((round = 1; round <= max_rounds; round++)); do
@@ -669,6 +686,10 @@ EOF
 			unset this this_cpu
 		done
 	done
+
+	if [ "$BENCH_QUICK" = 1 ]; then
+		for mode in enc plain; do server_stop "$mode"; done
+	fi
 
 	# Cross-check: both clusters under load at the same time, half the clients each.
 	# Alternated runs are minutes apart, and on a shared VM single runs of one mode
@@ -717,16 +738,9 @@ EOF
 		t=$(wl_target "$w")
 		unit=$(wl_unit "$w")
 		cunit=$(wl_cpu_unit "$w")
-		# shellcheck disable=SC2086
-		{
-			m=$(median ${RATIOS[$w]} | awk '{ printf "%.3f", $1 }')
-			read -r lo hi <<<"$(minmax ${RATIOS[$w]})"
-			me=$(median ${VALS[enc,$w]})
-			mp=$(median ${VALS[plain,$w]})
-			ce=$(median ${CPUS[enc,$w]})
-			cp=$(median ${CPUS[plain,$w]})
-			cr=$(median ${CPURAT[$w]} | awk '{ printf "%.3f", $1 }')
-		}
+		# One process for every figure of the workload: on a loaded host each fork counts.
+		read -r m lo hi me mp ce cp cr cc <<<"$(stats "${RATIOS[$w]}" "${VALS[enc,$w]}" \
+			"${VALS[plain,$w]}" "${CPUS[enc,$w]}" "${CPUS[plain,$w]}" "${CPURAT[$w]}" "${CONC[$w]:-}")"
 		v=$(verdict_spread "$m" "$lo" "$hi" "$t")
 		add_summary "$(printf '%-21s median %s  min %s max %s  (target >= %s)  %s' \
 			"$(wl_label "$w")" "$m" "$lo" "$hi" "$t" "$v")"
@@ -739,8 +753,7 @@ EOF
 		if [ -n "${CONC[$w]:-}" ]; then
 			# shellcheck disable=SC2086
 			add_summary "$(printf '%-21s   concurrent (both loaded at once, -c %d each, %d x %ds): ratios%s  (median %s; not judged)' \
-				"" "$CONC_CLIENTS" "$BENCH_CONCURRENT_RUNS" "$BENCH_SECONDS" "${CONC[$w]}" \
-				"$(median ${CONC[$w]} | awk '{ printf "%.3f", $1 }')")"
+				"" "$CONC_CLIENTS" "$BENCH_CONCURRENT_RUNS" "$BENCH_SECONDS" "${CONC[$w]}" "$cc")"
 			# shellcheck disable=SC2086
 			conc_json=",\"concurrent_ratios\":$(json_nums ${CONC[$w]})"
 		fi
@@ -792,10 +805,8 @@ for dir in enc dec; do
 	{
 		a=$(best ${CIPHER[cmk,$dir]})
 		b=$(best ${CIPHER[ossl,$dir]})
-		ma=$(median ${CIPHER[cmk,$dir]})
-		mb=$(median ${CIPHER[ossl,$dir]})
-		read -r lo hi <<<"$(minmax ${CIPHER[ratio,$dir]})"
 	}
+	read -r _ lo hi ma mb <<<"$(stats "${CIPHER[ratio,$dir]}" "${CIPHER[cmk,$dir]}" "${CIPHER[ossl,$dir]}")"
 	r=$(ratio "$a" "$b")
 	v=$(verdict "$r" "$TARGET_CIPHER")
 	add_summary "$(printf 'page cipher %s  best-of-%d pg_cmk %9.1f MB/s  openssl %9.1f MB/s  ratio %s  (target >= %s)  %s' \
@@ -873,12 +884,14 @@ if [ "$HAVE_GNUPLOT" = 1 ]; then
 	if gnuplot <<EOF 2>"$dat.err"; then
 set terminal pngcairo size 1400,700 font ",10"
 set output "$BENCH_OUT/chart.png.tmp"
-set title "$title"
-set ylabel "ratio (1.0 = no cost); bar = median of rounds (cipher: best of N), whisker = min-max of rounds, dash = target"
+set termoption noenhanced
+set title "$title\nbar: median of the rounds (cipher: best of N); whisker: min-max of the rounds; black dash: target\ngreen PASS, red MISS, orange NOISY (spread straddles the target)"
+set ylabel "encrypted / plaintext (1.0 = no cost)"
+set bmargin 9
 set yrange [$ymin:$ymax]
 set xrange [-0.7:$i - 0.3]
 set grid ytics
-set xtics rotate by -35 left nomirror
+set xtics rotate by 35 right nomirror
 set key off
 set boxwidth 0.6
 set style fill solid 0.75 border -1
