@@ -825,6 +825,10 @@ HOST_LINE="$(nproc) CPUs (${CPU_MODEL:-unknown CPU}), $(awk '/MemTotal/ { printf
 echo
 echo "==================== cmk_lakebase benchmark summary ===================="
 echo "host: $HOST_LINE"
+if [ "$BENCH_QUICK" = 1 ]; then
+	echo "QUICK SMOKE RUN (BENCH_QUICK=1): tiny sizes, one round, one server start per mode: the figures and"
+	echo "verdicts below only show that every workload ran; they are not a measurement"
+fi
 if [ "$BENCH_SKIP_PGBENCH" != 1 ]; then
 	echo "pgbench: scale $BENCH_SCALE, shared_buffers $BENCH_SHARED_BUFFERS, -c $BENCH_CLIENTS -j $BENCH_JOBS" \
 		"-M $BENCH_PROTOCOL, $BENCH_ROUNDS round(s) x ${BENCH_SECONDS}s per mode (+${BENCH_WARMUP}s warm-up)," \
