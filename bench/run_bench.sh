@@ -9,7 +9,7 @@
 #      CHECKPOINT and a `sync`. Beside the wall-clock result each run records the CPU
 #      time of the server's own processes (postmaster and all its children, from /proc)
 #      per operation, and what the rest of the host did meanwhile (steal, iowait, other
-#      processes). Each workload's verdict is on the median of its per-round ratios
+#      processes; WAL write and fsync time). Each workload's verdict is on the median of its per-round ratios
 #      encrypted/plaintext (1.0 = no cost), with the spread (min/max) judged: a spread
 #      wider than BENCH_NOISY_SPREAD that straddles the target gives NOISY, not a
 #      PASS or MISS the rounds cannot support.
@@ -294,6 +294,8 @@ declare -A RATIOS  # RATIOS[w]      per-round ratios encrypted/plaintext (1 = no
 declare -A CPURAT  # CPURAT[w]      per-round CPU ratios plaintext/encrypted
 declare -A CONC    # CONC[w]        ratios of the concurrent cross-check runs
 declare -A EXTRAS  # EXTRAS[mode,w] per-run notes (fpi/tx, spills), for the JSON
+declare -A WALW    # WALW[mode,w]   WAL write time per operation (µs), per run
+declare -A WALS    # WALS[mode,w]   WAL fsync time per operation (µs), per run
 
 # CPU seconds the server has used so far: the postmaster's own and its reaped
 # children's (utime, stime, cutime, cstime; backends of finished connections land
@@ -456,6 +458,13 @@ ops_of() { # workload -> operations per timed run (the CPU figure's denominator)
 	esac
 }
 
+# Counters read before and after each measured part: shared_buffers misses and hits,
+# full-page images and bytes written to the WAL, and the time (µs) spent writing and
+# fsyncing WAL (track_wal_io_timing: the waits a commit makes, which no CPU figure sees).
+STATS_SQL="SELECT d.blks_read || ' ' || d.blks_hit || ' ' || w.wal_fpi || ' ' || w.wal_bytes || ' ' ||
+	round(w.wal_write_time * 1000)::bigint || ' ' || round(w.wal_sync_time * 1000)::bigint
+	FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = 'postgres'"
+
 # One measured run of one workload in one mode: sets RUN_VAL (tps or seconds),
 # RUN_CPU (server CPU per operation) and RUN_NOTE (printed), RUN_EXTRA (JSON fields).
 run_one() { # mode workload
@@ -497,8 +506,7 @@ run_one() { # mode workload
 		sync
 		;;
 	esac
-	before=$(psql_q "$mode" "SELECT d.blks_read || ' ' || d.blks_hit || ' ' || w.wal_fpi || ' ' || w.wal_bytes
-		FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = 'postgres'")
+	before=$(psql_q "$mode" "$STATS_SQL")
 	sleep 0.2  # the psql backend above exits and is reaped
 	cpu0=$(server_cpu_seconds "$mode")
 	h0=$(host_cpu)
@@ -521,8 +529,7 @@ run_one() { # mode workload
 	sleep 0.2  # the client's backends exit and are reaped
 	cpu1=$(server_cpu_seconds "$mode")
 	h1=$(host_cpu)
-	after=$(psql_q "$mode" "SELECT d.blks_read || ' ' || d.blks_hit || ' ' || w.wal_fpi || ' ' || w.wal_bytes
-		FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = 'postgres'")
+	after=$(psql_q "$mode" "$STATS_SQL")
 	if [ "$w" = decode ]; then
 		# Proof that it spilled (the statistics of the slot are gone with it).
 		read -r sp_tx sp_bytes <<<"$(psql_q "$mode" \
@@ -541,9 +548,11 @@ run_one() { # mode workload
 	esac
 	noise=$(host_noise "$h0" "$h1" "$used")
 	read -r st io ot <<<"$noise"
-	read -r r0 hi0 f0 wb0 <<<"$before"
-	read -r r1 hi1 f1 wb1 <<<"$after"
+	read -r r0 hi0 f0 wb0 ww0 ws0 <<<"$before"
+	read -r r1 hi1 f1 wb1 ww1 ws1 <<<"$after"
 	local fpi_tx wal_mb
+	RUN_WALW=$(awk -v t=$((ww1 - ww0)) -v n="$ops" 'BEGIN { if (n > 0) printf "%.1f", t / n; else print "nan" }')
+	RUN_WALS=$(awk -v t=$((ws1 - ws0)) -v n="$ops" 'BEGIN { if (n > 0) printf "%.1f", t / n; else print "nan" }')
 	fpi_tx=$(awk -v f=$((f1 - f0)) -v n="$ops" 'BEGIN { if (n > 0) printf "%.2f", f / n; else print "nan" }')
 	wal_mb=$(awk -v b=$((wb1 - wb0)) 'BEGIN { printf "%.1f", b / 1048576 }')
 	case $w in
@@ -552,12 +561,12 @@ run_one() { # mode workload
 		hit=$(awk -v r=$((r1 - r0)) -v h=$((hi1 - hi0)) \
 			'BEGIN { if (r + h > 0) printf "%.1f", 100 * h / (r + h); else print "n/a" }')
 		[ "$disk0" = n/a ] || [ "$disk1" = n/a ] || disk=$((disk1 - disk0))
-		RUN_NOTE="shared_buffers hit ${hit}%, $((r1 - r0)) blocks from the OS, $disk from the disk" ;;
-	fpw_c*) RUN_NOTE="$fpi_tx full-page images/tx, WAL $wal_mb MB" ;;
+		RUN_NOTE="shared_buffers hit ${hit}%, $((r1 - r0)) blocks from the OS, $disk from the disk; WAL write $RUN_WALW + fsync $RUN_WALS us/tx" ;;
+	fpw_c*) RUN_NOTE="$fpi_tx full-page images/tx, WAL $wal_mb MB; WAL write $RUN_WALW + fsync $RUN_WALS us/tx" ;;
 	decode) ;;
 	*) RUN_NOTE="WAL $wal_mb MB" ;;
 	esac
-	RUN_EXTRA+="${RUN_EXTRA:+,}\"steal_pct\":${st/n\/a/null},\"iowait_pct\":${io/n\/a/null},\"others_pct\":${ot/n\/a/null},\"wal_mb\":$wal_mb,\"fpi_per_op\":${fpi_tx/nan/null}"
+	RUN_EXTRA+="${RUN_EXTRA:+,}\"steal_pct\":${st/n\/a/null},\"iowait_pct\":${io/n\/a/null},\"others_pct\":${ot/n\/a/null},\"wal_mb\":$wal_mb,\"fpi_per_op\":${fpi_tx/nan/null},\"wal_write_us_per_op\":${RUN_WALW/nan/null},\"wal_sync_us_per_op\":${RUN_WALS/nan/null}"
 	RUN_NOTE="host: steal ${st}% iowait ${io}% others ${ot}%; $RUN_NOTE"
 }
 
@@ -618,6 +627,7 @@ synchronous_commit = $BENCH_SYNC_COMMIT
 max_wal_size = 4GB
 checkpoint_timeout = 30min
 autovacuum = off
+track_wal_io_timing = on
 log_min_messages = warning
 EOF
 	done
@@ -671,6 +681,8 @@ EOF
 				this_cpu[$mode]=$RUN_CPU
 				VALS[$mode,$w]="${VALS[$mode,$w]:-} $RUN_VAL"
 				CPUS[$mode,$w]="${CPUS[$mode,$w]:-} $RUN_CPU"
+				WALW[$mode,$w]="${WALW[$mode,$w]:-} $RUN_WALW"
+				WALS[$mode,$w]="${WALS[$mode,$w]:-} $RUN_WALS"
 				EXTRAS[$mode,$w]="${EXTRAS[$mode,$w]:-}${EXTRAS[$mode,$w]:+,}{$RUN_EXTRA}"
 				printf '[%s] round %d/%d  %-12s %-5s %10.3f %-3s  server CPU %9s %-14s %s\n' \
 					"$(date +%H:%M:%S)" "$round" "$R" "$w" "$mode" "$RUN_VAL" "$(wl_unit "$w")" \
@@ -739,8 +751,9 @@ EOF
 		unit=$(wl_unit "$w")
 		cunit=$(wl_cpu_unit "$w")
 		# One process for every figure of the workload: on a loaded host each fork counts.
-		read -r m lo hi me mp ce cp cr cc <<<"$(stats "${RATIOS[$w]}" "${VALS[enc,$w]}" \
-			"${VALS[plain,$w]}" "${CPUS[enc,$w]}" "${CPUS[plain,$w]}" "${CPURAT[$w]}" "${CONC[$w]:-}")"
+		read -r m lo hi me mp ce cp cr cc wwe wwp wse wsp <<<"$(stats "${RATIOS[$w]}" "${VALS[enc,$w]}" \
+			"${VALS[plain,$w]}" "${CPUS[enc,$w]}" "${CPUS[plain,$w]}" "${CPURAT[$w]}" "${CONC[$w]:-}" \
+			"${WALW[enc,$w]}" "${WALW[plain,$w]}" "${WALS[enc,$w]}" "${WALS[plain,$w]}")"
 		v=$(verdict_spread "$m" "$lo" "$hi" "$t")
 		add_summary "$(printf '%-21s median %s  min %s max %s  (target >= %s)  %s' \
 			"$(wl_label "$w")" "$m" "$lo" "$hi" "$t" "$v")"
@@ -749,6 +762,10 @@ EOF
 			"" "$unit" "${VALS[enc,$w]}" "${VALS[plain,$w]}" "$me" "$mp")"
 		add_summary "$(printf '%-21s   server CPU %s (median): encrypted %s, plaintext %s; per-round plaintext/encrypted:%s (median %s, not judged)' \
 			"" "$cunit" "$ce" "$cp" "${CPURAT[$w]}" "$cr")"
+		if [ "$(wl_unit "$w")" = tps ]; then
+			add_summary "$(printf '%-21s   WAL per transaction (median): write encrypted %s, plaintext %s us; fsync encrypted %s, plaintext %s us (waits, in no CPU figure)' \
+				"" "$wwe" "$wwp" "$wse" "$wsp")"
+		fi
 		conc_json=""
 		if [ -n "${CONC[$w]:-}" ]; then
 			# shellcheck disable=SC2086
