@@ -8,9 +8,10 @@
 #      started server whose files were read into the OS page cache first, after a
 #      CHECKPOINT and a `sync`. Beside the wall-clock result each run records the CPU
 #      time of the server's own processes (postmaster and all its children, from /proc)
-#      per operation, and what the rest of the host did meanwhile (steal, iowait, other
-#      processes; WAL write and fsync time). Each workload's verdict is on the median of its per-round ratios
-#      encrypted/plaintext (1.0 = no cost), with the spread (min/max) judged: a spread
+#      per operation, what the rest of the host did meanwhile (steal, iowait, other
+#      processes) and the WAL write and fsync time. Each workload's verdict is on the
+#      median of its per-round ratios encrypted/plaintext (1.0 = no cost), with the
+#      spread (min/max) judged: a spread
 #      wider than BENCH_NOISY_SPREAD that straddles the target gives NOISY, not a
 #      PASS or MISS the rounds cannot support.
 #        tpcb, select    pgbench TPC-B and select-only (-S), tps
