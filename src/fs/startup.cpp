@@ -223,9 +223,9 @@ bool holds_plaintext(const std::string& abs, const std::string& rel, FileClass c
 
 // Refuses to start when a durable encrypted file with data has no key, or holds
 // plaintext (a plaintext copy restored into an encrypted cluster is never half-served:
-// every WAL segment and up to kPlaintextProbes relation files are looked at; a
+// every WAL segment and up to kPlaintextProbes relation files (a first page each) are looked at; a
 // plaintext page elsewhere fails its checksum when read).
-constexpr size_t kPlaintextProbes = 256;
+constexpr size_t kPlaintextProbes = 4096;
 // A data file copied into an online backup before it was dropped, its key gone from
 // the key map copied after the drop (pgBackRest and other tools copy in their own
 // order). Started from that backup (backup_label present), WAL replay removes the file
