@@ -283,9 +283,13 @@ void check_every_file_has_key(State& s) {
         }
         ::closedir(d);
     }
-    if (count) {
+    auto joined = [](const std::vector<std::string>& v) {
         std::string list;
-        for (auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+        for (auto& m : v) list += (list.empty() ? "" : ", ") + m;
+        return list;
+    };
+    if (count) {
+        std::string list = joined(missing);
         throw LayerError("cmk_lakebase: " + std::to_string(count) +
                              " data file(s) have no data encryption key in the key map",
                          "First files without a key: " + list + ".",
@@ -294,8 +298,7 @@ void check_every_file_has_key(State& s) {
                          "cmk_lakebase/ directory from the same backup.");
     }
     if (plain_count) {
-        std::string list;
-        for (auto& m : plain) list += (list.empty() ? "" : ", ") + m;
+        std::string list = joined(plain);
         throw LayerError("cmk_lakebase: " + std::to_string(plain_count) +
                              " data file(s) of this encrypted cluster hold plaintext",
                          "First plaintext files: " + list + ".",
