@@ -3,11 +3,13 @@
 // process helpers, and one entry point per command. Only src/cli uses this header.
 #pragma once
 
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cmk_lakebase/base/error.hpp"
+#include "cmk_lakebase/keys/keyring.hpp"
 
 namespace cmk::cli {
 
@@ -87,9 +89,53 @@ std::vector<std::string> layer_environment(const std::string& layer, const std::
 // directory is missing or has no cmk_lakebase/keyring.json.
 std::string encrypted_datadir(const std::string& given);
 
+// --- new clusters (newkeys.cpp): pg_cmk initdb and pg_cmk basebackup ---------------
+
+// The key options of a command that creates a cluster: --provider, --kms-option,
+// --key-store, --key-id, --create-key (validated, no side effect).
+struct KeyOptions {
+    std::string provider_name;
+    bool local = true;
+    std::map<std::string, std::string> kms_options;
+    std::string key_id;  // "" (local only): a new key is made
+    bool create_key = false;
+    std::string store;   // local key store, absolute
+};
+KeyOptions parse_key_options(const std::string& cmdname, const ParsedArgs& a);
+void check_key_store_outside(const std::string& cmdname, const KeyOptions& ko, const std::string& datadir);
+
+// The key (made if asked, or if none was named for the local provider) and a new
+// keyring wrapping a fresh KEK under it.
+struct NewKeyring {
+    std::string key_id;
+    bool created_key = false;
+    Keyring kr;
+};
+NewKeyring new_keyring(const KeyOptions& ko);
+
+// Removes the staging directory unless the cluster took it over.
+struct StagingDir {
+    std::string path;
+    bool keep = false;
+    StagingDir() = default;
+    StagingDir(const StagingDir&) = delete;
+    StagingDir& operator=(const StagingDir&) = delete;
+    ~StagingDir() {
+        if (!path.empty() && !keep) remove_tree(path);
+    }
+};
+
+bool dir_is_empty(const std::string& dir);
+bool is_within(const std::string& path, const std::string& dir);
+// Runs a program and waits for it; returns its wait status. SIGINT/SIGQUIT are ignored
+// meanwhile (as system() does), so that an interrupted child still lets us clean up.
+int run_and_wait(const std::string& path, const std::vector<std::string>& args,
+                 const std::vector<std::string>& env);
+
 // --- commands (args: the words after the command name) ----------------------------
 
 int cmd_initdb(const std::vector<std::string>& args);
+int cmd_basebackup(const std::vector<std::string>& args);
 int cmd_exec(const std::vector<std::string>& args);
 int cmd_status(const std::vector<std::string>& args);
 int cmd_key(const std::vector<std::string>& args);

@@ -136,6 +136,10 @@ int cmd_exec(const std::vector<std::string>& args) {
     // pg_rewind run postgres) through it.
     std::vector<std::string> tool_args = a.rest;
     tool_args[0] = path;
+    // The audit trail grows with every tool run through the layer, this one included:
+    // pg_cmk basebackup leaves it out of the manifest, and verification ignores it.
+    if (base_of(path) == "pg_verifybackup")
+        tool_args.insert(tool_args.begin() + 1, "--ignore=cmk_lakebase/audit.log");
     std::vector<char*> argv;
     for (const auto& s : tool_args) argv.push_back(const_cast<char*>(s.c_str()));
     argv.push_back(nullptr);

@@ -58,107 +58,6 @@ const char kConfBlock[] =
     "\n# Added by pg_cmk initdb: the cmk_lakebase encrypting file layer and key management.\n"
     "shared_preload_libraries = 'cmk_lakebase'\n";
 
-// Removes the staging directory unless the cluster took it over.
-struct StagingDir {
-    std::string path;
-    bool keep = false;
-    StagingDir() = default;
-    StagingDir(const StagingDir&) = delete;
-    StagingDir& operator=(const StagingDir&) = delete;
-    ~StagingDir() {
-        if (!path.empty() && !keep) remove_tree(path);
-    }
-};
-
-bool dir_is_empty(const std::string& dir) {
-    DIR* d = opendir(dir.c_str());
-    if (!d) throw CliError("cannot read directory \"" + dir + "\": " + std::strerror(errno));
-    bool empty = true;
-    while (struct dirent* e = readdir(d)) {
-        if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) {
-            empty = false;
-            break;
-        }
-    }
-    closedir(d);
-    return empty;
-}
-
-bool is_within(const std::string& path, const std::string& dir) {
-    return path == dir ||
-           (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 && path[dir.size()] == '/');
-}
-
-// The key must be usable before a keyring is wrapped under it; say how to fix it.
-void require_enabled(const LocalKeyStore& ks, const std::string& id) {
-    const std::string where = "in the local key store " + ks.dir();
-    std::string state = ks.state(id);
-    if (state == "enabled") return;
-    if (state == "disabled")
-        throw CliError("key \"" + id + "\" is disabled " + where + "; enable it with: pg_cmk key enable " +
-                       id + " --key-store " + ks.dir());
-    if (state == "deleted")
-        throw CliError("key \"" + id + "\" was deleted " + where +
-                       " (its key material is destroyed); use another key, or create a new "
-                       "one with --key-id NEW_ID --create-key");
-    throw CliError("key \"" + id + "\" " + where + " is in state \"" + state +
-                   "\", not enabled; enable it with: pg_cmk key enable " + id + " --key-store " + ks.dir());
-}
-
-// Runs a program, waiting for it; returns its wait status. The parent ignores
-// SIGINT/SIGQUIT meanwhile (as system() does), so that an interrupted initdb still
-// lets us remove the staging directory.
-int run_and_wait(const std::string& path, const std::vector<std::string>& args,
-                 const std::vector<std::string>& env) {
-    std::vector<char*> argv;
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    std::vector<char*> envp;
-    for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
-    envp.push_back(nullptr);
-
-    struct sigaction ign {
-    }, old_int{}, old_quit{};
-    ign.sa_handler = SIG_IGN;
-    sigemptyset(&ign.sa_mask);
-    sigaction(SIGINT, &ign, &old_int);
-    sigaction(SIGQUIT, &ign, &old_quit);
-
-    std::fflush(stdout);
-    std::fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0) {
-        int err = errno;
-        sigaction(SIGINT, &old_int, nullptr);
-        sigaction(SIGQUIT, &old_quit, nullptr);
-        throw CliError(std::string("cannot start initdb: fork failed: ") + std::strerror(err));
-    }
-    if (pid == 0) {
-        sigaction(SIGINT, &old_int, nullptr);
-        sigaction(SIGQUIT, &old_quit, nullptr);
-        execve(path.c_str(), argv.data(), envp.data());
-        // Only async-signal-safe calls between fork and _exit.
-        const char* err = std::strerror(errno);
-        const char pre[] = "pg_cmk: error: cannot run ";
-        (void)!write(2, pre, sizeof pre - 1);
-        (void)!write(2, path.c_str(), path.size());
-        (void)!write(2, ": ", 2);
-        (void)!write(2, err, std::strlen(err));
-        (void)!write(2, "\n", 1);
-        _exit(127);
-    }
-    int status = 0;
-    pid_t r;
-    do {
-        r = waitpid(pid, &status, 0);
-    } while (r < 0 && errno == EINTR);
-    int err = errno;
-    sigaction(SIGINT, &old_int, nullptr);
-    sigaction(SIGQUIT, &old_quit, nullptr);
-    if (r < 0) throw CliError(std::string("cannot wait for initdb: ") + std::strerror(err));
-    return status;
-}
-
 // True if an uncommented line of the configuration sets shared_preload_libraries.
 bool conf_sets_preload(const std::string& conf) {
     static const std::string kName = "shared_preload_libraries";
@@ -226,22 +125,8 @@ int cmd_initdb(const std::vector<std::string>& args) {
                                       "\" (arguments for initdb go after \"--\")");
     if (!a.has("pgdata") || a.get("pgdata").empty())
         throw UsageError(cmdname, "no data directory given (-D DATADIR)");
-    const std::string provider_name = a.get("provider", "local");
-    const bool local = provider_name == "local";
-    std::map<std::string, std::string> kms_options;
-    for (const auto& o : a.options) {
-        if (o.first != "kms-option") continue;
-        size_t eq = o.second.find('=');
-        if (eq == std::string::npos || eq == 0)
-            throw UsageError(cmdname, "--kms-option wants KEY=VALUE, got \"" + o.second + "\"");
-        kms_options[o.second.substr(0, eq)] = o.second.substr(eq + 1);
-    }
-    if (local && !kms_options.empty())
-        throw UsageError(cmdname, "the local provider takes no --kms-option (its key store is --key-store)");
-    if (!local && (a.has("key-store") || a.has("create-key")))
-        throw UsageError(cmdname, "--key-store and --create-key are for the local provider only");
-    if (!local && !a.has("key-id"))
-        throw UsageError(cmdname, "provider \"" + provider_name + "\" needs --key-id (the key in the KMS)");
+    KeyOptions ko = parse_key_options(cmdname, a);
+    const bool local = ko.local;
     for (const auto& arg : a.rest) {
         if (arg == "-D" || arg.compare(0, 2, "-D") == 0 || arg == "--pgdata" ||
             arg.compare(0, 9, "--pgdata=") == 0)
@@ -249,9 +134,6 @@ int cmd_initdb(const std::vector<std::string>& args) {
                              "give the data directory with pg_cmk's own -D, not in "
                              "the initdb arguments after \"--\"");
     }
-    if (local && a.has("key-id") && !LocalKeyStore::valid_key_id(a.get("key-id")))
-        throw UsageError(cmdname,
-                         "invalid key id \"" + a.get("key-id") + "\" (use 1 to 128 of A-Z a-z 0-9 . _ -)");
     if (geteuid() == 0)
         throw CliError(
             "cannot be run as root (initdb refuses to); run it as the operating "
@@ -271,10 +153,8 @@ int cmd_initdb(const std::vector<std::string>& args) {
                            "a new or empty directory for -D");
     }
     const std::string parent = parent_dir(datadir);
-    const std::string store =
-        local ? make_absolute(a.has("key-store") ? a.get("key-store") : default_local_key_store()) : "";
-    if (local && is_within(store, datadir))
-        throw UsageError(cmdname, "the key store \"" + store + "\" must be outside the data directory");
+    check_key_store_outside(cmdname, ko, datadir);
+    const std::string& store = ko.store;
     const std::string layer = layer_path();
     const std::string initdb = find_tool("initdb");
     if (initdb.empty())
@@ -288,47 +168,12 @@ int cmd_initdb(const std::vector<std::string>& args) {
         throw CliError("staging directory \"" + staging_path +
                        "\" already exists (left by an earlier run?); remove it and retry");
 
-    // --- the key: the local provider may create one; a KMS key must exist ------------
-    std::string key_id = a.get("key-id");
-    bool created_key = false;
-    KeyConfig cfg{provider_name, key_id, kms_options};
-    if (local) {
-        LocalKeyStore ks(store);
-        ks.ensure_dir();
-        if (!key_id.empty()) {
-            if (a.has("create-key")) {
-                if (ks.exists(key_id))
-                    throw CliError("key \"" + key_id + "\" already exists in the local key store " + store +
-                                   "; drop --create-key to use it");
-                ks.create(key_id);
-                created_key = true;
-            } else if (!ks.exists(key_id)) {
-                throw CliError("key \"" + key_id + "\" does not exist in the local key store " + store +
-                               "; create it with: pg_cmk key create " + key_id + " --key-store " + store +
-                               " (or add --create-key)");
-            }
-            require_enabled(ks, key_id);
-        } else {
-            do {
-                std::vector<uint8_t> r = random_bytes(4);
-                key_id = "cmk-" + hex_encode(r.data(), r.size());
-            } while (ks.exists(key_id));
-            ks.create(key_id);
-            created_key = true;
-        }
-        cfg = KeyConfig{"local", key_id, {{"key_store", store}}};
-    }
-
-    // --- keyring and empty key map in the staging directory -------------------------
-    // make_provider validates the configuration (one line naming the bad field); the
-    // wrap below is the first KMS call and proves the key is usable.
-    std::unique_ptr<KeyProvider> provider = make_provider(cfg);
-    Keyring kr;
-    {
-        SecureBytes kek;
-        kr = create_keyring(*provider, kek);
-        kek.wipe();  // the layer unwraps its own copy through the provider
-    }
+    // --- the key (the local provider may create one), the keyring under it ---------
+    NewKeyring nk = new_keyring(ko);
+    const std::string& key_id = nk.key_id;
+    const bool created_key = nk.created_key;
+    const std::string& provider_name = ko.provider_name;
+    Keyring& kr = nk.kr;
     if (mkdir(staging_path.c_str(), 0700) != 0)
         throw CliError("cannot create staging directory \"" + staging_path + "\": " + std::strerror(errno));
     staging.path = staging_path;

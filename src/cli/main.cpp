@@ -25,6 +25,7 @@ const char kUsage[] =
     "Usage:\n"
     "  pg_cmk initdb -D DATADIR [--provider local] [--key-store DIR] [--key-id ID]\n"
     "                [--create-key] [-- INITDB_ARGS...]\n"
+    "  pg_cmk basebackup -D DIR [-F p|t] [KEY OPTIONS] [-- PG_BASEBACKUP_ARGS...]\n"
     "  pg_cmk exec -D DATADIR -- TOOL [ARGS...]\n"
     "  pg_cmk status -D DATADIR [--json]\n"
     "  pg_cmk key create|enable|disable|delete|show KEY_ID [--key-store DIR]\n"
@@ -40,6 +41,8 @@ const char kUsage[] =
     "\n"
     "Commands:\n"
     "  initdb        create a new encrypted cluster (runs the stock initdb under the layer)\n"
+    "  basebackup    online base backup (or standby, with -R) of a running encrypted\n"
+    "                cluster, encrypted on the destination\n"
     "  exec          run a PostgreSQL tool on an encrypted cluster\n"
     "  status        show the key configuration and whether the key is usable\n"
     "  key           manage keys in the local key store\n"
@@ -79,6 +82,7 @@ int run(int argc, char** argv) {
         return 0;
     }
     if (cmd == "initdb") return cmd_initdb(args);
+    if (cmd == "basebackup") return cmd_basebackup(args);
     if (cmd == "exec") return cmd_exec(args);
     if (cmd == "status") return cmd_status(args);
     if (cmd == "key") return cmd_key(args);

@@ -56,23 +56,7 @@ namespace {
 // Whether a unit has the plaintext header depends only on its length, the same when
 // it is written and read.
 void crypt_wal_head(FileKey& k, bool enc, const uint8_t* p, uint8_t* q, size_t n) {
-    size_t h = k.wal_head;
-    if (enc) {
-        if (p[3] & kWalMarkBit)  // PostgreSQL never sets it: the mark could not be told apart
-            throw std::runtime_error("unit 0 of a WAL segment does not begin with a PostgreSQL page header "
-                                     "(xlp_info bit 0x4000 is set)");
-        k.cipher.encrypt(0, p + h, q + h, n - h);
-        if (q != p) std::memcpy(q, p, h);
-        q[3] |= kWalMarkBit;
-        return;
-    }
-    if (!(p[3] & kWalMarkBit))
-        throw std::runtime_error(
-            "this WAL segment is not cmk_lakebase ciphertext (its page header has no mark): "
-            "plaintext WAL, or WAL from a cluster without cmk_lakebase, is refused in an encrypted cluster");
-    k.cipher.decrypt(0, p + h, q + h, n - h);
-    if (q != p) std::memcpy(q, p, h);
-    q[3] = uint8_t(q[3] & ~kWalMarkBit);
+    wal_crypt_head(k.cipher, enc, p, q, n);
 }
 
 }  // namespace

@@ -341,7 +341,7 @@ std::shared_ptr<FileKey> wal_key(const std::string& segment) {
         if (!w.master.empty()) m = w.master.clone();
     }
     if (m.empty()) m = wal_master_from_map();
-    SecureBytes k = hkdf_sha256(m.data(), m.size(), "cmk_lakebase wal v1 " + wal_key_id(segment), kXtsKeySize);
+    SecureBytes k = wal_segment_key(m.data(), m.size(), segment);
     auto key = std::make_shared<FileKey>(k, kWalHead);
     std::lock_guard<std::mutex> g(kept_mu());
     WalKept& w = wal_kept();

@@ -3,6 +3,7 @@
 // written into the postgres executable's GOT slots (got.cpp). Each one only forwards
 // to an op_* of file_ops.cpp, keeping errno semantics; none throws.
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdarg.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -63,6 +64,10 @@ CMK_EXPORT int __open_2(const char* path, int flags) { return op_openat(AT_FDCWD
 CMK_EXPORT int __open64_2(const char* path, int flags) { return op_openat(AT_FDCWD, path, flags, 0); }
 CMK_EXPORT int __openat_2(int dirfd, const char* path, int flags) { return op_openat(dirfd, path, flags, 0); }
 CMK_EXPORT int __openat64_2(int dirfd, const char* path, int flags) { return op_openat(dirfd, path, flags, 0); }
+
+// pg_basebackup writes the files it extracts with fopen/fwrite (stdio.cpp).
+CMK_EXPORT FILE* fopen(const char* path, const char* mode) { return op_fopen(path, mode); }
+CMK_EXPORT FILE* fopen64(const char* path, const char* mode) { return op_fopen(path, mode); }
 
 CMK_EXPORT int creat(const char* path, mode_t mode) {
     return op_openat(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode);

@@ -19,6 +19,7 @@
 // (fs/io.hpp, fs/key_admin.hpp) and the libc names of interpose.cpp.
 #pragma once
 
+#include <stdio.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -39,6 +40,7 @@
 
 #include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/base/fileclass.hpp"
+#include "cmk_lakebase/base/walcipher.hpp"
 #include "cmk_lakebase/fs/io.hpp"
 #include "cmk_lakebase/keys/dbkeys.hpp"
 #include "cmk_lakebase/keys/keymap.hpp"
@@ -111,6 +113,8 @@ int op_ftruncate(int fd, off_t len);
 int op_fallocate(int fd, int mode, off_t off, off_t len, bool posix);
 void op_dup(int oldfd, int newfd);  // after a successful dup*/F_DUPFD: share the state
 bool op_is_encrypted_fd(int fd);
+// fopen of an encrypted file: a stdio stream over op_pread/op_pwrite (stdio.cpp).
+FILE* op_fopen(const char* path, const char* mode);
 ssize_t op_copy_file_range(int fdin, off_t* offin, int fdout, off_t* offout, size_t len,
                            unsigned flags);
 
@@ -364,20 +368,13 @@ SecureBytes ephemeral_key_bytes(dev_t dev, ino_t ino);
 // timeline, address, system identifier, sizes) in plaintext, marked with kWalMark in
 // xlp_info, so a segment fetched back under another name (RECOVERYXLOG) says which
 // segment it is, and a plaintext segment is told from ours.
-constexpr const char* kWalMasterId = "cmk_lakebase/wal-master";
-constexpr size_t kWalHead = 40;        // SizeOfXLogLongPHD on every 64-bit platform
-constexpr uint8_t kWalMarkBit = 0x40;  // byte 3 of unit 0: xlp_info bit 0x4000, unused by PostgreSQL
+// kWalMasterId, kWalHead, kWalMarkBit, wal_key_id: base/walcipher.hpp.
 // "pg_wal/<24 hex>[.partial]" -> "<24 hex>" (upper case); "" for any other path.
 std::string wal_segment_of(const std::string& rel);
 // The segment a WAL file's plaintext long header names, "" if it names none.
 std::string wal_identity_of_header(const uint8_t* head, size_t n);
 // The segment a WAL file is: by its name, or (RECOVERYXLOG) by its header; "" if none.
 std::string wal_identity(const std::string& rel);
-// What a segment's key is derived from: its place in the WAL (the last 16 hex digits of
-// its name), not its timeline. The first segment of a new timeline begins with a copy
-// of the old timeline's segment, whose page headers keep the old timeline, so the
-// header of a restored file names the place reliably and the timeline not.
-inline std::string wal_key_id(const std::string& segment) { return segment.size() == 24 ? segment.substr(8) : segment; }
 // The derived key of a segment (kept by this process; dropped by forget_kept_keys).
 std::shared_ptr<FileKey> wal_key(const std::string& segment);
 // The key a WAL file at rel has without a key-map entry: by its name, or (RECOVERYXLOG)

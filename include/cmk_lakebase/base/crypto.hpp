@@ -87,6 +87,7 @@ std::vector<uint8_t> aead_seal(const uint8_t* key32, const uint8_t* pt, size_t n
 // Throws CryptoError if the blob was tampered with, the aad differs or the key is wrong.
 SecureBytes aead_open(const uint8_t* key32, const uint8_t* blob, size_t n, const std::string& aad);
 
+std::array<uint8_t, 32> sha256(const void* data, size_t n);  // not for secrets: checksums
 std::array<uint8_t, 32> hmac_sha256(const uint8_t* key, size_t keylen, const void* data, size_t n);
 SecureBytes hkdf_sha256(const uint8_t* ikm, size_t ikmlen, const std::string& info, size_t outlen);
 

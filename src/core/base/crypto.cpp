@@ -297,6 +297,15 @@ std::array<uint8_t, 32> hmac_sha256(const uint8_t* key, size_t keylen, const voi
     return out;
 }
 
+std::array<uint8_t, 32> sha256(const void* data, size_t n) {
+    std::array<uint8_t, 32> out{};
+    unsigned int outlen = 0;
+    static const uint8_t empty = 0;
+    if (!EVP_Digest(n ? data : &empty, n, out.data(), &outlen, EVP_sha256(), nullptr) || outlen != out.size())
+        fail("SHA-256 failed");
+    return out;
+}
+
 SecureBytes hkdf_sha256(const uint8_t* ikm, size_t ikmlen, const std::string& info, size_t outlen) {
     static EVP_KDF* kdf = [] {
         EVP_KDF* k = EVP_KDF_fetch(nullptr, "HKDF", nullptr);
