@@ -50,12 +50,10 @@ struct Refusal {
 };
 const Refusal kRefused[] = {
     {"pg_basebackup", "it would write a plaintext copy of the cluster (the server sends the files decrypted)",
-     "take a copy of the data directory between pg_backup_start() and pg_backup_stop(), with "
-     "cmk_lakebase/ copied last"},
+     "use pg_cmk basebackup, which runs it with the backup encrypted under its own keyring"},
     {"pg_combinebackup", "it would write a plaintext combined backup", "restore full copies of the data directory"},
     {"pg_rewind", "it copies files and the key map from the source cluster over the target's without re-keying them",
-     "re-create the old primary from a copy of the new primary (pg_backup_start(), copy, "
-     "pg_backup_stop(), cmk_lakebase/ copied last)"},
+     "re-create the old primary as a standby of the new one with pg_cmk basebackup -R"},
     {"pg_upgrade", "it copies data files between clusters without re-keying them, leaving a corrupt new cluster",
      "move the data with pg_dump and pg_restore into a new cluster made by pg_cmk initdb"},
 };
