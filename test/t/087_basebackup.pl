@@ -77,19 +77,23 @@ ok(-f "$bdir/tar/base.tar" && -f "$bdir/tar/pg_wal.tar" && -f "$bdir/tar/backup_
 
 # --- the standby, with -R
 ($rc, $out, $err) = basebackup("$bdir/standby", '--key-store', $store, '--key-id', $key, '--',
-	'-d', $connstr, '-X', 'stream', '-c', 'fast', '-R');
-is($rc, 0, 'pg_cmk basebackup -R (a standby)') or diag($err);
+	'-d', "$connstr application_name=standby", '-X', 'stream', '-c', 'fast', '-R', '-C', '-S', 'sb_slot');
+is($rc, 0, 'pg_cmk basebackup -R -C -S (a standby with its own slot)') or diag($err);
 ok(-f "$bdir/standby/standby.signal", '-R wrote standby.signal');
+like(slurp_file("$bdir/standby/postgresql.auto.conf"), qr/primary_conninfo = '.*application_name=standby.*'\nprimary_slot_name = 'sb_slot'/,
+	'-R wrote primary_conninfo and the slot into postgresql.auto.conf');
 
 # --- the plaintext control: the stock tool, same server
 $primary->command_ok([ 'pg_basebackup', '-D', "$bdir/control", '-d', $connstr, '-X', 'stream', '-c', 'fast' ],
 	'stock pg_basebackup (the plaintext control)');
 
+# pgbench's own errors (a failed transaction aborts its client) would show here.
+$pgbench->signal('INT');
 $pgbench->finish;
-is($? >> 8, 0, 'pgbench ran through the backups without error') or diag($pb_err);
+unlike($pb_err, qr/(?:ERROR|FATAL|aborted)/, 'pgbench ran through the backups without an error') or diag($pb_err);
 
-ok(scalar(CmkTest::scan_for_markers("$bdir/control", $marker)) > 0,
-	'control: the marker scan finds the marker in a stock pg_basebackup copy');
+my @control_hits = CmkTest::scan_for_markers("$bdir/control", $marker);  # list context
+ok(@control_hits > 0, 'control: the marker scan finds the marker in a stock pg_basebackup copy');
 is_deeply([ CmkTest::scan_for_markers("$bdir/plain", $marker) ], [], 'the plain backup holds no marker');
 is_deeply([ CmkTest::scan_for_markers("$bdir/tar", $marker) ], [], 'the tar backup holds no marker');
 is_deeply([ CmkTest::scan_for_markers("$bdir/standby", $marker) ], [], 'the standby copy holds no marker');
@@ -179,7 +183,7 @@ is($sb->safe_psql('postgres', "SELECT count(*) FROM t"), $casc->safe_psql('postg
 my $old_pd = $primary->data_dir;
 File::Path::rmtree($old_pd);
 ($rc, $out, $err) = CmkTest::pg_cmk('basebackup', '-D', $old_pd, '--key-store', $store, '--key-id', $key, '--',
-	'-d', $sb->connstr('postgres'), '-X', 'stream', '-c', 'fast', '-R');
+	'-d', $sb->connstr('postgres') . ' application_name=primary', '-X', 'stream', '-c', 'fast', '-R');
 is($rc, 0, 'the old primary re-cloned from the new primary with pg_cmk basebackup -R') or diag($err);
 $primary->append_conf('postgresql.conf', "port = @{[$primary->port]}\n");
 $primary->start;
