@@ -9,7 +9,8 @@ KMS calls (service "sts"), checks the role, the ExternalId (the trust policy's
 sts:ExternalId condition), the session name and the duration as STS does, and issues
 session credentials bound to the role; control op "role" {trust, revoke_sessions}
 withdraws the trust (AssumeRole -> AccessDenied) and, as IAM's "revoke active sessions"
-does, makes the sessions issued so far fail every KMS call with AccessDeniedException. The SigV4
+does, makes the sessions issued so far fail every KMS call with AccessDeniedException;
+its "expiry" sets how long the next sessions live (--sts-expiry). The SigV4
 signature of EVERY KMS request is verified with botocore's own signer
 (botocore.auth.SigV4Auth) under the credentials the server knows: a request whose
 signature does not match is refused (InvalidSignatureException) and counted, so a test
@@ -480,6 +481,8 @@ class Handler(BaseHTTPRequestHandler):
                     ROLE["trust"] = bool(req["trust"])
                 if req.get("revoke_sessions"):
                     ROLE["revoked_before"] = time.time()
+                if "expiry" in req:  # seconds the next sessions live (0: as asked)
+                    ARGS.sts_expiry = float(req["expiry"])
                 return self.reply(200, json.dumps({"trust": ROLE["trust"]}), "application/json")
             if op == "fail":
                 FAIL["mode"] = req.get("mode", "none")
