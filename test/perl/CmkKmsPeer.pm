@@ -118,7 +118,10 @@ sub stop_kms_peer
 
 END
 {
+	# Reaping a peer killed by SIGTERM sets $? to 15: keep the test's own exit status.
+	my $rc = $?;
 	stop_kms_peer($_) for @peers;
+	$? = $rc;
 }
 
 =item kms_control($peer, %request)

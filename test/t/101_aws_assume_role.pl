@@ -42,10 +42,10 @@ my $ext_id   = 'lakebase-ws-' . int(rand(1_000_000));
 my $session  = 'arn:aws:sts::111122223333:assumed-role/customer-kms/cmk_lakebase';
 my $interval = 1;
 
-# Sessions live 301 s: with the chain's 300 s refresh margin every watchdog probe
-# refreshes them, so a withdrawn trust is met at the next probe.
+# Sessions live 300 s: within the chain's 300 s refresh margin from the start, so every
+# watchdog probe refreshes them and a withdrawn trust is met at the next probe.
 my $peer = start_kms_peer('aws_kms_server.py', '--cred', "$akid:$secret", '--assume-role', $role_arn,
-	'--external-id', $ext_id, '--sts-expiry', '301', '--parent-pid', $$);
+	'--external-id', $ext_id, '--sts-expiry', '300', '--parent-pid', $$);
 my $url  = $peer->{url};
 
 sub control { return aws_control($url, @_) }
