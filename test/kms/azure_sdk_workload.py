@@ -12,37 +12,17 @@ restored at the end. Prints "ok ..." / "FAIL ..." lines; exit 1 on any failure.
   azure_sdk_workload.py STATE_DIR
 """
 
-import json
 import os
 import sys
-import urllib.request
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from azure_sdk_common import check, control, failures, server_log, setup  # noqa: E402
 
 state_dir = sys.argv[1]
-info = json.load(open(os.path.join(state_dir, "server.json")))
-os.environ["REQUESTS_CA_BUNDLE"] = os.path.join(state_dir, "ca.pem")
-for v in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "HTTPS_PROXY", "https_proxy"):
-    os.environ.pop(v, None)
-os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+info = setup(state_dir)
 
 from azure.identity import ClientAssertionCredential  # noqa: E402
-
-failures = []
-
-
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name + ("" if cond else ": " + str(detail)), flush=True)
-    if not cond:
-        failures.append(name)
-
-
-def control(action):
-    req = urllib.request.Request(info["control_url"], data=json.dumps({"action": action}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=10).read()
-
-
-def server_log():
-    return json.loads(urllib.request.urlopen("http://127.0.0.1:%d/_log" % info["http_port"], timeout=10).read())
 
 
 def token_file():
