@@ -2,8 +2,15 @@
 """Loopback AWS KMS test server for cmk_lakebase's AWS provider tests.
 
 Speaks the AWS JSON 1.1 protocol of KMS (X-Amz-Target: TrentService.Encrypt, Decrypt,
-DescribeKey) on 127.0.0.1, plus STS AssumeRoleWithWebIdentity (query protocol, XML
-answer) and the EC2 instance metadata service (IMDSv2) when asked to. The SigV4
+DescribeKey) on 127.0.0.1, plus STS AssumeRoleWithWebIdentity and STS AssumeRole (query
+protocol, XML answer) and the EC2 instance metadata service (IMDSv2) when asked to.
+AssumeRole (--assume-role ARN [--external-id X]) is SigV4-verified by botocore like the
+KMS calls (service "sts"), checks the role, the ExternalId (the trust policy's
+sts:ExternalId condition), the session name and the duration as STS does, and issues
+session credentials bound to the role; control op "role" {trust, revoke_sessions}
+withdraws the trust (AssumeRole -> AccessDenied) and, as IAM's "revoke active sessions"
+does, makes the sessions issued so far fail every KMS call with AccessDeniedException;
+its "expiry" sets how long the next sessions live (--sts-expiry). The SigV4
 signature of EVERY KMS request is verified with botocore's own signer
 (botocore.auth.SigV4Auth) under the credentials the server knows: a request whose
 signature does not match is refused (InvalidSignatureException) and counted, so a test
@@ -18,6 +25,7 @@ context as associated data, so a wrong key or context fails like KMS does.
 The server stops by itself: after --lifetime seconds, or when --parent-pid dies.
 Usage: aws_kms_server.py --port-file F --cred AKID:SECRET [--cred ...] [--region R]
        [--role-arn ARN --web-identity-token TOKEN] [--imds-role NAME] [--parent-pid P]
+       [--assume-role ARN [--external-id X] [--sts-expiry SECONDS]]
 """
 
 import argparse
@@ -48,7 +56,9 @@ CREDS = {}     # access key id -> (secret, session token or None)
 IMDS_TOKENS = set()
 FAIL = {"mode": "none", "ops": None}
 STATS = {"verified": 0, "bad_signatures": 0, "unknown_keys": 0, "requests": {}, "last_auth_error": "", "sts": 0,
-         "imds": 0}
+         "imds": 0, "assume_role": 0, "assume_role_denied": 0}
+ROLE = {"trust": True, "revoked_before": 0.0}  # the --assume-role role's trust and session revocation
+SESSIONS = {}  # access key id of an AssumeRole session -> (role arn, issue time)
 KMS_OPS = ("Encrypt", "Decrypt", "DescribeKey")
 AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=([^/,\s]+)/(\d{8})/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request,\s*"
@@ -174,7 +184,22 @@ def kms_op(op, req):
     raise KmsFault(400, "UnknownOperationException", "")
 
 
-def verify_sigv4(method, path, headers, body, service):
+def access_key_of(headers):
+    m = AUTH_RE.match(headers.get("Authorization") or "")
+    return m.group(1) if m else ""
+
+
+def check_session(akid):
+    """A revoked AssumeRole session is refused like IAM's AWSRevokeOldSessions policy does."""
+    s = SESSIONS.get(akid)
+    if s and s[1] <= ROLE["revoked_before"]:
+        session = s[0].replace(":iam::", ":sts::").replace(":role/", ":assumed-role/")
+        raise KmsFault(400, "AccessDeniedException",
+                       "User: %s is not authorized to perform: kms:* with an explicit deny in an identity-based "
+                       "policy" % session)
+
+
+def verify_sigv4(method, path, headers, body, service, required=("host", "x-amz-date", "x-amz-target", "content-type")):
     """Raises KmsFault unless the request carries a valid SigV4 signature (by botocore)."""
     auth = headers.get("Authorization") or ""
     m = AUTH_RE.match(auth)
@@ -195,7 +220,7 @@ def verify_sigv4(method, path, headers, body, service):
     if abs(time.time() - t.timestamp()) > 300:
         raise KmsFault(400, "InvalidSignatureException", "Signature expired: %s" % amz_date)
     names = signed.split(";")
-    required = {"host", "x-amz-date", "x-amz-target", "content-type"}
+    required = set(required)
     if token is not None:
         required.add("x-amz-security-token")
         if not hmac.compare_digest((headers.get("X-Amz-Security-Token") or "").encode(), token.encode()):
@@ -301,6 +326,7 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 STATS["verified"] += 1
                 mode, ops = FAIL["mode"], FAIL["ops"]
+                check_session(access_key_of(self.headers))
             if mode != "none" and (ops is None or op in ops):
                 if mode == "stall":
                     time.sleep(ARGS.stall_seconds)
@@ -337,6 +363,8 @@ class Handler(BaseHTTPRequestHandler):
                  % (code, xml_escape(msg), rid))
             self.reply(status, x, "text/xml")
 
+        if form.get("Action") == "AssumeRole" and ARGS.assume_role:
+            return self.assume_role(form, body, error, rid)
         if form.get("Action") != "AssumeRoleWithWebIdentity" or not ARGS.role_arn:
             return error(400, "InvalidAction", "Could not find operation %s" % form.get("Action"))
         with LOCK:
@@ -357,6 +385,67 @@ class Handler(BaseHTTPRequestHandler):
              % (akid, xml_escape(secret), xml_escape(token), iso(exp),
                 ARGS.role_arn.replace(":role/", ":assumed-role/"), xml_escape(form.get("RoleSessionName", "")),
                 rid))
+        self.reply(200, x, "text/xml")
+
+    # --- STS AssumeRole (query protocol, SigV4-signed for service "sts") -------------
+    def assume_role(self, form, body, error, rid):
+        try:
+            verify_sigv4("POST", self.path, self.headers, body, "sts", required=("host", "x-amz-date"))
+        except KmsFault as f:
+            with LOCK:
+                STATS["unknown_keys" if f.type == "UnrecognizedClientException" else "bad_signatures"] += 1
+                STATS["last_auth_error"] = "%s: %s" % (f.type, f.message)
+            code = {"UnrecognizedClientException": "InvalidClientTokenId",
+                    "InvalidSignatureException": "SignatureDoesNotMatch"}.get(f.type, f.type)
+            return error(403 if code != "IncompleteSignature" else 400, code, f.message)
+        with LOCK:
+            STATS["verified"] += 1
+            STATS["assume_role"] += 1
+            mode = FAIL["mode"]
+            trust = ROLE["trust"]
+        if mode == "sts_500":
+            return error(500, "InternalFailure", "An internal error occurred.")
+        if (self.headers.get("Content-Type") or "").split(";")[0] != "application/x-www-form-urlencoded":
+            return error(400, "InvalidParameterValue", "Content-Type must be application/x-www-form-urlencoded")
+        if form.get("Version") != "2011-06-15":
+            return error(400, "InvalidParameterValue", "Version must be 2011-06-15")
+        session = form.get("RoleSessionName", "")
+        if not re.match(r"^[\w+=,.@-]{2,64}$", session):
+            return error(400, "ValidationError", "1 validation error detected: Value at 'roleSessionName' failed "
+                         "to satisfy constraint")
+        try:
+            duration = int(form.get("DurationSeconds", "3600"))
+        except ValueError:
+            duration = -1
+        if not 900 <= duration <= 43200:
+            return error(400, "ValidationError", "1 validation error detected: Value at 'durationSeconds' failed "
+                         "to satisfy constraint")
+        caller = access_key_of(self.headers)
+        external = form.get("ExternalId")
+        ext_ok = (external is None and not ARGS.external_id) or (
+            external is not None and hmac.compare_digest(external.encode(), ARGS.external_id.encode()))
+        if form.get("RoleArn") != ARGS.assume_role or not trust or not ext_ok:
+            with LOCK:
+                STATS["assume_role_denied"] += 1
+            return error(403, "AccessDenied", "User: arn:aws:iam::%s:user/cmk-operator is not authorized to perform: "
+                         "sts:AssumeRole on resource: %s" % (ARGS.account, form.get("RoleArn", "")))
+        akid, secret, token, exp = issue_temporary()
+        now = time.time()
+        exp = now + (ARGS.sts_expiry or duration)
+        with LOCK:
+            SESSIONS[akid] = (ARGS.assume_role, now)
+        role_name = ARGS.assume_role.split(":role/", 1)[1].split("/")[-1]
+        x = ("<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>"
+             "<AssumedRoleUser><Arn>arn:aws:sts::%s:assumed-role/%s/%s</Arn>"
+             "<AssumedRoleId>AROA3XFRBF535EXAMPLE:%s</AssumedRoleId></AssumedRoleUser>"
+             "<Credentials><AccessKeyId>%s</AccessKeyId><SecretAccessKey>%s</SecretAccessKey>"
+             "<SessionToken>%s</SessionToken><Expiration>%s</Expiration></Credentials>"
+             "</AssumeRoleResult><ResponseMetadata><RequestId>%s</RequestId></ResponseMetadata>"
+             "</AssumeRoleResponse>"
+             % (ARGS.account, xml_escape(role_name), xml_escape(session), xml_escape(session), akid,
+                xml_escape(secret), xml_escape(token), iso(exp), rid))
+        note = "caller %s" % caller
+        sys.stderr.write("aws_kms_server: AssumeRole %s by %s\n" % (ARGS.assume_role, note))
         self.reply(200, x, "text/xml")
 
     # --- control --------------------------------------------------------------------
@@ -387,13 +476,21 @@ class Handler(BaseHTTPRequestHandler):
                 if "deny" in req:
                     KEYS[kid]["deny"] = set(req["deny"] or [])
                 return self.reply(200, json.dumps({"KeyState": KEYS[kid]["state"]}), "application/json")
+            if op == "role":
+                if "trust" in req:
+                    ROLE["trust"] = bool(req["trust"])
+                if req.get("revoke_sessions"):
+                    ROLE["revoked_before"] = time.time()
+                if "expiry" in req:  # seconds the next sessions live (0: as asked)
+                    ARGS.sts_expiry = float(req["expiry"])
+                return self.reply(200, json.dumps({"trust": ROLE["trust"]}), "application/json")
             if op == "fail":
                 FAIL["mode"] = req.get("mode", "none")
                 FAIL["ops"] = set(req["ops"]) if req.get("ops") else None
                 return self.reply(200, "{}", "application/json")
             if op == "reset_stats":
                 STATS.update({"verified": 0, "bad_signatures": 0, "unknown_keys": 0, "requests": {}, "last_auth_error": "",
-                              "sts": 0, "imds": 0})
+                              "sts": 0, "imds": 0, "assume_role": 0, "assume_role_denied": 0})
                 return self.reply(200, "{}", "application/json")
         return self.reply(404, json.dumps({"error": "unknown control op %s" % op}), "application/json")
 
@@ -435,6 +532,9 @@ def main():
     p.add_argument("--role-arn", default="")
     p.add_argument("--web-identity-token", default="")
     p.add_argument("--imds-role", default="")
+    p.add_argument("--assume-role", default="", help="role ARN that STS AssumeRole admits")
+    p.add_argument("--external-id", default="", help="the ExternalId the role's trust policy requires")
+    p.add_argument("--sts-expiry", type=float, default=0, help="seconds issued sessions live (default: asked)")
     p.add_argument("--stall-seconds", type=float, default=30)
     p.add_argument("--lifetime", type=float, default=1800)
     p.add_argument("--parent-pid", type=int, default=0)

@@ -16,15 +16,21 @@ can be run against it:
       GET  /{tenant}/v2.0/.well-known/openid-configuration
       POST /{tenant}/oauth2/v2.0/token          client_credentials with client_secret,
            or client_assertion (RS256/PS256 JWT: the signature is verified with the
-           registered app certificate, x5t/x5t#S256, aud, iss, sub, exp, nbf checked)
+           registered app certificate, x5t/x5t#S256, aud, iss, sub, exp, nbf checked),
+           or a federated token as client_assertion (workload identity federation: an
+           RS256 JWT of the loopback OIDC issuer, checked against the app's federated
+           identity credential: issuer, subject, audience api://AzureADTokenExchange),
+           in the app's home tenant or in the customer's tenant (a multi-tenant app
+           consented there)
   HTTP 127.0.0.1:<http_port>
     GET /metadata/identity/oauth2/token         managed identity, IMDS protocol (Metadata: true)
     GET /msi/token                              managed identity, App Service protocol
     POST /_control  {"action": ..., ...}        change the state (see ACTIONS)
     GET  /_log                                  requests seen so far (JSON list)
 
-State directory (--state-dir): server.json (ports, tenant, client ids, URLs), ca.pem,
-client.pem (app certificate + key, 0600), client_secret (0600), identity_header (0600).
+State directory (--state-dir): server.json (ports, tenant, customer_tenant, client ids,
+URLs), ca.pem, client.pem (app certificate + key, 0600), client_secret (0600),
+identity_header (0600), federated_token (the projected service-account token, 0600).
 
 The server binds to 127.0.0.1 only, exits when its parent process goes away, and in
 any case after --lifetime seconds.
@@ -54,9 +60,12 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from cryptography.x509.oid import NameOID
 
 RESOURCES = ("https://vault.azure.net", "https://managedhsm.azure.net")
+OIDC_ISSUER = "https://oidc.loopback.test/cluster"
+OIDC_SUBJECT = "system:serviceaccount:db:postgres"
 ACTIONS = """enable disable expire notyet delete restore drop_unwrap_op deny allow
 fail500 throttle stall normal reject_tokens accept_tokens refuse_credentials
-accept_credentials no_identity token_lifetime""".split()
+accept_credentials no_identity token_lifetime remove_federated add_federated revoke_consent
+grant_consent""".split()
 
 LOCK = threading.Lock()
 STATE = {}
@@ -216,6 +225,10 @@ class Handler(BaseHTTPRequestHandler):
                 STATE["no_identity"] = bool(c.get("on", True))
             elif a == "token_lifetime":
                 STATE["token_lifetime"] = int(c["seconds"])
+            elif a in ("remove_federated", "add_federated"):
+                STATE["federated"] = a == "add_federated"
+            elif a in ("revoke_consent", "grant_consent"):
+                STATE["consented"] = a == "grant_consent"
         self.send_json(200, {"ok": a})
 
     # --- Entra ID
@@ -291,11 +304,36 @@ class Handler(BaseHTTPRequestHandler):
             return "no jti"
         return None
 
+    def verify_federated(self, jwt):
+        """None if jwt is a token of the loopback OIDC issuer that the app's federated
+        identity credential admits; else Entra ID's (code, description)."""
+        try:
+            h64, c64, s64 = jwt.split(".")
+            header = json.loads(b64u_dec(h64))
+            claims = json.loads(b64u_dec(c64))
+            STATE["oidc_key"].public_key().verify(b64u_dec(s64), (h64 + "." + c64).encode(), padding.PKCS1v15(),
+                                                  hashes.SHA256())
+        except Exception:
+            return 700024, "Client assertion is not within its valid time range or the signature is invalid."
+        if header.get("alg") != "RS256" or claims.get("exp", 0) < time.time():
+            return 700024, "Client assertion is not within its valid time range."
+        if not STATE["federated"] or claims.get("iss") != OIDC_ISSUER or claims.get("sub") != OIDC_SUBJECT or \
+                claims.get("aud") != "api://AzureADTokenExchange":
+            return 70021, ("No matching federated identity record found for presented assertion. Assertion Issuer: "
+                           "'%s'. Assertion Subject: '%s'. Assertion Audience: '%s'."
+                           % (claims.get("iss"), claims.get("sub"), claims.get("aud")))
+        return None
+
     def token(self, tenant, body):
         f = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
         how = "secret" if "client_secret" in f else "assertion" if "client_assertion" in f else "none"
         self.record(kind="token", grant=f.get("grant_type"), auth=how, scope=f.get("scope"))
-        if tenant != STATE["tenant"]:
+        if tenant == STATE["customer_tenant"]:
+            if not STATE["consented"] and f.get("client_id") == STATE["client_id"]:
+                return self.entra_error(400, "unauthorized_client", 700016,
+                                        "Application with identifier '%s' was not found in the directory '%s'."
+                                        % (f.get("client_id"), tenant))
+        elif tenant != STATE["tenant"]:
             return self.entra_error(400, "invalid_request", 90002, "Tenant '%s' not found." % tenant)
         if f.get("grant_type") != "client_credentials":
             return self.entra_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
@@ -313,7 +351,18 @@ class Handler(BaseHTTPRequestHandler):
         elif how == "assertion":
             if f.get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
                 return self.entra_error(400, "invalid_request", 50027, "Invalid client_assertion_type.")
-            why = self.verify_assertion(tenant, f["client_id"], f["client_assertion"])
+            try:
+                federated = "x5t" not in json.loads(b64u_dec(f["client_assertion"].split(".")[0])) and \
+                    "x5t#S256" not in json.loads(b64u_dec(f["client_assertion"].split(".")[0]))
+            except Exception:
+                federated = False
+            if federated:
+                bad = self.verify_federated(f["client_assertion"])
+                if bad:
+                    return self.entra_error(400 if bad[0] == 70021 else 401, "invalid_client", bad[0], bad[1])
+                why = None
+            else:
+                why = self.verify_assertion(tenant, f["client_id"], f["client_assertion"])
             if why:
                 with LOCK:
                     LOG[-1]["assertion_error"] = why
@@ -487,11 +536,19 @@ def main():
     write_private(os.path.join(d, "client_secret"), secret.encode() + b"\n")
     ident = secrets.token_hex(16)
     write_private(os.path.join(d, "identity_header"), ident.encode())
+    oidc_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = int(time.time())
+    h64 = b64u(json.dumps({"alg": "RS256", "kid": "loopback-oidc", "typ": "JWT"}).encode())
+    c64 = b64u(json.dumps({"iss": OIDC_ISSUER, "sub": OIDC_SUBJECT, "aud": "api://AzureADTokenExchange",
+                           "iat": now, "nbf": now, "exp": now + 86400}).encode())
+    sig = oidc_key.sign((h64 + "." + c64).encode(), padding.PKCS1v15(), hashes.SHA256())
+    write_private(os.path.join(d, "federated_token"), (h64 + "." + c64 + "." + b64u(sig) + "\n").encode())
 
     STATE.update(tenant=str(uuid.uuid4()), client_id=str(uuid.uuid4()), mi_client_id=str(uuid.uuid4()),
                  client_secret=secret, identity_header=ident, client_cert=app_cert, tokens={},
                  token_lifetime=args.token_lifetime, mode="normal", stall_seconds=30, deny=False,
                  reject_tokens=False, refuse_credentials=False, no_identity=False,
+                 customer_tenant=str(uuid.uuid4()), consented=True, federated=True, oidc_key=oidc_key,
                  keys={"k": {"v1": new_key_version("RSA"), "v2": new_key_version("RSA")},
                        "hsmk": {"v1": new_key_version("oct")}})
 
@@ -507,7 +564,7 @@ def main():
     for s in (https, http):
         threading.Thread(target=s.serve_forever, daemon=True).start()
 
-    info = {k: STATE[k] for k in ("port", "http_port", "tenant", "client_id", "mi_client_id")}
+    info = {k: STATE[k] for k in ("port", "http_port", "tenant", "customer_tenant", "client_id", "mi_client_id")}
     info.update(vault_url="https://127.0.0.1:%d" % STATE["port"],
                 authority_host="https://127.0.0.1:%d" % STATE["port"],
                 imds_endpoint="http://127.0.0.1:%d/metadata/identity/oauth2/token" % STATE["http_port"],

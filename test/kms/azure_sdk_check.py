@@ -22,45 +22,21 @@ What the SDK does here, each a check:
 The server's state is restored at the end.
 """
 
-import json
 import os
 import sys
-import urllib.request
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from azure_sdk_common import check, control, failures, server_log, setup  # noqa: E402
 
 state_dir = sys.argv[1]
-info = json.load(open(os.path.join(state_dir, "server.json")))
+info = setup(state_dir)
 ca = os.path.join(state_dir, "ca.pem")
-# requests (under MSAL and azure-core) verifies the server with this CA bundle.
-os.environ["REQUESTS_CA_BUNDLE"] = ca
-for v in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "IDENTITY_ENDPOINT", "IDENTITY_HEADER",
-          "MSI_ENDPOINT", "MSI_SECRET", "AZURE_POD_IDENTITY_AUTHORITY_HOST", "HTTPS_PROXY", "https_proxy"):
-    os.environ.pop(v, None)
-os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError  # noqa: E402
 from azure.identity import CertificateCredential, ClientSecretCredential, ManagedIdentityCredential  # noqa: E402
 from azure.keyvault.keys import KeyClient  # noqa: E402
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm  # noqa: E402
-
-failures = []
-
-
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name + ("" if cond else ": " + str(detail)), flush=True)
-    if not cond:
-        failures.append(name)
-
-
-def control(action, **kw):
-    kw["action"] = action
-    req = urllib.request.Request(info["control_url"], data=json.dumps(kw).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=10).read()
-
-
-def server_log():
-    return json.loads(urllib.request.urlopen("http://127.0.0.1:%d/_log" % info["http_port"], timeout=10).read())
-
 
 secret = open(os.path.join(state_dir, "client_secret")).read().strip()
 scope = "https://vault.azure.net/.default"

@@ -23,6 +23,16 @@ Control (POST /__control, JSON {"action": ...}):
   revoke_sa | restore_sa (token endpoint: 400 invalid_grant) | metadata on|off
   issue_token (returns {"access_token": ...} for gcloud --access-token-file)
   token_ttl seconds | mode normal|error500|throttle|stall | requests
+  token_creator on|off (the base account's roles/iam.serviceAccountTokenCreator on the
+    --impersonate account) | impersonated_ttl seconds (life of minted tokens; 0 = asked)
+
+With --impersonate EMAIL the server also serves IAM Credentials
+POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken: the caller's bearer
+token must be one this server issued with scope cloud-platform, the binding must be on
+(else 403 PERMISSION_DENIED iam.serviceAccounts.getAccessToken), the body must ask for
+scope cloudkms and a lifetime "Ns" of at most 43200 s; the answer is
+{"accessToken", "expireTime"}. The keys then admit only tokens of EMAIL (the key's IAM
+policy names the customer's account): a base token gets 403 PERMISSION_DENIED.
 """
 
 import base64
@@ -46,6 +56,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 KEY_RE = re.compile(r"projects/([^/]+)/locations/([^/]+)/keyRings/([^/]+)/cryptoKeys/([^/:]+)")
 SCOPE = "https://www.googleapis.com/auth/cloudkms"
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
 
 def now_rfc3339():
@@ -78,6 +89,12 @@ class Kms:
         self.sa_public = self.sa_key.public_key()
         self.creds_path = args.write_credentials
         self.verified_assertions = 0
+        self.impersonate = args.impersonate
+        self.token_creator = True
+        self.impersonated_ttl = 0
+        self.token_owner = {}  # token -> (service account e-mail, scopes)
+        self.minted = 0
+        self.mint_denied = 0
         for k in args.key or []:
             self._create(k)
 
@@ -147,16 +164,55 @@ class Kms:
                 self.token_ttl = int(req["value"])
             elif a == "issue_token":
                 return 200, {"access_token": self._issue()}
+            elif a == "token_creator":
+                self.token_creator = req.get("value") == "on"
+            elif a == "impersonated_ttl":
+                self.impersonated_ttl = int(req["value"])
             elif a == "stats":
-                return 200, {"verified_assertions": self.verified_assertions, "tokens": len(self.tokens)}
+                return 200, {"verified_assertions": self.verified_assertions, "tokens": len(self.tokens),
+                             "minted": self.minted, "mint_denied": self.mint_denied}
             else:
                 raise ValueError("unknown action %r" % a)
         return 200, {"ok": True}
 
-    def _issue(self):
+    def _issue(self, owner=None, scopes=(SCOPE,), ttl=None):
         tok = "ya29.loopback-" + secrets.token_urlsafe(32)
-        self.tokens[tok] = time.time() + self.token_ttl
+        self.tokens[tok] = time.time() + (ttl or self.token_ttl)
+        self.token_owner[tok] = (owner or self.sa_email, set(scopes))
         return tok
+
+    def _generate_access_token(self, email, headers, body):
+        auth = headers.get("Authorization", "")
+        tok = auth[7:] if auth.startswith("Bearer ") else ""
+        if self.tokens.get(tok, 0) < time.time():
+            return gerr(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
+        owner, scopes = self.token_owner.get(tok, ("", set()))
+        if CLOUD_PLATFORM not in scopes:
+            return gerr(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes.")
+        if email != self.impersonate:
+            return gerr(404, "NOT_FOUND", "Not found; Gaia id not found for email %s" % email)
+        if not self.token_creator or owner == email:
+            self.mint_denied += 1
+            return gerr(403, "PERMISSION_DENIED", "Permission 'iam.serviceAccounts.getAccessToken' denied on "
+                        "resource (or it may not exist).")
+        try:
+            req = json.loads(body)
+        except ValueError:
+            return gerr(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        want = req.get("scope")
+        if not isinstance(want, list) or not want or not (SCOPE in want or CLOUD_PLATFORM in want):
+            return gerr(400, "INVALID_ARGUMENT", "Scope required.")
+        m = re.fullmatch(r"(\d+)s", str(req.get("lifetime", "3600s")))
+        if not m or not 1 <= int(m.group(1)) <= 43200:
+            return gerr(400, "INVALID_ARGUMENT", "The lifetime must be between 1s and 43200s.")
+        for d in req.get("delegates", []):
+            if not re.fullmatch(r"projects/-/serviceAccounts/[^/]+@[^/]+", d):
+                return gerr(400, "INVALID_ARGUMENT", "Invalid form of account ID %s." % d)
+        life = self.impersonated_ttl or int(m.group(1))
+        minted = self._issue(owner=email, scopes=want, ttl=life)
+        self.minted += 1
+        exp = datetime.datetime.utcfromtimestamp(int(time.time()) + life).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return 200, {"accessToken": minted, "expireTime": exp}, {}
 
     def route(self, method, path, headers, body):
         with self.state.lock:
@@ -180,14 +236,16 @@ class Kms:
             return 400, {"error": "invalid_grant", "error_description": "Invalid JWT header"}, {}
         if claims["iss"] != self.sa_email:
             return 400, {"error": "invalid_grant", "error_description": "Invalid issuer"}, {}
-        if SCOPE not in claims.get("scope", "").split():
+        scopes = claims.get("scope", "").split()
+        if SCOPE not in scopes and CLOUD_PLATFORM not in scopes:
             return 400, {"error": "invalid_scope", "error_description": "scope"}, {}
         if claims["exp"] - claims["iat"] > 3600 or abs(claims["iat"] - time.time()) > 300:
             return 400, {"error": "invalid_grant", "error_description":
                          "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable "
                          "timeframe."}, {}
         self.verified_assertions += 1
-        return 200, {"access_token": self._issue(), "expires_in": self.token_ttl, "token_type": "Bearer"}, {}
+        return 200, {"access_token": self._issue(scopes=scopes), "expires_in": self.token_ttl,
+                     "token_type": "Bearer"}, {}
 
     def _route(self, method, path, headers, body):
         path, _, query = path.partition("?")
@@ -198,12 +256,23 @@ class Kms:
                 return 403, {"error": "Missing Metadata-Flavor:Google header"}, {}
             if not self.metadata:
                 return 404, {"error": "no service account"}, {}
-            return 200, {"access_token": self._issue(), "expires_in": self.token_ttl, "token_type": "Bearer"}, {}
+            scopes = urllib.parse.parse_qs(query).get("scopes", [SCOPE])[0].split(",")
+            return 200, {"access_token": self._issue(scopes=scopes), "expires_in": self.token_ttl,
+                         "token_type": "Bearer"}, {}
+        gm = re.fullmatch(r"/v1/projects/-/serviceAccounts/([^/:]+):generateAccessToken", path)
+        if gm and method == "POST" and self.impersonate:
+            return self._generate_access_token(gm.group(1), headers, body)
         auth = headers.get("Authorization", "")
         tok = auth[7:] if auth.startswith("Bearer ") else ""
         if self.tokens.get(tok, 0) < time.time():
             return gerr(401, "UNAUTHENTICATED", "Request had invalid authentication credentials. Expected "
                         "OAuth 2 access token, login cookie or other valid authentication credential.")
+        owner, scopes = self.token_owner.get(tok, ("", set()))
+        if SCOPE not in scopes and CLOUD_PLATFORM not in scopes:
+            return gerr(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes.")
+        if self.impersonate and owner != self.impersonate:
+            return gerr(403, "PERMISSION_DENIED", "Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' denied for "
+                        "%s: the key admits the customer's service account only." % owner)
         m = re.fullmatch(r"/v1/(projects/[^:]+?)(?::(encrypt|decrypt))?", path)
         if not m:
             return gerr(404, "NOT_FOUND", "no such method %s" % path)
@@ -300,6 +369,7 @@ def main():
     p.add_argument("--client-email", default="cmk-test@cmk-project.iam.gserviceaccount.com")
     p.add_argument("--token-ttl", type=int, default=3600)
     p.add_argument("--key", action="append")
+    p.add_argument("--impersonate", default="", help="the customer's service account the base may impersonate")
     args = p.parse_args()
     app = Kms(args)
     # The credentials name this server's token endpoint: written once the port is known.

@@ -20,12 +20,14 @@ use Carp;
 use Cwd qw(abs_path);
 use Exporter 'import';
 use File::Basename qw(dirname);
+use HTTP::Tiny;
 use IPC::Run ();
 use JSON::PP ();
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes ();
 
-our @EXPORT = qw(start_kms_peer stop_kms_peer kms_control write_secret_file
+our @EXPORT = qw(start_kms_peer stop_kms_peer kms_control aws_control aws_env_keys_only write_secret_file
   python_has_modules wait_for_postmaster_exit);
 
 my $kms_dir = abs_path(dirname(__FILE__) . '/../kms');
@@ -116,7 +118,10 @@ sub stop_kms_peer
 
 END
 {
+	# Reaping a peer killed by SIGTERM sets $? to 15: keep the test's own exit status.
+	my $rc = $?;
 	stop_kms_peer($_) for @peers;
+	$? = $rc;
 }
 
 =item kms_control($peer, %request)
@@ -142,9 +147,51 @@ sub kms_control
 	return JSON::PP::decode_json($body);
 }
 
+=item aws_control($url, $op, \%body)
+
+The AWS peer's (aws_kms_server.py) control endpoint: GET $url/_test/stats for 'stats',
+else POST $url/_test/$op with the body as JSON; returns the decoded answer, dies on
+anything but 2xx.
+
+=cut
+
+sub aws_control
+{
+	my ($url, $op, $body) = @_;
+	my $http = HTTP::Tiny->new(timeout => 30);
+	my $r =
+	  $op eq 'stats'
+	  ? $http->get("$url/_test/stats")
+	  : $http->post("$url/_test/$op",
+		{ content => JSON::PP::encode_json($body // {}), headers => { 'Content-Type' => 'application/json' } });
+	die "control $op: $r->{status} $r->{content}" unless $r->{success};
+	return JSON::PP::decode_json($r->{content});
+}
+
+=item aws_env_keys_only($dir, $akid, $secret)
+
+Leaves the AWS credential chain nothing but AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+($akid, $secret): shared files point into $dir where there are none, the other AWS_*
+variables are removed, IMDS is disabled.
+
+=cut
+
+sub aws_env_keys_only
+{
+	my ($dir, $akid, $secret) = @_;
+	$ENV{$_} = "$dir/absent" for qw(AWS_SHARED_CREDENTIALS_FILE AWS_CONFIG_FILE);
+	delete $ENV{$_}
+	  for qw(AWS_PROFILE AWS_SESSION_TOKEN AWS_WEB_IDENTITY_TOKEN_FILE AWS_ROLE_ARN AWS_REGION
+	  AWS_DEFAULT_REGION AWS_EC2_METADATA_SERVICE_ENDPOINT);
+	$ENV{AWS_EC2_METADATA_DISABLED} = 'true';
+	$ENV{AWS_ACCESS_KEY_ID}         = $akid;
+	$ENV{AWS_SECRET_ACCESS_KEY}     = $secret;
+}
+
 =item wait_for_postmaster_exit($node, $seconds)
 
-Waits until the node's postmaster is gone; returns the seconds it took, or undef.
+Waits until the node's postmaster is gone; returns the seconds it took (fractional,
+measured from the call), or undef.
 
 =cut
 
@@ -152,14 +199,14 @@ sub wait_for_postmaster_exit
 {
 	my ($node, $limit) = @_;
 	my $pidfile = $node->data_dir . '/postmaster.pid';
-	my $t0 = time;
+	my $t0 = Time::HiRes::time();
 	my $pid;
 	if (open(my $fh, '<', $pidfile)) { $pid = <$fh>; chomp $pid; close $fh; }
 	return 0 unless $pid;
-	while (time - $t0 <= $limit)
+	while (Time::HiRes::time() - $t0 <= $limit)
 	{
-		return time - $t0 unless kill(0, $pid);
-		select(undef, undef, undef, 0.2);
+		return Time::HiRes::time() - $t0 unless kill(0, $pid);
+		select(undef, undef, undef, 0.02);
 	}
 	return undef;
 }

@@ -22,6 +22,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use CmkTest;
+use CmkKmsPeer;
 
 plan skip_all => 'AWS provider test needs encrypted nodes' if is_plain_mode();
 
@@ -61,32 +62,15 @@ BAIL_OUT('AWS KMS test server did not start: ' . slurp_file("$tmp/server.log"))
 my $port = slurp_file($port_file);
 chomp $port;
 my $url  = "http://127.0.0.1:$port";
-my $http = HTTP::Tiny->new(timeout => 30);
 
-sub control
-{
-	my ($op, $body) = @_;
-	my $r =
-	  $op eq 'stats'
-	  ? $http->get("$url/_test/stats")
-	  : $http->post("$url/_test/$op",
-		{ content => encode_json($body // {}), headers => { 'Content-Type' => 'application/json' } });
-	die "control $op: $r->{status} $r->{content}" unless $r->{success};
-	return decode_json($r->{content});
-}
+sub control { return aws_control($url, @_) }
 
 my $key = control('create_key', { alias => 'alias/cmk-tap' });
 my $kid = $key->{KeyId};
 note "key $key->{Arn}";
 
 # --- credentials: only what each case gives -----------------------------------------
-$ENV{$_} = "$tmp/absent" for qw(AWS_SHARED_CREDENTIALS_FILE AWS_CONFIG_FILE);
-delete $ENV{$_}
-  for qw(AWS_PROFILE AWS_SESSION_TOKEN AWS_WEB_IDENTITY_TOKEN_FILE AWS_ROLE_ARN AWS_REGION
-  AWS_DEFAULT_REGION AWS_EC2_METADATA_SERVICE_ENDPOINT);
-$ENV{AWS_EC2_METADATA_DISABLED} = 'true';
-$ENV{AWS_ACCESS_KEY_ID}         = $akid;
-$ENV{AWS_SECRET_ACCESS_KEY}     = $secret;
+aws_env_keys_only($tmp, $akid, $secret);
 
 my @kms_options = (
 	"endpoint=$url", 'region=us-east-1', "sts_endpoint=$url",

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +19,8 @@
 #include "cmk_lakebase/base/crypto.hpp"
 #include "core/kms/http.hpp"
 #include "core/kms/aws.hpp"
+#include "core/kms/aws_credentials.hpp"
+#include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
 
@@ -224,6 +227,20 @@ cmk::KmsError config_error_of(const cmk::KeyConfig& cfg) {
 
 const char kKeyUuid[] = "1234abcd-12ab-34cd-56ef-1234567890ab";
 
+// A clean environment whose only credentials are AWS_ACCESS_KEY_ID / _SECRET_ACCESS_KEY.
+void env_with_keys(EnvGuard& g, const cmk_test::TempDir& d) {
+    clean_aws_env(g, d);
+    g.set("AWS_ACCESS_KEY_ID", "AKIDTEST");
+    g.set("AWS_SECRET_ACCESS_KEY", "secret");
+}
+
+// A configuration error of one line that starts with the field's name.
+void expect_config(const cmk::KmsError& e, const std::string& field) {
+    EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config) << e.what();
+    EXPECT_EQ(std::string(e.what()).rfind(field + ":", 0), 0u) << e.what();
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
+}
+
 }  // namespace
 
 TEST(AwsConfig, RegionAndKeyIdFormats) {
@@ -265,16 +282,9 @@ TEST(AwsConfig, IniAndErrorType) {
 TEST(AwsConfig, BadConfigurationNamesTheField) {
     cmk_test::TempDir d;
     EnvGuard g;
-    clean_aws_env(g, d);
-    g.set("AWS_ACCESS_KEY_ID", "AKIDTEST");
-    g.set("AWS_SECRET_ACCESS_KEY", "secret");
+    env_with_keys(g, d);
     auto cfg = [](std::map<std::string, std::string> o, std::string key = kKeyUuid) {
         return cmk::KeyConfig{"aws", key, std::move(o)};
-    };
-    auto expect_config = [](const cmk::KmsError& e, const std::string& field) {
-        EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config) << e.what();
-        EXPECT_EQ(std::string(e.what()).rfind(field + ":", 0), 0u) << e.what();
-        EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
     };
     EXPECT_NO_THROW(cmk::make_provider(cfg({{"region", "us-east-1"}})));
     expect_config(config_error_of(cfg({{"region", "us-east-one"}})), "region");
@@ -315,7 +325,7 @@ TEST(AwsConfig, SharedCredentialsProfiles) {
                    "[default]\naws_access_key_id=A1\naws_secret_access_key=S1\n"
                    "[half]\naws_access_key_id=A2\n");
     cmk_test::spit(d.sub("config"),
-                   "[profile chained]\nrole_arn=arn:aws:iam::1:role/r\nsource_profile=default\n"
+                   "[profile chained]\nrole_arn=arn:aws:iam::111122223333:role/r\nsource_profile=default\n"
                    "[profile cfgonly]\naws_access_key_id=A3\naws_secret_access_key=S3\n");
     g.set("AWS_SHARED_CREDENTIALS_FILE", d.sub("credentials"));
     g.set("AWS_CONFIG_FILE", d.sub("config"));
@@ -327,9 +337,8 @@ TEST(AwsConfig, SharedCredentialsProfiles) {
     cmk::KmsError e = config_error_of(c);
     EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config);
     EXPECT_NE(std::string(e.what()).find("no aws_secret_access_key"), std::string::npos) << e.what();
-    c.options["profile"] = "chained";
-    e = config_error_of(c);
-    EXPECT_NE(std::string(e.what()).find("source_profile"), std::string::npos) << e.what();
+    c.options["profile"] = "chained";  // role_arn + source_profile: an AssumeRole chain
+    EXPECT_NO_THROW(cmk::make_provider(c));
     c.options["profile"] = "absent";
     e = config_error_of(c);
     EXPECT_EQ(std::string(e.what()).rfind("profile: no credentials for profile \"absent\"", 0), 0u)
@@ -556,4 +565,294 @@ TEST_F(AwsServerTest, WebIdentityAndImdsCredentials) {
     stats = s.control("stats", "");
     EXPECT_NE(stats.find("\"imds\": 1"), std::string::npos) << stats;
     EXPECT_NE(stats.find("\"bad_signatures\": 0,"), std::string::npos) << stats;
+}
+
+// ------------------------------------------------------------------ STS AssumeRole (issue 19)
+
+namespace {
+
+// AWS's STS API reference example of AssumeRole: RoleArn .../role/demo, session testAR,
+// 1800 s, ExternalId 123ABC.
+cmk::aws::RoleHop reference_hop() {
+    cmk::aws::RoleHop h;
+    h.role_arn = "arn:aws:iam::123456789012:role/demo";
+    h.session_name = "testAR";
+    h.duration_s = 1800;
+    h.external_id = "123ABC";
+    return h;
+}
+
+}  // namespace
+
+// The request body is what botocore's own STS serializer produces for the same
+// parameters, and the SigV4 signature over it (service "sts") is botocore's
+// (SigV4Auth, computed once with python3-botocore; see the values below).
+TEST(AwsAssumeRole, RequestAndSignatureMatchBotocore) {
+    cmk::aws::Endpoint sts{"https://sts.us-east-1.amazonaws.com/", "sts.us-east-1.amazonaws.com"};
+    cmk::aws::SigV4Request r = cmk::aws::assume_role_request(sts, reference_hop());
+    EXPECT_EQ(r.body,
+              "Action=AssumeRole&Version=2011-06-15&RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fdemo"
+              "&RoleSessionName=testAR&DurationSeconds=1800&ExternalId=123ABC");
+    cmk::aws::Credentials c;
+    c.access_key_id = kAkid;
+    c.secret_access_key = cmk::http::Secret(kSecret);
+    cmk::aws::SigV4Request plain = r;
+    cmk::aws::sign(plain, c, "us-east-1", "sts", kSuiteTime);
+    EXPECT_EQ(header(plain, "Authorization"),
+              "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/sts/aws4_request, "
+              "SignedHeaders=content-type;host;x-amz-date, "
+              "Signature=305186f28cd56dc776f03dd244ef40db91fb1c7e566bec86a05edcc9ebd250ce");
+    // From temporary base credentials (IMDS, web identity, a chained role): the token is signed.
+    c.access_key_id = "AKIDEXAMPLE";
+    c.session_token = cmk::http::Secret("session-token-EXAMPLE");
+    cmk::aws::sign(r, c, "us-east-1", "sts", kSuiteTime);
+    EXPECT_EQ(header(r, "Authorization"),
+              "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/sts/aws4_request, "
+              "SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, "
+              "Signature=50c768d811f6e0a05c17152ca87f3b3f4c769732c36654fb6f340070892cb089");
+    // No ExternalId: the parameter is left out, not sent empty.
+    cmk::aws::RoleHop h = reference_hop();
+    h.external_id.clear();
+    EXPECT_EQ(cmk::aws::assume_role_body(h).find("ExternalId"), std::string::npos);
+}
+
+// The answer in the shape of the API reference's example response (the session token
+// wrapped over lines as printed there).
+TEST(AwsAssumeRole, ParsesTheReferenceAnswer) {
+    const std::string xml =
+        "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\n"
+        "  <AssumeRoleResult>\n"
+        "  <SourceIdentity>Alice</SourceIdentity>\n"
+        "    <AssumedRoleUser>\n"
+        "      <Arn>arn:aws:sts::123456789012:assumed-role/demo/TestAR</Arn>\n"
+        "      <AssumedRoleId>ARO123EXAMPLE123:TestAR</AssumedRoleId>\n"
+        "    </AssumedRoleUser>\n"
+        "    <Credentials>\n"
+        "      <AccessKeyId>ASIAIOSFODNN7EXAMPLE</AccessKeyId>\n"
+        "      <SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>\n"
+        "      <SessionToken>\n"
+        "       AQoDYXdzEPT//////////wEXAMPLEtc764bNrC9SAPBSM22wDOk4x4HIZ8j4FZTwdQW\n"
+        "      </SessionToken>\n"
+        "      <Expiration>2019-11-09T13:34:41Z</Expiration>\n"
+        "    </Credentials>\n"
+        "    <PackedPolicySize>6</PackedPolicySize>\n"
+        "  </AssumeRoleResult>\n"
+        "  <ResponseMetadata>\n"
+        "    <RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId>\n"
+        "  </ResponseMetadata>\n"
+        "</AssumeRoleResponse>\n";
+    cmk::aws::AssumedRole a = cmk::aws::parse_assumed_role(xml, "test");
+    EXPECT_EQ(a.creds.access_key_id, "ASIAIOSFODNN7EXAMPLE");
+    EXPECT_EQ(a.creds.secret_access_key.str(), "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY");
+    EXPECT_EQ(a.creds.session_token.str(), "AQoDYXdzEPT//////////wEXAMPLEtc764bNrC9SAPBSM22wDOk4x4HIZ8j4FZTwdQW");
+    EXPECT_EQ(a.creds.expiration, 1573306481);  // 2019-11-09T13:34:41Z
+    EXPECT_EQ(a.assumed_role_arn, "arn:aws:sts::123456789012:assumed-role/demo/TestAR");
+    EXPECT_EQ(a.request_id, "c6104cbe-af31-11e0-8154-cbc7ccf896c7");
+
+    std::string no_creds = xml;
+    no_creds.erase(no_creds.find("<SessionToken>"), no_creds.find("</SessionToken>") + 15 - no_creds.find("<SessionToken>"));
+    EXPECT_EQ(kind_of([&] { cmk::aws::parse_assumed_role(no_creds, "test"); }),
+              cmk::KmsErrorKind::Unavailable);
+    std::string huge = xml + std::string(70000, ' ');
+    EXPECT_EQ(kind_of([&] { cmk::aws::parse_assumed_role(huge, "test"); }), cmk::KmsErrorKind::Unavailable);
+}
+
+// STS's errors: a refused trust (AccessDenied) is a revocation, transport trouble is not.
+TEST(AwsAssumeRole, ErrorMapping) {
+    auto err = [](long status, const std::string& code) {
+        return cmk::aws::sts_error(status,
+                                   "<ErrorResponse><Error><Type>Sender</Type><Code>" + code +
+                                       "</Code><Message>m</Message></Error><RequestId>r-1</RequestId>"
+                                       "</ErrorResponse>",
+                                   "STS AssumeRole", "assume_role_arn", "");
+    };
+    EXPECT_EQ(err(403, "AccessDenied").kind, cmk::KmsErrorKind::Revoked);
+    EXPECT_NE(std::string(err(403, "AccessDenied").what()).find("(request id r-1)"), std::string::npos);
+    EXPECT_EQ(err(403, "InvalidClientTokenId").kind, cmk::KmsErrorKind::Revoked);
+    EXPECT_EQ(err(400, "ValidationError").kind, cmk::KmsErrorKind::Config);
+    EXPECT_EQ(std::string(err(400, "ValidationError").what()).rfind("assume_role_arn:", 0), 0u);
+    EXPECT_EQ(err(400, "Throttling").kind, cmk::KmsErrorKind::Unavailable);
+    EXPECT_EQ(err(403, "SignatureDoesNotMatch").kind, cmk::KmsErrorKind::Unavailable);
+    EXPECT_EQ(err(500, "InternalFailure").kind, cmk::KmsErrorKind::Unavailable);
+    EXPECT_EQ(err(503, "AccessDenied").kind, cmk::KmsErrorKind::Unavailable);
+    EXPECT_EQ(cmk::aws::sts_error(502, "<html>bad gateway</html>", "STS", "f", "").kind,
+              cmk::KmsErrorKind::Unavailable);
+}
+
+// Every option of the role is checked at configuration time: one line naming the field.
+TEST(AwsAssumeRole, ConfigurationNamesTheField) {
+    cmk_test::TempDir d;
+    EnvGuard g;
+    env_with_keys(g, d);
+    auto cfg = [](std::map<std::string, std::string> o) {
+        o["region"] = "us-east-1";
+        return cmk::KeyConfig{"aws", kKeyUuid, std::move(o)};
+    };
+    const std::string arn = "arn:aws:iam::111122223333:role/customer-kms";
+    EXPECT_NO_THROW(cmk::make_provider(cfg({{"assume_role_arn", arn}, {"external_id", "ext-1234"}})));
+    EXPECT_NO_THROW(cmk::make_provider(cfg({{"assume_role_arn", "arn:aws-cn:iam::111122223333:role/a/b/c"},
+                                            {"assume_role_session_name", "db-7@eu.west"},
+                                            {"assume_role_duration", "43200"}})));
+    auto expect_field = [&](std::map<std::string, std::string> o, const std::string& field) {
+        expect_config(config_error_of(cfg(std::move(o))), field);
+    };
+    for (const char* bad : {"arn:aws:iam::1111:role/x", "arn:aws:iam::111122223333:user/x",
+                            "arn:aws:sts::111122223333:role/x", "role/x", "arn:aws:iam::111122223333:role/"})
+        expect_field({{"assume_role_arn", bad}}, "assume_role_arn");
+    expect_field({{"assume_role_arn", arn}, {"external_id", "x"}}, "external_id");
+    expect_field({{"assume_role_arn", arn}, {"external_id", "has space"}}, "external_id");
+    expect_field({{"assume_role_arn", arn}, {"assume_role_session_name", "a"}}, "assume_role_session_name");
+    expect_field({{"assume_role_arn", arn}, {"assume_role_session_name", "a/b"}}, "assume_role_session_name");
+    expect_field({{"assume_role_arn", arn}, {"assume_role_duration", "899"}}, "assume_role_duration");
+    expect_field({{"assume_role_arn", arn}, {"assume_role_duration", "1h"}}, "assume_role_duration");
+    expect_field({{"external_id", "ext-1234"}}, "external_id");
+    // role_arn is the web identity token's role: alone it would be silently unused.
+    expect_field({{"role_arn", arn}}, "role_arn");
+
+    // Profiles: role_arn chains and what is refused.
+    cmk_test::spit(d.sub("credentials"), "[base]\naws_access_key_id=A1\naws_secret_access_key=S1\n");
+    cmk_test::spit(d.sub("config"),
+                   "[profile customer]\nrole_arn=" + arn + "\nsource_profile=middle\nexternal_id=ext-1234\n"
+                   "[profile middle]\nrole_arn=arn:aws:iam::444455556666:role/hop\nsource_profile=base\n"
+                   "[profile loop1]\nrole_arn=" + arn + "\nsource_profile=loop2\n"
+                   "[profile loop2]\nrole_arn=" + arn + "\nsource_profile=loop1\n"
+                   "[profile process]\ncredential_process=/usr/bin/get-creds\n"
+                   "[profile ecs]\nrole_arn=" + arn + "\ncredential_source=EcsContainer\n"
+                   "[profile envsrc]\nrole_arn=" + arn + "\ncredential_source=Environment\n"
+                   "[profile badext]\nrole_arn=" + arn + "\nsource_profile=base\nexternal_id=x\n"
+                   "[profile dangling]\nrole_arn=" + arn + "\nsource_profile=nobody\n");
+    g.set("AWS_SHARED_CREDENTIALS_FILE", d.sub("credentials"));
+    g.set("AWS_CONFIG_FILE", d.sub("config"));
+    g.unset("AWS_ACCESS_KEY_ID");
+    g.unset("AWS_SECRET_ACCESS_KEY");
+    EXPECT_NO_THROW(cmk::make_provider(cfg({{"profile", "customer"}})));
+    auto p = cmk::make_provider(cfg({{"profile", "customer"}}));
+    EXPECT_EQ(p->identity(), "role " + arn);  // before any call: the role it will assume
+    auto expect_profile = [&](const std::string& prof, const std::string& words) {
+        cmk::KmsError e = config_error_of(cfg({{"profile", prof}}));
+        EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config) << e.what();
+        EXPECT_EQ(std::string(e.what()).rfind("profile: profile \"", 0), 0u) << e.what();
+        EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+    };
+    expect_profile("loop1", "loop");
+    expect_profile("process", "credential_process, which the aws key provider does not support");
+    expect_profile("ecs", "EcsContainer");
+    expect_profile("envsrc", "AWS_ACCESS_KEY_ID");
+    expect_profile("badext", "external_id");
+    expect_profile("dangling", "nobody");
+}
+
+class AwsAssumeRoleServer : public AwsServerTest {};
+
+// End to end against the loopback STS: the server verifies the AssumeRole signature with
+// botocore and checks the ExternalId; the KMS calls run as the assumed role's session;
+// the credentials are cached; a withdrawn trust is a revocation at the next refresh,
+// revoked sessions at the next KMS call; an STS outage is an outage.
+TEST_F(AwsAssumeRoleServer, AssumedRoleRevocationAndOutage) {
+    const std::string arn = "arn:aws:iam::111122223333:role/customer-kms";
+    AwsServer s({"--assume-role", arn, "--external-id", "ext-1234"});
+    REQUIRE_SERVER(s);
+    s.create_key("alias/cust");
+    auto role = [&](std::map<std::string, std::string> extra) {
+        extra["assume_role_arn"] = arn;
+        extra["sts_endpoint"] = s.url();
+        return cmk::make_provider(config(s, "alias/cust", extra));
+    };
+    auto p = role({{"external_id", "ext-1234"}});
+    cmk::SecureBytes kek = test_kek();
+    cmk::WrapResult w = p->wrap(kek);
+    cmk::SecureBytes back = p->unwrap(w.blob);
+    EXPECT_TRUE(cmk::ct_equal(back.data(), kek.data(), kek.size()));
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    EXPECT_EQ(p->identity(), "arn:aws:sts::111122223333:assumed-role/customer-kms/cmk_lakebase");
+    std::string stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"assume_role\": 1,"), std::string::npos) << stats;  // cached: asked once
+    EXPECT_NE(stats.find("\"bad_signatures\": 0,"), std::string::npos) << stats;
+
+    // The confused-deputy guard: a wrong or missing external id is refused by the trust policy.
+    EXPECT_EQ(kind_of([&] { role({{"external_id", "ext-9999"}})->status(); }), cmk::KmsErrorKind::Revoked);
+    EXPECT_EQ(kind_of([&] { role({})->status(); }), cmk::KmsErrorKind::Revoked);
+
+    // STS down: an outage, not a revocation.
+    s.control("fail", "{\"mode\":\"sts_500\"}");
+    EXPECT_EQ(kind_of([&] { role({{"external_id", "ext-1234"}})->status(); }), cmk::KmsErrorKind::Unavailable);
+    s.control("fail", "{\"mode\":\"none\"}");
+
+    // Sessions revoked: the cached credentials fail at the next KMS call.
+    s.control("role", "{\"revoke_sessions\":true}");
+    EXPECT_EQ(kind_of([&] { p->unwrap(w.blob); }), cmk::KmsErrorKind::Revoked);
+    // Trust withdrawn: a fresh AssumeRole is refused (revoked); restored: works again.
+    s.control("role", "{\"trust\":false}");
+    EXPECT_EQ(kind_of([&] { role({{"external_id", "ext-1234"}})->status(); }), cmk::KmsErrorKind::Revoked);
+    s.control("role", "{\"trust\":true}");
+    auto again = role({{"external_id", "ext-1234"}});
+    back = again->unwrap(w.blob);
+    EXPECT_TRUE(cmk::ct_equal(back.data(), kek.data(), kek.size()));
+    stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"bad_signatures\": 0,"), std::string::npos) << stats;
+}
+
+// Sessions that live less than the refresh margin are fetched again at each call: the
+// refresh itself meets the withdrawn trust (the watchdog's probe in a server).
+TEST_F(AwsAssumeRoleServer, RefreshMeetsWithdrawnTrust) {
+    const std::string arn = "arn:aws:iam::111122223333:role/customer-kms";
+    AwsServer s({"--assume-role", arn, "--external-id", "ext-1234", "--sts-expiry", "200"});
+    REQUIRE_SERVER(s);
+    s.create_key("alias/short");
+    auto p = cmk::make_provider(config(
+        s, "alias/short", {{"assume_role_arn", arn}, {"external_id", "ext-1234"}, {"sts_endpoint", s.url()}}));
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    std::string stats = s.control("stats", "");
+    EXPECT_NE(stats.find("\"assume_role\": 2,"), std::string::npos) << stats;  // refreshed
+    s.control("role", "{\"trust\":false}");
+    EXPECT_EQ(kind_of([&] { p->status(); }), cmk::KmsErrorKind::Revoked);
+}
+
+// A profile chain base -> role, with the external id in the config file, end to end.
+TEST_F(AwsAssumeRoleServer, ProfileChain) {
+    const std::string arn = "arn:aws:iam::111122223333:role/customer-kms";
+    AwsServer s({"--assume-role", arn, "--external-id", "ext-1234"});
+    REQUIRE_SERVER(s);
+    s.create_key("alias/prof");
+    env_.unset("AWS_ACCESS_KEY_ID");
+    env_.unset("AWS_SECRET_ACCESS_KEY");
+    cmk_test::spit(tmp_.sub("credentials"), "[base]\naws_access_key_id=AKIDTEST\naws_secret_access_key=secretTEST\n");
+    cmk_test::spit(tmp_.sub("config"), "[profile customer]\nrole_arn=" + arn +
+                                           "\nsource_profile=base\nexternal_id=ext-1234\nrole_session_name=db-1\n");
+    env_.set("AWS_SHARED_CREDENTIALS_FILE", tmp_.sub("credentials"));
+    env_.set("AWS_CONFIG_FILE", tmp_.sub("config"));
+    auto p = cmk::make_provider(config(s, "alias/prof", {{"profile", "customer"}, {"sts_endpoint", s.url()}}));
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    EXPECT_EQ(p->identity(), "arn:aws:sts::111122223333:assumed-role/customer-kms/db-1");
+}
+
+// The audit trail says which identity each KMS call ran as: the assumed role's session.
+TEST_F(AwsAssumeRoleServer, AuditRecordsTheAssumedRole) {
+    const std::string arn = "arn:aws:iam::111122223333:role/customer-kms";
+    AwsServer s({"--assume-role", arn, "--external-id", "ext-1234"});
+    REQUIRE_SERVER(s);
+    s.create_key("alias/audit");
+    std::string dir = tmp_.sub("audit");
+    ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+    std::string saved = cmk::audit::directory();
+    cmk::audit::set_directory(dir);
+    auto p = cmk::audit::audited_provider(
+        cmk::make_provider(config(
+            s, "alias/audit", {{"assume_role_arn", arn}, {"external_id", "ext-1234"}, {"sts_endpoint", s.url()}})),
+        "default");
+    cmk::SecureBytes kek = test_kek();
+    cmk::WrapResult w = p->wrap(kek);
+    p->unwrap(w.blob);
+    s.control("role", "{\"revoke_sessions\":true}");
+    EXPECT_EQ(kind_of([&] { p->status(); }), cmk::KmsErrorKind::Revoked);
+    cmk::audit::set_directory(saved);
+    std::vector<cmk::audit::Event> ev = cmk::audit::read_all(dir);
+    ASSERT_EQ(ev.size(), 3u);
+    const std::string session = "arn:aws:sts::111122223333:assumed-role/customer-kms/cmk_lakebase";
+    for (const auto& e : ev) EXPECT_EQ(e.as, session) << e.action;
+    EXPECT_EQ(ev[2].outcome, "revoked");
+    std::string line = cmk_test::slurp(dir + "/audit.log");
+    EXPECT_NE(line.find("\"as\":\"" + session + "\""), std::string::npos) << line;
+    EXPECT_EQ(line.find("secretTEST"), std::string::npos);
 }

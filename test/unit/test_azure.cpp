@@ -580,3 +580,84 @@ TEST(AzureProvider, AppServiceIdentityAndManagedHsmScope) {
     d.Parse(f.seen[1].body.c_str());
     EXPECT_STREQ(d["alg"].GetString(), "A256KW");  // the Managed HSM default
 }
+
+// ------------------------------------------------------------------ workload identity federation (issue 19)
+
+// The Kubernetes way: AZURE_FEDERATED_TOKEN_FILE / AZURE_CLIENT_ID / AZURE_TENANT_ID from
+// the webhook; the token file's content is the client assertion (re-read at each token
+// request: Kubernetes rotates it); the option tenant_id makes a multi-tenant app ask
+// the customer's tenant instead of its home tenant.
+TEST(AzureWorkloadIdentity, FederatedTokenIsTheAssertionInTheCustomersTenant) {
+    cmk_test::TempDir dir;
+    const std::string file = dir.path() + "/token";
+    cmk_test::spit(file, "eyJhbGciOiJSUzI1NiJ9.first.sig\n");
+    const char* home = "11111111-2222-3333-4444-555555555555";
+    ::setenv("AZURE_FEDERATED_TOKEN_FILE", file.c_str(), 1);
+    ::setenv("AZURE_CLIENT_ID", kClient, 1);
+    ::setenv("AZURE_TENANT_ID", home, 1);
+    KeyConfig c{"azure", kKid, {{"tenant_id", kTenant}}};  // the customer's tenant
+    Fake f;
+    f.add(200, token_json("tok-1", 1));  // short-lived: the next call fetches again
+    f.add(200, "{\"key\":{\"kid\":\"" + std::string(kKid) + "\",\"kty\":\"RSA\"},\"attributes\":{\"enabled\":true}}");
+    f.add(200, token_json("tok-2"));
+    f.add(200, "{\"key\":{\"kid\":\"" + std::string(kKid) + "\",\"kty\":\"RSA\"},\"attributes\":{\"enabled\":true}}");
+    auto p = make_azure_provider(c, f.fn());
+    EXPECT_EQ(p->identity(), std::string("app ") + kClient + " in tenant " + kTenant +
+                                 " (workload identity federation)");
+    p->status();
+    cmk_test::spit(file, "eyJhbGciOiJSUzI1NiJ9.second.sig\n");
+    p->status();
+    ASSERT_EQ(f.seen.size(), 4u);
+    const http::Request& t = f.seen[0];
+    EXPECT_EQ(t.url, std::string("https://login.microsoftonline.com/") + kTenant + "/oauth2/v2.0/token");
+    EXPECT_NE(t.body.find("grant_type=client_credentials"), std::string::npos) << t.body;
+    EXPECT_NE(t.body.find(std::string("client_id=") + kClient), std::string::npos) << t.body;
+    EXPECT_NE(t.body.find("client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"),
+              std::string::npos);
+    EXPECT_NE(t.body.find("client_assertion=eyJhbGciOiJSUzI1NiJ9.first.sig"), std::string::npos) << t.body;
+    EXPECT_EQ(t.body.find("client_secret"), std::string::npos);
+    EXPECT_NE(f.seen[2].body.find("client_assertion=eyJhbGciOiJSUzI1NiJ9.second.sig"), std::string::npos)
+        << "the token file is read again";
+
+    // The federated credential removed (AADSTS70021): a revocation.
+    Fake g;
+    g.add(400, "{\"error\":\"invalid_client\",\"error_description\":\"AADSTS70021: No matching federated identity "
+               "record found for presented assertion.\"}");
+    auto q = make_azure_provider(c, g.fn());
+    KeyStatus s = q->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked) << s.detail;
+    EXPECT_NE(s.detail.find("AADSTS70021"), std::string::npos) << s.detail;
+    EXPECT_EQ(s.detail.find("eyJ"), std::string::npos) << "no assertion in the message";
+
+    // Without the option: the home tenant from the environment.
+    KeyConfig homecfg{"azure", kKid, {}};
+    Fake h;
+    h.add(200, token_json("tok"));
+    h.add(200, "{\"key\":{\"kid\":\"" + std::string(kKid) + "\",\"kty\":\"RSA\"},\"attributes\":{\"enabled\":true}}");
+    make_azure_provider(homecfg, h.fn())->status();
+    ASSERT_FALSE(h.seen.empty());
+    EXPECT_EQ(h.seen[0].url, std::string("https://login.microsoftonline.com/") + home + "/oauth2/v2.0/token");
+
+    // Configuration errors name the field.
+    std::string m;
+    ::setenv("AZURE_FEDERATED_TOKEN_FILE", (dir.path() + "/missing").c_str(), 1);
+    EXPECT_EQ(config_kind(homecfg, &m), KmsErrorKind::Config);
+    EXPECT_EQ(m.rfind("federated_token_file: ", 0), 0u) << m;
+    ::unsetenv("AZURE_FEDERATED_TOKEN_FILE");
+    KeyConfig rel{"azure", kKid, {{"federated_token_file", "token"}, {"tenant_id", kTenant}}};
+    EXPECT_EQ(config_kind(rel, &m), KmsErrorKind::Config);
+    EXPECT_EQ(m.rfind("federated_token_file: ", 0), 0u) << m;
+    KeyConfig mixed{"azure", kKid, {{"federated_token_file", file}, {"credential", "client_secret"}}};
+    EXPECT_EQ(config_kind(mixed, &m), KmsErrorKind::Config);
+    EXPECT_EQ(m.rfind("federated_token_file: ", 0), 0u) << m;
+    cmk_test::spit(file, "\n");
+    KeyConfig empty{"azure", kKid, {{"federated_token_file", file}, {"tenant_id", kTenant}}};
+    EXPECT_EQ(config_kind(empty, &m), KmsErrorKind::Config);
+    EXPECT_NE(m.find("is empty"), std::string::npos) << m;
+    ::unsetenv("AZURE_CLIENT_ID");
+    cmk_test::spit(file, "x.y.z\n");
+    KeyConfig noclient{"azure", kKid, {{"federated_token_file", file}, {"tenant_id", kTenant}}};
+    EXPECT_EQ(config_kind(noclient, &m), KmsErrorKind::Config);
+    EXPECT_EQ(m.rfind("client_id: ", 0), 0u) << m;
+    ::unsetenv("AZURE_TENANT_ID");
+}

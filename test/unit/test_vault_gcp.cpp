@@ -19,6 +19,7 @@
 #include "core/kms/kit.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "core/kms/gcp.hpp"
+#include "core/kms/google_identity.hpp"
 #include "core/kms/vault.hpp"
 #include "test_helpers.hpp"
 
@@ -642,4 +643,117 @@ TEST(Kit, StatusFromErrorAndOneLine) {
     EXPECT_EQ(kind_of([] { kit::status_from_error(kit::config_error("addr: bad")); }), KmsErrorKind::Config);
     EXPECT_EQ(kit::one_line("a\nb\tc", 200), "a b c");
     EXPECT_EQ(kit::one_line(std::string(10, 'x'), 4), "xxxx...");
+}
+
+// ------------------------------------------------------------------ service-account impersonation (issue 19)
+
+// The request as Google's IAM Credentials reference shows it (POST
+// .../v1/projects/-/serviceAccounts/SA:generateAccessToken with delegates, scope and
+// lifetime), and its example answer parsed (expireTime with fractional seconds).
+TEST(GcpImpersonation, RequestAndAnswer) {
+    gcp::IdentitySource src;
+    src.impersonate = "priv-sa@my-project.iam.gserviceaccount.com";
+    src.iam_endpoint = "https://iamcredentials.googleapis.com";
+    src.lifetime_s = 300;
+    EXPECT_EQ(gcp::generate_access_token_url(src),
+              "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/"
+              "priv-sa@my-project.iam.gserviceaccount.com:generateAccessToken");
+    EXPECT_EQ(gcp::generate_access_token_body(src),
+              "{\"scope\":[\"https://www.googleapis.com/auth/cloudkms\"],\"lifetime\":\"300s\"}");
+    src.delegates = {"delegate-sa@my-project.iam.gserviceaccount.com"};
+    EXPECT_EQ(gcp::generate_access_token_body(src),
+              "{\"delegates\":[\"projects/-/serviceAccounts/delegate-sa@my-project.iam.gserviceaccount.com\"],"
+              "\"scope\":[\"https://www.googleapis.com/auth/cloudkms\"],\"lifetime\":\"300s\"}");
+    long life = 0;
+    // 2014-10-02T15:01:23Z is 1412262083.
+    kit::Secret t = gcp::parse_generate_access_token(
+        "{\n  \"accessToken\": \"ya29.c.ElrWBuZ\",\n  \"expireTime\": \"2014-10-02T15:01:23.045123456Z\"\n}",
+        1412262083 - 3000, &life, "test");
+    EXPECT_EQ(t.str(), "ya29.c.ElrWBuZ");
+    EXPECT_EQ(life, 3000);
+    EXPECT_EQ(kind_of([&] { gcp::parse_generate_access_token("{\"expireTime\":\"x\"}", 0, &life, "t"); }),
+              KmsErrorKind::Unavailable);
+    EXPECT_EQ(kind_of([&] { gcp::parse_generate_access_token("{\"accessToken\":\"a\"}", 0, &life, "t"); }),
+              KmsErrorKind::Unavailable);
+    EXPECT_TRUE(gcp::valid_service_account_email("cmk-kms@customer-project.iam.gserviceaccount.com"));
+    for (const char* bad : {"no-at", "a@b", "UPPER@p.iam.gserviceaccount.com", "a@@b.c", "a b@p.c", "@p.c"})
+        EXPECT_FALSE(gcp::valid_service_account_email(bad)) << bad;
+}
+
+TEST(GcpImpersonation, ConfigErrorsNameTheField) {
+    cmk_test::TempDir tmp;
+    ::unsetenv("GOOGLE_APPLICATION_CREDENTIALS");
+    const std::string key = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+    KeyConfig c{"gcp", key, {{"metadata_host", "127.0.0.1:1"}}};
+    c.options["impersonate_service_account"] = "cmk-kms@customer.iam.gserviceaccount.com";
+    EXPECT_NO_THROW(make_provider(c));
+    EXPECT_EQ(make_provider(c)->identity(), "service account cmk-kms@customer.iam.gserviceaccount.com (impersonated)");
+    auto field = [&](const char* k, const char* v, const std::string& want) {
+        KeyConfig x = c;
+        x.options[k] = v;
+        std::string m = config_msg(x);
+        EXPECT_EQ(m.rfind(want + ": ", 0), 0u) << m;
+    };
+    field("impersonate_service_account", "not-an-email", "impersonate_service_account");
+    field("impersonation_delegates", "a@p.iam.gserviceaccount.com,bad", "impersonation_delegates");
+    field("impersonation_lifetime", "60", "impersonation_lifetime");
+    field("iam_credentials_endpoint", "http://iam.example.com", "iam_credentials_endpoint");
+    KeyConfig plain{"gcp", key, {{"metadata_host", "127.0.0.1:1"}, {"impersonation_lifetime", "600"}}};
+    EXPECT_EQ(config_msg(plain).rfind("impersonation_lifetime: given without impersonate_service_account", 0), 0u);
+    // Workload identity federation (an external account file): refused as not supported.
+    write_private(tmp.sub("wif.json"),
+                  "{\"type\":\"external_account\",\"audience\":\"//iam.googleapis.com/projects/1/x\","
+                  "\"subject_token_type\":\"urn:ietf:params:oauth:token-type:jwt\","
+                  "\"token_url\":\"https://sts.googleapis.com/v1/token\",\"credential_source\":{\"file\":\"/t\"}}");
+    KeyConfig wif{"gcp", key, {{"credentials_file", tmp.sub("wif.json")}}};
+    std::string m = config_msg(wif);
+    EXPECT_EQ(m.rfind("credentials_file: ", 0), 0u) << m;
+    EXPECT_NE(m.find("workload identity federation"), std::string::npos) << m;
+    EXPECT_NE(m.find("does not support"), std::string::npos) << m;
+}
+
+// Against the loopback IAM Credentials endpoint: the KMS admits only the customer's
+// account, so the calls prove the token was minted; the binding removed is a
+// revocation at the next refresh; an outage of the endpoint is an outage.
+TEST(GcpLoopback, ImpersonatedServiceAccount) {
+    cmk_test::TempDir tmp;
+    const std::string key = "projects/cmk-project/locations/global/keyRings/ring/cryptoKeys/k1";
+    const std::string target = "cmk-kms@customer-project.iam.gserviceaccount.com";
+    LoopbackServer srv("gcp_kms_server.py",
+                       {"--write-credentials", tmp.sub("sa.json"), "--key", key, "--impersonate", target},
+                       tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    KeyConfig base{"gcp",
+                   key,
+                   {{"endpoint", srv.url()}, {"credentials_file", tmp.sub("sa.json")}, {"timeout_ms", "1500"}}};
+    // Without impersonation the key refuses the operator's own account.
+    EXPECT_EQ(make_provider(base)->status().health, KeyHealth::Revoked);
+    KeyConfig c = base;
+    c.options["impersonate_service_account"] = target;
+    c.options["iam_credentials_endpoint"] = srv.url();
+    auto p = make_provider(c);
+    SecureBytes kek = random_key(32);
+    WrapResult w = p->wrap(kek);
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    std::string stats = srv.control("{\"action\":\"stats\"}");
+    EXPECT_NE(stats.find("\"minted\": 1,"), std::string::npos) << stats;  // cached
+    // Short-lived minted tokens: each call refreshes, and meets the removed binding.
+    srv.control("{\"action\":\"impersonated_ttl\",\"value\":1}");
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    srv.control("{\"action\":\"token_creator\",\"value\":\"off\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    KeyStatus s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked) << s.detail;
+    EXPECT_NE(s.detail.find("iam.serviceAccounts.getAccessToken"), std::string::npos) << s.detail;
+    EXPECT_NE(s.detail.find("roles/iam.serviceAccountTokenCreator"), std::string::npos) << s.detail;
+    EXPECT_EQ(s.detail.find("ya29."), std::string::npos) << s.detail;
+    srv.control("{\"action\":\"token_creator\",\"value\":\"on\"}");
+    EXPECT_EQ(health(*p), KeyHealth::Ok);
+    srv.control("{\"action\":\"mode\",\"value\":\"error500\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Unavailable);
+    srv.control("{\"action\":\"mode\",\"value\":\"normal\"}");
+    EXPECT_TRUE(same(make_provider(c)->unwrap(w.blob), kek));
 }

@@ -33,6 +33,7 @@ struct Event {
     std::string request_id;  // the KMS's, where it returns one
     std::string outcome;     // ok, revoked, unavailable, config_error, error, denied
     std::string detail;      // one line, never key material
+    std::string as;          // identity the provider call ran as (assumed role, ...); "" = not said
     uint64_t count = 1;      // > 1: this many identical answers aggregated (watchdog probes)
 };
 

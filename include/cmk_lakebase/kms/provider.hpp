@@ -65,6 +65,10 @@ public:
     // The KMS's request id of the last unwrap() that got an answer, where the KMS
     // returns one ("" otherwise): for the audit trail.
     virtual std::string last_request_id() const { return last_request_id_; }
+    // Who the calls run as, where the provider knows without a network call (an
+    // assumed role's session, an impersonated account): for the audit trail's "as".
+    // "" = the provider does not say.
+    virtual std::string identity() const { return ""; }
 
 protected:
     std::string last_request_id_;

@@ -97,6 +97,7 @@ void fill(Event& e) {
         }
     }
     e.detail = one_line(e.detail);
+    e.as = one_line(e.as);
 }
 
 }  // namespace
@@ -149,6 +150,7 @@ std::string event_to_json(const Event& e) {
     str("request_id", e.request_id);
     str("outcome", e.outcome);
     str("detail", e.detail);
+    if (!e.as.empty()) str("as", e.as);  // only when the provider says (older lines have none)
     w.Key("count");
     w.Uint64(e.count);
     w.EndObject();
@@ -212,6 +214,7 @@ std::vector<Event> read_all(const std::string& keyring_dir) {
             e.request_id = s("request_id");
             e.outcome = s("outcome");
             e.detail = s("detail");
+            e.as = s("as");
             auto it = d.FindMember("pid");
             if (it != d.MemberEnd() && it->value.IsInt64()) e.pid = it->value.GetInt64();
             it = d.FindMember("kek_generation");
@@ -248,6 +251,7 @@ public:
     std::string name() const override { return inner_->name(); }
     const KeyConfig& config() const override { return inner_->config(); }
     std::string last_request_id() const override { return inner_->last_request_id(); }
+    std::string identity() const override { return inner_->identity(); }
 
     WrapResult wrap(const SecureBytes& kek) override {
         try {
@@ -304,6 +308,7 @@ private:
         e.request_id = request_id;
         e.outcome = outcome;
         e.detail = detail;
+        e.as = inner_->identity();
         bool probe = e.action == "status" || e.action == "unwrap";
         if (!aggregate_ || !probe) {
             record(std::move(e));

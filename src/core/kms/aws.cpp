@@ -142,7 +142,7 @@ public:
             cfg_, "the aws key provider",
             {"region", "endpoint", "fips", "ca_file", "profile", "credentials", "shared_credentials_file",
              "config_file", "web_identity_token_file", "role_arn", "role_session_name", "sts_endpoint",
-             "imds_endpoint", "encryption_context", "timeout_ms", "connect_timeout_ms", "retries"});
+             "assume_role_arn", "external_id", "assume_role_session_name", "assume_role_duration", "imds_endpoint", "encryption_context", "timeout_ms", "connect_timeout_ms", "retries"});
         std::string arn_region;
         if (cfg_.key_id.empty()) throw config_error("key_id: no AWS KMS key given (--key-id)");
         if (!aws::valid_key_id(cfg_.key_id, &arn_region))
@@ -179,11 +179,12 @@ public:
         retry_.attempts = timing_.attempts;
         parse_context(kit::option(cfg_, "encryption_context"));
         chain_ = std::make_unique<aws::CredentialChain>(cfg_, std::move(sts_endpoint),
-                                                        aws::ChainTransport{timing_, ca_file_});
+                                                        aws::ChainTransport{timing_, ca_file_, region_});
     }
 
     std::string name() const override { return "aws"; }
     const KeyConfig& config() const override { return cfg_; }
+    std::string identity() const override { return chain_->identity(); }
 
     WrapResult wrap(const SecureBytes& kek) override {
         std::string b64 = base64_encode(kek.data(), kek.size());

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <set>
 #include <tuple>
+#include <vector>
 
 #include "aws.hpp"
 #include "cmk_lakebase/base/json.hpp"
@@ -143,11 +144,125 @@ Endpoint parse_endpoint(const std::string& field, const std::string& url) {
     return Endpoint{(https ? "https://" : "http://") + host + "/", host};
 }
 
+namespace {
+
+bool chars_in(const std::string& s, const char* extra) {
+    for (char c : s)
+        if (!std::isalnum(static_cast<unsigned char>(c)) && !std::strchr(extra, c)) return false;
+    return true;
+}
+
+}  // namespace
+
+void validate_role_hop(const RoleHop& hop, const std::string& arn_field, const std::string& external_id_field,
+                       const std::string& session_field, const std::string& duration_field) {
+    // arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME
+    const std::string& a = hop.role_arn;
+    std::vector<std::string> f;
+    size_t i = 0;
+    for (int n = 0; n < 5 && i != std::string::npos; ++n) {
+        size_t j = a.find(':', i);
+        f.push_back(a.substr(i, j == std::string::npos ? std::string::npos : j - i));
+        i = j == std::string::npos ? j : j + 1;
+    }
+    std::string res = i == std::string::npos ? "" : a.substr(i);
+    bool ok = f.size() == 5 && f[0] == "arn" && f[1].compare(0, 3, "aws") == 0 && f[2] == "iam" && f[3].empty() &&
+              f[4].size() == 12 && std::all_of(f[4].begin(), f[4].end(), ::isdigit) &&
+              res.compare(0, 5, "role/") == 0 && res.size() > 5 && res.back() != '/' && res.size() <= 512 &&
+              chars_in(res, "_+=,.@-/");
+    if (!ok)
+        throw config_error(arn_field + ": \"" + kit::one_line(a, 120) +
+                           "\" is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)");
+    const std::string& x = hop.external_id;
+    if (!x.empty() && (x.size() < 2 || x.size() > 1224 || !chars_in(x, "_+=,.@:/-")))
+        throw config_error(external_id_field +
+                           ": must be 2 to 1224 characters of letters, digits and _+=,.@:/- (as STS accepts)");
+    const std::string& sn = hop.session_name;
+    if (sn.size() < 2 || sn.size() > 64 || !chars_in(sn, "_+=,.@-"))
+        throw config_error(session_field + ": \"" + kit::one_line(sn, 80) +
+                           "\" must be 2 to 64 characters of letters, digits and _+=,.@-");
+    if (hop.duration_s < 900 || hop.duration_s > 43200)
+        throw config_error(duration_field + ": " + std::to_string(hop.duration_s) +
+                           " is not a number of seconds from 900 to 43200");
+}
+
+std::string assume_role_body(const RoleHop& hop) {
+    std::string b = "Action=AssumeRole&Version=2011-06-15&RoleArn=" + http::url_encode(hop.role_arn) +
+                    "&RoleSessionName=" + http::url_encode(hop.session_name) +
+                    "&DurationSeconds=" + std::to_string(hop.duration_s);
+    if (!hop.external_id.empty()) b += "&ExternalId=" + http::url_encode(hop.external_id);
+    return b;
+}
+
+SigV4Request assume_role_request(const Endpoint& sts, const RoleHop& hop) {
+    SigV4Request r;
+    r.method = "POST";
+    r.headers = {{"Host", sts.host}, {"Content-Type", "application/x-www-form-urlencoded; charset=utf-8"}};
+    r.body = assume_role_body(hop);
+    return r;
+}
+
+AssumedRole parse_assumed_role(const std::string& xml, const std::string& what) {
+    if (xml.size() > (64u << 10)) throw unavailable(what + ": the answer is larger than 64 KiB");
+    AssumedRole a;
+    a.creds.access_key_id = trim(xml_text(xml, "AccessKeyId"));
+    std::string sk = xml_text(xml, "SecretAccessKey"), tk = xml_text(xml, "SessionToken");
+    a.creds.secret_access_key = Secret(trim(sk));
+    a.creds.session_token = Secret(trim(tk));
+    wipe(sk);
+    wipe(tk);
+    a.creds.expiration = parse_iso8601(trim(xml_text(xml, "Expiration")));
+    // AssumedRoleUser holds the only <Arn> of the answer.
+    a.assumed_role_arn = trim(xml_text(xml, "Arn"));
+    a.request_id = trim(xml_text(xml, "RequestId"));
+    if (a.creds.access_key_id.empty() || a.creds.secret_access_key.empty() || a.creds.session_token.empty())
+        throw unavailable(what + ": the answer has no credentials" + kit::request_id_note(a.request_id));
+    return a;
+}
+
+KmsError sts_error(long status, const std::string& xml, const std::string& what, const std::string& arn_field,
+                   const std::string& request_id) {
+    std::string bounded = xml.size() > (64u << 10) ? std::string() : xml;
+    std::string code = trim(xml_text(bounded, "Code")), msg = xml_text(bounded, "Message");
+    std::string rid = request_id.empty() ? trim(xml_text(bounded, "RequestId")) : request_id;
+    std::string m = what + " failed: HTTP " + std::to_string(status) + (code.empty() ? "" : " " + code) +
+                    (msg.empty() ? "" : ": " + kit::one_line(msg, 240)) + kit::request_id_note(rid);
+    if (status < 500 && code == "AccessDenied")
+        return revoked(m + "; the role's trust policy no longer admits this identity (role deleted, trust "
+                           "changed or external id rotated)");
+    if (status < 500 && code == "InvalidClientTokenId")
+        return revoked(m + "; the base credentials are not recognised");
+    if (status < 500 && (code == "ValidationError" || code == "MalformedPolicyDocument"))
+        return config_error(arn_field + ": " + m);
+    return unavailable(m);  // 5xx, throttling, signature or clock trouble, region disabled, unknown
+}
+
 struct CredentialChain::Impl {
     Impl(const KeyConfig& cfg, Endpoint sts, ChainTransport transport)
         : cfg_(cfg), sts_endpoint_(std::move(sts)), transport_(std::move(transport)) {
         retry_.attempts = transport_.timing.attempts;
         plan_credentials();
+        plan_option_role();
+    }
+
+    // The customer's role named by the key configuration: one AssumeRole on top of
+    // whatever the chain's base (or profile) credentials are.
+    void plan_option_role() {
+        RoleHop hop;
+        hop.role_arn = kit::option(cfg_, "assume_role_arn");
+        hop.external_id = kit::option(cfg_, "external_id");
+        hop.session_name = kit::option(cfg_, "assume_role_session_name", "cmk_lakebase");
+        if (hop.role_arn.empty()) {
+            for (const char* k : {"external_id", "assume_role_session_name", "assume_role_duration"})
+                if (!kit::option(cfg_, k).empty())
+                    throw config_error(std::string(k) + ": given without assume_role_arn (the role to assume)");
+            return;
+        }
+        hop.duration_s = kit::int_option(cfg_, "assume_role_duration", 3600, 900, 43200, "seconds");
+        hop.where = "assume_role_arn";
+        validate_role_hop(hop, "assume_role_arn", "external_id", "assume_role_session_name",
+                          "assume_role_duration");
+        hops_.push_back(std::move(hop));
     }
 
     std::string profile_name() const {
@@ -203,6 +318,115 @@ struct CredentialChain::Impl {
         return it == sec->end() ? "" : it->second;
     }
 
+    void plan_imds() {
+        std::string ep = kit::option(cfg_, "imds_endpoint");
+        if (ep.empty()) ep = env("AWS_EC2_METADATA_SERVICE_ENDPOINT");
+        if (ep.empty()) ep = "http://169.254.169.254";
+        while (!ep.empty() && ep.back() == '/') ep.pop_back();
+        if (ep.compare(0, 7, "http://") != 0 && ep.compare(0, 8, "https://") != 0)
+            throw config_error("imds_endpoint: \"" + ep + "\" is not an http:// URL");
+        imds_ = ep;
+        source_ = CredSource::Imds;
+    }
+
+    // A profile's credentials: static keys (credentials file first, then config file),
+    // or a role_arn assumed from its source_profile (itself resolved the same way, at
+    // most 5 deep) or from its credential_source (Environment, Ec2InstanceMetadata).
+    // Sets source_/base_profile_ and puts the role hops before those already planned.
+    // False when the profile has nothing; throws Config for what cannot work.
+    bool resolve_profile(const std::string& name, const IniFile& conf, const IniFile& shared,
+                         std::set<std::string>& seen) {
+        const std::string where_c = config_file(), where_s = shared_file();
+        auto fail = [&](const std::string& why) -> KmsError {
+            return config_error("profile: profile \"" + name + "\" " + why);
+        };
+        if (!seen.insert(name).second) throw fail("is part of a source_profile loop");
+        if (seen.size() > 5) throw fail("is more than 5 source_profile steps deep");
+        auto it = shared.find(name);
+        const std::map<std::string, std::string>* ssec = it == shared.end() ? nullptr : &it->second;
+        const auto* csec = config_section(conf, name);
+        if (!ssec && !csec) return false;
+        auto get = [&](const char* k) {
+            std::string v = value(csec, k);
+            return v.empty() ? value(ssec, k) : v;
+        };
+        auto static_keys = [&]() -> bool {
+            for (const auto& [sec, where, src] : {std::make_tuple(ssec, where_s, CredSource::SharedFile),
+                                                  std::make_tuple(csec, where_c, CredSource::ConfigFile)}) {
+                if (!sec) continue;
+                bool ak = !value(sec, "aws_access_key_id").empty(),
+                     sk = !value(sec, "aws_secret_access_key").empty();
+                if (ak && sk) {
+                    source_ = src;
+                    base_profile_ = name;
+                    return true;
+                }
+                if (ak || sk)
+                    throw fail("in " + where + " has " +
+                               (ak ? "aws_access_key_id but no aws_secret_access_key"
+                                   : "aws_secret_access_key but no aws_access_key_id"));
+            }
+            return false;
+        };
+        const std::string role = get("role_arn");
+        if (role.empty()) {
+            if (static_keys()) return true;
+            for (const char* k : {"credential_process", "sso_start_url", "sso_session", "source_profile"})
+                if (!get(k).empty())
+                    throw fail(std::string("uses ") + k +
+                               (std::string(k) == "source_profile"
+                                    ? " without role_arn"
+                                    : ", which the aws key provider does not support; give static keys, a "
+                                      "role_arn with source_profile or credential_source, a web identity "
+                                      "token file, or use IMDS"));
+            return false;
+        }
+        RoleHop hop;
+        hop.role_arn = role;
+        hop.external_id = get("external_id");
+        hop.session_name = get("role_session_name");
+        if (hop.session_name.empty()) hop.session_name = "cmk_lakebase";
+        std::string dur = get("duration_seconds");
+        if (!dur.empty()) {
+            if (dur.size() > 6 || !std::all_of(dur.begin(), dur.end(), ::isdigit))
+                throw fail("duration_seconds \"" + dur + "\" is not a number of seconds from 900 to 43200");
+            hop.duration_s = std::stol(dur);
+        }
+        hop.where = "profile";
+        try {
+            validate_role_hop(hop, "role_arn", "external_id", "role_session_name", "duration_seconds");
+        } catch (const KmsError& e) {
+            throw fail(std::string("in ") + where_c + ": " + e.what());
+        }
+        hops_.insert(hops_.begin(), std::move(hop));
+        const std::string src = get("source_profile"), cs = get("credential_source");
+        if (!src.empty() && !cs.empty()) throw fail("has both source_profile and credential_source");
+        if (!cs.empty()) {
+            if (cs == "Environment") {
+                if (env("AWS_ACCESS_KEY_ID").empty() || env("AWS_SECRET_ACCESS_KEY").empty())
+                    throw fail("has credential_source Environment but AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                               "are not set");
+                source_ = CredSource::Environment;
+                return true;
+            }
+            if (cs == "Ec2InstanceMetadata") {
+                plan_imds();
+                return true;
+            }
+            throw fail("has credential_source \"" + cs +
+                       "\", which the aws key provider does not support (Environment, Ec2InstanceMetadata)");
+        }
+        if (src.empty()) throw fail("has role_arn but neither source_profile nor credential_source");
+        if (src == name) {
+            if (static_keys()) return true;
+            throw fail("is its own source_profile but has no static keys");
+        }
+        if (!resolve_profile(src, conf, shared, seen))
+            throw fail("has source_profile \"" + src + "\", which has no credentials in " + where_s + " or " +
+                       where_c);
+        return true;
+    }
+
     // Decides the source of credentials now, without a network call: the first of the
     // chain that is configured. Throws Config naming what is missing.
     void plan_credentials() {
@@ -213,6 +437,13 @@ struct CredentialChain::Impl {
                                "\" is not one of auto, env, web_identity, profile, imds");
         const bool any = want == "auto";
         std::vector<std::string> looked;
+        // role_arn is the web identity token's role; alone it would go unused, silently.
+        if (!kit::option(cfg_, "role_arn").empty() && kit::option(cfg_, "web_identity_token_file").empty() &&
+            env("AWS_WEB_IDENTITY_TOKEN_FILE").empty())
+            throw config_error(
+                "role_arn: names the role of a web identity token, but no web identity token file is "
+                "configured; to assume the customer's role from the base credentials use assume_role_arn "
+                "(with external_id)");
 
         if (any || want == "env") {
             bool ak = !env("AWS_ACCESS_KEY_ID").empty(), sk = !env("AWS_SECRET_ACCESS_KEY").empty();
@@ -269,30 +500,8 @@ struct CredentialChain::Impl {
             IniFile shared = load_ini("shared_credentials_file", sf,
                                            !kit::option(cfg_, "shared_credentials_file").empty());
             IniScrub shared_scrub{shared};
-            auto it = shared.find(profile);
-            const std::map<std::string, std::string>* ssec = it == shared.end() ? nullptr : &it->second;
-            for (const auto& [sec, where, src] :
-                 {std::make_tuple(ssec, sf, CredSource::SharedFile),
-                  std::make_tuple(csec, config_file(), CredSource::ConfigFile)}) {
-                if (!sec) continue;
-                bool ak = !value(sec, "aws_access_key_id").empty(),
-                     sk = !value(sec, "aws_secret_access_key").empty();
-                if (ak && sk) {
-                    source_ = src;
-                    return;
-                }
-                if (ak || sk)
-                    throw config_error(std::string("profile: profile \"") + profile + "\" in " + where +
-                                       " has " +
-                                       (ak ? "aws_access_key_id but no aws_secret_access_key"
-                                           : "aws_secret_access_key but no aws_access_key_id"));
-                for (const char* k : {"source_profile", "credential_process", "sso_start_url", "sso_session"})
-                    if (!value(sec, k).empty())
-                        throw config_error(std::string("profile: profile \"") + profile + "\" in " + where +
-                                           " uses " + k +
-                                           ", which the aws key provider does not support; give static keys, "
-                                           "a web identity token file, or use IMDS");
-            }
+            std::set<std::string> seen;
+            if (resolve_profile(profile, conf, shared, seen)) return;
             if (profile_explicit() || !any)
                 throw config_error("profile: no credentials for profile \"" + profile + "\" in " + sf +
                                    " or " + config_file());
@@ -305,14 +514,7 @@ struct CredentialChain::Impl {
                     throw config_error("credentials: imds requested but AWS_EC2_METADATA_DISABLED is set");
                 looked.push_back("IMDS disabled (AWS_EC2_METADATA_DISABLED)");
             } else {
-                std::string ep = kit::option(cfg_, "imds_endpoint");
-                if (ep.empty()) ep = env("AWS_EC2_METADATA_SERVICE_ENDPOINT");
-                if (ep.empty()) ep = "http://169.254.169.254";
-                while (!ep.empty() && ep.back() == '/') ep.pop_back();
-                if (ep.compare(0, 7, "http://") != 0 && ep.compare(0, 8, "https://") != 0)
-                    throw config_error("imds_endpoint: \"" + ep + "\" is not an http:// URL");
-                imds_ = ep;
-                source_ = CredSource::Imds;
+                plan_imds();
                 return;
             }
         }
@@ -324,7 +526,7 @@ struct CredentialChain::Impl {
     // Current credentials: static sources are read on each use (rotation of a
     // credentials file needs no restart); STS and IMDS answers are cached until five
     // minutes before they expire.
-    Credentials current() {
+    Credentials current_base() {
         Credentials c;
         switch (source_) {
             case CredSource::Environment:
@@ -343,16 +545,16 @@ struct CredentialChain::Impl {
                 IniScrub scrub{ini};
                 const std::map<std::string, std::string>* sec = nullptr;
                 if (shared) {
-                    auto it = ini.find(profile_name());
+                    auto it = ini.find(base_profile_);
                     if (it != ini.end()) sec = &it->second;
                 } else {
-                    sec = config_section(ini, profile_name());
+                    sec = config_section(ini, base_profile_);
                 }
                 c.access_key_id = value(sec, "aws_access_key_id");
                 c.secret_access_key = Secret(value(sec, "aws_secret_access_key"));
                 c.session_token = Secret(value(sec, "aws_session_token"));
                 if (c.access_key_id.empty() || c.secret_access_key.empty())
-                    throw config_error("profile: no credentials for profile \"" + profile_name() + "\" in " +
+                    throw config_error("profile: no credentials for profile \"" + base_profile_ + "\" in " +
                                        path);
                 break;
             }
@@ -374,9 +576,73 @@ struct CredentialChain::Impl {
         return c;
     }
 
+    static Credentials copy_of(const Credentials& x) {
+        Credentials c;
+        c.access_key_id = x.access_key_id;
+        c.secret_access_key = x.secret_access_key.copy();
+        c.session_token = x.session_token.copy();
+        c.expiration = x.expiration;
+        c.source = x.source;
+        return c;
+    }
+
+    // The credentials the KMS calls are signed with: the base's, or those of the last
+    // role of the chain, kept until five minutes before they expire. The refresh
+    // happens in whichever call finds them stale: in a running server that is the
+    // watchdog's probe (nothing else calls the KMS between start and a key operation).
+    Credentials current() {
+        if (hops_.empty()) return current_base();
+        std::lock_guard<std::mutex> g(assume_mu_);
+        std::time_t now = std::time(nullptr);
+        if (!assumed_.access_key_id.empty() && !(assumed_.expiration && assumed_.expiration - 300 <= now))
+            return copy_of(assumed_);
+        Credentials c = current_base();
+        std::string from = c.source;
+        for (const RoleHop& hop : hops_) {
+            AssumedRole a = assume_role(c, hop);
+            c = std::move(a.creds);
+            assumed_arn_ = a.assumed_role_arn.empty() ? "role " + hop.role_arn : a.assumed_role_arn;
+        }
+        c.source = "STS AssumeRole of " + hops_.back().role_arn + " from " + from;
+        assumed_ = copy_of(c);
+        return c;
+    }
+
+    AssumedRole assume_role(const Credentials& base, const RoleHop& hop) {
+        const std::string what = "STS AssumeRole of " + hop.role_arn + " at " + sts_endpoint_.host;
+        SigV4Request sr = assume_role_request(sts_endpoint_, hop);
+        aws::sign(sr, base, transport_.region, "sts", std::time(nullptr));
+        http::Request req = base_request(sts_endpoint_.url);
+        req.headers.swap(sr.headers);
+        req.body.swap(sr.body);
+        http::Response resp = http::send_wiped(req, what, retry_);
+        kit::WipeOnExit scrub{resp.body};
+        const std::string rid = resp.header("x-amzn-requestid");
+        if (resp.status != 200) throw sts_error(resp.status, resp.body, what, hop.where, rid);
+        AssumedRole a = parse_assumed_role(resp.body, what);
+        if (a.request_id.empty()) a.request_id = rid;
+        return a;
+    }
+
+    std::string identity() const {
+        if (!hops_.empty()) {
+            std::lock_guard<std::mutex> g(assume_mu_);
+            return assumed_arn_.empty() ? "role " + hops_.back().role_arn : assumed_arn_;
+        }
+        if (source_ == CredSource::WebIdentity) {
+            std::lock_guard<std::mutex> g(mu_);
+            return web_arn_.empty() ? "role " + role_arn_ : web_arn_;
+        }
+        return source_name(source_);
+    }
+
     void forget_cached_credentials() {
-        std::lock_guard<std::mutex> g(mu_);
-        cached_ = Credentials{};
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            cached_ = Credentials{};
+        }
+        std::lock_guard<std::mutex> g(assume_mu_);
+        assumed_ = Credentials{};
     }
 
     http::Request base_request(const std::string& url) const {
@@ -408,26 +674,12 @@ struct CredentialChain::Impl {
         wipe(req.body);
         const std::string what =
             "STS AssumeRoleWithWebIdentity for role " + role_arn_ + " at " + sts_endpoint_.host;
-        if (resp.status != 200) {
-            std::string code = xml_text(resp.body, "Code"), msg = xml_text(resp.body, "Message");
-            std::string m = what + " failed: HTTP " + std::to_string(resp.status) +
-                            (code.empty() ? "" : " " + code) +
-                            (msg.empty() ? "" : ": " + kit::one_line(msg, 240)) +
-                            kit::request_id_note(resp.header("x-amzn-requestid"));
-            wipe(resp.body);
-            if (code == "AccessDenied")
-                throw revoked(m + "; the role's trust policy no longer admits this identity");
-            throw unavailable(m);
-        }
-        Credentials c;
-        c.access_key_id = xml_text(resp.body, "AccessKeyId");
-        c.secret_access_key = Secret(xml_text(resp.body, "SecretAccessKey"));
-        c.session_token = Secret(xml_text(resp.body, "SessionToken"));
-        c.expiration = parse_iso8601(xml_text(resp.body, "Expiration"));
-        wipe(resp.body);
-        if (c.access_key_id.empty() || c.secret_access_key.empty() || c.session_token.empty())
-            throw unavailable(what + ": the answer has no credentials");
-        return c;
+        kit::WipeOnExit scrub{resp.body};
+        const std::string rid = resp.header("x-amzn-requestid");
+        if (resp.status != 200) throw sts_error(resp.status, resp.body, what, "role_arn", rid);
+        AssumedRole a = parse_assumed_role(resp.body, what);
+        web_arn_ = a.assumed_role_arn;  // under mu_ (current() holds it)
+        return std::move(a.creds);
     }
 
     Credentials from_imds() {
@@ -486,8 +738,14 @@ struct CredentialChain::Impl {
     http::RetryPolicy retry_;
     CredSource source_ = CredSource::Environment;
     std::string token_file_, role_arn_, session_name_, imds_;
-    std::mutex mu_;
+    std::string base_profile_;  // the profile whose static keys are the base
+    mutable std::mutex mu_;
     Credentials cached_;
+    std::string web_arn_;
+    std::vector<RoleHop> hops_;  // AssumeRole steps from the base to the customer's role
+    mutable std::mutex assume_mu_;
+    Credentials assumed_;
+    std::string assumed_arn_;
 };
 
 CredentialChain::CredentialChain(const KeyConfig& cfg, Endpoint sts, ChainTransport transport)
@@ -500,7 +758,12 @@ Credentials CredentialChain::get() {
 }
 
 bool CredentialChain::temporary() const {
-    return impl_->source_ == CredSource::WebIdentity || impl_->source_ == CredSource::Imds;
+    return !impl_->hops_.empty() || impl_->source_ == CredSource::WebIdentity ||
+           impl_->source_ == CredSource::Imds;
+}
+
+std::string CredentialChain::identity() const {
+    return impl_->identity();
 }
 
 void CredentialChain::forget() {

@@ -241,11 +241,11 @@ std::string Settings::scope() const {
 Settings parse_settings(const KeyConfig& cfg) {
     kit::require_known_options(cfg, "the azure provider",
                                {"algorithm", "ca_file", "credential", "tenant_id", "client_id",
-                                "client_secret_file", "client_certificate_file", "authority_host",
-                                "identity_endpoint", "resource", "timeout"});
+                                "client_secret_file", "client_certificate_file", "federated_token_file",
+                                "authority_host", "identity_endpoint", "resource", "timeout"});
     auto opt = [&](const char* n) { return kit::option(cfg, n); };
     // The server reads these files with the data directory as its working directory.
-    for (const char* f : {"ca_file", "client_secret_file", "client_certificate_file"}) {
+    for (const char* f : {"ca_file", "client_secret_file", "client_certificate_file", "federated_token_file"}) {
         std::string v = opt(f);
         if (!v.empty() && v[0] != '/')
             throw config_error(std::string(f) + ": \"" + v + "\" is not an absolute path");
@@ -275,6 +275,31 @@ Settings parse_settings(const KeyConfig& cfg) {
                            "\" is not a GUID (the application or identity client id)");
 
     std::string c = opt("credential");
+    // Workload identity (the Kubernetes webhook's environment): the token file, the app
+    // and its home tenant from AZURE_*; the option tenant_id overrides the tenant, for a
+    // multi-tenant app acting in the customer's tenant.
+    s.federated_token_file = opt("federated_token_file");
+    const bool federated_env = kit::env("AZURE_FEDERATED_TOKEN_FILE").size() && s.client_secret_file.empty() &&
+                               s.client_certificate_file.empty() && (c.empty() || c == "workload_identity");
+    if (c == "workload_identity" || !s.federated_token_file.empty() || federated_env) {
+        if (!c.empty() && c != "workload_identity")
+            throw config_error("federated_token_file: given with credential " + c +
+                               "; it belongs to credential workload_identity");
+        c = "workload_identity";
+        if (s.federated_token_file.empty()) s.federated_token_file = kit::env("AZURE_FEDERATED_TOKEN_FILE");
+        if (s.federated_token_file.empty())
+            throw config_error("federated_token_file: workload_identity credentials need the federated token "
+                               "file (option federated_token_file or AZURE_FEDERATED_TOKEN_FILE)");
+        if (s.federated_token_file[0] != '/')
+            throw config_error("federated_token_file: \"" + s.federated_token_file + "\" is not an absolute path");
+        kit::require_readable_file("federated_token_file", s.federated_token_file);
+        if (s.tenant_id.empty()) s.tenant_id = kit::env("AZURE_TENANT_ID");
+        if (s.client_id.empty()) s.client_id = kit::env("AZURE_CLIENT_ID");
+        if (!s.tenant_id.empty() && (s.tenant_id.size() > 128 || !all_of_set(s.tenant_id, ".-")))
+            throw config_error("tenant_id: \"" + s.tenant_id + "\" is not a tenant id (a GUID or a domain name)");
+        if (!s.client_id.empty() && !kit::is_uuid(s.client_id))
+            throw config_error("client_id: \"" + s.client_id + "\" is not a GUID (the application client id)");
+    }
     if (c.empty())
         c = !s.client_certificate_file.empty()                      ? "client_certificate"
             : !s.client_secret_file.empty() || !s.tenant_id.empty() ? "client_secret"
@@ -285,9 +310,12 @@ Settings parse_settings(const KeyConfig& cfg) {
         s.credential = Credential::ClientCertificate;
     else if (c == "managed_identity")
         s.credential = Credential::ManagedIdentity;
+    else if (c == "workload_identity")
+        s.credential = Credential::WorkloadIdentity;
     else
         throw config_error("credential: \"" + c +
-                           "\" is not one of client_secret, client_certificate, managed_identity");
+                           "\" is not one of client_secret, client_certificate, managed_identity, "
+                           "workload_identity");
 
     if (s.credential != Credential::ManagedIdentity) {
         if (s.tenant_id.empty())
@@ -430,6 +458,16 @@ public:
 
     std::string name() const override { return "azure"; }
     const KeyConfig& config() const override { return cfg_; }
+    std::string identity() const override {
+        switch (s_.credential) {
+            case Credential::ManagedIdentity:
+                return s_.client_id.empty() ? "managed identity" : "managed identity " + s_.client_id;
+            case Credential::WorkloadIdentity:
+                return "app " + s_.client_id + " in tenant " + s_.tenant_id + " (workload identity federation)";
+            default:
+                return "app " + s_.client_id + " in tenant " + s_.tenant_id;
+        }
+    }
 
     WrapResult wrap(const SecureBytes& kek) override {
         std::string body;

@@ -38,7 +38,9 @@ struct KeyId {
 // overrides the audience and allows hosts outside the known Azure clouds.
 KeyId parse_key_id(const std::string& url, const std::string& resource);
 
-enum class Credential { ClientSecret, ClientCertificate, ManagedIdentity };
+// WorkloadIdentity: a federated token (AZURE_FEDERATED_TOKEN_FILE, the Kubernetes way)
+// sent as the client assertion of the app, as Entra ID's workload identity federation takes it.
+enum class Credential { ClientSecret, ClientCertificate, ManagedIdentity, WorkloadIdentity };
 
 // Every option of the provider, validated (throws KmsError Config naming the field).
 // Secrets are not read here.
@@ -51,6 +53,7 @@ struct Settings {
     std::string client_id;  // app id; for managed identity: a user-assigned identity
     std::string client_secret_file;
     std::string client_certificate_file;
+    std::string federated_token_file;  // workload identity: re-read at each token request
     std::string authority_host;     // https://login.microsoftonline.com by default
     std::string identity_endpoint;  // IMDS protocol; "" = IDENTITY_ENDPOINT or IMDS
     long timeout_ms = 10000;

@@ -18,6 +18,7 @@
 
 #include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 #include "jwt.hpp"
 
 #ifndef CMK_VERSION
@@ -118,7 +119,8 @@ Token parse_token_response(const http::Response& r, std::time_t now, const std::
         if (r.status == 400 || r.status == 401 || r.status == 403)
             throw revoked(
                 who + " refused the credentials (" + what +
-                "); check the app's secret or certificate, or the identity assigned to this machine");
+                "); check the app's secret, certificate or federated identity credential, its consent in the "
+                "tenant, or the identity assigned to this machine");
         throw unavailable(who + " gave an unexpected answer (" + what + ")");
     }
     std::string body = r.body;  // parsed in place, then wiped: it holds the token
@@ -166,6 +168,14 @@ Identity::Identity(const KeyConfig& cfg, const Settings& s, Transport transport)
                 (void)client_assertion(secret_.str(), s_.client_id, s_.token_url(), std::time(nullptr),
                                        "validate");  // fails now, naming the field, if unusable
                 break;
+            case Credential::WorkloadIdentity: {
+                // Checked now (present, readable, not empty); read again at each token
+                // request, since Kubernetes rotates the projected token.
+                kit::Secret t(kit::trim(sys::read_file(s_.federated_token_file.c_str())));
+                if (t.empty())
+                    throw config_error("federated_token_file: \"" + s_.federated_token_file + "\" is empty");
+                break;
+            }
             case Credential::ManagedIdentity:
                 if (s_.identity_endpoint.empty()) {
                     const char* ep = std::getenv("IDENTITY_ENDPOINT");
@@ -225,6 +235,20 @@ kit::Secret Identity::fetch_token(long* life_s) {
         if (s_.credential == Credential::ClientSecret) {
             std::string enc = http::url_encode(secret_.str());
             req.body += "&client_secret=" + enc;
+            wipe(enc);
+        } else if (s_.credential == Credential::WorkloadIdentity) {
+            kit::Secret a;
+            try {
+                a = kit::Secret(kit::trim(sys::read_file(s_.federated_token_file.c_str())));
+            } catch (const std::exception& e) {
+                throw unavailable("azure key vault: the federated token file " + s_.federated_token_file +
+                                  " cannot be read: " + e.what());
+            }
+            std::string enc = http::url_encode(a.str());
+            req.body +=
+                "&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+                "&client_assertion=" +
+                enc;
             wipe(enc);
         } else {
             std::string a = client_assertion(secret_.str(), s_.client_id, s_.token_url(), now, uuid4());

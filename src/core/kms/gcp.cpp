@@ -129,6 +129,12 @@ public:
 
     std::string name() const override { return "gcp"; }
     const KeyConfig& config() const override { return cfg_; }
+    std::string identity() const override {
+        const gcp::IdentitySource& s = identity_.source();
+        if (!s.impersonate.empty()) return "service account " + s.impersonate + " (impersonated)";
+        if (!s.client_email.empty()) return "service account " + s.client_email;
+        return "the metadata server's service account";
+    }
 
     WrapResult wrap(const SecureBytes& kek) override {
         std::string b64 = base64_encode(kek.data(), kek.size());
@@ -258,6 +264,10 @@ private:
     }
 
     std::string revoked_hint(Op op, long status) const {
+        if (op == Op::Token && !identity_.source().impersonate.empty())
+            return "the base identity may no longer impersonate " + identity_.source().impersonate +
+                   " (roles/iam.serviceAccountTokenCreator removed, or the account disabled or deleted), or the "
+                   "base identity itself was refused";
         if (op == Op::Token)
             return identity_.source().path.empty()
                        ? "the metadata server gave no token: attach a service account to the instance"
@@ -302,7 +312,9 @@ private:
 std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg) {
     auto opt = [&](const char* n) { return kit::option(cfg, n); };
     kit::require_known_options(cfg, "the gcp provider",
-                               {"endpoint", "ca_file", "credentials_file", "metadata_host", "timeout_ms"});
+                               {"endpoint", "ca_file", "credentials_file", "metadata_host", "timeout_ms",
+                                "impersonate_service_account", "impersonation_delegates", "impersonation_lifetime",
+                                "iam_credentials_endpoint"});
     if (!gcp::valid_crypto_key_name(cfg.key_id))
         throw kit::config_error("key_id: \"" + cfg.key_id +
                                 "\" is not a Cloud KMS key name "
