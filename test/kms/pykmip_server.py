@@ -23,6 +23,25 @@ import threading
 import time
 
 from kmip.services.server import server as kmip_server
+from kmip.core import exceptions as kmip_exceptions
+from kmip.services.server import session as kmip_session
+
+# PyKMIP's session thread retries its message loop after any exception other than
+# ConnectionClosed; a client that went away (a postmaster killed by the kill switch)
+# raises BrokenPipeError there on newer Pythons (Debian 13+), and the thread spins on it
+# for ever, starving the server until requests time out. A socket error ends the
+# session, as a closed connection does.
+_message_loop = kmip_session.KmipSession._handle_message_loop
+
+
+def _message_loop_ending_on_socket_errors(self):
+    try:
+        return _message_loop(self)
+    except OSError as e:
+        raise kmip_exceptions.ConnectionClosed() from e
+
+
+kmip_session.KmipSession._handle_message_loop = _message_loop_ending_on_socket_errors
 
 
 def free_port():
