@@ -36,6 +36,9 @@ packages=(
 	python3-cryptography python3-jwt python3-hvac curl
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 	pgbackrest  # 086_pgbackrest: backups, archive-push and restores of an encrypted cluster
+	# scripts/pg_rootfs.sh: Debian root filesystems carrying PostgreSQL 17, 18 and 19
+	# (the version matrix of test/run_all.sh); binutils' nm serves TAP 090
+	debootstrap binutils
 )
 
 if [ "$list_only" -eq 1 ]; then

@@ -16,15 +16,28 @@
 #                     CMK_KEEP_SCRATCH=1 keeps the scratch directory even on success;
 #                     CMK_SKIP_UNIT=1 / CMK_SKIP_REGRESS=1 skip those stages (for
 #                     quick runs of a few TAP files; CI runs everything).
+# Versions:           the host's PostgreSQL 15 runs everything above; each other major
+#                     version in CMK_VERSIONS (default "15 17 18"; "15" for a quick run)
+#                     then runs its matrix subset in a Debian root filesystem of its own
+#                     (test/run_version.sh, scripts/pg_rootfs.sh), one summary line per
+#                     version; CMK_VERSION_JOBS (default 2) of them side by side.
+#                     CMK_PG_VERSION=NN (or PG_CONFIG=...) builds and tests
+#                     against another installed major version instead of 15: that is
+#                     how test/run_version.sh runs this script inside a rootfs;
+#                     CMK_SKIP_DEPS=1 skips the package installation there.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 t_start=$(date +%s)
-pg_bindir=/usr/lib/postgresql/15/bin
-pgxs_perl=/usr/lib/postgresql/15/lib/pgxs/src/test/perl
-pg_regress=/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress
+export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/${CMK_PG_VERSION:-15}/bin/pg_config}
+pg_version=$("$PG_CONFIG" --version | sed -n 's/^PostgreSQL \([0-9][0-9]*\).*/\1/p')
+pg_bindir=$("$PG_CONFIG" --bindir)
+pgxs_root=$(dirname "$(dirname "$(dirname "$("$PG_CONFIG" --pgxs)")")") # .../lib/pgxs
+pgxs_perl=$pgxs_root/src/test/perl
+pg_regress=$pgxs_root/src/test/regress/pg_regress
+echo "== PostgreSQL $("$PG_CONFIG" --version | awk '{print $2}') ($PG_CONFIG)"
 tap_timeout=${CMK_TAP_TIMEOUT:-900}
 
 total_pass=0
@@ -42,7 +55,7 @@ record() { # record NAME PASSED FAILED [NOTE]
 finish() {
 	local elapsed=$(($(date +%s) - t_start))
 	echo
-	echo "===================== cmk_lakebase test summary ====================="
+	echo "============ cmk_lakebase test summary (PostgreSQL $pg_version) ============"
 	local line
 	for line in "${summary[@]}"; do echo "$line"; done
 	echo "total time: ${elapsed}s"
@@ -76,7 +89,7 @@ logdir=$(mktemp -d /tmp/cmk_run_all_logs.XXXXXX)
 chmod 755 "$logdir"
 
 # --- 1. dependencies, build, install
-if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
+if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ] && [ "${CMK_SKIP_DEPS:-0}" != 1 ]; then
 	echo "== installing packages"
 	if ! bash scripts/install_deps.sh; then
 		record "install packages" 0 1
@@ -92,7 +105,7 @@ else
 fi
 
 echo "== make WERROR=-Werror"
-if ! make WERROR=-Werror >"$logdir/make.log" 2>&1; then
+if ! make PG_CONFIG="$PG_CONFIG" WERROR=-Werror >"$logdir/make.log" 2>&1; then
 	tail -n 80 "$logdir/make.log"
 	record "build (-Werror)" 0 1 "see make output above"
 	finish
@@ -101,7 +114,7 @@ record "build (-Werror)" 1 0
 
 if [ "$is_root" -eq 1 ] && [ "${CMK_SKIP_INSTALL:-0}" != 1 ]; then
 	echo "== make install"
-	if ! make install >"$logdir/install.log" 2>&1; then
+	if ! make PG_CONFIG="$PG_CONFIG" install >"$logdir/install.log" 2>&1; then
 		tail -n 40 "$logdir/install.log"
 		record "make install" 0 1
 		finish
@@ -130,10 +143,10 @@ run_gtest() { # name binary
 echo "== unit tests (GoogleTest)"
 if [ "${CMK_SKIP_UNIT:-0}" = 1 ]; then
 	echo "(skipped: CMK_SKIP_UNIT=1)"
-elif make WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
+elif make PG_CONFIG="$PG_CONFIG" WERROR=-Werror unit >"$logdir/unit_build.log" 2>&1; then
 	run_gtest "unit tests (GoogleTest)" build/cmk_unit_tests
 	run_gtest "file layer tests (GoogleTest, preloaded)" build/cmk_layer_tests
-	if make WERROR=-Werror unit-sanitize >"$logdir/sanitize_build.log" 2>&1; then
+	if make PG_CONFIG="$PG_CONFIG" WERROR=-Werror unit-sanitize >"$logdir/sanitize_build.log" 2>&1; then
 		run_gtest "unit tests under ASan+UBSan" build/sanitize/cmk_unit_tests
 	else
 		tail -n 40 "$logdir/sanitize_build.log"
@@ -162,7 +175,10 @@ test_env=(env -u PGPORT -u PGHOST -u PGDATA -u PGDATABASE -u PGUSER
 	PATH="$pg_bindir:$PATH"
 	PERL5LIB="$pgxs_perl:$scratch/test/perl"
 	PG_REGRESS="$pg_regress"
+	PG_BINDIR="$pg_bindir"
 	TESTDIR="$scratch"
+	TESTDATADIR="$scratch/tmp_check"  # 17+: else tmp_check and log are relative paths
+	TESTLOGDIR="$scratch/tmp_check/log"
 	HOME="$(getent passwd "$test_user" | cut -d: -f6)")
 
 # Stops any server a test left running under the scratch directory.
@@ -243,6 +259,53 @@ for f in "${tap_files[@]}"; do
 	fi
 	record "TAP $name" "$passed" "$failed" "exit $tap_rc, $(($(date +%s) - t0))s"
 done
+
+# --- 6. the other major versions, each in a Debian root filesystem of its own
+# They run side by side (CMK_VERSION_JOBS, default 2): most of a matrix run is TAP
+# files waiting on servers, crashes and watchdog intervals, so two overlap well on two
+# cores; each is in its own mount and PID namespace, and the nodes pick free ports.
+if [ -z "${CMK_IN_ROOTFS:-}" ]; then
+	versions=()
+	for v in ${CMK_VERSIONS-15 17 18}; do
+		[ "$v" != "$pg_version" ] || continue
+		if [ "$is_root" -ne 1 ]; then
+			echo "== PG $v: skipped (root filesystems need root)"
+			continue
+		fi
+		versions+=("$v")
+	done
+	declare -A v_pid v_t0
+	running=0
+	for v in "${versions[@]}"; do
+		if [ "$running" -ge "${CMK_VERSION_JOBS:-2}" ]; then
+			wait -n || true
+			running=$((running - 1))
+		fi
+		echo "== PG $v: test/run_version.sh in its own Debian root filesystem (log shown when it ends)"
+		v_t0[$v]=$(date +%s)
+		bash "$root/test/run_version.sh" "$v" >"$logdir/version_$v.log" 2>&1 </dev/null &
+		v_pid[$v]=$!
+		running=$((running + 1))
+	done
+	for v in "${versions[@]}"; do
+		set +e
+		wait "${v_pid[$v]}"
+		v_rc=$?
+		set -e
+		echo "== PG $v: run_version.sh output"
+		show_log "$logdir/version_$v.log"
+		v_line=$(grep -E "^PG $v: [0-9]+ passed, [0-9]+ failed$" "$logdir/version_$v.log" | tail -n 1 || true)
+		v_pass=$(echo "$v_line" | awk '{print $3}')
+		v_fail=$(echo "$v_line" | awk '{print $5}')
+		v_pass=${v_pass:-0}
+		v_fail=${v_fail:-0}
+		if [ "$v_rc" -ne 0 ] && [ "$v_fail" -eq 0 ]; then
+			v_fail=1
+		fi
+		record "PG $v (matrix in its rootfs)" "$v_pass" "$v_fail" \
+			"exit $v_rc, $(($(date +%s) - v_t0[$v]))s"
+	done
+fi
 
 cd "$root"
 if [ "$total_fail" -eq 0 ] && [ "${CMK_KEEP_SCRATCH:-0}" != 1 ]; then

@@ -280,7 +280,10 @@ int enc_resize(FileCtx* c, int fd, int64_t new_size) {
         while (v > nv && !c->map_valid.compare_exchange_weak(v, nv)) {
         }
     }
-    std::shared_ptr<FileKey> key = ensure_key(c, false);
+    // Growing is a write: the file gets its key now. PostgreSQL 16+ extends an empty
+    // relation file with posix_fallocate; without a key then, the file would hold
+    // blocks and no key, which the next extension and the start-up check refuse (EIO).
+    std::shared_ptr<FileKey> key = ensure_key(c, new_size > size);
     if (!key) {
         if (errno != 0) return -1;
         if (size == 0) return 0;

@@ -44,6 +44,7 @@ void _PG_init(void) {
                              &allow_core_dumps, false, PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
     cmk_lifecycle_init();
+    cmk_check_server_io();
 
     cmk::pg::call_cpp(
         nullptr,

@@ -27,6 +27,7 @@ extern "C" {
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"  // get_database_name() since 19 (commands/dbcommands.h before)
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 

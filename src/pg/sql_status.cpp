@@ -5,11 +5,13 @@
 
 #include "cmk_lakebase/fs/key_admin.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
+#include "module.hpp"
 #include "wall.hpp"
 
 extern "C" {
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/relation.h"
 #include "catalog/pg_class.h"
 #include "common/relpath.h"
@@ -113,7 +115,7 @@ void for_each_segment(Oid relid, Fn fn) {
                         errdetail("Only tables, indexes, sequences and materialized views have files.")));
     }
     for (int fork = 0; fork <= MAX_FORKNUM; fork++) {
-        char* base = relpathbackend(rel->rd_node, rel->rd_backend, (ForkNumber) fork);
+        char* base = cmk_relation_path(rel, fork);
         for (int segno = 0;; segno++) {
             char* path = segno == 0 ? pstrdup(base) : psprintf("%s.%d", base, segno);
             SegmentInfo si{};

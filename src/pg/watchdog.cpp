@@ -17,6 +17,7 @@
 extern "C" {
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -38,6 +39,8 @@ extern "C" {
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/timestamp.h"
+
+#include "pg_compat.h"
 
 PGDLLEXPORT void cmk_watchdog_main(Datum arg);
 PG_FUNCTION_INFO_V1(cmk_watchdog_status);
@@ -261,7 +264,7 @@ void revoke_database(const DbCheck& c) {
     snprintf(detail, sizeof detail, "database %u: %s", c.oid, c.detail);
     audit_action("db_kill_switch", c.names, "revoked", detail);
     terminate_database_sessions(c.oid);
-    RequestCheckpoint(CHECKPOINT_IMMEDIATE | CHECKPOINT_FORCE | CHECKPOINT_WAIT);
+    RequestCheckpoint(CHECKPOINT_FAST | CHECKPOINT_FORCE | CHECKPOINT_WAIT);
     DropDatabaseBuffers(c.oid);
     if (!layer_call([&] { cmk::fs::lock_database(c.oid); }, err, sizeof err))
         ereport(LOG, (errmsg("cmk_lakebase: %s", err)));

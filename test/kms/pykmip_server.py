@@ -23,6 +23,25 @@ import threading
 import time
 
 from kmip.services.server import server as kmip_server
+from kmip.core import exceptions as kmip_exceptions
+from kmip.services.server import session as kmip_session
+
+# PyKMIP's session thread retries its message loop after any exception other than
+# ConnectionClosed; a client that went away (a postmaster killed by the kill switch)
+# raises BrokenPipeError there on newer Pythons (Debian 13+), and the thread spins on it
+# for ever, starving the server until requests time out. A socket error ends the
+# session, as a closed connection does.
+_message_loop = kmip_session.KmipSession._handle_message_loop
+
+
+def _message_loop_ending_on_socket_errors(self):
+    try:
+        return _message_loop(self)
+    except OSError as e:
+        raise kmip_exceptions.ConnectionClosed() from e
+
+
+kmip_session.KmipSession._handle_message_loop = _message_loop_ending_on_socket_errors
 
 
 def free_port():
@@ -43,13 +62,22 @@ def main():
     os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     conf = os.path.join(d, "server.conf")
     port = args.port or free_port()
+    # PyKMIP passes key_path as the certificate file and certificate_path as the key
+    # file of ssl.load_cert_chain (swapped); older Python and OpenSSL forgave it, newer
+    # ones (Debian 13+) do not. One PEM holding both serves either argument.
+    both = os.path.join(d, "server_both.pem")
+    with open(both, "w") as f:
+        for name in ("server.pem", "server.key"):
+            with open(os.path.join(c, name)) as part:
+                f.write(part.read())
+    os.chmod(both, 0o600)
     with open(conf, "w") as f:
         f.write(
             "[server]\n"
             "hostname=127.0.0.1\n"
             "port={p}\n"
-            "certificate_path={c}/server.pem\n"
-            "key_path={c}/server.key\n"
+            "certificate_path={b}\n"
+            "key_path={b}\n"
             "ca_path={c}/ca.pem\n"
             "auth_suite=TLS1.2\n"
             "policy_path={d}/policies\n"
@@ -57,7 +85,7 @@ def main():
             "tls_cipher_suites=TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384,"
             "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256,TLS_RSA_WITH_AES_256_CBC_SHA256\n"
             "logging_level=INFO\n"
-            "database_path={d}/pykmip.db\n".format(c=c, d=d, p=port)
+            "database_path={d}/pykmip.db\n".format(b=both, c=c, d=d, p=port)
         )
     port_file = os.path.join(d, "port")
     if os.path.exists(port_file):

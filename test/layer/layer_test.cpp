@@ -316,6 +316,34 @@ TEST(Layer, ZeroPagesStayZeroAndHolesReadAsZero) {
     EXPECT_NE(0, std::memcmp(raw.data(), data.data(), 8192));
 }
 
+// PostgreSQL 16+ extends a relation by posix_fallocate, from an empty file on: the file
+// must get its key then (before the fix it held blocks and no key, and the next open or
+// extension failed with EIO). The fallocated blocks read as zeros, later writes are
+// ciphertext, and the file stays readable after a reopen.
+TEST(Layer, FallocateFromEmptyMakesTheKey) {
+    std::string rel = "base/1/20010";
+    int fd = ::open(P(rel).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::posix_fallocate(fd, 0, 8192 * 4), 0);
+    EXPECT_TRUE(keymap_has(rel)) << "growing an empty file by fallocate must create its key";
+    ::close(fd);
+    fd = ::open(P(rel).c_str(), O_RDWR);
+    ASSERT_GE(fd, 0) << "reopen of a fallocated relation file failed: errno " << errno;
+    std::vector<uint8_t> got(8192 * 4, 0xff);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    for (size_t i = 0; i < got.size(); i++) ASSERT_EQ(got[i], 0) << i;
+    std::vector<uint8_t> data(8192, 'f');
+    ASSERT_EQ(::pwrite(fd, data.data(), 8192, 8192 * 2), 8192);
+    ASSERT_EQ(::posix_fallocate(fd, 8192 * 4, 8192 * 4), 0);  // a second extension
+    ASSERT_EQ(::pread(fd, got.data(), 8192, 8192 * 2), 8192);
+    EXPECT_EQ(0, std::memcmp(got.data(), data.data(), 8192));
+    ::close(fd);
+    auto raw = raw_read(P(rel));
+    ASSERT_EQ(raw.size(), 8192u * 8);
+    EXPECT_NE(0, std::memcmp(raw.data() + 8192 * 2, data.data(), 8192)) << "block 2 is plaintext on disk";
+    ASSERT_EQ(::unlink(P(rel).c_str()), 0);
+}
+
 TEST(Layer, RenameCarriesTheKey) {
     mkdirs("pg_wal/x");
     std::string tmp = P("pg_wal/xlogtemp.777"), seg = P("pg_wal/000000010000000000000002");

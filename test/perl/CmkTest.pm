@@ -54,10 +54,11 @@ our @EXPORT = qw(
   is_plain_mode
 );
 
-# The PostgreSQL 15 bindir must come first in PATH (pg_ctl, initdb, pg_cmk, ...).
+# The server's bindir must come first in PATH (pg_ctl, initdb, pg_cmk, ...): PG_BINDIR
+# (test/run_all.sh sets it for the version under test), else PostgreSQL 15's.
 BEGIN
 {
-	my $bindir = '/usr/lib/postgresql/15/bin';
+	my $bindir = $ENV{PG_BINDIR} // '/usr/lib/postgresql/15/bin';
 	$ENV{PATH} = "$bindir:$ENV{PATH}"
 	  if -d $bindir && ($ENV{PATH} // '') !~ m{(^|:)\Q$bindir\E/?(:|$)};
 }

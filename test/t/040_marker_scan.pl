@@ -93,7 +93,7 @@ sub wait_for
 
 sub product_installed
 {
-	my $bindir = '/usr/lib/postgresql/15/bin';
+	my $bindir = $ENV{PG_BINDIR} // '/usr/lib/postgresql/15/bin';
 	my $pkglib = `pg_config --pkglibdir`;
 	chomp $pkglib;
 	return -x "$bindir/pg_cmk" && -f "$pkglib/cmk_lakebase.so"
@@ -168,7 +168,7 @@ sub check_ephemeral_files_exist
 	my ($node) = @_;
 	my $name = $node->name;
 	my $d    = $node->data_dir;
-	my ($tsver) = files_under($node->{marker_tsdir}, qr/^PG_15_/);
+	my ($tsver) = files_under($node->{marker_tsdir}, qr/^PG_\d+_/);
 	ok(scalar(grep { -s $_ } files_under("$d/base/pgsql_tmp", qr/^pgsql_tmp/)),
 		"$name: sort temp files exist in base/pgsql_tmp during the scan");
 	ok(defined $tsver
@@ -428,7 +428,7 @@ PREPARE TRANSACTION 'gid_$m->{gid}';
 		[ 'CREATE DATABASE STRATEGY file_copy', 'template',
 			qr{^PGDATA/base/$db_oid{cmk_db_copy}/\d+$} ],
 		[ 'ALTER DATABASE SET TABLESPACE', 'template',
-			qr{^TBLSPC/PG_15_\d+/$db_oid{cmk_db_moved}/\d+$} ],
+			qr{^TBLSPC/PG_\d+_\d+/$db_oid{cmk_db_moved}/\d+$} ],
 		[ 'tablespace heap',         'tsheap',   $rel->('ts_t') ],
 		[ 'tablespace index',        'tsindex',  $rel->('ts_t_k') ],
 		[ 'table moved to tablespace', 'tsmove', $rel->('tsmove_t') ],
@@ -436,7 +436,7 @@ PREPARE TRANSACTION 'gid_$m->{gid}';
 		[ 'sort temp file',          'sort',     qr{^PGDATA/base/pgsql_tmp/pgsql_tmp} ],
 		[ 'WITH HOLD cursor temp file', 'holdcursor', qr{^PGDATA/base/pgsql_tmp/pgsql_tmp} ],
 		[ 'hash join temp file (tablespace)', 'hashjoin',
-			qr{^TBLSPC/PG_15_\d+/pgsql_tmp/pgsql_tmp} ],
+			qr{^TBLSPC/PG_\d+_\d+/pgsql_tmp/pgsql_tmp} ],
 		[ 'logical decoding spill file', 'logical',
 			qr{^PGDATA/pg_replslot/cmk_spill/[^/]+\.spill$} ],
 		[ 'NOTIFY queue (pg_notify)', 'notify',  qr{^PGDATA/pg_notify/[0-9A-F]+$} ],

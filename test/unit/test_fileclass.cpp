@@ -69,6 +69,11 @@ TEST(FileClass, Table) {
         {"pg_wal/000000010000000000000002.00000028.backup", FileClass::Plaintext},
         {"pg_wal/archive_status/000000010000000000000001.done", FileClass::Plaintext},
         {"pg_wal/archive_status/000000010000000000000001.ready", FileClass::Plaintext},
+        // 17+: WAL summaries (summarize_wal), block numbers of changed blocks only
+        {"pg_wal/summaries/0000000100000000010000280000000001000100.summary", FileClass::Plaintext},
+        {"pg_wal/summaries/temp.summary", FileClass::Plaintext},
+        // 19: SNI host configuration, read through stdio
+        {"pg_hosts.conf", FileClass::Plaintext},
         {"pg_wal/RECOVERYHISTORY", FileClass::Plaintext},
         {"pg_wal/xlogtemp.", FileClass::Plaintext},
         {"pg_wal/00000001000000000000001", FileClass::Plaintext},

@@ -159,7 +159,9 @@ FileClass classify_relative(const std::string& rel) {
         return FileClass::Plaintext;
     }
     if (top == "pg_wal") {
-        if (n != 2) return FileClass::Plaintext;  // archive_status/*
+        // archive_status/*; 17+: summaries/*.summary (WAL summaries: the relation file
+        // numbers and block numbers a range of WAL changed, no row data)
+        if (n != 2) return FileClass::Plaintext;
         const std::string& f = c[1];
         if (is_wal_segment_name(f)) return FileClass::Wal;
         if (starts_with(f, "xlogtemp.") && all_digits(f, 9)) return FileClass::Wal;
