@@ -98,15 +98,18 @@ mirror=${mirror:-http://deb.debian.org/debian}
 # What the rootfs holds: the server and its development files (PGXS, pg_regress, the
 # TAP modules ship in the server-dev and client packages), the build dependencies, and
 # what the matrix's TAP files use there: IPC::Run and prove, ps, nm (TAP 090), and the
-# one KMS peer of the matrix, the PyKMIP server of TAP 060 (python3-pykmip; openssl for
-# test/kms/kmip_certs.sh). The other providers' peers run on the host's 15 only.
+# one KMS peer of the matrix, the loopback Vault of TAP 062 (python3-cryptography, and
+# python3-hvac for its fidelity check; openssl for the throwaway CA). The other
+# providers' peers run on the host's 15 only: PyKMIP on Debian 13+'s Python answers a
+# Revoke or Create after 30 s or not at all, which fails 060's kill-latency checks
+# there (our server is not involved).
 packages=(
 	"postgresql-$version" "postgresql-client-$version" "postgresql-server-dev-$version"
 	g++ make
 	libkrb5-dev # gssapi/gssapi.h, included by the server's libpq/libpq-be.h
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libipc-run-perl perl procps binutils
-	python3 python3-pykmip openssl
+	python3 python3-cryptography python3-hvac openssl
 )
 
 # The stamp: its first line names the base system (what debootstrap made), its second
