@@ -99,7 +99,8 @@ mirror=${mirror:-http://deb.debian.org/debian}
 # TAP modules ship in the server-dev and client packages), the build dependencies, and
 # what the matrix's TAP files use there: IPC::Run and prove, ps, nm (TAP 090), and the
 # one KMS peer of the matrix, the loopback Vault of TAP 062 (python3-cryptography, and
-# python3-hvac for its fidelity check; openssl for the throwaway CA). The other
+# python3-hvac for its fidelity check; openssl for the throwaway CA; curl, with which
+# the test drives the peer). The other
 # providers' peers run on the host's 15 only: PyKMIP on Debian 13+'s Python answers a
 # Revoke or Create after 30 s or not at all, which fails 060's kill-latency checks
 # there (our server is not involved).
@@ -109,7 +110,7 @@ packages=(
 	libkrb5-dev # gssapi/gssapi.h, included by the server's libpq/libpq-be.h
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libipc-run-perl perl procps binutils
-	python3 python3-cryptography python3-hvac openssl
+	python3 python3-cryptography python3-hvac openssl curl
 )
 
 # The stamp: its first line names the base system (what debootstrap made), its second
