@@ -32,6 +32,15 @@ $node->safe_psql('postgres', 'CHECKPOINT');
 $node->safe_psql('postgres', "UPDATE t SET v = v || '-u' WHERE id % 10 = 0");
 $node->stop;
 
+sub write_file
+{
+	my ($path, $data) = @_;
+	open(my $fh, '>', $path) or die "$path: $!";
+	binmode $fh;
+	print $fh $data;
+	close $fh or die "$path: $!";
+}
+
 # Runs a command (no stdin); returns (rc, stdout, stderr), all logged.
 sub run3
 {
@@ -153,6 +162,45 @@ unlike($out, qr/^Bad checksums:/m, 'pg_cmk exec with the key disabled: tool did 
 is($rc, 0, 'pg_cmk key enable: exit 0');
 ($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
 is($rc, 0, 'pg_cmk status with the key enabled again: exit 0');
+
+# --- damaged key files: exit 5, said to be damaged, never "revoked" (issue 18)
+my $kdir = "$datadir/cmk_lakebase";
+my $keyring_good = slurp_file("$kdir/keyring.json");
+(my $keyring_bad = $keyring_good) =~ s{("wrapped_kek": "[A-Za-z0-9+/]{10})([A-Za-z0-9+/])}{$1 . ($2 eq 'A' ? 'B' : 'A')}e;
+isnt($keyring_bad, $keyring_good, 'one character of the wrapped KEK changed');
+write_file("$kdir/keyring.json", $keyring_bad);
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 5, 'pg_cmk status with a damaged wrapped KEK: exit 5');
+like($err, qr/^pg_cmk: error: .*wrapped key-encryption key is damaged/m, 'it says the wrapped KEK is damaged');
+unlike($out . $err, qr/revoked/, 'and not that the key is revoked');
+my ($started, $slog) = try_start($node);
+ok(!$started, 'the server refuses to start with the damaged wrapped KEK');
+like($slog, qr/FATAL:  .*wrapped key-encryption key is damaged/, 'its FATAL says the same');
+$node->{_pid} = undef;
+write_file("$kdir/keyring.json", $keyring_good);
+
+# A truncated key map (a record cut in half is a torn append, ignored): the server
+# refuses to start (data files without a key); so does status, exit 5.
+my $keymap_good = slurp_file("$kdir/keymap");
+write_file("$kdir/keymap", substr($keymap_good, 0, int(length($keymap_good) / 2)));
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 5, 'pg_cmk status with a truncated key map: exit 5');
+like($err, qr/^pg_cmk: error: the key map is damaged or truncated: \d+ data file\(s\) have no data encryption key/m,
+	'it says which damage');
+($started, $slog) = try_start($node);
+ok(!$started, 'the server refuses to start with the truncated key map too');
+like($slog, qr/data file\(s\) have no data encryption key in the key map/, 'for the same reason');
+$node->{_pid} = undef;
+write_file("$kdir/keymap", $keymap_good);
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 0, 'key files restored: pg_cmk status exit 0');
+
+# A key id that is not UTF-8 text: refused, and never echoed raw.
+($rc, $out, $err) = pg_cmk('config', 'create', '-D', $datadir, 'badtext', '--provider', 'vault',
+	'--key-id', "k\xff\xfe", '--kms-option', 'address=http://127.0.0.1:1');
+isnt($rc, 0, 'a key id with invalid UTF-8 is refused');
+like($err, qr/key_id: "k\\xff\\xfe" is not valid UTF-8 text/, 'the message escapes it');
+unlike($err, qr/\xff/, 'no raw invalid byte in the message');
 
 # --- help, version, usage errors
 ($rc, $out, $err) = pg_cmk('--help');
