@@ -268,6 +268,11 @@ int cmd_status(const std::vector<std::string>& args) {
             ClusterKeys keys = unlock_cluster_keys(dir, kr, *provider);
             km = open_cluster_keymap(dir, kr, keys);
             r.deks = km->size();
+            try {
+                verify_key_configs(dir, kr, keys);
+            } catch (const KeyringError& e) {
+                damaged(std::string(e.what()) + " (" + dir + "/configs.json)");
+            }
         } catch (const KeyringError& e) {
             damaged(std::string(e.what()) + " (" + keyring_file + ")");
         } catch (const KeyMapError& e) {

@@ -244,6 +244,36 @@ $node->start;
 is($node->safe_psql('postgres',
 		"SELECT count(*), sum(id) FROM t WHERE v LIKE '$marker-%'"),
 	'5000|12502500', 'cluster starts after the tools with its data intact');
+
+# --- a damaged configs.json (issue 18): rotate_kek() checks it before its first write,
+# the start notices it and names the file; no SQL on damaged input leaves a cluster
+# that does not start.
+$node->safe_psql('postgres', 'CREATE EXTENSION cmk_lakebase');
+$node->safe_psql('postgres',
+	"SELECT cmk_lakebase.create_key_config('second', 'local', '$key_id', jsonb_build_object('key_store', '$store'))");
+my $configs_good = slurp_file("$kdir/configs.json");
+my $gen_before = $node->safe_psql('postgres', 'SELECT kek_generation FROM cmk_lakebase.cmk_status()');
+$keyring_good = slurp_file("$kdir/keyring.json");
+write_file("$kdir/configs.json", substr($configs_good, 0, int(length($configs_good) / 2)));
+my ($prc, $pout, $perr) = $node->psql('postgres', 'SELECT cmk_lakebase.rotate_kek()');
+isnt($prc, 0, 'rotate_kek() with a damaged configs.json fails');
+like($perr, qr/configs\.json|damaged/, 'and says why');
+is(slurp_file("$kdir/keyring.json"), $keyring_good, 'keyring.json was not written');
+$node->stop;
+($started, $slog) = try_start($node);
+ok(!$started, 'a start with a damaged configs.json is refused');
+like($slog, qr/FATAL:  cmk_lakebase: the key configurations file ".*configs\.json" is damaged/,
+	'its FATAL names the file');
+$node->{_pid} = undef;
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 5, 'pg_cmk status with a damaged configs.json: exit 5');
+write_file("$kdir/configs.json", $configs_good);
+($started, $slog) = try_start($node);
+ok($started, 'configs.json restored: starts');
+$node->safe_psql('postgres', 'SELECT cmk_lakebase.rotate_kek()');
+is($node->safe_psql('postgres', 'SELECT kek_generation FROM cmk_lakebase.cmk_status()'), $gen_before + 1,
+	'and rotate_kek() runs');
+is($node->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE '$marker-%'"), '5000', 'data intact');
 $node->stop;
 
 done_testing();
