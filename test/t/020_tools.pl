@@ -274,6 +274,25 @@ $node->safe_psql('postgres', 'SELECT cmk_lakebase.rotate_kek()');
 is($node->safe_psql('postgres', 'SELECT kek_generation FROM cmk_lakebase.cmk_status()'), $gen_before + 1,
 	'and rotate_kek() runs');
 is($node->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE '$marker-%'"), '5000', 'data intact');
+
+# --- DROP TABLE shreds the table's DEK in the key map by the next checkpoint (issue 18)
+$node->safe_psql('postgres', 'CREATE TABLE doomed AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1000) g');
+$node->safe_psql('postgres', 'CHECKPOINT');
+my $doomed = $node->safe_psql('postgres', "SELECT pg_relation_filepath('doomed')");
+# The ADD record: identity, then the sealed DEK's length and bytes.
+my $map = slurp_file("$kdir/keymap");
+my $found = ($map =~ /\Q$doomed\E(?![_.0-9])/g);
+ok($found, "the key map holds an entry for $doomed");
+my $sealed_doomed = substr($map, pos($map), 42);
+is(length($sealed_doomed), 42, 'its sealed DEK read from the key map file');
+$node->safe_psql('postgres', 'DROP TABLE doomed');
+$node->safe_psql('postgres', 'CHECKPOINT');
+$map = slurp_file("$kdir/keymap");
+is(index($map, $sealed_doomed), -1, 'after DROP TABLE and CHECKPOINT the sealed DEK is gone from the key map file');
+isnt(index($map, $doomed), -1, 'a tombstone of the identity stays (for backups taken meanwhile)');
+is($node->safe_psql('postgres', "SELECT count(*) FROM t"), '5000', 'other tables unaffected');
+$node->restart;
+is($node->safe_psql('postgres', "SELECT count(*) FROM t"), '5000', 'and readable after a restart');
 $node->stop;
 
 done_testing();
