@@ -175,7 +175,8 @@ like($err, qr/^pg_cmk: error: .*wrapped key-encryption key is damaged/m, 'it say
 unlike($out . $err, qr/revoked/, 'and not that the key is revoked');
 my ($started, $slog) = try_start($node);
 ok(!$started, 'the server refuses to start with the damaged wrapped KEK');
-like($slog, qr/FATAL:  .*wrapped key-encryption key is damaged/, 'its FATAL says the same');
+like($slog, qr/FATAL:  cmk_lakebase: cannot load the keyring.*\n.*DETAIL:  .*wrapped key-encryption key is damaged/,
+	'its FATAL says the keyring is damaged (DETAIL: the wrapped KEK)');
 $node->{_pid} = undef;
 write_file("$kdir/keyring.json", $keyring_good);
 
