@@ -55,7 +55,9 @@ CREATE FUNCTION watchdog_status(
     OUT next_check timestamptz,
     OUT action text,
     OUT worker_pid integer,
-    OUT checks bigint)
+    OUT checks bigint,
+    OUT probe_in_flight boolean,
+    OUT probe_started timestamptz)
 RETURNS record
 AS 'MODULE_PATHNAME', 'cmk_watchdog_status'
 LANGUAGE C STRICT VOLATILE;

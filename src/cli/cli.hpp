@@ -26,6 +26,13 @@ struct CliError : Error {
     explicit CliError(const std::string& m, ErrorCategory c = ErrorCategory::Internal) : Error(c, m) {}
 };
 
+// A failure with an exit status of its own command's (pg_cmk status: 5 for damaged key
+// files), instead of its category's.
+struct ExitError : Error {
+    ExitError(int code, const std::string& m) : Error(ErrorCategory::Damaged, m), exit_code(code) {}
+    int exit_code;
+};
+
 // --- option parsing -------------------------------------------------------------
 
 struct OptSpec {

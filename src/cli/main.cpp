@@ -110,6 +110,9 @@ int main(int argc, char** argv) {
         else
             std::fprintf(stderr, "Try \"pg_cmk %s --help\".\n", e.command.c_str());
         return cmk::category_info(e.category).exit_code;
+    } catch (const cmk::cli::ExitError& e) {
+        print_error(e.what());
+        return e.exit_code;
     } catch (const std::exception& e) {
         // CliError, KmsError, KeyringError, KeyMapError, CryptoError, system errors:
         // their messages already say what failed.

@@ -1,8 +1,16 @@
 // `pg_cmk status`: what protects an encrypted cluster and whether it can be opened
 // now. Asks the provider for the key's state, proves the KEK unwraps and the keyring
-// is intact (its MAC), opens the key map and counts the DEKs. Works with the server
-// running or not; reads only. Exit 0 usable, 3 revoked, 4 unavailable, 1 other error.
+// is intact (its MAC), opens the key map, counts the DEKs and checks that every
+// relation and SLRU file with data has one (as the server's start does). Works with the
+// server running or not; reads only. Exit 0 usable, 3 revoked, 4 unavailable, 5 a key
+// file damaged (the server would refuse to start), 1 other error.
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -39,10 +47,60 @@ const char kStatusUsage[] =
     "their keys; the exit status is the cluster key's.\n"
     "\n"
     "Exit status: 0 if the key is usable, 3 if it is revoked (disabled, deleted, access\n"
-    "denied), 4 if the provider is unavailable, 1 on other errors.\n";
+    "denied), 4 if the provider is unavailable, 5 if a key file is damaged (keyring.json,\n"
+    "the key map, or data files without a key: the server would refuse to start), 1 on\n"
+    "other errors.\n";
 
 constexpr int kExitRevoked = 3;
 constexpr int kExitUnavailable = 4;
+constexpr int kExitDamaged = 5;
+
+[[noreturn]] void damaged(const std::string& msg) {
+    throw ExitError(kExitDamaged, msg);
+}
+
+// Relation and SLRU files with data and no DEK, as the server's start counts them
+// (files whose key the map records as removed are emptied by the server, not refused;
+// WAL segments' keys derive from the WAL master key; files of a bound database whose
+// map is not open here are not judged). Returns how many, and the first few in *first.
+size_t files_without_key(const std::string& datadir, KeyMap& km,
+                         const std::function<KeyMap*(uint32_t)>& db_map, std::string* first) {
+    size_t count = 0;
+    std::vector<std::string> stack{""};
+    while (!stack.empty()) {
+        std::string rel = stack.back();
+        stack.pop_back();
+        std::string abs = rel.empty() ? datadir : datadir + "/" + rel;
+        DIR* d = ::opendir(abs.c_str());
+        if (!d) continue;
+        while (struct dirent* e = ::readdir(d)) {
+            std::string name = e->d_name;
+            if (name == "." || name == "..") continue;
+            std::string r = rel.empty() ? name : rel + "/" + name;
+            if (r == "cmk_lakebase") continue;
+            struct stat sb;
+            if (::stat((abs + "/" + name).c_str(), &sb) != 0) continue;  // follows pg_tblspc links
+            if (S_ISDIR(sb.st_mode)) {
+                stack.push_back(r);
+                continue;
+            }
+            if (!S_ISREG(sb.st_mode) || sb.st_size == 0) continue;
+            FileClass c = classify_relative(r);
+            if (!is_durable(c) || c == FileClass::Wal) continue;
+            if (km.contains(r) || km.removed(r)) continue;
+            if (uint32_t oid = database_of(r)) {
+                if (KeyMap* dm = db_map(oid)) {
+                    if (dm->contains(r) || dm->removed(r)) continue;
+                } else if (dbkeys::is_bound(datadir + "/cmk_lakebase", oid)) {
+                    continue;
+                }
+            }
+            if (count++ < 3) *first += (first->empty() ? "" : ", ") + r;
+        }
+        ::closedir(d);
+    }
+    return count;
+}
 
 struct StatusReport {
     std::string data_directory;
@@ -169,7 +227,9 @@ int cmd_status(const std::vector<std::string>& args) {
     try {
         kr = load_keyring(dir);
     } catch (const KeyringError& e) {
-        throw CliError(std::string(e.what()) + " (" + keyring_file + ")");
+        // Missing: not an encrypted cluster (1); present and unreadable: damaged (5).
+        if (::access(keyring_file.c_str(), F_OK) != 0) throw CliError(std::string(e.what()) + " (" + keyring_file + ")");
+        damaged(std::string(e.what()) + " (" + keyring_file + ")");
     }
     r.provider = kr.config.provider;
     r.key_id = kr.config.key_id;
@@ -196,6 +256,8 @@ int cmd_status(const std::vector<std::string>& args) {
         r.detail = e.what();
     }
 
+    std::unique_ptr<KeyMap> km;
+    std::map<uint32_t, std::unique_ptr<KeyMap>> db_maps;
     if (r.health == KeyHealth::Ok) {
         // The provider says yes; prove it: unwrap the KEK, check the keyring's MAC and
         // that the key map opens under this KEK. KeyringError / KeyMapError (tampered,
@@ -204,10 +266,17 @@ int cmd_status(const std::vector<std::string>& args) {
             // An interrupted KEK rotation is completed at the next start; until then the
             // key map may be sealed under the previous generation.
             ClusterKeys keys = unlock_cluster_keys(dir, kr, *provider);
-            std::unique_ptr<KeyMap> km = open_cluster_keymap(dir, kr, keys);
+            km = open_cluster_keymap(dir, kr, keys);
             r.deks = km->size();
+            try {
+                verify_key_configs(dir, kr, keys);
+            } catch (const KeyringError& e) {
+                damaged(std::string(e.what()) + " (" + dir + "/configs.json)");
+            }
         } catch (const KeyringError& e) {
-            throw CliError(std::string(e.what()) + " (" + keyring_file + ")");
+            damaged(std::string(e.what()) + " (" + keyring_file + ")");
+        } catch (const KeyMapError& e) {
+            damaged(std::string(e.what()) + " (" + dir + "/keymap)");
         } catch (const KmsError& e) {
             if (e.kind == KmsErrorKind::Config) throw;
             r.health = health_of(e.category);
@@ -234,8 +303,9 @@ int cmd_status(const std::vector<std::string>& args) {
             d.detail = st.detail;
             if (d.health == KeyHealth::Ok) {
                 SecureBytes dkek = unlock_keyring(dk, *dp);
-                KeyMap dm(ddir, dkek, kr.cluster_id, dk.kek_generation);
-                d.deks = dm.size();
+                auto dm = std::make_unique<KeyMap>(ddir, dkek, kr.cluster_id, dk.kek_generation);
+                d.deks = dm->size();
+                db_maps[oid] = std::move(dm);
             }
         } catch (const KmsError& e) {
             d.health = health_of(e.category);
@@ -247,6 +317,22 @@ int cmd_status(const std::vector<std::string>& args) {
             d.detail = e.what();
         }
         r.databases.push_back(std::move(d));
+    }
+
+    if (km) {
+        std::string first;
+        size_t n = files_without_key(
+            r.data_directory, *km,
+            [&](uint32_t oid) -> KeyMap* {
+                auto it = db_maps.find(oid);
+                return it == db_maps.end() ? nullptr : it->second.get();
+            },
+            &first);
+        if (n)
+            damaged("the key map is damaged or truncated: " + std::to_string(n) +
+                    " data file(s) have no data encryption key (first: " + first +
+                    "); the server refuses to start. Restore the data directory together with its "
+                    "cmk_lakebase/ directory from the same backup");
     }
 
     if (a.has("json"))

@@ -137,6 +137,15 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
                          "Restore the data directory together with its cmk_lakebase/ directory from "
                          "the same backup.");
     }
+    try {
+        verify_key_configs(s.keyring_dir, s.keyring, keys);  // issue 18: found now, not at a key operation
+    } catch (const std::exception& e) {
+        throw LayerError("cmk_lakebase: the key configurations file \"" + s.keyring_dir + "/configs.json\" is damaged",
+                         e.what(),
+                         "Restore it together with the rest of cmk_lakebase/ from the same backup; or, if no "
+                         "named key configuration is needed, move it away (the cluster's own configuration is "
+                         "in keyring.json).");
+    }
     keys = ClusterKeys{};  // wiped: this process keeps s.kek only
     if (s.keyring.previous) {
         try {

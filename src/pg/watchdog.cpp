@@ -5,6 +5,9 @@
 // unavailable (timeouts, unreachable store): keep serving on the cached KEK, retrying
 // with backoff; after cmk_lakebase.kms_outage_grace act per cmk_lakebase.on_kms_outage.
 // What it sees lives in a small shared-memory block read by watchdog_status().
+// The probe runs on a thread of the worker (cmk::fs::start_probe, issue 18): a provider
+// that never answers leaves the worker free to judge it unavailable once
+// cmk_lakebase.probe_timeout has passed, and to apply the outage policy.
 #include <csignal>
 #include <cstring>
 
@@ -72,6 +75,7 @@ const struct config_enum_entry outage_options[] = {
 int check_interval_s = 10;
 int kms_outage_grace_s = 3600;
 int on_kms_outage = OUTAGE_CONTINUE;
+int probe_timeout_s = 60;
 
 struct WatchdogShared {
     slock_t mutex;
@@ -86,6 +90,8 @@ struct WatchdogShared {
     int64 completed;  // highest request number a finished check started after
     char last_result[512];
     char request_id[128];
+    bool probe_in_flight;       // a probe started and has not answered yet
+    TimestampTz probe_started;  // when it started
     pid_t worker_pid;
     Latch* worker_latch;
 };
@@ -114,30 +120,12 @@ void watchdog_shmem_startup(void) {
     LWLockRelease(AddinShmemInitLock);
 }
 
-// The probe, across the C++ wall: results come back in plain buffers.
+// The probe's result, across the C++ wall: plain buffers.
 struct Probe {
     int health;  // WatchState
     char detail[512];
     char request_id[128];
 };
-
-// A probe that fails outright is read from its error's category, as everywhere else
-// (cmk::health_of): a revoked key if the provider refused, unavailable otherwise.
-void run_probe(Probe* p) {
-    p->detail[0] = p->request_id[0] = 0;
-    cmk::pg::Failure f;
-    bool ok = cmk::pg::try_cpp(nullptr, [&] {
-        cmk::fs::ProbeResult r = cmk::fs::probe_key();
-        p->health = watch_state(r.health);
-        strlcpy(p->detail, r.detail.c_str(), sizeof p->detail);
-        strlcpy(p->request_id, r.request_id.c_str(), sizeof p->request_id);
-    }, &f);
-    if (!ok) {
-        p->health = watch_state(cmk::health_of(f.category));
-        strlcpy(p->detail, f.message, sizeof p->detail);
-    }
-}
-
 struct KeyNames {
     char provider[64];
     char key_id[256];
@@ -197,26 +185,23 @@ struct DbCheck {
     KeyNames names;
 };
 
-int probe_databases(DbCheck* out, int max) {
+// The database probes of a finished probe, copied into plain buffers.
+int copy_database_probes(const cmk::fs::WatchdogProbe& r, DbCheck* out, int max) {
     int n = 0;
-    char err[512];
-    bool ok = layer_call([&] {
-        for (const auto& d : cmk::fs::probe_databases()) {
-            if (n >= max) break;
-            DbCheck& c = out[n++];
-            memset(&c, 0, sizeof c);
-            c.oid = d.oid;
-            c.health = watch_state(d.health);
-            c.dropped = d.dropped;
-            strlcpy(c.state, d.state.c_str(), sizeof c.state);
-            strlcpy(c.detail, d.detail.c_str(), sizeof c.detail);
-            strlcpy(c.request_id, d.request_id.c_str(), sizeof c.request_id);
-            strlcpy(c.config, d.config_name.c_str(), sizeof c.config);
-            strlcpy(c.names.provider, d.provider.c_str(), sizeof c.names.provider);
-            strlcpy(c.names.key_id, d.key_id.c_str(), sizeof c.names.key_id);
-        }
-    }, err, sizeof err);
-    if (!ok) ereport(LOG, (errmsg("cmk_lakebase: could not probe the database keys: %s", err)));
+    for (const auto& d : r.databases) {
+        if (n >= max) break;
+        DbCheck& c = out[n++];
+        memset(&c, 0, sizeof c);
+        c.oid = d.oid;
+        c.health = watch_state(d.health);
+        c.dropped = d.dropped;
+        strlcpy(c.state, d.state.c_str(), sizeof c.state);
+        strlcpy(c.detail, d.detail.c_str(), sizeof c.detail);
+        strlcpy(c.request_id, d.request_id.c_str(), sizeof c.request_id);
+        strlcpy(c.config, d.config_name.c_str(), sizeof c.config);
+        strlcpy(c.names.provider, d.provider.c_str(), sizeof c.names.provider);
+        strlcpy(c.names.key_id, d.key_id.c_str(), sizeof c.names.key_id);
+    }
     return n;
 }
 
@@ -275,14 +260,12 @@ void revoke_database(const DbCheck& c) {
                          c.oid)));
 }
 
-void check_databases() {
-    static DbCheck checks[64];
+void check_databases(const DbCheck* checks, int n) {
     static struct {
         uint32 oid;
         int health;
         bool unlock_failed;  // logged once, not at every check
     } last[64];
-    int n = probe_databases(checks, 64);
     for (int i = 0; i < n; i++) {
         const DbCheck& c = checks[i];
         int prev = -1;
@@ -359,6 +342,13 @@ void cmk_watchdog_init(void) {
                              NULL, &on_kms_outage, OUTAGE_CONTINUE, outage_options, PGC_SIGHUP, 0, NULL, NULL,
                              NULL);
 
+    DefineCustomIntVariable("cmk_lakebase.probe_timeout",
+                            "How long the watchdog waits for one probe of the key provider before it "
+                            "judges the provider unavailable.",
+                            "A probe that hangs (a hung key store, a KMS that never answers) counts as an "
+                            "outage: kms_outage_grace, then on_kms_outage.",
+                            &probe_timeout_s, 60, 1, 3600, PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
     prev_shmem_request_hook = shmem_request_hook;
     shmem_request_hook = watchdog_shmem_request;
     prev_shmem_startup_hook = shmem_startup_hook;
@@ -376,9 +366,207 @@ void cmk_watchdog_init(void) {
     RegisterBackgroundWorker(&worker);
 }
 
+namespace {
+
+// What the worker keeps between wake-ups.
+struct Loop {
+    KeyNames names;
+    int backoff_ms = 1000;
+    bool outage_shutdown_sent = false;
+    bool in_flight = false;
+    bool overdue = false;  // the probe in flight is past probe_timeout (judged once)
+    TimestampTz started = 0;
+    TimestampTz next_due = 0;
+    int64 serving = 0;  // check_key_now() requests the probe in flight answers
+};
+
+// Unavailable for longer than kms_outage_grace with on_kms_outage = shutdown: a fast
+// shutdown (the key is still valid), once.
+void enforce_outage_policy(Loop& l, TimestampTz now, const char* detail) {
+    SpinLockAcquire(&shared->mutex);
+    TimestampTz last_ok = shared->last_ok;
+    SpinLockRelease(&shared->mutex);
+    long secs;
+    int usecs;
+    TimestampDifference(last_ok, now, &secs, &usecs);
+    if (on_kms_outage != OUTAGE_SHUTDOWN || secs < kms_outage_grace_s || l.outage_shutdown_sent) return;
+    ereport(LOG, (errmsg("cmk_lakebase: key provider unavailable for longer than kms_outage_grace "
+                         "(%d s) for key \"%s\"; shutting the cluster down",
+                         kms_outage_grace_s, l.names.key_id),
+                  errdetail("Last answer: %s", detail)));
+    audit_action("outage_shutdown", l.names, "unavailable", detail);
+    kill(PostmasterPid, SIGINT);
+    l.outage_shutdown_sent = true;
+}
+
+// Records one judgement of the key (a probe's answer, or a probe past its deadline)
+// and acts on it.
+void judge(Loop& l, const Probe& p, TimestampTz now) {
+    SpinLockAcquire(&shared->mutex);
+    int previous = shared->state;
+    shared->state = p.health;
+    shared->last_check = now;
+    shared->checks++;
+    strlcpy(shared->last_result, p.detail, sizeof shared->last_result);
+    strlcpy(shared->request_id, p.request_id, sizeof shared->request_id);
+    if (p.health == WS_OK) {
+        shared->last_ok = now;
+        shared->consecutive_failures = 0;
+    } else {
+        shared->consecutive_failures++;
+    }
+    SpinLockRelease(&shared->mutex);
+
+    if (p.health == WS_REVOKED) {
+        ereport(LOG, (errmsg("cmk_lakebase: key \"%s\" of provider \"%s\" is revoked: %s; shutting the "
+                             "cluster down",
+                             l.names.key_id, l.names.provider, p.detail),
+                      errhint("Data cannot be read until the key is restored in the key provider; then "
+                              "start the server again.")));
+        audit_action("kill_switch", l.names, "revoked", p.detail);
+        wipe_keys_quietly();
+        // Immediate shutdown: no checkpoint, nothing that needs a key.
+        kill(PostmasterPid, SIGQUIT);
+    } else if (p.health == WS_UNAVAILABLE) {
+        if (previous != WS_UNAVAILABLE)
+            ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" unavailable for key \"%s\": %s; serving "
+                                 "on the cached key",
+                                 l.names.provider, l.names.key_id, p.detail)));
+        enforce_outage_policy(l, now, p.detail);
+    } else if (p.health == WS_OK && previous == WS_UNAVAILABLE) {
+        ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" reachable again; key \"%s\" ok",
+                             l.names.provider, l.names.key_id)));
+    }
+}
+
+// A finished probe, copied out of C++ into plain buffers (no C++ object outlives the
+// copy: the worker then calls PostgreSQL functions that may longjmp).
+struct Finished {
+    Probe p;
+    int n;  // entries of db_checks
+    char dberr[512];
+    KeyNames names;  // empty provider: unknown
+};
+DbCheck db_checks[64];
+
+bool take_finished(Finished* out) {
+    bool done = false;
+    out->n = 0;
+    out->dberr[0] = 0;
+    out->names = KeyNames{};
+    bool ok = cmk::pg::quietly([&] {
+        cmk::fs::WatchdogProbe r;
+        done = cmk::fs::take_probe(&r);
+        if (!done) return;
+        out->p.health = watch_state(r.cluster.health);
+        strlcpy(out->p.detail, r.cluster.detail.c_str(), sizeof out->p.detail);
+        strlcpy(out->p.request_id, r.cluster.request_id.c_str(), sizeof out->p.request_id);
+        strlcpy(out->names.provider, r.provider.c_str(), sizeof out->names.provider);
+        strlcpy(out->names.key_id, r.key_id.c_str(), sizeof out->names.key_id);
+        out->n = copy_database_probes(r, db_checks, 64);
+        strlcpy(out->dberr, r.databases_error.c_str(), sizeof out->dberr);
+    });
+    if (!ok && done) {
+        out->p.health = WS_UNAVAILABLE;
+        strlcpy(out->p.detail, "could not read the probe's result", sizeof out->p.detail);
+        out->p.request_id[0] = 0;
+        out->n = 0;
+    }
+    return done;
+}
+
+// A probe has answered: judge it, check the databases it probed, plan the next one.
+void finish_probe(Loop& l, const Finished& fin, TimestampTz now) {
+    const Probe& p = fin.p;
+    if (fin.names.provider[0]) l.names = fin.names;
+    if (l.overdue)
+        ereport(LOG, (errmsg("cmk_lakebase: the probe of key \"%s\" answered after probe_timeout (%d s)",
+                             l.names.key_id, probe_timeout_s)));
+    judge(l, p, now);
+    if (fin.dberr[0]) ereport(LOG, (errmsg("cmk_lakebase: could not probe the database keys: %s", fin.dberr)));
+    if (p.health != WS_REVOKED) check_databases(db_checks, fin.n);
+
+    // Retry an unavailable provider sooner, backing off to the interval.
+    int wait_ms = check_interval_s * 1000;
+    if (p.health == WS_UNAVAILABLE) {
+        wait_ms = Min(l.backoff_ms, wait_ms);
+        l.backoff_ms = Min(l.backoff_ms * 2, check_interval_s * 1000);
+    } else {
+        l.backoff_ms = 1000;
+    }
+    l.in_flight = l.overdue = false;
+    l.next_due = TimestampTzPlusMilliseconds(now, wait_ms);
+    SpinLockAcquire(&shared->mutex);
+    shared->probe_in_flight = false;
+    shared->completed = Max(shared->completed, l.serving);
+    shared->next_check = l.next_due;
+    SpinLockRelease(&shared->mutex);
+}
+
+// A probe still running past probe_timeout: the provider is unavailable (never ok). The
+// probe is left to finish; none other starts meanwhile; the outage policy applies.
+void probe_overdue(Loop& l, TimestampTz now) {
+    if (!l.overdue) {
+        Probe p;
+        snprintf(p.detail, sizeof p.detail,
+                 "no answer from the key provider within probe_timeout (%d s); the probe is still waiting",
+                 probe_timeout_s);
+        p.request_id[0] = 0;
+        p.health = WS_UNAVAILABLE;
+        ereport(LOG, (errmsg("cmk_lakebase: the probe of key \"%s\" of provider \"%s\" has not answered "
+                             "within probe_timeout (%d s); treating the provider as unavailable",
+                             l.names.key_id, l.names.provider, probe_timeout_s)));
+        l.overdue = true;
+        judge(l, p, now);
+    } else {
+        char detail[512];
+        SpinLockAcquire(&shared->mutex);
+        strlcpy(detail, shared->last_result, sizeof detail);
+        SpinLockRelease(&shared->mutex);
+        enforce_outage_policy(l, now, detail);
+    }
+    // check_key_now() callers get the judgement instead of waiting for the hung probe.
+    SpinLockAcquire(&shared->mutex);
+    shared->completed = shared->requested;
+    SpinLockRelease(&shared->mutex);
+}
+
+void start_one_probe(Loop& l, TimestampTz now) {
+    SpinLockAcquire(&shared->mutex);
+    l.serving = shared->requested;
+    SpinLockRelease(&shared->mutex);
+    Probe fail;
+    fail.request_id[0] = 0;
+    cmk::pg::Failure f;
+    bool started = false;
+    bool ok = cmk::pg::try_cpp(nullptr, [&] { started = cmk::fs::start_probe(); }, &f);
+    if (!ok || !started) {
+        // No thread (out of resources) or a previous probe still running unnoticed.
+        fail.health = WS_UNAVAILABLE;
+        strlcpy(fail.detail, ok ? "a previous probe is still running" : f.message, sizeof fail.detail);
+        judge(l, fail, now);
+        l.next_due = TimestampTzPlusMilliseconds(now, 1000);
+        SpinLockAcquire(&shared->mutex);
+        shared->completed = Max(shared->completed, l.serving);
+        SpinLockRelease(&shared->mutex);
+        return;
+    }
+    l.in_flight = true;
+    l.overdue = false;
+    l.started = now;
+    SpinLockAcquire(&shared->mutex);
+    shared->probe_in_flight = true;
+    shared->probe_started = now;
+    SpinLockRelease(&shared->mutex);
+}
+
+}  // namespace
+
 void cmk_watchdog_main(Datum) {
+    // SIGTERM (every shutdown, smart, fast or immediate's first step) ends the loop
+    // quietly: no FATAL line in a clean shutdown (issue 18).
     pqsignal(SIGHUP, SignalHandlerForConfigReload);
-    pqsignal(SIGTERM, die);
+    pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
     BackgroundWorkerUnblockSignals();
 
     SpinLockAcquire(&shared->mutex);
@@ -387,89 +575,42 @@ void cmk_watchdog_main(Datum) {
     SpinLockRelease(&shared->mutex);
 
     audit_as_watchdog();
-    KeyNames names = key_names();
-    int backoff_ms = 1000;
-    bool outage_shutdown_sent = false;
+    Loop l;
+    l.names = key_names();
+    l.next_due = GetCurrentTimestamp();
     for (;;) {
         CHECK_FOR_INTERRUPTS();
+        // Exit code 1: the postmaster restarts a worker it did not stop itself (someone
+        // ran pg_terminate_backend on it); in a shutdown it just notes the exit.
+        if (ShutdownRequestPending) proc_exit(1);
         if (ConfigReloadPending) {
             ConfigReloadPending = false;
             ProcessConfigFile(PGC_SIGHUP);
         }
 
-        SpinLockAcquire(&shared->mutex);
-        int64 serving = shared->requested;
-        int previous = shared->state;
-        SpinLockRelease(&shared->mutex);
-
-        Probe p;
-        run_probe(&p);
-        names = key_names();  // the binding may have changed (bind_cluster)
         TimestampTz now = GetCurrentTimestamp();
-
         SpinLockAcquire(&shared->mutex);
-        shared->state = p.health;
-        shared->last_check = now;
-        shared->checks++;
-        strlcpy(shared->last_result, p.detail, sizeof shared->last_result);
-        strlcpy(shared->request_id, p.request_id, sizeof shared->request_id);
-        if (p.health == WS_OK) {
-            shared->last_ok = now;
-            shared->consecutive_failures = 0;
-        } else {
-            shared->consecutive_failures++;
-        }
-        TimestampTz last_ok = shared->last_ok;
+        bool requested = shared->requested > shared->completed;
         SpinLockRelease(&shared->mutex);
+        if (!l.in_flight && (now >= l.next_due || requested)) start_one_probe(l, now);
 
-        if (p.health == WS_REVOKED) {
-            ereport(LOG, (errmsg("cmk_lakebase: key \"%s\" of provider \"%s\" is revoked: %s; shutting the "
-                                 "cluster down",
-                                 names.key_id, names.provider, p.detail),
-                          errhint("Data cannot be read until the key is restored in the key provider; then "
-                                  "start the server again.")));
-            audit_action("kill_switch", names, "revoked", p.detail);
-            wipe_keys_quietly();
-            // Immediate shutdown: no checkpoint, nothing that needs a key.
-            kill(PostmasterPid, SIGQUIT);
-        } else if (p.health == WS_UNAVAILABLE) {
-            if (previous != WS_UNAVAILABLE)
-                ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" unavailable for key \"%s\": %s; serving "
-                                     "on the cached key",
-                                     names.provider, names.key_id, p.detail)));
+        long wait_ms;
+        if (l.in_flight) {
+            Finished fin;
+            bool done = take_finished(&fin);
+            now = GetCurrentTimestamp();
+            if (done) {
+                finish_probe(l, fin, now);
+                continue;  // a check_key_now() may have arrived meanwhile
+            }
+            if (now >= TimestampTzPlusMilliseconds(l.started, (int64) probe_timeout_s * 1000)) probe_overdue(l, now);
+            wait_ms = 100;  // poll the probe; the thread calls nothing of PostgreSQL, not even SetLatch
+        } else {
             long secs;
             int usecs;
-            TimestampDifference(last_ok, now, &secs, &usecs);
-            if (on_kms_outage == OUTAGE_SHUTDOWN && secs >= kms_outage_grace_s && !outage_shutdown_sent) {
-                ereport(LOG, (errmsg("cmk_lakebase: key provider unavailable for longer than kms_outage_grace "
-                                     "(%d s) for key \"%s\"; shutting the cluster down",
-                                     kms_outage_grace_s, names.key_id),
-                              errdetail("Last answer: %s", p.detail)));
-                audit_action("outage_shutdown", names, "unavailable", p.detail);
-                kill(PostmasterPid, SIGINT);  // fast shutdown: the key is still valid
-                outage_shutdown_sent = true;
-            }
-        } else if (p.health == WS_OK && previous == WS_UNAVAILABLE) {
-            ereport(LOG, (errmsg("cmk_lakebase: key provider \"%s\" reachable again; key \"%s\" ok", names.provider,
-                                 names.key_id)));
+            TimestampDifference(now, l.next_due, &secs, &usecs);
+            wait_ms = Max(1L, Min(secs * 1000 + usecs / 1000, (long) check_interval_s * 1000));
         }
-        if (p.health != WS_REVOKED) check_databases();
-
-        // Retry an unavailable provider sooner, backing off to the interval.
-        int wait_ms = check_interval_s * 1000;
-        if (p.health == WS_UNAVAILABLE) {
-            wait_ms = Min(backoff_ms, wait_ms);
-            backoff_ms = Min(backoff_ms * 2, check_interval_s * 1000);
-        } else {
-            backoff_ms = 1000;
-        }
-        SpinLockAcquire(&shared->mutex);
-        shared->completed = serving;
-        shared->next_check = TimestampTzPlusMilliseconds(now, wait_ms);
-        bool pending = shared->requested > serving;
-        SpinLockRelease(&shared->mutex);
-        if (pending) continue;  // a check_key_now() arrived during this check
-
         (void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, wait_ms, PG_WAIT_EXTENSION);
         ResetLatch(MyLatch);
     }
@@ -497,8 +638,8 @@ extern "C" Datum cmk_watchdog_status(PG_FUNCTION_ARGS) {
     TupleDesc tupdesc;
     if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
         ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("return type must be a row type")));
-    Datum values[12];
-    bool nulls[12] = {false};
+    Datum values[14];
+    bool nulls[14] = {false};
     TimestampTz now = GetCurrentTimestamp();
     values[0] = CStringGetTextDatum(state_name(snap.state));
     values[1] = CStringGetTextDatum(names.provider);
@@ -526,6 +667,8 @@ extern "C" Datum cmk_watchdog_status(PG_FUNCTION_ARGS) {
     values[9] = CStringGetTextDatum(action);
     if (snap.worker_pid) values[10] = Int32GetDatum(snap.worker_pid); else nulls[10] = true;
     values[11] = Int64GetDatum(snap.checks);
+    values[12] = BoolGetDatum(snap.probe_in_flight);
+    if (snap.probe_in_flight) values[13] = TimestampTzGetDatum(snap.probe_started); else nulls[13] = true;
     PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

@@ -52,6 +52,8 @@ our @EXPORT = qw(
   flip_bytes
   wal_segments
   is_plain_mode
+  postmaster_pid
+  pid_alive
 );
 
 # The server's bindir must come first in PATH (pg_ctl, initdb, pg_cmk, ...): PG_BINDIR
@@ -454,6 +456,42 @@ sub wal_segments
 	my @segs = sort grep { /^[0-9A-F]{24}$/ } readdir $dh;
 	closedir $dh;
 	return @segs;
+}
+
+=item postmaster_pid($node)
+
+The postmaster's pid from the node's postmaster.pid, or undef.
+
+=cut
+
+sub postmaster_pid
+{
+	my ($node) = @_;
+	open(my $fh, '<', $node->data_dir . '/postmaster.pid') or return undef;
+	my $pid = <$fh>;
+	close $fh;
+	chomp $pid;
+	return $pid;
+}
+
+=item pid_alive($pid)
+
+True while $pid is a live process. An exited postmaster stays a zombie until init
+reaps it (pg_ctl daemonizes it), which can take a second: a zombie has exited and holds
+nothing, so it counts as gone.
+
+=cut
+
+sub pid_alive
+{
+	my ($pid) = @_;
+	return 0 unless kill 0, $pid;
+	open(my $fh, '<', "/proc/$pid/stat") or return 0;
+	my $stat = <$fh>;
+	close $fh;
+	return 0 unless defined $stat;
+	$stat =~ s/^.*\)\s+//s;
+	return (split /\s+/, $stat)[0] ne 'Z';
 }
 
 =back

@@ -32,6 +32,15 @@ $node->safe_psql('postgres', 'CHECKPOINT');
 $node->safe_psql('postgres', "UPDATE t SET v = v || '-u' WHERE id % 10 = 0");
 $node->stop;
 
+sub write_file
+{
+	my ($path, $data) = @_;
+	open(my $fh, '>', $path) or die "$path: $!";
+	binmode $fh;
+	print $fh $data;
+	close $fh or die "$path: $!";
+}
+
 # Runs a command (no stdin); returns (rc, stdout, stderr), all logged.
 sub run3
 {
@@ -154,6 +163,46 @@ is($rc, 0, 'pg_cmk key enable: exit 0');
 ($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
 is($rc, 0, 'pg_cmk status with the key enabled again: exit 0');
 
+# --- damaged key files: exit 5, said to be damaged, never "revoked" (issue 18)
+my $kdir = "$datadir/cmk_lakebase";
+my $keyring_good = slurp_file("$kdir/keyring.json");
+(my $keyring_bad = $keyring_good) =~ s{("wrapped_kek": "[A-Za-z0-9+/]{10})([A-Za-z0-9+/])}{$1 . ($2 eq 'A' ? 'B' : 'A')}e;
+isnt($keyring_bad, $keyring_good, 'one character of the wrapped KEK changed');
+write_file("$kdir/keyring.json", $keyring_bad);
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 5, 'pg_cmk status with a damaged wrapped KEK: exit 5');
+like($err, qr/^pg_cmk: error: .*wrapped key-encryption key is damaged/m, 'it says the wrapped KEK is damaged');
+unlike($out . $err, qr/revoked/, 'and not that the key is revoked');
+my ($started, $slog) = try_start($node);
+ok(!$started, 'the server refuses to start with the damaged wrapped KEK');
+like($slog, qr/FATAL:  cmk_lakebase: cannot load the keyring.*\n.*DETAIL:  .*wrapped key-encryption key is damaged/,
+	'its FATAL says the keyring is damaged (DETAIL: the wrapped KEK)');
+$node->{_pid} = undef;
+write_file("$kdir/keyring.json", $keyring_good);
+
+# A truncated key map (a record cut in half is a torn append, ignored): the server
+# refuses to start (data files without a key); so does status, exit 5.
+my $keymap_good = slurp_file("$kdir/keymap");
+write_file("$kdir/keymap", substr($keymap_good, 0, int(length($keymap_good) / 2)));
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 5, 'pg_cmk status with a truncated key map: exit 5');
+like($err, qr/^pg_cmk: error: the key map is damaged or truncated: \d+ data file\(s\) have no data encryption key/m,
+	'it says which damage');
+($started, $slog) = try_start($node);
+ok(!$started, 'the server refuses to start with the truncated key map too');
+like($slog, qr/data file\(s\) have no data encryption key in the key map/, 'for the same reason');
+$node->{_pid} = undef;
+write_file("$kdir/keymap", $keymap_good);
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 0, 'key files restored: pg_cmk status exit 0');
+
+# A key id that is not UTF-8 text: refused, and never echoed raw.
+($rc, $out, $err) = pg_cmk('config', 'create', '-D', $datadir, 'badtext', '--provider', 'vault',
+	'--key-id', "k\xff\xfe", '--kms-option', 'address=http://127.0.0.1:1');
+isnt($rc, 0, 'a key id with invalid UTF-8 is refused');
+like($err, qr/key_id: "k\\xff\\xfe" is not valid UTF-8 text/, 'the message escapes it');
+unlike($err, qr/\xff/, 'no raw invalid byte in the message');
+
 # --- help, version, usage errors
 ($rc, $out, $err) = pg_cmk('--help');
 is($rc, 0, 'pg_cmk --help: exit 0');
@@ -196,6 +245,55 @@ $node->start;
 is($node->safe_psql('postgres',
 		"SELECT count(*), sum(id) FROM t WHERE v LIKE '$marker-%'"),
 	'5000|12502500', 'cluster starts after the tools with its data intact');
+
+# --- a damaged configs.json (issue 18): rotate_kek() checks it before its first write,
+# the start notices it and names the file; no SQL on damaged input leaves a cluster
+# that does not start.
+$node->safe_psql('postgres', 'CREATE EXTENSION cmk_lakebase');
+$node->safe_psql('postgres',
+	"SELECT cmk_lakebase.create_key_config('second', 'local', '$key_id', jsonb_build_object('key_store', '$store'))");
+my $configs_good = slurp_file("$kdir/configs.json");
+my $gen_before = $node->safe_psql('postgres', 'SELECT kek_generation FROM cmk_lakebase.cmk_status()');
+$keyring_good = slurp_file("$kdir/keyring.json");
+write_file("$kdir/configs.json", substr($configs_good, 0, int(length($configs_good) / 2)));
+my ($prc, $pout, $perr) = $node->psql('postgres', 'SELECT cmk_lakebase.rotate_kek()');
+isnt($prc, 0, 'rotate_kek() with a damaged configs.json fails');
+like($perr, qr/configs\.json|damaged/, 'and says why');
+is(slurp_file("$kdir/keyring.json"), $keyring_good, 'keyring.json was not written');
+$node->stop;
+($started, $slog) = try_start($node);
+ok(!$started, 'a start with a damaged configs.json is refused');
+like($slog, qr/FATAL:  cmk_lakebase: the key configurations file ".*configs\.json" is damaged/,
+	'its FATAL names the file');
+$node->{_pid} = undef;
+($rc, $out, $err) = pg_cmk('status', '-D', $datadir);
+is($rc, 5, 'pg_cmk status with a damaged configs.json: exit 5');
+write_file("$kdir/configs.json", $configs_good);
+($started, $slog) = try_start($node);
+ok($started, 'configs.json restored: starts');
+$node->safe_psql('postgres', 'SELECT cmk_lakebase.rotate_kek()');
+is($node->safe_psql('postgres', 'SELECT kek_generation FROM cmk_lakebase.cmk_status()'), $gen_before + 1,
+	'and rotate_kek() runs');
+is($node->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE '$marker-%'"), '5000', 'data intact');
+
+# --- DROP TABLE shreds the table's DEK in the key map by the next checkpoint (issue 18)
+$node->safe_psql('postgres', 'CREATE TABLE doomed AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1000) g');
+$node->safe_psql('postgres', 'CHECKPOINT');
+my $doomed = $node->safe_psql('postgres', "SELECT pg_relation_filepath('doomed')");
+# The ADD record: identity, then the sealed DEK's length and bytes.
+my $map = slurp_file("$kdir/keymap");
+my $found = ($map =~ /\Q$doomed\E(?![_.0-9])/g);
+ok($found, "the key map holds an entry for $doomed");
+my $sealed_doomed = substr($map, pos($map), 42);
+is(length($sealed_doomed), 42, 'its sealed DEK read from the key map file');
+$node->safe_psql('postgres', 'DROP TABLE doomed');
+$node->safe_psql('postgres', 'CHECKPOINT');
+$map = slurp_file("$kdir/keymap");
+is(index($map, $sealed_doomed), -1, 'after DROP TABLE and CHECKPOINT the sealed DEK is gone from the key map file');
+isnt(index($map, $doomed), -1, 'a tombstone of the identity stays (for backups taken meanwhile)');
+is($node->safe_psql('postgres', "SELECT count(*) FROM t"), '5000', 'other tables unaffected');
+$node->restart;
+is($node->safe_psql('postgres', "SELECT count(*) FROM t"), '5000', 'and readable after a restart');
 $node->stop;
 
 done_testing();

@@ -56,38 +56,13 @@ is_deeply([ $state, $provider, $kid, $failures, $action ], [ 'ok', 'local', $key
 	'watchdog_status: ok, provider, key id, no failures, no action');
 ok($wpid > 0, "watchdog worker runs (pid $wpid)");
 
-sub postmaster_pid
-{
-	my ($n) = @_;
-	open(my $fh, '<', $n->data_dir . '/postmaster.pid') or die "no postmaster.pid: $!";
-	my $pid = <$fh>;
-	close $fh;
-	chomp $pid;
-	return $pid;
-}
-
-# True while $pid is a live process. An exited postmaster stays a zombie until init
-# reaps it (the postmaster is daemonized by pg_ctl), which can take a second here:
-# a zombie has exited and holds nothing, so it counts as gone.
-sub alive
-{
-	my ($pid) = @_;
-	return 0 unless kill 0, $pid;
-	open(my $fh, '<', "/proc/$pid/stat") or return 0;
-	my $stat = <$fh>;
-	close $fh;
-	return 0 unless defined $stat;
-	$stat =~ s/^.*\)\s+//s;
-	return (split /\s+/, $stat)[0] ne 'Z';
-}
-
 # Seconds until $pid has exited (polling every 10 ms), or undef after $limit seconds.
 sub wait_gone
 {
 	my ($pid, $t0, $limit) = @_;
 	while (time - $t0 < $limit)
 	{
-		return time - $t0 unless alive($pid);
+		return time - $t0 unless pid_alive($pid);
 		sleep 0.01;
 	}
 	return undef;

@@ -131,16 +131,6 @@ sub kmip_node
 		check_interval => $check_interval, start => 1);
 }
 
-sub postmaster_pid
-{
-	my ($node) = @_;
-	open(my $fh, '<', $node->data_dir . '/postmaster.pid') or return undef;
-	my $pid = <$fh>;
-	close $fh;
-	chomp $pid;
-	return $pid;
-}
-
 # True while the process exists and is not a zombie.
 sub alive
 {

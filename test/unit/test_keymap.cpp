@@ -415,3 +415,43 @@ TEST_F(KeyMapTest, EveryCrashPointLeavesOldOrNewState) {
         EXPECT_THROW(KeyMap(dir, kek, cluster, 2), KeyMapError);
     }
 }
+
+// Issue 18: a removed file's sealed DEK leaves the key map file at once (not at some
+// later compaction), removed() still answers (tombstones), and a crash in the rewrite
+// leaves a valid map whose next removal shreds the leftover.
+TEST_F(KeyMapTest, RemoveShredsTheSealedDekAtOnce) {
+    auto km = open();
+    km->create("base/5/1", FileClass::Relation);
+    km->create("base/5/2", FileClass::Relation);
+    auto sealed = [&](const std::string& id) {
+        std::vector<uint8_t> t = *km->entry_tag(id);
+        return std::string(t.begin(), t.end() - 4);  // the tag is the sealed DEK + generation
+    };
+    std::string s1 = sealed("base/5/1");
+    auto dek2 = km->get("base/5/2");
+    ASSERT_NE(bytes().find(s1), std::string::npos);
+    km->remove("base/5/1");
+    EXPECT_EQ(bytes().find(s1), std::string::npos) << "the removed DEK's sealed bytes are still in the file";
+    EXPECT_TRUE(km->removed("base/5/1"));
+    {
+        auto fresh = open();
+        EXPECT_FALSE(fresh->contains("base/5/1"));
+        EXPECT_TRUE(fresh->removed("base/5/1")) << "the tombstone keeps removed() answering after the rewrite";
+        EXPECT_EQ(hex_encode(fresh->get("base/5/2")->data(), 64), hex_encode(dek2->data(), 64));
+    }
+    km->create("base/5/1", FileClass::Relation);
+    EXPECT_FALSE(km->removed("base/5/1"));
+
+    km->create("base/5/3", FileClass::Relation);
+    std::string s3 = sealed("base/5/3");
+    KeyMap::set_crash_point("compact-rename");
+    EXPECT_THROW(km->remove("base/5/3"), KeyMapCrash);
+    {
+        auto fresh = open();  // "restart": the DEL is durable, the map valid
+        EXPECT_FALSE(fresh->contains("base/5/3"));
+        EXPECT_TRUE(fresh->removed("base/5/3"));
+        fresh->remove("base/5/2");
+    }
+    EXPECT_EQ(bytes().find(s3), std::string::npos) << "the next removal shreds the leftover";
+    EXPECT_FALSE(std::filesystem::exists(path() + ".tmp"));
+}

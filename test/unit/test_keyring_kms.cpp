@@ -384,3 +384,62 @@ TEST_F(LocalKmsTest, KeyringLoadErrors) {
     s.replace(s.find("\"mac\""), 5, "\"mic\"");
     EXPECT_NE(load_error(s).find("\"mac\""), std::string::npos);
 }
+
+// Issue 18: a damaged wrapped KEK is damage (KeyringError, before any KMS call), not a
+// key the provider refuses; keyrings written before the checksum still load.
+TEST_F(LocalKmsTest, DamagedWrappedKekIsDamageNotRevocation) {
+    auto p = make_provider(cfg);
+    SecureBytes kek;
+    Keyring kr = create_keyring(*p, kek);
+    save_keyring(keyring_dir, kr);
+    std::string path = keyring_dir + "/keyring.json";
+    std::string good = cmk_test::slurp(path);
+    ASSERT_NE(good.find("\"wrapped_kek_check\": \""), std::string::npos);
+
+    std::string flipped = good;
+    size_t at = flipped.find("\"wrapped_kek\": \"") + 16 + 10;
+    flipped[at] = flipped[at] == 'A' ? 'B' : 'A';
+    cmk_test::spit(path, flipped);
+    try {
+        load_keyring(keyring_dir);
+        FAIL() << "a keyring with a damaged wrapped KEK loaded";
+    } catch (const KeyringError& e) {
+        EXPECT_EQ(e.category, ErrorCategory::Damaged);
+        EXPECT_NE(std::string(e.what()).find("wrapped key-encryption key is damaged"), std::string::npos) << e.what();
+    }
+
+    // Without the checksum (an older keyring): loads, unlocks when intact.
+    std::string old = good;
+    size_t b = old.find("\"wrapped_kek_check\": \"");
+    size_t e = old.find('\n', b);
+    old.erase(b, e - b + 1);
+    cmk_test::spit(path, old);
+    EXPECT_EQ(unlock_keyring(load_keyring(keyring_dir), *p).size(), kKekSize);
+}
+
+// Issue 18: a key id that is not UTF-8 text is refused, and the message escapes it.
+TEST(KeyIdText, InvalidUtf8IsRefusedAndEscaped) {
+    EXPECT_TRUE(printable_utf8("arn:aws:kms:eu-west-1:1:key/ab-\xc3\xa9"));
+    EXPECT_FALSE(printable_utf8("k\xff"));
+    EXPECT_FALSE(printable_utf8("k\xc3"));          // truncated sequence
+    EXPECT_FALSE(printable_utf8("k\xc0\xaf"));      // overlong '/'
+    EXPECT_FALSE(printable_utf8("k\xed\xa0\x80"));  // surrogate
+    EXPECT_FALSE(printable_utf8("k\n1"));
+    EXPECT_FALSE(printable_utf8("k\x1b[31m"));
+    EXPECT_EQ(escape_text("a\xff\xc3\xa9\n"), "a\\xff\xc3\xa9\\x0a");
+
+    for (const char* provider : {"local", "vault", "aws"}) {
+        KeyConfig c;
+        c.provider = provider;
+        c.key_id = "bad\xff\xfeid";
+        try {
+            make_provider(c);
+            FAIL() << provider << ": accepted";
+        } catch (const KmsError& e) {
+            std::string m = e.what();
+            EXPECT_EQ(e.kind, KmsErrorKind::Config);
+            EXPECT_TRUE(printable_utf8(m)) << m;
+            EXPECT_NE(m.find("bad\\xff\\xfeid"), std::string::npos) << m;
+        }
+    }
+}

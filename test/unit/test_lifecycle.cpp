@@ -15,6 +15,7 @@
 #include "cmk_lakebase/keys/keyring.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "cmk_lakebase/keys/lifecycle.hpp"
+#include "cmk_lakebase/keys/open_keys.hpp"
 #include "test_helpers.hpp"
 
 using namespace cmk;
@@ -246,6 +247,38 @@ TEST_F(LifecycleTest, ConfigsAreTamperEvidentAndValidated) {
     text.replace(at, 4, "\"k3\"");
     cmk_test::spit(dir + "/configs.json", text);
     EXPECT_THROW(lifecycle::list_configs(ctx), KeyringError);
+}
+
+// Issue 18: rotate_kek reads and verifies every file it rewrites before its first
+// write. A damaged configs.json fails the rotation with nothing changed, so the
+// cluster still opens (and a start notices configs.json at once: verify_key_configs).
+TEST_F(LifecycleTest, RotationOnDamagedInputChangesNothing) {
+    open();
+    KeyConfig c2 = cfg;
+    c2.key_id = "k2";
+    lifecycle::create_config(ctx, NamedKeyConfig{"second", c2, ""});
+    const std::string keyring_before = cmk_test::slurp(dir + "/keyring.json");
+    const std::string keymap_before = cmk_test::slurp(dir + "/keymap");
+    const std::string configs_good = cmk_test::slurp(dir + "/configs.json");
+
+    cmk_test::spit(dir + "/configs.json", configs_good.substr(0, configs_good.size() / 2));
+    EXPECT_THROW(lifecycle::rotate_kek(ctx), KeyringError);
+    EXPECT_EQ(cmk_test::slurp(dir + "/keyring.json"), keyring_before) << "keyring.json was written";
+    EXPECT_EQ(cmk_test::slurp(dir + "/keymap"), keymap_before) << "the key map was written";
+    {
+        ClusterKeys keys;
+        keys.kek = ctx.kek.clone();
+        keys.kek_generation = ctx.keyring.kek_generation;
+        EXPECT_THROW(verify_key_configs(dir, ctx.keyring, keys), KeyringError);
+        cmk_test::spit(dir + "/configs.json", configs_good);
+        EXPECT_NO_THROW(verify_key_configs(dir, ctx.keyring, keys));
+    }
+
+    // Restored: the rotation runs.
+    EXPECT_NO_THROW(lifecycle::rotate_kek(ctx));
+    open();
+    EXPECT_EQ(ctx.keyring.kek_generation, 2u);
+    EXPECT_FALSE(load_keyring(dir).previous.has_value());
 }
 
 TEST_F(LifecycleTest, AuditAggregatesProbesAndHoldsNoKeyMaterial) {

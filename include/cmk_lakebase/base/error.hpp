@@ -44,4 +44,10 @@ struct Error : std::runtime_error {
 // The category of any exception: Error's own, Internal for anything else.
 ErrorCategory category_of(const std::exception& e);
 
+// Text from files a user may have damaged (key ids, names) on its way into a message:
+// true when it is valid UTF-8 without control characters; escape_text() writes every
+// other byte as \xNN, so a message never carries raw invalid UTF-8 into a log.
+bool printable_utf8(const std::string& s);
+std::string escape_text(const std::string& s);
+
 }  // namespace cmk

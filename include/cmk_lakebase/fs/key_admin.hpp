@@ -120,6 +120,21 @@ void unlock_database(uint32_t oid);
 // Forgets the binding of a dropped database (its key directory removed).
 void forget_database(uint32_t oid);
 
+// The watchdog's probe on a thread of its own (probe_thread.cpp): probe_key(), then
+// (unless revoked) probe_databases(), then the configuration's names. start_probe()
+// starts one unless one is still running (false: a hung probe is never duplicated);
+// take_probe() returns the finished one's result once. The thread calls nothing of
+// PostgreSQL; the caller decides when a probe still running is past its deadline.
+struct WatchdogProbe {
+    ProbeResult cluster;
+    std::vector<DbProbe> databases;
+    std::string databases_error;  // probe_databases() failed: its message
+    std::string provider;
+    std::string key_id;
+};
+bool start_probe();
+bool take_probe(WatchdogProbe* out);
+
 std::string keyring_directory();  // <datadir>/cmk_lakebase, "" when not active
 // The watchdog's repeated status/unwrap answers are aggregated in the audit trail.
 void set_probe_audit_aggregation(bool on);

@@ -9,6 +9,8 @@
 // encrypted under a key that is not durable. Writers serialize with flock() on a
 // separate lock file (keymap.lock, never replaced); compaction rewrites live entries
 // to a new file and renames it over the old one (write, fsync, rename, fsync dir).
+// A removal rewrites the file at once the same way (its sealed DEK is gone from the
+// file, a tombstone record stays), so a dropped file's key is not left decryptable.
 // A torn last record (crash during an append) is ignored and cut off at the next
 // append; a damaged record anywhere else, or a damaged header, is an error.
 //
@@ -80,7 +82,9 @@ public:
     // unless keep_from, removes `from`. Throws if `from` has no entry.
     void move(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from);
 
-    // Removes the entry (crypto-shredding the file's key). No-op if absent.
+    // Removes the entry (crypto-shredding the file's key): a DEL record made durable,
+    // then the file rewritten without the sealed DEK (tombstones keep removed()
+    // answering). No-op if absent.
     void remove(const std::string& identity);
 
     // True if the log records that identity's key was removed (its file unlinked) and
@@ -152,7 +156,9 @@ private:
     void append_locked(const std::vector<uint8_t>& rec);
     void write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,
                            const std::unordered_map<std::string, Entry>& entries,
-                           const std::function<void()>& before_rename = nullptr);
+                           const std::function<void()>& before_rename = nullptr,
+                           const std::unordered_set<std::string>* tombstones = nullptr);
+    void shred_removed();
     friend class Exclusive;
     friend class HeldLock;
 

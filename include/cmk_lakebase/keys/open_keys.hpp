@@ -43,4 +43,9 @@ ClusterKeys unlock_cluster_keys(const std::string& dir, const Keyring& kr, KeyPr
 std::unique_ptr<KeyMap> open_cluster_keymap(const std::string& dir, const Keyring& kr, const ClusterKeys& keys,
                                             KeyMap::KekResolver resolver = nullptr);
 
+// Start-up check of configs.json (issue 18): a damaged file or one whose MAC does not
+// verify is found here, not at the first key operation. Throws KeyringError. Skipped
+// while a KEK rotation is pending (its completion reads and re-MACs the file).
+void verify_key_configs(const std::string& dir, const Keyring& kr, const ClusterKeys& keys);
+
 }  // namespace cmk

@@ -390,6 +390,8 @@ void KeyMap::load_locked(bool full) {
             removed_.insert(rec.identity);
             dead_records_ += 2;
         } else {
+            // A tombstone (written by shred_locked): the removal is still on record.
+            removed_.insert(rec.identity);
             dead_records_ += 1;
         }
     }
@@ -436,7 +438,8 @@ void KeyMap::append_locked(const std::vector<uint8_t>& rec) {
 // holding header(gen) and one ADD per entry, and switches fd_ to it.
 void KeyMap::write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,
                                const std::unordered_map<std::string, Entry>& entries,
-                               const std::function<void()>& before_rename) {
+                               const std::function<void()>& before_rename,
+                               const std::unordered_set<std::string>* tombstones) {
     (void)kek;  // entries are already sealed under it; kept for the signature's clarity
     std::vector<std::string> ids;
     ids.reserve(entries.size());
@@ -447,6 +450,14 @@ void KeyMap::write_full_locked(const std::string& path, const SecureBytes& kek, 
         const Entry& e = entries.at(id);
         std::vector<uint8_t> r = encode_add(id, e.cls, e.wrapped);
         data.insert(data.end(), r.begin(), r.end());
+    }
+    if (tombstones) {
+        std::vector<std::string> gone(tombstones->begin(), tombstones->end());
+        std::sort(gone.begin(), gone.end());
+        for (const auto& id : gone) {
+            std::vector<uint8_t> r = encode_del(id);
+            data.insert(data.end(), r.begin(), r.end());
+        }
     }
     std::string tmp = path + ".tmp";
     int fd = sys::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -604,12 +615,30 @@ void KeyMap::remove(const std::string& identity) {
         if (!entries_.count(identity)) return;
         append_locked(encode_del(identity));
     }
+    shred_removed();
+}
+
+// The removed DEK's sealed bytes must not stay in the file until some later compaction
+// (issue 18: "the key on disk is gone at once"): once the DEL record is durable, the
+// file is rewritten without them (write, fsync, rename, fsync dir: a crash leaves the
+// old or the new file, both valid), keeping a tombstone per removed identity so that
+// removed() still answers. A failure leaves the durable DEL and a valid, longer log;
+// the next removal (or compaction) tries again. Past the compaction threshold the
+// tombstones go too (maybe_compact, as before).
+void KeyMap::shred_removed() {
+    std::lock_guard<std::recursive_mutex> g(mu_);
     try {
-        maybe_compact();
+        if (dead_records_ > entries_.size() && dead_records_ > 1000) {
+            compact();
+            return;
+        }
+        HeldLock lock(*this, dir_, LOCK_EX);
+        load_locked(false);
+        write_full_locked(map_path(dir_), kek_, generation_, entries_, nullptr, &removed_);
+        dead_records_ = removed_.size();
     } catch (const KeyMapCrash&) {
         throw;
     } catch (const std::exception&) {
-        // The removal is durable; a failed compaction leaves a valid (longer) log.
     }
 }
 
@@ -635,12 +664,7 @@ size_t KeyMap::remove_if(const std::function<bool(const std::string&)>& pred) {
         if (recs.empty()) return 0;
         append_locked(recs);
     }
-    try {
-        maybe_compact();
-    } catch (const KeyMapCrash&) {
-        throw;
-    } catch (const std::exception&) {
-    }
+    shred_removed();
     return n;
 }
 

@@ -93,6 +93,17 @@ audit::Event event_for(const Context& ctx, const std::string& action) {
     return e;
 }
 
+// Everything rotate_kek rewrites, read and verified before its first write (issue 18):
+// the key map (header, every record, every DEK authenticates under the current KEK)
+// and configs.json. Found damaged after keyring.json names the new KEK, they would
+// leave a rotation that no start could complete. Caller holds KeyMap::Exclusive.
+void verify_rotation_inputs(Context& ctx) {
+    ctx.keymap->refresh();
+    for (const auto& id : ctx.keymap->identities()) (void)ctx.keymap->get(id);
+    if (key_configs_exist(ctx.dir))
+        (void)load_key_configs(ctx.dir, [&ctx](uint32_t g) { return kek_for(ctx, g); });
+}
+
 // Steps 4 to 6 of rotate_kek. Caller holds KeyMap::Exclusive; ctx.keyring has
 // previous and ctx.kek is the new (current) KEK.
 void finish_locked(Context& ctx) {
@@ -307,6 +318,7 @@ Result rotate_kek(Context& ctx) {
         {
             KeyMap::Exclusive lock(*ctx.keymap);
             check_unchanged(ctx);
+            verify_rotation_inputs(ctx);
             Keyring mid = ctx.keyring;
             PreviousKek prev;
             prev.wrapped_kek = ctx.keyring.wrapped_kek;

@@ -3,6 +3,8 @@
 // (sealed under either).
 #include "cmk_lakebase/keys/open_keys.hpp"
 
+#include "cmk_lakebase/keys/keyconfigs.hpp"
+
 namespace cmk {
 
 ClusterKeys unlock_cluster_keys(const std::string& dir, const Keyring& kr, KeyProvider& provider,
@@ -29,6 +31,14 @@ ClusterKeys unlock_cluster_keys(const std::string& dir, const Keyring& kr, KeyPr
 std::unique_ptr<KeyMap> open_cluster_keymap(const std::string& dir, const Keyring& kr, const ClusterKeys& keys,
                                             KeyMap::KekResolver resolver) {
     return std::make_unique<KeyMap>(dir, keys.map_kek(), kr.cluster_id, keys.map_generation, std::move(resolver));
+}
+
+void verify_key_configs(const std::string& dir, const Keyring& kr, const ClusterKeys& keys) {
+    if (kr.previous || !key_configs_exist(dir)) return;
+    (void)load_key_configs(dir, [&](uint32_t g) -> std::optional<SecureBytes> {
+        if (g == keys.kek_generation && !keys.kek.empty()) return keys.kek.clone();
+        return std::nullopt;
+    });
 }
 
 }  // namespace cmk

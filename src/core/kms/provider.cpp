@@ -48,6 +48,14 @@ const char* key_health_name(KeyHealth h) {
 
 std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
     if (cfg.provider.empty()) throw KmsError(KmsErrorKind::Config, "provider: no key provider configured");
+    // Key ids come from keyring.json, configs.json or a command line: raw invalid UTF-8
+    // (or control characters) must never reach a log or a message.
+    if (!printable_utf8(cfg.provider))
+        throw KmsError(KmsErrorKind::Config, "provider: \"" + escape_text(cfg.provider) +
+                                                 "\" is not valid UTF-8 text without control characters");
+    if (!printable_utf8(cfg.key_id))
+        throw KmsError(KmsErrorKind::Config, "key_id: \"" + escape_text(cfg.key_id) +
+                                                 "\" is not valid UTF-8 text without control characters");
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "kmip") return make_kmip_provider(cfg);
     if (cfg.provider == "aws") return make_aws_provider(cfg);

@@ -1,0 +1,137 @@
+# A hung key provider (issue 18, item 4): the local key file replaced by a FIFO, whose
+# open() blocks as a key store on a hung NFS mount does. The watchdog's probe runs on a
+# thread of its own with a deadline (cmk_lakebase.probe_timeout):
+#  - past the deadline the key is "unavailable" (never "ok"), watchdog_status() shows
+#    the probe in flight and since when, check_key_now() answers instead of hanging,
+#    and the cluster keeps serving (on_kms_outage = continue);
+#  - the hung probe answering at last is picked up, the key is ok again;
+#  - with on_kms_outage = shutdown the cluster goes down (fast, clean) within
+#    grace + probe_timeout + a few seconds, although the probe still hangs, and the
+#    shutdown logs no FATAL for the watchdog; with the key file back it starts.
+
+use strict;
+use warnings;
+
+use Fcntl qw(O_WRONLY O_NONBLOCK);
+use POSIX qw(mkfifo);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time sleep);
+use CmkTest;
+
+plan skip_all => 'the watchdog needs an encrypted cluster' if is_plain_mode();
+
+my $timeout = 2;    # probe_timeout, seconds
+my $node = new_encrypted_node('hang', check_interval => '1s',
+	conf => [ "cmk_lakebase.probe_timeout = '${timeout}s'", 'log_statement = none' ], start => 1);
+my $store  = $node->{cmk_key_store};
+my $key_id = $node->{cmk_key_id};
+my $keyfile = "$store/$key_id.key";
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION cmk_lakebase;
+	CREATE TABLE t (id int PRIMARY KEY, v text);
+	INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g;
+});
+
+is($node->safe_psql('postgres', 'SHOW cmk_lakebase.probe_timeout'), "${timeout}s", 'probe_timeout is a setting');
+is($node->safe_psql('postgres', 'SELECT cmk_lakebase.check_key_now()'), 'ok', 'ok before the hang');
+
+# The key file becomes a FIFO (its content kept aside); an open() of it blocks until
+# a writer comes.
+sub hang_key_store
+{
+	rename($keyfile, "$keyfile.aside") or die "rename $keyfile: $!";
+	mkfifo($keyfile, 0600) or die "mkfifo $keyfile: $!";
+}
+
+# The writer comes (the blocked reader sees an empty file, then the key file is back).
+sub release_key_store
+{
+	my $released = 0;
+	if (sysopen(my $w, $keyfile, O_WRONLY | O_NONBLOCK))
+	{
+		close $w;
+		$released = 1;
+	}
+	rename("$keyfile.aside", $keyfile) or die "rename $keyfile.aside: $!";
+	return $released;
+}
+
+# ---- a hang with on_kms_outage = continue ----------------------------------------------
+my $logpos = -s $node->logfile;
+my $t0 = time;
+hang_key_store();
+my $answer = $node->safe_psql('postgres', 'SELECT cmk_lakebase.check_key_now()');
+my $took = time - $t0;
+is($answer, 'unavailable', 'a probe past probe_timeout is unavailable, not ok');
+cmp_ok($took, '<', $timeout + 5, sprintf('check_key_now answered in %.1f s (probe_timeout %d s)', $took, $timeout));
+my ($state, $in_flight, $stuck_for, $result, $action) = split /\|/, $node->safe_psql('postgres',
+	q{SELECT state, probe_in_flight, extract(epoch FROM now() - probe_started)::int, last_result, action
+	  FROM cmk_lakebase.watchdog_status()});
+is($state, 'unavailable', 'watchdog_status: unavailable');
+is($in_flight, 't', 'watchdog_status: a probe is in flight');
+cmp_ok($stuck_for, '>=', $timeout - 1, "watchdog_status: probe_started says since when ($stuck_for s ago)");
+like($result, qr/no answer from the key provider within probe_timeout \(${timeout} s\)/, 'last_result says why');
+is($action, 'continue (on_kms_outage = continue)', 'action: continue');
+sleep 2;
+my ($checks1, $stuck1) = split /\|/, $node->safe_psql('postgres',
+	q{SELECT checks, extract(epoch FROM now() - probe_started)::int FROM cmk_lakebase.watchdog_status()});
+is($node->safe_psql('postgres', 'SELECT state FROM cmk_lakebase.watchdog_status()'), 'unavailable',
+	'still unavailable while the probe hangs (no second probe reports ok)');
+cmp_ok($stuck1, '>', $stuck_for, 'the same probe is still in flight');
+$node->safe_psql('postgres', "INSERT INTO t VALUES (1000, 'during the hang')");
+is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), '101', 'the cluster keeps serving during the hang');
+my $log = slurp_file($node->logfile, $logpos);
+like($log, qr/the probe of key "\Q$key_id\E" of provider "local" has not answered within probe_timeout \(${timeout} s\)/,
+	'one LOG line names key, provider and the deadline');
+
+ok(release_key_store(), 'the hung probe was still waiting in open()');
+ok($node->poll_query_until('postgres',
+		q{SELECT state = 'ok' AND NOT probe_in_flight AND probe_started IS NULL FROM cmk_lakebase.watchdog_status()}),
+	'key store back: the hung probe ends, the next one is ok');
+is($node->safe_psql('postgres', 'SELECT consecutive_failures FROM cmk_lakebase.watchdog_status()'), '0',
+	'failures reset');
+
+# ---- a hang with on_kms_outage = shutdown --------------------------------------------
+my $grace = 4;
+$node->safe_psql('postgres', "ALTER SYSTEM SET cmk_lakebase.on_kms_outage = 'shutdown'");
+$node->safe_psql('postgres', "ALTER SYSTEM SET cmk_lakebase.kms_outage_grace = '${grace}s'");
+$node->reload;
+sleep 1.5;
+is($node->safe_psql('postgres', 'SELECT cmk_lakebase.check_key_now()'), 'ok', 'ok before the second hang');
+my $pm = postmaster_pid($node);
+$logpos = -s $node->logfile;
+$t0 = time;
+hang_key_store();
+my $gone;
+while (time - $t0 < $grace + $timeout + 30)
+{
+	if (!pid_alive($pm)) { $gone = time - $t0; last }
+	sleep 0.05;
+}
+ok(defined $gone, 'the cluster shut down although the probe hangs');
+$gone //= 999;
+cmp_ok($gone, '<', $grace + $timeout + 4,
+	sprintf('within grace + probe_timeout + a few seconds (%.1f s; grace %d s, probe_timeout %d s)', $gone, $grace, $timeout));
+cmp_ok($gone, '>=', $grace - 1.5, sprintf('not before the grace (%.1f s)', $gone));
+$node->{_pid} = undef;
+$log = slurp_file($node->logfile, $logpos);
+like($log, qr/unavailable for longer than kms_outage_grace \(${grace} s\) for key "\Q$key_id\E"; shutting the cluster down/,
+	'the log says why');
+like($log, qr/received fast shutdown request/, 'a fast (clean) shutdown');
+unlike($log, qr/is revoked/, 'a hang is never reported as a revocation');
+unlike($log, qr/FATAL:.*watchdog/, 'no FATAL line for the watchdog in the shutdown');
+
+release_key_store();
+my ($started, $slog) = try_start($node);
+ok($started, 'the key file back: the cluster starts');
+unlike($slog, qr/not properly shut down/, 'no crash recovery after the outage shutdown');
+is($node->safe_psql('postgres', "SELECT v FROM t WHERE id = 1000"), 'during the hang', 'the write made during the hang is there');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET ALL');
+$node->stop;
+my $stoplog = slurp_file($node->logfile);
+unlike($stoplog, qr/terminating background worker "cmk_lakebase watchdog"/,
+	'no clean shutdown in this test logged "terminating background worker"');
+
+done_testing();
