@@ -36,6 +36,10 @@ packages=(
 	python3-cryptography python3-jwt python3-hvac curl
 	openssl  # test/kms/kmip_certs.sh makes the KMIP tests' throwaway CA and certificates
 	pgbackrest  # 086_pgbackrest: backups, archive-push and restores of an encrypted cluster
+	# 095_patroni: Patroni with the etcd3 DCS against one loopback etcd (Patroni's etcd3
+	# client is its own, over urllib3, but imports python3-etcd; python3-etcd is only one
+	# of the alternatives patroni depends on, so it is named here)
+	patroni etcd-server python3-etcd
 )
 
 if [ "$list_only" -eq 1 ]; then
