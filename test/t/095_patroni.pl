@@ -152,6 +152,8 @@ sub kill_patroni
 }
 
 my $etcd_pid;
+# run_all.sh's timeout sends SIGTERM: leave through exit so that the END block runs.
+$SIG{$_} = sub { diag("095_patroni: caught a signal, cleaning up"); exit 1 } for qw(TERM INT HUP);
 END
 {
 	# Whatever happened: nothing started here outlives the test.
