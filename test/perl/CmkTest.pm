@@ -361,7 +361,8 @@ sub start_after_crash
 Walks the tree under $dir (following no symlinks: pass tablespace directories
 separately) and reads every regular file byte for byte, in chunks that overlap by the
 longest marker's length. Returns one "file: marker" line for each file that contains
-a marker (each file/marker pair once), sorted. Unreadable files are reported as
+a marker (each file/marker pair once), sorted. In scalar context, the number of
+such lines. Unreadable files are reported as
 "file: UNREADABLE (...)" so that a scan can never pass by not looking.
 
 =cut
@@ -418,7 +419,9 @@ sub scan_for_markers
 			},
 		},
 		$dir);
-	return sort @hits;
+	# sort in scalar context is undefined: give callers that count the hits a count
+	my @sorted = sort @hits;
+	return wantarray ? @sorted : scalar @sorted;
 }
 
 =item flip_bytes($file, $offset, $length)
