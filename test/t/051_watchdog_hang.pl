@@ -1,33 +1,41 @@
-# A hung key provider (issue 18, item 4): the local key file replaced by a FIFO, whose
-# open() blocks as a key store on a hung NFS mount does. The watchdog's probe runs on a
-# thread of its own with a deadline (cmk_lakebase.probe_timeout):
+# A hung key provider (issue 18, item 4): the loopback Vault holds every request
+# without an answer ("stall" mode: a KMS behind a hung network path or a wedged proxy;
+# the provider's own timeout_ms is far away). The watchdog's probe runs on a thread of
+# its own with a deadline (cmk_lakebase.probe_timeout):
 #  - past the deadline the key is "unavailable" (never "ok"), watchdog_status() shows
 #    the probe in flight and since when, check_key_now() answers instead of hanging,
 #    and the cluster keeps serving (on_kms_outage = continue);
-#  - the hung probe answering at last is picked up, the key is ok again;
+#  - the provider answering again is picked up, the key is ok again;
 #  - with on_kms_outage = shutdown the cluster goes down (fast, clean) within
 #    grace + probe_timeout + a few seconds, although the probe still hangs, and the
-#    shutdown logs no FATAL for the watchdog; with the key file back it starts.
+#    shutdown logs no FATAL for the watchdog; with the provider back it starts.
+# And a local key file replaced by a FIFO (which used to block the open forever) is
+# refused at once by pg_cmk status and at server start, naming the file.
 
 use strict;
 use warnings;
 
-use Fcntl qw(O_WRONLY O_NONBLOCK);
 use POSIX qw(mkfifo);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time sleep);
 use CmkTest;
+use CmkKmsPeer;
 
 plan skip_all => 'the watchdog needs an encrypted cluster' if is_plain_mode();
+plan skip_all => 'needs /usr/bin/python3 with python3-cryptography (scripts/install_deps.sh)'
+  unless python_has_modules('cryptography');
 
 my $timeout = 2;    # probe_timeout, seconds
-my $node = new_encrypted_node('hang', check_interval => '1s',
+my $dir   = PostgreSQL::Test::Utils::tempdir('vault_hang');
+my $token = write_secret_file("$dir/token", 'hvs.root-' . int(rand(1e12)));
+my $key_id = 'cmk-hang';
+my $peer  = start_kms_peer('vault_server.py', '--token-file', $token, '--key', $key_id, '--stall', '5');
+my $node = new_encrypted_node('hang', provider => 'vault', key_id => $key_id,
+	kms_options => { addr => "http://127.0.0.1:$peer->{port}", token_file => $token, timeout_ms => 600000 },
+	check_interval => '1s',
 	conf => [ "cmk_lakebase.probe_timeout = '${timeout}s'", 'log_statement = none' ], start => 1);
-my $store  = $node->{cmk_key_store};
-my $key_id = $node->{cmk_key_id};
-my $keyfile = "$store/$key_id.key";
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION cmk_lakebase;
 	CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -37,25 +45,16 @@ $node->safe_psql('postgres', q{
 is($node->safe_psql('postgres', 'SHOW cmk_lakebase.probe_timeout'), "${timeout}s", 'probe_timeout is a setting');
 is($node->safe_psql('postgres', 'SELECT cmk_lakebase.check_key_now()'), 'ok', 'ok before the hang');
 
-# The key file becomes a FIFO (its content kept aside); an open() of it blocks until
-# a writer comes.
+# The provider stops answering: every request is held (5 s, then a 503, and the
+# provider's retry is held again) until the mode is back to normal.
 sub hang_key_store
 {
-	rename($keyfile, "$keyfile.aside") or die "rename $keyfile: $!";
-	mkfifo($keyfile, 0600) or die "mkfifo $keyfile: $!";
+	kms_control($peer, action => 'mode', value => 'stall');
 }
 
-# The writer comes (the blocked reader sees an empty file, then the key file is back).
 sub release_key_store
 {
-	my $released = 0;
-	if (sysopen(my $w, $keyfile, O_WRONLY | O_NONBLOCK))
-	{
-		close $w;
-		$released = 1;
-	}
-	rename("$keyfile.aside", $keyfile) or die "rename $keyfile.aside: $!";
-	return $released;
+	return kms_control($peer, action => 'mode', value => 'normal')->{mode} eq 'normal';
 }
 
 # ---- a hang with on_kms_outage = continue ----------------------------------------------
@@ -83,13 +82,13 @@ cmp_ok($stuck1, '>', $stuck_for, 'the same probe is still in flight');
 $node->safe_psql('postgres', "INSERT INTO t VALUES (1000, 'during the hang')");
 is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), '101', 'the cluster keeps serving during the hang');
 my $log = slurp_file($node->logfile, $logpos);
-like($log, qr/the probe of key "\Q$key_id\E" of provider "local" has not answered within probe_timeout \(${timeout} s\)/,
+like($log, qr/the probe of key "\Q$key_id\E" of provider "vault" has not answered within probe_timeout \(${timeout} s\)/,
 	'one LOG line names key, provider and the deadline');
 
-ok(release_key_store(), 'the hung probe was still waiting in open()');
+ok(release_key_store(), 'the provider answers again');
 ok($node->poll_query_until('postgres',
 		q{SELECT state = 'ok' AND NOT probe_in_flight AND probe_started IS NULL FROM cmk_lakebase.watchdog_status()}),
-	'key store back: the hung probe ends, the next one is ok');
+	'provider back: the hung probe ends, the next one is ok');
 is($node->safe_psql('postgres', 'SELECT consecutive_failures FROM cmk_lakebase.watchdog_status()'), '0',
 	'failures reset');
 
@@ -125,7 +124,7 @@ unlike($log, qr/FATAL:.*watchdog/, 'no FATAL line for the watchdog in the shutdo
 
 release_key_store();
 my ($started, $slog) = try_start($node);
-ok($started, 'the key file back: the cluster starts');
+ok($started, 'the provider back: the cluster starts');
 unlike($slog, qr/not properly shut down/, 'no crash recovery after the outage shutdown');
 is($node->safe_psql('postgres', "SELECT v FROM t WHERE id = 1000"), 'during the hang', 'the write made during the hang is there');
 $node->safe_psql('postgres', 'ALTER SYSTEM RESET ALL');
@@ -133,5 +132,26 @@ $node->stop;
 my $stoplog = slurp_file($node->logfile);
 unlike($stoplog, qr/terminating background worker "cmk_lakebase watchdog"/,
 	'no clean shutdown in this test logged "terminating background worker"');
+
+
+# ---- a FIFO in a local key file's place is refused at once, not waited on ------------
+my $local = new_encrypted_node('fifo');
+my $lkey = "$local->{cmk_key_store}/$local->{cmk_key_id}.key";
+rename($lkey, "$lkey.aside") or die "rename $lkey: $!";
+mkfifo($lkey, 0600) or die "mkfifo $lkey: $!";
+$t0 = time;
+my ($rc, $out, $err) = pg_cmk('status', '-D', $local->data_dir);
+$took = time - $t0;
+isnt($rc, 0, 'pg_cmk status with a FIFO as the key file: fails');
+like($err . $out, qr/\Q$lkey\E" is not a regular file/, '... naming the file and why');
+cmp_ok($took, '<', 20, sprintf('... at once (%.1f s), instead of blocking in open()', $took));
+my ($fstarted, $flog) = try_start($local);
+ok(!$fstarted, 'the server does not start with a FIFO as the key file');
+like($flog, qr/is not a regular file/, '... and says why');
+unlink $lkey;
+rename("$lkey.aside", $lkey) or die "rename $lkey.aside: $!";
+($fstarted) = try_start($local);
+ok($fstarted, 'the key file back: it starts');
+$local->stop;
 
 done_testing();

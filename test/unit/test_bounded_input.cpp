@@ -88,3 +88,24 @@ TEST(BoundedRead, LocalKeyFileNestedTooDeepIsAnErrorNotACrash) {
     ::chmod(ks.key_path("k1").c_str(), 0600);
     EXPECT_THROW(ks.state("k1"), KmsError);
 }
+
+// A key store on a hung mount, or a FIFO or device in a key file's place: the local
+// provider refuses at once (one line naming the file) instead of blocking in open()
+// or reading without end.
+TEST(BoundedRead, LocalKeyFileThatIsAFifoOrDeviceIsRefusedAtOnce) {
+    TempDir t;
+    LocalKeyStore ks(t.sub("keys"));
+    ks.ensure_dir();
+    ks.create("k1");
+    ASSERT_EQ(::unlink(ks.key_path("k1").c_str()), 0);
+    ASSERT_EQ(::mkfifo(ks.key_path("k1").c_str(), 0600), 0);
+    try {
+        ks.state("k1");
+        FAIL() << "a FIFO key file was read";
+    } catch (const KmsError& e) {
+        EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();
+    }
+    ASSERT_EQ(::unlink(ks.key_path("k1").c_str()), 0);
+    ASSERT_EQ(::symlink("/dev/zero", ks.key_path("k1").c_str()), 0);
+    EXPECT_THROW(ks.state("k1"), KmsError);
+}

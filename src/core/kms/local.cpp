@@ -221,7 +221,9 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
     if (!LocalKeyStore::valid_key_id(key_id)) throw config_error("key_id: invalid key id \"" + key_id + "\"");
     check_store_dir(ks.dir());
     std::string path = ks.key_path(key_id);
-    int fd = sys::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO put in the key file's place must not block the open (it is
+    // refused below as not a regular file); regular files ignore the flag.
+    int fd = sys::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         if (errno == ENOENT)
             throw revoked("key " + key_id + " not found in the local key store \"" + ks.dir() + "\"");
@@ -232,6 +234,11 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
         int e = errno;
         sys::close(fd);
         throw unavailable("could not stat key file \"" + path + "\": " + std::strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        sys::close(fd);
+        throw config_error("key file \"" + path + "\" is not a regular file (a FIFO, device or directory, or a "
+                           "symbolic link to one): refused");
     }
     if (st.st_mode & 077) {
         sys::close(fd);
