@@ -160,6 +160,10 @@ is($sb->safe_psql('postgres', 'SELECT count(*), sum(hashtext(v)) FROM t'),
 is($rc, 0, 'pg_cmk basebackup from the standby (for a cascade)') or diag($err);
 my $casc = PostgreSQL::Test::Cluster->new('cascade');
 $casc->init_from_backup($sb, 'casc', has_streaming => 1);
+# The copy carries the standby's postgresql.auto.conf (written by -R -C -S above), which
+# points at the primary's slot and overrides postgresql.conf: point it at the standby.
+$casc->append_conf('postgresql.auto.conf',
+	"primary_conninfo = '@{[$sb->connstr]} application_name=cascade'\nprimary_slot_name = ''\n");
 $casc->start;
 $primary->safe_psql('postgres', "INSERT INTO t SELECT g, '$marker-casc-' || g FROM generate_series(31001, 32000) g");
 $primary->wait_for_catchup($sb);
@@ -186,6 +190,9 @@ File::Path::rmtree($old_pd);
 	'-d', $sb->connstr('postgres') . ' application_name=primary', '-X', 'stream', '-c', 'fast', '-R');
 is($rc, 0, 'the old primary re-cloned from the new primary with pg_cmk basebackup -R') or diag($err);
 $primary->append_conf('postgresql.conf', "port = @{[$primary->port]}\n");
+# -R appended primary_conninfo, but the slot line copied from the standby's own
+# postgresql.auto.conf still names the old primary's slot
+$primary->append_conf('postgresql.auto.conf', "primary_slot_name = ''\n");
 $primary->start;
 $sb->safe_psql('postgres', "INSERT INTO t SELECT g, '$marker-rejoin-' || g FROM generate_series(50001, 50500) g");
 $sb->wait_for_catchup($primary);
