@@ -447,6 +447,13 @@ TEST(AzureAnswers, TokenResponses) {
     EXPECT_EQ(t.expires_at, 1060);
     r.body = "{\"access_token\":\"x\",\"expires_in\":\"3599\",\"expires_on\":\"5000\"}";
     EXPECT_EQ(parse_token_response(r, now, "imds", true).expires_at, 1000 + 3599);
+    // lifetimes from the peer are bounded before arithmetic (UBSan: no signed overflow)
+    r.body = "{\"access_token\":\"x\",\"expires_in\":9223372036854775807}";
+    EXPECT_EQ(parse_token_response(r, now, "entra", false).expires_at, 1000 + kit::kMaxTokenLifeS);
+    r.body = "{\"access_token\":\"x\",\"expires_in\":1e300}";  // not a usable number: brief
+    EXPECT_EQ(parse_token_response(r, now, "entra", false).expires_at, 1000 + 300);
+    r.body = "{\"access_token\":\"x\",\"expires_on\":\"999999999999999999\"}";
+    EXPECT_EQ(parse_token_response(r, now, "imds", true).expires_at, 1000 + kit::kMaxTokenLifeS);
     r.body = "{\"token_type\":\"Bearer\"}";
     EXPECT_THROW(parse_token_response(r, now, "x", false), KmsError);
     r.status = 404;  // IMDS while the identity is being set up: transient

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <thread>
 
 #include "core/kms/http.hpp"
@@ -630,6 +631,17 @@ TEST(Kit, TokenCacheFetchesOnceWhileFresh) {
     brief.get(false, expired);
     brief.get(false, expired);
     EXPECT_EQ(fetches, 5);
+    // a peer announcing an absurd lifetime: bounded, still cached (no clock overflow
+    // turning "kept for ever" into "already expired")
+    kit::TokenCache absurd(60);
+    auto forever = [&](long* life) {
+        ++fetches;
+        *life = std::numeric_limits<long>::max();
+        return kit::Secret("f");
+    };
+    absurd.get(false, forever);
+    absurd.get(false, forever);
+    EXPECT_EQ(fetches, 6);
 }
 
 TEST(Kit, StatusFromErrorAndOneLine) {

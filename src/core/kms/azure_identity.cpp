@@ -13,6 +13,7 @@
 
 #include <rapidjson/document.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -139,10 +140,11 @@ Token parse_token_response(const http::Response& r, std::time_t now, const std::
         }
         t.value = kit::Secret(std::string(at->GetString(), at->GetStringLength()));
         long long in = 0, on = 0;
+        // Both come from the peer: bounded before any arithmetic (signed overflow).
         if (kit::int_member(d, "expires_in", &in) && in > 0)
-            t.expires_at = now + static_cast<std::time_t>(in);
+            t.expires_at = now + static_cast<std::time_t>(std::min<long long>(in, kit::kMaxTokenLifeS));
         else if (kit::int_member(d, "expires_on", &on) && on > 0)
-            t.expires_at = static_cast<std::time_t>(on);
+            t.expires_at = static_cast<std::time_t>(std::min<long long>(on, now + kit::kMaxTokenLifeS));
         else
             t.expires_at = now + 300;  // no lifetime given: use it briefly
     }

@@ -256,6 +256,10 @@ Secret TokenCache::get(bool refresh, const std::function<Secret(long* life_s)>& 
     long life = 0;
     token_ = Secret();
     Secret t = fetch(&life);
+    // The life comes from a peer's answer: bounded before it reaches clock arithmetic
+    // (a huge expires_in would overflow steady_clock's nanoseconds).
+    if (life < 0) life = 0;
+    if (life > kMaxTokenLifeS) life = kMaxTokenLifeS;
     long keep = life > 2 * margin_s_ ? life - margin_s_ : life / 2;
     token_ = std::move(t);
     until_ = now + std::chrono::seconds(keep);
@@ -296,8 +300,10 @@ bool int_member(const rapidjson::Value& o, const char* name, long long* out) {
         *out = v->GetInt64();
         return true;
     }
-    if (v->IsNumber()) {
-        *out = static_cast<long long>(v->GetDouble());
+    if (v->IsNumber()) {  // a double from the peer: out of range is UB to convert
+        double d = v->GetDouble();
+        if (!(d > -9.0e18 && d < 9.0e18)) return false;
+        *out = static_cast<long long>(d);
         return true;
     }
     if (v->IsString() && v->GetStringLength() > 0 && v->GetStringLength() < 19) {

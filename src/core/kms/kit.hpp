@@ -165,6 +165,10 @@ private:
 // An access token kept until shortly before it expires: `margin_s` seconds early,
 // or at half its life when the life is shorter than two margins. Thread-safe: one
 // fetch at a time, under the cache's lock.
+// No access token is kept longer than this, whatever lifetime its issuer announces
+// (Entra, Google and STS issue at most 24 h).
+constexpr long kMaxTokenLifeS = 24 * 3600;
+
 class TokenCache {
 public:
     explicit TokenCache(long margin_s) : margin_s_(margin_s) {}
