@@ -43,6 +43,7 @@ packages=(
 	# client is its own, over urllib3, but imports python3-etcd; python3-etcd is only one
 	# of the alternatives patroni depends on, so it is named here)
 	patroni etcd-server python3-etcd
+	gdb  # 052_core_dumps: gcore of a backend and of a tool under the layer
 )
 
 if [ "$list_only" -eq 1 ]; then

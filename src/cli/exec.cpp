@@ -28,6 +28,8 @@ const char kExecUsage[] =
     "\n"
     "Options:\n"
     "  -D, --pgdata=DATADIR   data directory of the encrypted cluster\n"
+    "      --allow-core-dumps let the tool dump core and be traced by its user (its\n"
+    "                         memory holds the cluster's keys: debugging only)\n"
     "  -?, --help             show this help, then exit\n"
     "\n"
     "TOOL is a name looked up in the PostgreSQL bindir first, then in PATH, or a path.\n"
@@ -104,7 +106,7 @@ std::string base_of(const std::string& path) {
 
 int cmd_exec(const std::vector<std::string>& args) {
     const std::string cmdname = "exec";
-    ParsedArgs a = parse_args(cmdname, args, {{"pgdata", 'D', true}}, true);
+    ParsedArgs a = parse_args(cmdname, args, {{"pgdata", 'D', true}, {"allow-core-dumps", 0, false}}, true);
     if (a.has("help")) {
         std::fputs(kExecUsage, stdout);
         return 0;
@@ -129,6 +131,10 @@ int cmd_exec(const std::vector<std::string>& args) {
                            ErrorCategory::NotSupported);
 
     std::vector<std::string> env = layer_environment(layer, datadir, "");
+    // The layer makes the tool non-dumpable unless this says otherwise (startup.cpp).
+    for (auto it = env.begin(); it != env.end();)
+        it = it->compare(0, 30, "CMK_LAKEBASE_ALLOW_CORE_DUMPS=") == 0 ? env.erase(it) : it + 1;
+    if (a.has("allow-core-dumps")) env.push_back("CMK_LAKEBASE_ALLOW_CORE_DUMPS=1");
     if (base_of(path) == "pg_receivewal") env.push_back("CMK_LAKEBASE_WAL_TARGET=" + receivewal_target(a.rest));
     // argv[0] is the resolved path: PostgreSQL tools find their siblings (pg_upgrade,
     // pg_rewind run postgres) through it.

@@ -4,7 +4,11 @@
 // error's category (src/core/base/error.cpp): 2 for bad arguments (plus a pointer to
 // the command's --help), 3 when the key provider refuses the key, 4 when it cannot be
 // reached, 1 for anything else.
+#include <sys/prctl.h>
+
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
@@ -96,6 +100,10 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // pg_cmk unwraps KEKs and opens key maps: no core file and no ptrace by its own
+    // user (the server and the tools under the layer do the same).
+    const char* allow = std::getenv("CMK_LAKEBASE_ALLOW_CORE_DUMPS");
+    if (!(allow && std::strcmp(allow, "1") == 0)) (void)prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     try {
         int rc = run(argc, argv);
         if (std::fflush(stdout) != 0) {

@@ -4,12 +4,14 @@
 // finish a KEK rotation a crash interrupted, open the bound databases' keys, refuse a
 // data file without a key, make the per-boot key. Also the layer's own status (info).
 #include <dirent.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
 
 #include <cerrno>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -186,6 +188,12 @@ bool ensure_active() {
     if (s.mode.load() != Mode::Off) return true;
     if (s.init_failed) return false;
     ReentryGuard guard;
+    // A tool under the layer holds the KEK and DEKs (and their cipher schedules on the
+    // heap): no core file, no ptrace by its own user, unless explicitly allowed
+    // (pg_cmk exec --allow-core-dumps). execve() resets the flag, and every program the
+    // tool runs sets it again on its own first touch.
+    const char* allow = ::getenv("CMK_LAKEBASE_ALLOW_CORE_DUMPS");
+    if (!(allow && std::strcmp(allow, "1") == 0)) (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     try {
         audit::set_default_actor(std::string("tool ") + program_invocation_short_name);
         load_keys(s, s.env_datadir, s.env_keyring_dir);
