@@ -981,3 +981,88 @@ TEST(GcpWorkloadIdentity, ErrorClassification) {
     EXPECT_EQ(token(500, ""), KeyHealth::Unavailable);
     EXPECT_EQ(token(429, ""), KeyHealth::Unavailable);
 }
+
+// Against the loopback STS (test/kms/gcp_kms_server.py --pool-provider): a JWT of the
+// peer's OIDC issuer in a file, read at each exchange; the federated token used
+// directly and through the file's impersonation URL; the provider disabled is a
+// revocation at the next exchange; an unreadable subject token file is an outage.
+TEST(GcpLoopback, WorkloadIdentityFederation) {
+    cmk_test::TempDir tmp;
+    const std::string key = "projects/cmk-project/locations/global/keyRings/ring/cryptoKeys/k1";
+    const std::string target = "cmk-kms@customer-project.iam.gserviceaccount.com";
+    LoopbackServer srv("gcp_kms_server.py",
+                       {"--write-credentials", tmp.sub("sa.json"), "--key", key, "--impersonate", target,
+                        "--pool-provider", kAudience},
+                       tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    const std::string subject = tmp.sub("subject.jwt");
+    srv.control("{\"action\":\"write_subject\",\"path\":\"" + subject + "\"}");
+    auto cfg = [&](const std::string& name, const std::string& extra) {
+        std::string json =
+            std::string("{\"type\":\"external_account\",\"audience\":\"") + kAudience +
+            "\",\"subject_token_type\":\"urn:ietf:params:oauth:token-type:jwt\",\"token_url\":\"" +
+            srv.url() + "/v1/token\",\"credential_source\":{\"file\":\"" + subject + "\"}" + extra + "}";
+        write_private(tmp.sub(name), json);
+        return KeyConfig{
+            "gcp",
+            key,
+            {{"endpoint", srv.url()}, {"credentials_file", tmp.sub(name)}, {"timeout_ms", "1500"}}};
+    };
+    auto direct = make_provider(cfg("direct.json", ""));
+    SecureBytes kek = random_key(32);
+    WrapResult w = direct->wrap(kek);
+    EXPECT_TRUE(same(direct->unwrap(w.blob), kek));
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    auto imp = make_provider(cfg("imp.json", ",\"service_account_impersonation_url\":\"" + srv.url() +
+                                                 "/v1/projects/-/serviceAccounts/" + target +
+                                                 ":generateAccessToken\""));
+    EXPECT_TRUE(same(imp->unwrap(w.blob), kek));
+    std::string stats = srv.control("{\"action\":\"stats\"}");
+    EXPECT_NE(stats.find("\"sts_exchanges\": 2,"), std::string::npos) << stats;  // one each, then cached
+    EXPECT_NE(stats.find("\"minted\": 1,"), std::string::npos) << stats;
+    // Short-lived federated tokens: the next call exchanges again and meets the disabled provider.
+    srv.control("{\"action\":\"sts_ttl\",\"value\":1}");
+    srv.control("{\"action\":\"impersonated_ttl\",\"value\":1}");
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    EXPECT_EQ(health(*imp), KeyHealth::Ok);
+    srv.control("{\"action\":\"provider\",\"value\":\"off\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    for (KeyProvider* p : {direct.get(), imp.get()}) {
+        KeyStatus s = p->status();
+        EXPECT_EQ(s.health, KeyHealth::Revoked) << s.detail;
+        EXPECT_NE(s.detail.find("invalid_grant"), std::string::npos) << s.detail;
+        EXPECT_NE(s.detail.find("workload identity pool or provider"), std::string::npos) << s.detail;
+        EXPECT_EQ(s.detail.find("eyJ"), std::string::npos) << s.detail;
+    }
+    srv.control("{\"action\":\"provider\",\"value\":\"on\"}");
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    // The federated principal without roles/iam.workloadIdentityUser: revoked.
+    srv.control("{\"action\":\"workload_identity_user\",\"value\":\"off\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(health(*imp), KeyHealth::Revoked);
+    srv.control("{\"action\":\"workload_identity_user\",\"value\":\"on\"}");
+    EXPECT_EQ(health(*imp), KeyHealth::Ok);
+    // A subject token the issuer did not sign: invalid_grant, revoked.
+    std::string good = cmk_test::slurp(subject);
+    cmk_test::spit(subject, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(health(*direct), KeyHealth::Revoked);
+    // No subject token file, or an empty one: an outage that names the file.
+    ::unlink(subject.c_str());
+    KeyStatus s = direct->status();
+    EXPECT_EQ(s.health, KeyHealth::Unavailable) << s.detail;
+    EXPECT_NE(s.detail.find(subject), std::string::npos) << s.detail;
+    cmk_test::spit(subject, "\n");
+    s = direct->status();
+    EXPECT_EQ(s.health, KeyHealth::Unavailable) << s.detail;
+    EXPECT_NE(s.detail.find("is empty"), std::string::npos) << s.detail;
+    cmk_test::spit(subject, good);
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    // An STS outage is an outage.
+    srv.control("{\"action\":\"mode\",\"value\":\"error500\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(unwrap_kind(*direct, w.blob), KmsErrorKind::Unavailable);
+    srv.control("{\"action\":\"mode\",\"value\":\"normal\"}");
+    EXPECT_TRUE(same(direct->unwrap(w.blob), kek));
+}
