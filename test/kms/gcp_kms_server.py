@@ -26,6 +26,28 @@ Control (POST /__control, JSON {"action": ...}):
   token_creator on|off (the base account's roles/iam.serviceAccountTokenCreator on the
     --impersonate account) | impersonated_ttl seconds (life of minted tokens; 0 = asked)
 
+With --pool-provider AUDIENCE the server also serves Google's Security Token Service
+POST /v1/token (workload identity federation, RFC 8693 token exchange as STS v1 takes
+it): form-encoded (application/x-www-form-urlencoded, no Authorization header) with
+grant_type token-exchange, audience = AUDIENCE (else 400 invalid_target, Google's
+words for a pool or provider that does not exist), scope cloud-platform,
+requested_token_type access_token, subject_token_type jwt or id_token, and a
+subject_token that is either an RS256 JWT of this server's own OIDC issuer (written by
+control write_subject: iss, aud = https:AUDIENCE-without-the-leading-//, sub, exp
+checked with PyJWT; its key never leaves the server) or the opaque string set by
+control opaque_subject. The answer is {"access_token", "issued_token_type",
+"token_type", "expires_in"}; the token's principal is
+principal://iam.googleapis.com/.../subject/SUB, which the key admits directly
+(control principal_access on|off: the key's IAM binding for the pool principal) and
+which may call generateAccessToken for the --impersonate account (control
+workload_identity_user on|off: roles/iam.workloadIdentityUser). Controls:
+  provider off|on (disabled provider: 400 invalid_grant) | sts_ttl seconds |
+  write_subject path [sub] [ttl] | opaque_subject value | stats (sts_exchanges,
+  sts_refused)
+Python's google-auth on Debian 12 (1.5.1) has no external_account credentials, so
+this endpoint's fidelity rests on Google's published STS reference, not on an
+independent client.
+
 With --impersonate EMAIL the server also serves IAM Credentials
 POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken: the caller's bearer
 token must be one this server issued with scope cloud-platform, the binding must be on
@@ -95,6 +117,16 @@ class Kms:
         self.token_owner = {}  # token -> (service account e-mail, scopes)
         self.minted = 0
         self.mint_denied = 0
+        self.pool_provider = args.pool_provider
+        self.provider_enabled = True
+        self.sts_ttl = 3600
+        self.principal_access = True
+        self.wi_user = True
+        self.opaque_subject = None
+        self.sts_exchanges = 0
+        self.sts_refused = 0
+        self.oidc_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.oidc_issuer = "https://oidc.loopback.test"
         for k in args.key or []:
             self._create(k)
 
@@ -168,9 +200,23 @@ class Kms:
                 self.token_creator = req.get("value") == "on"
             elif a == "impersonated_ttl":
                 self.impersonated_ttl = int(req["value"])
+            elif a == "provider":
+                self.provider_enabled = req.get("value") == "on"
+            elif a == "sts_ttl":
+                self.sts_ttl = int(req["value"])
+            elif a == "principal_access":
+                self.principal_access = req.get("value") == "on"
+            elif a == "workload_identity_user":
+                self.wi_user = req.get("value") == "on"
+            elif a == "opaque_subject":
+                self.opaque_subject = req.get("value")
+            elif a == "write_subject":
+                self._write_subject(req["path"], req.get("sub", "system:serviceaccount:db:postgres"),
+                                    int(req.get("ttl", 3600)))
             elif a == "stats":
                 return 200, {"verified_assertions": self.verified_assertions, "tokens": len(self.tokens),
-                             "minted": self.minted, "mint_denied": self.mint_denied}
+                             "minted": self.minted, "mint_denied": self.mint_denied,
+                             "sts_exchanges": self.sts_exchanges, "sts_refused": self.sts_refused}
             else:
                 raise ValueError("unknown action %r" % a)
         return 200, {"ok": True}
@@ -180,6 +226,68 @@ class Kms:
         self.tokens[tok] = time.time() + (ttl or self.token_ttl)
         self.token_owner[tok] = (owner or self.sa_email, set(scopes))
         return tok
+
+    def _oidc_audience(self):
+        # A provider's default allowed audience: its resource name with https: in front.
+        return "https:" + self.pool_provider
+
+    def _write_subject(self, path, sub, ttl):
+        now = int(time.time())
+        tok = jwt.encode({"iss": self.oidc_issuer, "sub": sub, "aud": self._oidc_audience(), "iat": now,
+                          "exp": now + ttl}, self.oidc_key, algorithm="RS256", headers={"kid": "loopback-oidc"})
+        if isinstance(tok, bytes):
+            tok = tok.decode()
+        with open(path + ".tmp", "w") as f:
+            f.write(tok + "\n")
+        os.rename(path + ".tmp", path)
+
+    def _sts(self, headers, body):
+        def refuse(code, error, desc):
+            self.sts_refused += 1
+            return code, {"error": error, "error_description": desc}, {}
+        if not (headers.get("Content-Type") or "").startswith("application/x-www-form-urlencoded"):
+            return refuse(400, "invalid_request", "Content-Type must be application/x-www-form-urlencoded")
+        if headers.get("Authorization"):
+            return refuse(400, "invalid_request", "do not send the Authorization header to STS")
+        try:
+            form = urllib.parse.parse_qs(body.decode(), strict_parsing=True)
+        except ValueError:
+            return refuse(400, "invalid_request", "malformed form body")
+        one = {k: v[0] for k, v in form.items() if len(v) == 1}
+        if set(one) != set(form):
+            return refuse(400, "invalid_request", "a field is repeated")
+        if one.get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange":
+            return refuse(400, "unsupported_grant_type", "grant_type")
+        if one.get("requested_token_type") != "urn:ietf:params:oauth:token-type:access_token":
+            return refuse(400, "invalid_request", "requested_token_type")
+        if CLOUD_PLATFORM not in one.get("scope", "").split():
+            return refuse(400, "invalid_scope", "scope must include cloud-platform")
+        if one.get("subject_token_type") not in ("urn:ietf:params:oauth:token-type:jwt",
+                                                 "urn:ietf:params:oauth:token-type:id_token"):
+            return refuse(400, "invalid_request", "subject_token_type")
+        if one.get("audience") != self.pool_provider:
+            return refuse(400, "invalid_target", "The target service indicated by the \"audience\" parameters is "
+                          "invalid. This might either be because the pool or provider is disabled or deleted or "
+                          "because it doesn't exist.")
+        if not self.provider_enabled:
+            return refuse(400, "invalid_grant", "The identity pool provider is disabled.")
+        subject = one.get("subject_token", "")
+        if self.opaque_subject is not None and subject == self.opaque_subject:
+            sub = "opaque"
+        else:
+            try:
+                claims = jwt.decode(subject, self.oidc_key.public_key(), algorithms=["RS256"],
+                                    audience=self._oidc_audience(), issuer=self.oidc_issuer,
+                                    options={"require": ["iss", "aud", "sub", "exp"]})
+            except jwt.PyJWTError as e:
+                return refuse(400, "invalid_grant", "The given credential is rejected: %s" % e)
+            sub = claims["sub"]
+        self.sts_exchanges += 1
+        pool = self.pool_provider[len("//iam.googleapis.com/"):].split("/providers/")[0]
+        principal = "principal://iam.googleapis.com/%s/subject/%s" % (pool, sub)
+        tok = self._issue(owner=principal, scopes=[CLOUD_PLATFORM], ttl=self.sts_ttl)
+        return 200, {"access_token": tok, "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                     "token_type": "Bearer", "expires_in": self.sts_ttl}, {}
 
     def _generate_access_token(self, email, headers, body):
         auth = headers.get("Authorization", "")
@@ -191,7 +299,11 @@ class Kms:
             return gerr(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes.")
         if email != self.impersonate:
             return gerr(404, "NOT_FOUND", "Not found; Gaia id not found for email %s" % email)
-        if not self.token_creator or owner == email:
+        if owner.startswith("principal://"):
+            binding = self.wi_user  # roles/iam.workloadIdentityUser for the pool principal
+        else:
+            binding = self.token_creator
+        if not binding or owner == email:
             self.mint_denied += 1
             return gerr(403, "PERMISSION_DENIED", "Permission 'iam.serviceAccounts.getAccessToken' denied on "
                         "resource (or it may not exist).")
@@ -251,6 +363,8 @@ class Kms:
         path, _, query = path.partition("?")
         if path == "/token" and method == "POST":
             return self._token_endpoint(body)
+        if path == "/v1/token" and method == "POST" and self.pool_provider:
+            return self._sts(headers, body)
         if path == "/computeMetadata/v1/instance/service-accounts/default/token":
             if headers.get("Metadata-Flavor") != "Google":
                 return 403, {"error": "Missing Metadata-Flavor:Google header"}, {}
@@ -270,7 +384,11 @@ class Kms:
         owner, scopes = self.token_owner.get(tok, ("", set()))
         if SCOPE not in scopes and CLOUD_PLATFORM not in scopes:
             return gerr(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes.")
-        if self.impersonate and owner != self.impersonate:
+        if owner.startswith("principal://"):
+            if not self.principal_access:
+                return gerr(403, "PERMISSION_DENIED", "Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' denied "
+                            "for %s." % owner)
+        elif self.impersonate and owner != self.impersonate:
             return gerr(403, "PERMISSION_DENIED", "Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' denied for "
                         "%s: the key admits the customer's service account only." % owner)
         m = re.fullmatch(r"/v1/(projects/[^:]+?)(?::(encrypt|decrypt))?", path)
@@ -370,6 +488,8 @@ def main():
     p.add_argument("--token-ttl", type=int, default=3600)
     p.add_argument("--key", action="append")
     p.add_argument("--impersonate", default="", help="the customer's service account the base may impersonate")
+    p.add_argument("--pool-provider", default="", help="serve STS /v1/token for this workload identity pool "
+                   "provider (//iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/X)")
     args = p.parse_args()
     app = Kms(args)
     # The credentials name this server's token endpoint: written once the port is known.

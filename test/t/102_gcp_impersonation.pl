@@ -48,13 +48,13 @@ sub initdb_rc
 write_secret_file("$dir/wif.json",
 	'{"type":"external_account","audience":"//iam.googleapis.com/projects/1/locations/global/'
 	  . 'workloadIdentityPools/p/providers/x","subject_token_type":"urn:ietf:params:oauth:token-type:jwt",'
-	  . '"token_url":"https://sts.googleapis.com/v1/token","credential_source":{"file":"/var/run/token"}}');
+	  . '"token_url":"https://sts.googleapis.com/v1/token","credential_source":{"executable":{"command":"/bin/true"}}}');
 my $n = 0;
 for my $case (
 	[ 'impersonate_service_account', { %opts, impersonate_service_account => 'lakebase-cmk' }, qr/is not a service-account e-mail/ ],
 	[ 'impersonation_lifetime', { %opts, impersonation_lifetime => '30' }, qr/from 300 to 43200/ ],
 	[ 'iam_credentials_endpoint', { %opts, iam_credentials_endpoint => 'http://iam.example.com' }, qr/https/ ],
-	[ 'credentials_file', { %opts, credentials_file => "$dir/wif.json" }, qr/workload identity federation.*does not support/ ])
+	[ 'credentials_file', { %opts, credentials_file => "$dir/wif.json" }, qr/credential_source\.executable in .*is not supported/ ])
 {
 	my ($field, $o, $why) = @$case;
 	my $d = "$dir/bad" . $n++;

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -711,17 +712,8 @@ TEST(GcpImpersonation, ConfigErrorsNameTheField) {
     field("impersonation_lifetime", "60", "impersonation_lifetime");
     field("iam_credentials_endpoint", "http://iam.example.com", "iam_credentials_endpoint");
     KeyConfig plain{"gcp", key, {{"metadata_host", "127.0.0.1:1"}, {"impersonation_lifetime", "600"}}};
-    EXPECT_EQ(config_msg(plain).rfind("impersonation_lifetime: given without impersonate_service_account", 0), 0u);
-    // Workload identity federation (an external account file): refused as not supported.
-    write_private(tmp.sub("wif.json"),
-                  "{\"type\":\"external_account\",\"audience\":\"//iam.googleapis.com/projects/1/x\","
-                  "\"subject_token_type\":\"urn:ietf:params:oauth:token-type:jwt\","
-                  "\"token_url\":\"https://sts.googleapis.com/v1/token\",\"credential_source\":{\"file\":\"/t\"}}");
-    KeyConfig wif{"gcp", key, {{"credentials_file", tmp.sub("wif.json")}}};
-    std::string m = config_msg(wif);
-    EXPECT_EQ(m.rfind("credentials_file: ", 0), 0u) << m;
-    EXPECT_NE(m.find("workload identity federation"), std::string::npos) << m;
-    EXPECT_NE(m.find("does not support"), std::string::npos) << m;
+    EXPECT_EQ(config_msg(plain).rfind("impersonation_lifetime: given without impersonate_service_account", 0),
+              0u);
 }
 
 // Against the loopback IAM Credentials endpoint: the KMS admits only the customer's
@@ -768,4 +760,309 @@ TEST(GcpLoopback, ImpersonatedServiceAccount) {
     EXPECT_EQ(unwrap_kind(*p, w.blob), KmsErrorKind::Unavailable);
     srv.control("{\"action\":\"mode\",\"value\":\"normal\"}");
     EXPECT_TRUE(same(make_provider(c)->unwrap(w.blob), kek));
+}
+
+// ------------------------------------------------------------------ workload identity federation (issue 19)
+
+namespace {
+
+const char* const kAudience =
+    "//iam.googleapis.com/projects/123456789/locations/global/workloadIdentityPools/lakebase-pool/providers/"
+    "k8s";
+
+// An external_account file as `gcloud iam workload-identity-pools create-cred-config`
+// writes it, with `extra` members spliced into the top level and `source` as the
+// credential_source object.
+std::string external_json(const std::string& extra,
+                          const std::string& source = "{\"file\":\"/var/run/token\"}") {
+    return std::string("{\"type\":\"external_account\",\"audience\":\"") + kAudience +
+           "\",\"subject_token_type\":\"urn:ietf:params:oauth:token-type:jwt\","
+           "\"token_url\":\"https://sts.googleapis.com/v1/token\",\"credential_source\":" +
+           source + (extra.empty() ? "" : "," + extra) + "}";
+}
+
+}  // namespace
+
+// Every field checked at configuration time; the error is one line that starts with
+// credentials_file: and names the field; unsupported sources say "not supported".
+TEST(GcpWorkloadIdentity, ConfigErrorsNameTheField) {
+    cmk_test::TempDir tmp;
+    ::unsetenv("GOOGLE_APPLICATION_CREDENTIALS");
+    const std::string key = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+    const std::string imp_url =
+        "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/"
+        "lakebase-cmk@customer.iam.gserviceaccount.com:generateAccessToken";
+    int n = 0;
+    auto cfg_for = [&](const std::string& json) {
+        std::string path = tmp.sub("wif" + std::to_string(n++) + ".json");
+        write_private(path, json);
+        return KeyConfig{"gcp", key, {{"credentials_file", path}}};
+    };
+    // Accepted: direct access, and the file's own impersonation (the subject token file
+    // need not exist yet: it is read at each exchange).
+    EXPECT_EQ(make_provider(cfg_for(external_json("")))->identity(),
+              std::string("federated principal of ") + kAudience);
+    auto imp = make_provider(cfg_for(external_json("\"service_account_impersonation_url\":\"" + imp_url +
+                                                   "\",\"service_account_impersonation\":{\"token_lifetime_"
+                                                   "seconds\":600},\"universe_domain\":\"googleapis.com\"")));
+    EXPECT_EQ(imp->identity(), std::string("service account lakebase-cmk@customer.iam.gserviceaccount.com "
+                                           "(impersonated, federated from ") +
+                                   kAudience + ")");
+    EXPECT_NO_THROW(make_provider(cfg_for(external_json(
+        "",
+        "{\"url\":\"http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01\","
+        "\"headers\":{\"Metadata\":\"True\"},\"format\":{\"type\":\"json\",\"subject_token_field_name\":"
+        "\"access_token\"}}"))));
+    // The option on top of the federated token: accepted, and it names the account.
+    KeyConfig opt = cfg_for(external_json(""));
+    opt.options["impersonate_service_account"] = "cmk-kms@customer.iam.gserviceaccount.com";
+    EXPECT_EQ(make_provider(opt)->identity(),
+              std::string(
+                  "service account cmk-kms@customer.iam.gserviceaccount.com (impersonated, federated from ") +
+                  kAudience + ")");
+
+    auto fails = [&](const std::string& json, const std::string& field, const std::string& why) {
+        std::string m = config_msg(cfg_for(json));
+        EXPECT_EQ(m.rfind("credentials_file: " + field + " in \"", 0), 0u) << m;
+        EXPECT_NE(m.find(why), std::string::npos) << m;
+    };
+    std::string no_aud = external_json("");
+    no_aud.replace(no_aud.find("\"audience\""), std::string("\"audience\":\"").size() + strlen(kAudience) + 2,
+                   "");
+    fails(no_aud, "audience", "is missing");
+    std::string workforce = external_json("");
+    workforce.replace(workforce.find("workloadIdentityPools"), strlen("workloadIdentityPools"),
+                      "workforcePools");
+    fails(workforce, "audience", "workforce");
+    std::string bad_aud = external_json("");
+    bad_aud.replace(bad_aud.find("//iam.googleapis.com"), strlen("//iam.googleapis.com"),
+                    "https://example.com");
+    fails(bad_aud, "audience", "must be //iam.googleapis.com/projects/");
+    std::string aws = external_json("");
+    aws.replace(aws.find("urn:ietf:params:oauth:token-type:jwt"),
+                strlen("urn:ietf:params:oauth:token-type:jwt"),
+                "urn:ietf:params:aws:token-type:aws4_request");
+    fails(aws, "subject_token_type", "not supported");
+    std::string nott = external_json("");
+    nott.replace(nott.find("\"subject_token_type\""),
+                 strlen("\"subject_token_type\":\"urn:ietf:params:oauth:token-type:jwt\","), "");
+    fails(nott, "subject_token_type", "is missing");
+    std::string http_sts = external_json("");
+    http_sts.replace(http_sts.find("https://sts.googleapis.com"), strlen("https://sts.googleapis.com"),
+                     "http://sts.example.com");
+    fails(http_sts, "token_url", "https://");
+    fails(
+        external_json("\"service_account_impersonation_url\":\"https://iamcredentials.googleapis.com/v1/x\""),
+        "service_account_impersonation_url", "generateAccessToken");
+    fails(external_json("\"service_account_impersonation_url\":\"" + imp_url +
+                        "\",\"service_account_impersonation\":{\"token_lifetime_seconds\":60}"),
+          "service_account_impersonation.token_lifetime_seconds", "from 600 to 43200");
+    fails(external_json("\"service_account_impersonation\":{\"token_lifetime_seconds\":3600}"),
+          "service_account_impersonation.token_lifetime_seconds",
+          "without service_account_impersonation_url");
+    fails(external_json("\"workforce_pool_user_project\":\"p\""), "workforce_pool_user_project",
+          "not supported");
+    fails(external_json("\"client_secret\":\"s3cr3t\""), "client_secret", "not supported");
+    fails(external_json("\"universe_domain\":\"example.com\""), "universe_domain", "googleapis.com");
+    fails(external_json("", "{\"executable\":{\"command\":\"/bin/token\"}}"), "credential_source.executable",
+          "not supported");
+    fails(external_json("", "{\"environment_id\":\"aws1\",\"region_url\":\"http://169.254.169.254/x\"}"),
+          "credential_source.environment_id", "not supported by the gcp key provider (AWS-sourced");
+    fails(external_json("", "{}"), "credential_source", "neither file nor url");
+    fails(external_json("", "{\"file\":\"/t\",\"url\":\"https://x.example.com/t\"}"), "credential_source",
+          "both file and url");
+    fails(external_json("", "{\"file\":\"token\"}"), "credential_source.file", "absolute path");
+    fails(external_json("", "{\"url\":\"http://token.example.com/t\"}"), "credential_source.url", "https://");
+    fails(external_json("", "{\"file\":\"/t\",\"headers\":{\"a\":\"b\"}}"), "credential_source.headers",
+          "without credential_source.url");
+    fails(external_json("", "{\"file\":\"/t\",\"format\":{\"type\":\"json\"}}"),
+          "credential_source.format.subject_token_field_name", "is missing");
+    fails(external_json("", "{\"file\":\"/t\",\"format\":{\"type\":\"xml\"}}"),
+          "credential_source.format.type", "text or json");
+    std::string no_cs = external_json("");
+    no_cs.replace(no_cs.find(",\"credential_source\""),
+                  strlen(",\"credential_source\":{\"file\":\"/var/run/token\"}"), "");
+    fails(no_cs, "credential_source", "is missing");
+    // No secret from the file in a message.
+    EXPECT_EQ(config_msg(cfg_for(external_json("\"client_secret\":\"s3cr3t\""))).find("s3cr3t"),
+              std::string::npos);
+
+    // The file's impersonation and the option together: refused, naming the option.
+    KeyConfig both = cfg_for(external_json("\"service_account_impersonation_url\":\"" + imp_url + "\""));
+    both.options["impersonate_service_account"] = "cmk-kms@customer.iam.gserviceaccount.com";
+    std::string m = config_msg(both);
+    EXPECT_EQ(m.rfind("impersonate_service_account: ", 0), 0u) << m;
+    KeyConfig life = cfg_for(external_json("\"service_account_impersonation_url\":\"" + imp_url + "\""));
+    life.options["impersonation_lifetime"] = "600";
+    EXPECT_EQ(config_msg(life).rfind("impersonation_lifetime: ", 0), 0u);
+}
+
+// The STS request as Google's published STS v1 reference and its curl example give it
+// (POST https://sts.googleapis.com/v1/token, no Authorization header, form fields
+// grant_type, audience, scope, requested_token_type, subject_token, subject_token_type:
+// the form names of grantType, audience, ... as Google's client libraries send them),
+// and the reference answer {"access_token", "issued_token_type", "token_type",
+// "expires_in"} parsed.
+TEST(GcpWorkloadIdentity, StsRequestAgainstThePublishedExample) {
+    gcp::ExternalAccount x;
+    x.audience = kAudience;
+    x.subject_token_type = "urn:ietf:params:oauth:token-type:jwt";
+    std::string body = gcp::sts_request_body(x, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln+/=");
+    EXPECT_EQ(body,
+              "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+              "&audience=%2F%2Fiam.googleapis.com%2Fprojects%2F123456789%2Flocations%2Fglobal%2F"
+              "workloadIdentityPools%2Flakebase-pool%2Fproviders%2Fk8s"
+              "&scope=https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fcloud-platform"
+              "&requested_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token"
+              "&subject_token=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln%2B%2F%3D"
+              "&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt");
+    EXPECT_EQ(std::string(gcp::kStsTokenUrl), "https://sts.googleapis.com/v1/token");
+    long life = 0;
+    kit::Secret t = gcp::parse_sts_token(
+        "{\n  \"access_token\": \"ya29.dr.AQ1\",\n  \"issued_token_type\": "
+        "\"urn:ietf:params:oauth:token-type:access_token\",\n  \"token_type\": \"Bearer\",\n  "
+        "\"expires_in\": 3599\n}",
+        &life, "test");
+    EXPECT_EQ(t.str(), "ya29.dr.AQ1");
+    EXPECT_EQ(life, 3599);
+    gcp::parse_sts_token("{\"access_token\":\"a\",\"expires_in\":99999999999}", &life, "t");
+    EXPECT_EQ(life, kit::kMaxTokenLifeS);
+    gcp::parse_sts_token("{\"access_token\":\"a\"}", &life, "t");
+    EXPECT_EQ(life, 3600);
+    EXPECT_EQ(kind_of([&] { gcp::parse_sts_token("{\"token_type\":\"Bearer\"}", &life, "t"); }),
+              KmsErrorKind::Unavailable);
+    EXPECT_EQ(kind_of([&] { gcp::parse_sts_token("not json", &life, "t"); }), KmsErrorKind::Unavailable);
+    // Subject tokens: text trimmed, a JSON field, and none is an outage naming the source only.
+    EXPECT_EQ(gcp::subject_token_from("eyJ.a.b\n", "", "f").str(), "eyJ.a.b");
+    EXPECT_EQ(gcp::subject_token_from("{\"access_token\":\"eyJ.c.d\",\"x\":1}", "access_token", "f").str(),
+              "eyJ.c.d");
+    std::string msg;
+    EXPECT_EQ(kind_of([&] { gcp::subject_token_from(" \n", "", "the subject token file"); }, &msg),
+              KmsErrorKind::Unavailable);
+    EXPECT_NE(msg.find("is empty"), std::string::npos) << msg;
+    EXPECT_EQ(
+        kind_of([&] { gcp::subject_token_from("{\"id_token\":\"secret.jwt\"}", "access_token", "u"); }, &msg),
+        KmsErrorKind::Unavailable);
+    EXPECT_EQ(msg.find("secret.jwt"), std::string::npos) << msg;
+    EXPECT_EQ(
+        gcp::impersonation_url_account("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/"
+                                       "sa-1@p.iam.gserviceaccount.com:generateAccessToken"),
+        "sa-1@p.iam.gserviceaccount.com");
+    EXPECT_EQ(
+        gcp::impersonation_url_account("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/"
+                                       "sa-1@p.iam.gserviceaccount.com:signJwt"),
+        "");
+}
+
+// STS and generateAccessToken refusals after a token exchange: what the kill switch
+// needs to see (Google's STS answers, as documented and observed: invalid_grant for a
+// refused subject token, invalid_target for a disabled or deleted pool or provider).
+TEST(GcpWorkloadIdentity, ErrorClassification) {
+    auto token = [](long s, const char* body) {
+        return gcp::classify(gcp::Op::Token, s, gcp::parse_error(body));
+    };
+    EXPECT_EQ(
+        token(400,
+              "{\"error\":\"invalid_grant\",\"error_description\":\"The given credential is rejected by "
+              "the attribute condition.\"}"),
+        KeyHealth::Revoked);
+    EXPECT_EQ(
+        token(400,
+              "{\"error\":\"invalid_target\",\"error_description\":\"The target service indicated by the "
+              "\\\"audience\\\" parameters is invalid. This might either be because the pool or provider "
+              "is disabled or deleted or because it doesn't exist.\"}"),
+        KeyHealth::Revoked);
+    EXPECT_EQ(token(401, "{\"error\":{\"code\":401,\"status\":\"UNAUTHENTICATED\"}}"), KeyHealth::Revoked);
+    EXPECT_EQ(token(403,
+                    "{\"error\":{\"code\":403,\"message\":\"Permission 'iam.serviceAccounts.getAccessToken' "
+                    "denied\",\"status\":\"PERMISSION_DENIED\"}}"),
+              KeyHealth::Revoked);
+    EXPECT_EQ(token(503, "{\"error\":\"temporarily_unavailable\"}"), KeyHealth::Unavailable);
+    EXPECT_EQ(token(500, ""), KeyHealth::Unavailable);
+    EXPECT_EQ(token(429, ""), KeyHealth::Unavailable);
+}
+
+// Against the loopback STS (test/kms/gcp_kms_server.py --pool-provider): a JWT of the
+// peer's OIDC issuer in a file, read at each exchange; the federated token used
+// directly and through the file's impersonation URL; the provider disabled is a
+// revocation at the next exchange; an unreadable subject token file is an outage.
+TEST(GcpLoopback, WorkloadIdentityFederation) {
+    cmk_test::TempDir tmp;
+    const std::string key = "projects/cmk-project/locations/global/keyRings/ring/cryptoKeys/k1";
+    const std::string target = "cmk-kms@customer-project.iam.gserviceaccount.com";
+    LoopbackServer srv("gcp_kms_server.py",
+                       {"--write-credentials", tmp.sub("sa.json"), "--key", key, "--impersonate", target,
+                        "--pool-provider", kAudience},
+                       tmp.path());
+    if (!srv.skip().empty()) GTEST_SKIP() << srv.skip();
+    const std::string subject = tmp.sub("subject.jwt");
+    srv.control("{\"action\":\"write_subject\",\"path\":\"" + subject + "\"}");
+    auto cfg = [&](const std::string& name, const std::string& extra) {
+        std::string json =
+            std::string("{\"type\":\"external_account\",\"audience\":\"") + kAudience +
+            "\",\"subject_token_type\":\"urn:ietf:params:oauth:token-type:jwt\",\"token_url\":\"" +
+            srv.url() + "/v1/token\",\"credential_source\":{\"file\":\"" + subject + "\"}" + extra + "}";
+        write_private(tmp.sub(name), json);
+        return KeyConfig{
+            "gcp",
+            key,
+            {{"endpoint", srv.url()}, {"credentials_file", tmp.sub(name)}, {"timeout_ms", "1500"}}};
+    };
+    auto direct = make_provider(cfg("direct.json", ""));
+    SecureBytes kek = random_key(32);
+    WrapResult w = direct->wrap(kek);
+    EXPECT_TRUE(same(direct->unwrap(w.blob), kek));
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    auto imp = make_provider(cfg("imp.json", ",\"service_account_impersonation_url\":\"" + srv.url() +
+                                                 "/v1/projects/-/serviceAccounts/" + target +
+                                                 ":generateAccessToken\""));
+    EXPECT_TRUE(same(imp->unwrap(w.blob), kek));
+    std::string stats = srv.control("{\"action\":\"stats\"}");
+    EXPECT_NE(stats.find("\"sts_exchanges\": 2,"), std::string::npos) << stats;  // one each, then cached
+    EXPECT_NE(stats.find("\"minted\": 1,"), std::string::npos) << stats;
+    // Short-lived federated tokens: the next call exchanges again and meets the disabled provider.
+    srv.control("{\"action\":\"sts_ttl\",\"value\":1}");
+    srv.control("{\"action\":\"impersonated_ttl\",\"value\":1}");
+    srv.control("{\"action\":\"revoke_tokens\"}");
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    EXPECT_EQ(health(*imp), KeyHealth::Ok);
+    srv.control("{\"action\":\"provider\",\"value\":\"off\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    for (KeyProvider* p : {direct.get(), imp.get()}) {
+        KeyStatus s = p->status();
+        EXPECT_EQ(s.health, KeyHealth::Revoked) << s.detail;
+        EXPECT_NE(s.detail.find("invalid_grant"), std::string::npos) << s.detail;
+        EXPECT_NE(s.detail.find("workload identity pool or provider"), std::string::npos) << s.detail;
+        EXPECT_EQ(s.detail.find("eyJ"), std::string::npos) << s.detail;
+    }
+    srv.control("{\"action\":\"provider\",\"value\":\"on\"}");
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    // The federated principal without roles/iam.workloadIdentityUser: revoked.
+    srv.control("{\"action\":\"workload_identity_user\",\"value\":\"off\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(health(*imp), KeyHealth::Revoked);
+    srv.control("{\"action\":\"workload_identity_user\",\"value\":\"on\"}");
+    EXPECT_EQ(health(*imp), KeyHealth::Ok);
+    // A subject token the issuer did not sign: invalid_grant, revoked.
+    std::string good = cmk_test::slurp(subject);
+    cmk_test::spit(subject, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(health(*direct), KeyHealth::Revoked);
+    // No subject token file, or an empty one: an outage that names the file.
+    ::unlink(subject.c_str());
+    KeyStatus s = direct->status();
+    EXPECT_EQ(s.health, KeyHealth::Unavailable) << s.detail;
+    EXPECT_NE(s.detail.find(subject), std::string::npos) << s.detail;
+    cmk_test::spit(subject, "\n");
+    s = direct->status();
+    EXPECT_EQ(s.health, KeyHealth::Unavailable) << s.detail;
+    EXPECT_NE(s.detail.find("is empty"), std::string::npos) << s.detail;
+    cmk_test::spit(subject, good);
+    EXPECT_EQ(health(*direct), KeyHealth::Ok);
+    // An STS outage is an outage.
+    srv.control("{\"action\":\"mode\",\"value\":\"error500\"}");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    EXPECT_EQ(unwrap_kind(*direct, w.blob), KmsErrorKind::Unavailable);
+    srv.control("{\"action\":\"mode\",\"value\":\"normal\"}");
+    EXPECT_TRUE(same(direct->unwrap(w.blob), kek));
 }

@@ -4,9 +4,9 @@
 // authenticated data and CRC32C integrity fields in both directions, so the key never
 // leaves Cloud KMS. Status reads the CryptoKey and judges its primary version's state.
 //
-// Credentials and access tokens: google_identity.cpp (a service-account key file, or
-// the metadata server). Options, secrets, timing and the loopback rule are the kit's
-// (kit.hpp); no secret appears in a message.
+// Credentials and access tokens: google_identity.cpp (a service-account key file, an
+// external_account file for workload identity federation, or the metadata server). Options, secrets, timing
+// and the loopback rule are the kit's (kit.hpp); no secret appears in a message.
 #include "cmk_lakebase/base/json.hpp"
 #include "gcp.hpp"
 
@@ -131,6 +131,10 @@ public:
     const KeyConfig& config() const override { return cfg_; }
     std::string identity() const override {
         const gcp::IdentitySource& s = identity_.source();
+        if (s.external && !s.impersonate.empty())
+            return "service account " + s.impersonate + " (impersonated, federated from " + s.ext.audience +
+                   ")";
+        if (s.external) return "federated principal of " + s.ext.audience;
         if (!s.impersonate.empty()) return "service account " + s.impersonate + " (impersonated)";
         if (!s.client_email.empty()) return "service account " + s.client_email;
         return "the metadata server's service account";
@@ -264,6 +268,16 @@ private:
     }
 
     std::string revoked_hint(Op op, long status) const {
+        const gcp::IdentitySource& src = identity_.source();
+        if (op == Op::Token && src.external)
+            return "the workload identity pool or provider " + src.ext.audience +
+                   " was disabled or deleted, or it refused the subject token (attribute condition, expired "
+                   "token)" +
+                   (src.impersonate.empty()
+                        ? std::string(", or the federated principal lost access")
+                        : ", or the federated principal may no longer impersonate " + src.impersonate +
+                              " (roles/iam.workloadIdentityUser removed, or the account disabled or "
+                              "deleted)");
         if (op == Op::Token && !identity_.source().impersonate.empty())
             return "the base identity may no longer impersonate " + identity_.source().impersonate +
                    " (roles/iam.serviceAccountTokenCreator removed, or the account disabled or deleted), or the "
