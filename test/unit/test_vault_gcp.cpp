@@ -22,6 +22,7 @@
 #include "cmk_lakebase/kms/provider.hpp"
 #include "core/kms/gcp.hpp"
 #include "core/kms/google_identity.hpp"
+#include "core/kms/jwt.hpp"
 #include "core/kms/vault.hpp"
 #include "test_helpers.hpp"
 
@@ -903,6 +904,18 @@ TEST(GcpWorkloadIdentity, ConfigErrorsNameTheField) {
 // the form names of grantType, audience, ... as Google's client libraries send them),
 // and the reference answer {"access_token", "issued_token_type", "token_type",
 // "expires_in"} parsed.
+TEST(GcpWorkloadIdentity, UnverifiedExpiryOfASubjectToken) {
+    int64_t exp = 0;
+    // {"alg":"none"} . {"sub":"x","exp":1700000000} . sig
+    EXPECT_TRUE(jwt::unverified_exp("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4IiwiZXhwIjoxNzAwMDAwMDAwfQ.c2ln", &exp));
+    EXPECT_EQ(exp, 1700000000);
+    EXPECT_FALSE(jwt::unverified_exp("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", &exp));  // no exp
+    EXPECT_FALSE(jwt::unverified_exp("opaque-token", &exp));
+    EXPECT_FALSE(jwt::unverified_exp("a.b.c.d", &exp));
+    EXPECT_FALSE(jwt::unverified_exp("a.!!!.c", &exp));
+    EXPECT_FALSE(jwt::unverified_exp("a." + std::string(200, '[') + ".c", &exp));
+}
+
 TEST(GcpWorkloadIdentity, StsRequestAgainstThePublishedExample) {
     gcp::ExternalAccount x;
     x.audience = kAudience;
@@ -1048,6 +1061,15 @@ TEST(GcpLoopback, WorkloadIdentityFederation) {
     cmk_test::spit(subject, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n");
     std::this_thread::sleep_for(std::chrono::milliseconds(1100));
     EXPECT_EQ(health(*direct), KeyHealth::Revoked);
+    // A subject token that expired (the workload's token refresher stopped): STS would
+    // answer invalid_grant, but this is an outage, judged before the exchange.
+    srv.control("{\"action\":\"write_subject\",\"path\":\"" + subject + "\",\"ttl\":-60}");
+    {
+        KeyStatus e = direct->status();
+        EXPECT_EQ(e.health, KeyHealth::Unavailable) << e.detail;
+        EXPECT_NE(e.detail.find("expired"), std::string::npos) << e.detail;
+        EXPECT_EQ(e.detail.find("eyJ"), std::string::npos) << e.detail;
+    }
     // No subject token file, or an empty one: an outage that names the file.
     ::unlink(subject.c_str());
     KeyStatus s = direct->status();

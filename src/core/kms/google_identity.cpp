@@ -566,7 +566,17 @@ kit::Secret Identity::subject_token(const std::string& where) {
         if (text.size() > kMaxSubjectToken)
             throw kit::unavailable(what + ": the answer is larger than 64 KiB");
     }
-    return subject_token_from(text, x.json_field, what);
+    kit::Secret token = subject_token_from(text, x.json_field, what);
+    // A JWT that has already expired would be refused by STS with invalid_grant, which
+    // reads as a revocation: a workload whose token rotation broke is an outage, not a
+    // withdrawn trust. Judged here, before the exchange (exp is not verified: STS does).
+    int64_t exp = 0;
+    std::time_t now = std::time(nullptr);
+    if (jwt::unverified_exp(token.str(), &exp) && exp <= static_cast<int64_t>(now))
+        throw kit::unavailable(what + " holds a token that expired " + std::to_string(now - exp) +
+                               " s ago; whatever refreshes it (the projected service account token, the identity "
+                               "provider's agent) has stopped: fix that, the trust itself was not withdrawn");
+    return token;
 }
 
 kit::Secret Identity::fetch_base(long* life_s, const std::string& where, const char* scope) {

@@ -80,6 +80,23 @@ bool decode_part(const std::string& part, std::string* out) {
 
 }  // namespace
 
+bool unverified_exp(const std::string& token, int64_t* exp) {
+    size_t a = token.find('.');
+    if (a == std::string::npos) return false;
+    size_t b = token.find('.', a + 1);
+    if (b == std::string::npos || token.find('.', b + 1) != std::string::npos) return false;
+    std::string payload;
+    if (!decode_part(token.substr(a + 1, b - a - 1), &payload)) return false;
+    kit::WipeOnExit w{payload};
+    rapidjson::Document d;
+    parse_json_bounded_insitu(d, payload, nullptr);
+    if (d.HasParseError() || !d.IsObject()) return false;
+    auto it = d.FindMember("exp");
+    if (it == d.MemberEnd() || !it->value.IsInt64()) return false;
+    *exp = it->value.GetInt64();
+    return true;
+}
+
 JsonObject& JsonObject::set(const std::string& name, const std::string& value) {
     Member m;
     m.name = name;

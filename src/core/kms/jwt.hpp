@@ -53,6 +53,11 @@ std::vector<uint8_t> rs256_signature(const std::string& data, const std::string&
 bool verify_rs256(const std::string& token, const std::string& public_pem, std::string* header_json = nullptr,
                   std::string* claims_json = nullptr);
 
+// The "exp" claim of a compact JWT, read WITHOUT verifying it (for judging a token we
+// only pass on, e.g. a workload's subject token). False if the text is not a JWT or
+// has no integer "exp". The payload is parsed with the project's depth/size bounds.
+bool unverified_exp(const std::string& token, int64_t* exp);
+
 // base64url (no padding) of the SHA-1 / SHA-256 digest of an X.509 certificate's DER
 // encoding: the JOSE "x5t" / "x5t#S256" header values. `digest` is "sha1" or "sha256".
 // Throws KmsError Config naming `field` if the PEM holds no certificate.
