@@ -1,13 +1,15 @@
 // libFuzzer target: the parsers of what key providers and identity endpoints answer
 // over the network, plus the bounded JSON reader they share. The first byte chooses
-// the parser (modulo the number of cases), the rest is the answer. A KmsError (or any
-// other std::exception of the project) is a clean rejection.
+// the parser (modulo the number of cases), the rest is the answer; cases 18-20 run the
+// Azure provider itself over a canned transport (its key answers are parsed inside it).
+// A KmsError (or any other std::exception of the project) is a clean rejection.
 #include <cstdint>
 #include <ctime>
 #include <exception>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -24,6 +26,9 @@
 #include "core/kms/jwt.hpp"
 #include "core/kms/kit.hpp"
 #include "core/kms/vault.hpp"
+#include "cmk_lakebase/base/crypto.hpp"
+#include "cmk_lakebase/kms/provider.hpp"
+#include "fuzz_common.hpp"
 
 namespace {
 
@@ -41,8 +46,42 @@ const std::string& public_pem() {
     return pem;
 }
 
+// The Azure provider over a canned transport: Entra ID answers with a valid token, the
+// key vault with the input (status 200): its unwrap, wrap and key GET answers.
+void azure_key_answer(int op, const std::string& body) {
+    static const std::string secret_file = [] {
+        std::string f = cmk_fuzz::scratch_dir() + "/client_secret";
+        const char s[] = "s3cret\n";
+        cmk_fuzz::write_file(f, reinterpret_cast<const uint8_t*>(s), sizeof s - 1);
+        return f;
+    }();
+    cmk::KeyConfig cfg;
+    cfg.provider = "azure";
+    cfg.key_id = "https://myvault.vault.azure.net/keys/cmk/0123456789abcdef0123456789abcdef";
+    cfg.options = {{"tenant_id", "72f988bf-86f1-41af-91ab-2d7cd011db47"},
+                   {"client_id", "11111111-2222-3333-4444-555555555555"},
+                   {"client_secret_file", secret_file}};
+    auto p = cmk::azure::make_azure_provider(cfg, [&](const cmk::http::Request& r) {
+        cmk::http::Response a;
+        a.status = 200;
+        if (r.url.find("/oauth2/") != std::string::npos)
+            a.body = "{\"token_type\":\"Bearer\",\"expires_in\":3599,\"access_token\":\"t\"}";
+        else
+            a.body = body;
+        return a;
+    });
+    if (op == 0) {
+        (void)p->unwrap(std::vector<uint8_t>(256, 0x42));
+    } else if (op == 1) {
+        uint8_t k[cmk::kKekSize] = {1};
+        (void)p->wrap(cmk::SecureBytes(k, sizeof k));
+    } else {
+        (void)p->status();
+    }
+}
+
 void one(uint8_t which, const std::string& s) {
-    switch (which % 18) {
+    switch (which % 21) {
     case 0: {
         rapidjson::Document d;
         std::string why;
@@ -119,6 +158,11 @@ void one(uint8_t which, const std::string& s) {
         break;
     case 17:
         (void)cmk::kit::decode_secret(s.data(), s.size(), true);
+        break;
+    case 18:
+    case 19:
+    case 20:
+        azure_key_answer(which % 21 - 18, s);
         break;
     }
 }

@@ -63,6 +63,13 @@ put(A, 15, "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ4IiwiYXVkIjoieSIsImV
 put(A, 16, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
 put(A, 17, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8")
 
+# The Azure provider's key answers (cases 18-20: unwrapKey, wrapKey, key GET).
+kid = "https://myvault.vault.azure.net/keys/cmk/0123456789abcdef0123456789abcdef"
+put(A, 18, '{"kid":"%s","value":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"}' % kid)
+put(A, 19, '{"kid":"%s","value":"%s"}' % (kid, "QUJD" * 86))
+put(A, 20, '{"key":{"kid":"%s","kty":"RSA-HSM","key_ops":["wrapKey","unwrapKey"],"n":"AQAB","e":"AQAB"},'
+        '"attributes":{"enabled":true,"exp":4102444800,"recoveryLevel":"Recoverable+Purgeable"}}' % kid)
+
 
 # KMIP 1.2 TTLV: a Response Message with one batch item (Get, Success, payload with a
 # Unique Identifier) and a failed one, as the unit tests build them.
