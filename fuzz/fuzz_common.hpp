@@ -10,12 +10,14 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
+#include <system_error>
 #include <string>
 
 namespace cmk_fuzz {
 
-// One directory (0700) per fuzzing process, removed by nobody: it lives under $TMPDIR
-// and holds only the last input.
+// One directory (0700) per fuzzing process under $TMPDIR, holding only the last
+// input; removed at a normal exit (a crash leaves it, with the input that crashed).
 inline const std::string& scratch_dir() {
     static const std::string dir = [] {
         const char* tmp = std::getenv("TMPDIR");
@@ -24,6 +26,14 @@ inline const std::string& scratch_dir() {
         ::chmod(t.c_str(), 0700);
         return t;
     }();
+    static const bool cleanup = [] {
+        std::atexit([] {
+            std::error_code ec;
+            std::filesystem::remove_all(dir, ec);
+        });
+        return true;
+    }();
+    (void)cleanup;
     return dir;
 }
 
