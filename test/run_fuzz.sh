@@ -15,7 +15,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 seconds=${CMK_FUZZ_SECONDS:-20}
 
-if ! make fuzz >/tmp/cmk_fuzz_build.$$.log 2>&1; then
+if ! make -j"$(nproc)" fuzz >/tmp/cmk_fuzz_build.$$.log 2>&1; then
 	tail -n 40 /tmp/cmk_fuzz_build.$$.log
 	rm -f /tmp/cmk_fuzz_build.$$.log
 	echo "FAIL build: make fuzz"
