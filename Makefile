@@ -105,6 +105,28 @@ build/sanitize/cmk_unit_tests: $(CORE_SRCS) $(UNIT_SRCS) $(CMK_HEADERS)
 
 unit-sanitize: build/sanitize/cmk_unit_tests
 
+# libFuzzer targets (fuzz/*.cpp, test/run_fuzz.sh) over the parsers of untrusted bytes.
+# The core is compiled again with clang and the fuzzer's instrumentation into its own
+# directory, apart from the g++ objects of the normal build.
+FUZZ_CXX ?= $(shell command -v clang++-14 || command -v clang++)
+FUZZ_FLAGS = -std=c++17 -Iinclude -Isrc -fsanitize=fuzzer-no-link,address,undefined \
+	-fno-sanitize-recover=undefined -fsanitize-ignorelist=fuzz/ubsan_ignore.txt \
+	-fno-omit-frame-pointer -g -O1
+FUZZ_SRCS = $(sort $(wildcard fuzz/fuzz_*.cpp))
+FUZZ_BINS = $(patsubst fuzz/%.cpp,build/fuzz/%,$(FUZZ_SRCS))
+FUZZ_CORE_OBJS = $(patsubst src/core/%.cpp,build/fuzz/core/%.o,$(CORE_SRCS))
+
+build/fuzz/core/%.o: src/core/%.cpp $(CMK_HEADERS) fuzz/ubsan_ignore.txt
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) $(CMK_DEFS) -c -o $@ $<
+
+build/fuzz/%: fuzz/%.cpp fuzz/fuzz_common.hpp $(CMK_HEADERS) $(FUZZ_CORE_OBJS)
+	@mkdir -p build/fuzz
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer $(CMK_DEFS) -o $@ $< $(FUZZ_CORE_OBJS) $(CORE_LIBS)
+
+fuzz: $(FUZZ_BINS)
+.PHONY: fuzz
+
 $(shlib): $(LAYER)
 
 all: $(LAYER) build/pg_cmk

@@ -44,6 +44,7 @@ packages=(
 	# of the alternatives patroni depends on, so it is named here)
 	patroni etcd-server python3-etcd
 	gdb  # 052_core_dumps: gcore of a backend and of a tool under the layer
+	clang-14 libfuzzer-14-dev  # make fuzz / test/run_fuzz.sh: libFuzzer targets (fuzz/)
 )
 
 if [ "$list_only" -eq 1 ]; then

@@ -14,8 +14,9 @@
 #                      runs the unit tests in the work tree, runs the rest as you)
 # Other knobs:        CMK_TESTS="test/t/010_refusals.pl ..." runs only those TAP files;
 #                     CMK_KEEP_SCRATCH=1 keeps the scratch directory even on success;
-#                     CMK_SKIP_UNIT=1 / CMK_SKIP_REGRESS=1 skip those stages (for
-#                     quick runs of a few TAP files; CI runs everything).
+#                     CMK_SKIP_UNIT=1 / CMK_SKIP_FUZZ=1 / CMK_SKIP_REGRESS=1 skip those
+#                     stages (for quick runs of a few TAP files; CI runs everything);
+#                     CMK_FUZZ_SECONDS (default 20) is each fuzz target's time.
 # Versions:           the host's PostgreSQL 15 runs everything above; each other major
 #                     version in CMK_VERSIONS (default "15 17 18"; "15" for a quick run)
 #                     then runs its matrix subset in a Debian root filesystem of its own
@@ -155,6 +156,26 @@ elif make PG_CONFIG="$PG_CONFIG" WERROR=-Werror unit >"$logdir/unit_build.log" 2
 else
 	tail -n 80 "$logdir/unit_build.log"
 	record "unit tests: build" 0 1
+fi
+
+# --- 2b. libFuzzer targets (fuzz/): each parser of untrusted bytes for a bounded time
+# (CMK_FUZZ_SECONDS per target, default 20), regressions first; a target counts as one
+# test, passed or failed.
+echo "== fuzzing (libFuzzer, test/run_fuzz.sh)"
+if [ "${CMK_SKIP_FUZZ:-0}" = 1 ]; then
+	echo "(skipped: CMK_SKIP_FUZZ=1)"
+else
+	set +e
+	timeout -k 10 900 bash test/run_fuzz.sh >"$logdir/fuzz.log" 2>&1
+	fuzz_rc=$?
+	set -e
+	show_log "$logdir/fuzz.log"
+	fuzz_p=$(grep -c '^PASS ' "$logdir/fuzz.log" || true)
+	fuzz_f=$(grep -c '^FAIL ' "$logdir/fuzz.log" || true)
+	if [ "$fuzz_rc" -ne 0 ] && [ "$fuzz_f" -eq 0 ]; then
+		fuzz_f=1 # the script itself failed or timed out
+	fi
+	record "fuzzing (libFuzzer)" "$fuzz_p" "$fuzz_f" "exit $fuzz_rc"
 fi
 
 # --- 3. scratch directory for the server tests, writable by the test user
