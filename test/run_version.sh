@@ -51,7 +51,7 @@ log=$(mktemp /tmp/cmk_run_version_$version.XXXXXX)
 set +e
 bash "$root/scripts/pg_chroot.sh" "$version" -- env -i \
 	PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-	CMK_IN_ROOTFS=1 CMK_PG_VERSION="$version" CMK_SKIP_DEPS=1 CMK_SKIP_UNIT=1 \
+	CMK_IN_ROOTFS=1 CMK_PG_VERSION="$version" CMK_SKIP_DEPS=1 CMK_SKIP_UNIT=1 CMK_SKIP_FUZZ=1 \
 	CMK_TESTS="$(echo $tests)" CMK_TAP_TIMEOUT="${CMK_TAP_TIMEOUT:-900}" \
 	CMK_KEEP_SCRATCH="${CMK_KEEP_SCRATCH:-0}" CMK_SKIP_REGRESS="${CMK_SKIP_REGRESS:-0}" \
 	MAKEFLAGS="${MAKEFLAGS:--j2}" \
