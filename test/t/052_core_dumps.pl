@@ -119,6 +119,9 @@ my $pattern = first_line('/proc/sys/kernel/core_pattern') // '';
 SKIP:
 {
 	skip "core_pattern \"$pattern\" is not a plain file name", 2 if $pattern eq '' || $pattern =~ m{[|/%]};
+	my $hard = `sh -c 'ulimit -H -c'`;
+	chomp $hard;
+	skip "the hard core size limit is $hard, not unlimited", 2 if $hard ne 'unlimited';
 	for my $case ([ 'default', [] ], [ 'allowed', ['--allow-core-dumps'] ])
 	{
 		my ($label, $opts) = @$case;
