@@ -35,6 +35,18 @@ sub first_line
 my $yama = first_line('/proc/sys/kernel/yama/ptrace_scope') // 0;
 plan skip_all => "Yama ptrace_scope is $yama (gcore of a non-child is refused for every process)" if $yama > 0;
 
+# gcore must work at all here (a seccomp profile may forbid ptrace): a plain process of
+# the same user first
+{
+	my $probe_dir = PostgreSQL::Test::Utils::tempdir();
+	my $sleeper = IPC::Run::start([ 'sleep', '60' ]);
+	my $spid = $sleeper->{KIDS}[0]{PID};
+	IPC::Run::run([ 'gcore', '-o', "$probe_dir/probe", $spid ], '<', \undef, '>', \my $o, '2>', \my $e,
+		IPC::Run::timeout(60));
+	$sleeper->kill_kill;
+	plan skip_all => "gcore does not work on this machine even for a plain process: $e" unless -s "$probe_dir/probe.$spid";
+}
+
 my $node = new_encrypted_node('cores');
 my $pgdata = $node->data_dir;
 $node->start;
