@@ -293,15 +293,9 @@ std::vector<std::string> plain_env() {
 
 int cmd_basebackup(const std::vector<std::string>& args) {
     const std::string cmdname = "basebackup";
-    ParsedArgs a = parse_args(cmdname, args,
-                              {{"pgdata", 'D', true},
-                               {"format", 'F', true},
-                               {"provider", 0, true},
-                               {"key-store", 0, true},
-                               {"key-id", 0, true},
-                               {"create-key", 0, false},
-                               {"kms-option", 0, true},
-                               {"no-verify", 0, false}});
+    ParsedArgs a = parse_args(
+        cmdname, args,
+        with_key_option_specs({{"pgdata", 'D', true}, {"format", 'F', true}, {"no-verify", 0, false}}));
     if (a.has("help")) {
         std::fputs(kUsage, stdout);
         return 0;

@@ -109,6 +109,8 @@ struct KeyOptions {
     std::string store;   // local key store, absolute
 };
 KeyOptions parse_key_options(const std::string& cmdname, const ParsedArgs& a);
+// The option specs parse_key_options reads, appended to a command's own.
+std::vector<OptSpec> with_key_option_specs(std::vector<OptSpec> own);
 void check_key_store_outside(const std::string& cmdname, const KeyOptions& ko, const std::string& datadir);
 
 // The key (made if asked, or if none was named for the local provider) and a new

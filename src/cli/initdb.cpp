@@ -109,13 +109,7 @@ void append_conf(const std::string& datadir) {
 
 int cmd_initdb(const std::vector<std::string>& args) {
     const std::string cmdname = "initdb";
-    ParsedArgs a = parse_args(cmdname, args,
-                              {{"pgdata", 'D', true},
-                               {"provider", 0, true},
-                               {"key-store", 0, true},
-                               {"key-id", 0, true},
-                               {"create-key", 0, false},
-                               {"kms-option", 0, true}});
+    ParsedArgs a = parse_args(cmdname, args, with_key_option_specs({{"pgdata", 'D', true}}));
     if (a.has("help")) {
         std::fputs(kInitdbUsage, stdout);
         return 0;

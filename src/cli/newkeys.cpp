@@ -117,6 +117,15 @@ int run_and_wait(const std::string& path, const std::vector<std::string>& args,
 }
 
 
+std::vector<OptSpec> with_key_option_specs(std::vector<OptSpec> own) {
+    own.insert(own.end(), {{"provider", 0, true},
+                           {"key-store", 0, true},
+                           {"key-id", 0, true},
+                           {"create-key", 0, false},
+                           {"kms-option", 0, true}});
+    return own;
+}
+
 KeyOptions parse_key_options(const std::string& cmdname, const ParsedArgs& a) {
     KeyOptions ko;
     ko.provider_name = a.get("provider", "local");
