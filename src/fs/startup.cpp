@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cmk_lakebase/base/sys.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/keys/dbkeys.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
@@ -261,6 +262,7 @@ bool dropped_during_backup(State& s, const std::string& rel) {
 void check_every_file_has_key(State& s) {
     std::vector<std::string> missing, plain;
     size_t count = 0, plain_count = 0, probes = 0;
+    const std::string major = sys::data_directory_major(s.datadir);
     std::vector<std::string> stack{""};
     while (!stack.empty()) {
         std::string rel = stack.back();
@@ -273,6 +275,7 @@ void check_every_file_has_key(State& s) {
             if (name == "." || name == "..") continue;
             std::string r = rel.empty() ? name : rel + "/" + name;
             if (r == kKeyringDirName) continue;
+            if (other_version_tablespace_dir(r, major)) continue;  // another cluster's (pg_upgrade)
             struct stat sb;
             if (::stat((abs + "/" + name).c_str(), &sb) != 0) continue;  // follows pg_tblspc links
             if (S_ISDIR(sb.st_mode)) {

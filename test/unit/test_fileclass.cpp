@@ -163,3 +163,20 @@ TEST(FileClass, NormalizePath) {
     EXPECT_EQ(normalize_path("pg_wal/./000000010000000000000001"), "pg_wal/000000010000000000000001");
     EXPECT_EQ(classify_relative(normalize_path("base//5/./16384")), FileClass::Relation);
 }
+
+// pg_upgrade shares a tablespace location between the old and the new cluster: walks
+// of one cluster skip the other major version's directory, and only that.
+TEST(FileClass, OtherVersionTablespaceDir) {
+    EXPECT_TRUE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_17_202406281", "17"));
+    EXPECT_TRUE(other_version_tablespace_dir("pg_tblspc/16641/PG_17_202406281", "18"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", "15"));
+    // "1" must not pass as a prefix of "15"
+    EXPECT_TRUE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", "1"));
+    // not a version directory, or not directly under a tablespace: never skipped
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061/5", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/pgsql_tmp", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/x/PG_15_202209061", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("base/PG_15_202209061", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", ""));
+}

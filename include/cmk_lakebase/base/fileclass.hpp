@@ -33,6 +33,12 @@ bool is_ephemeral(FileClass c);
 // "pg_tblspc/<oid>/..." form.
 FileClass classify_relative(const std::string& rel);
 
+// A tablespace's per-version directory ("pg_tblspc/<oid>/PG_<major>_<catversion>") of
+// a major version other than `major` ("17"): it belongs to another cluster. pg_upgrade
+// puts the new cluster's directory beside the old one's in the same location, and the
+// old one stays until the old cluster is deleted. Walks of a data directory skip it.
+bool other_version_tablespace_dir(const std::string& rel, const std::string& major);
+
 // The database a relation file belongs to: the <db> of base/<db>/<relfile> and of
 // pg_tblspc/<oid>/PG_<ver>/<db>/<relfile>; 0 for anything else (shared catalogs in
 // global/, WAL, SLRU, temp files). How the layer routes a file to its database's key

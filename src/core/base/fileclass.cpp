@@ -186,6 +186,12 @@ FileClass classify_relative(const std::string& rel) {
     return FileClass::Plaintext;
 }
 
+bool other_version_tablespace_dir(const std::string& rel, const std::string& major) {
+    std::vector<std::string> c = split(rel);
+    if (c.size() != 3 || c[0] != "pg_tblspc" || !all_digits(c[1]) || !is_tblspc_version_dir(c[2])) return false;
+    return !major.empty() && c[2].compare(0, 4 + major.size(), "PG_" + major + "_") != 0;
+}
+
 uint32_t database_of(const std::string& rel) {
     if (classify_relative(rel) != FileClass::Relation) return 0;
     std::vector<std::string> c = split(rel);
