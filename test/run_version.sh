@@ -64,6 +64,7 @@ bash "$root/scripts/pg_chroot.sh" "$version" -- env -i \
 	CMK_IN_ROOTFS=1 CMK_PG_VERSION="$version" CMK_SKIP_DEPS=1 CMK_SKIP_UNIT=1 CMK_SKIP_FUZZ=1 \
 	CMK_TESTS="$(echo $tests)" CMK_TAP_TIMEOUT="${CMK_TAP_TIMEOUT:-900}" \
 	CMK_KEEP_SCRATCH="${CMK_KEEP_SCRATCH:-0}" CMK_SKIP_REGRESS="${CMK_SKIP_REGRESS:-0}" \
+	CMK_UPSTREAM_REGRESS="${CMK_UPSTREAM_REGRESS:-0}" \
 	MAKEFLAGS="${MAKEFLAGS:--j2}" \
 	bash /build/cmk_lakebase/test/run_all.sh </dev/null | tee "$log"
 rc=${PIPESTATUS[0]}
