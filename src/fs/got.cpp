@@ -146,7 +146,12 @@ void write_slots(const ObjectSlots& o, const std::vector<std::pair<std::string, 
         for (void** slot : it->second) {
             void* cur = *slot;
             if (cur == mine) continue;  // already ours (preloaded)
-            if (theirs && cur != theirs) {
+            // Another version of the same C library function (a module built against
+            // an older glibc binds e.g. a compat symbol version) is still the C library.
+            Dl_info dc{}, dt{};
+            bool in_libc = theirs && (cur == theirs || (dladdr(cur, &dc) && dladdr(theirs, &dt) &&
+                                                        dc.dli_fbase == dt.dli_fbase));
+            if (theirs && !in_libc) {
                 // Someone else already redirected this call: transforming data twice (or
                 // not at all) would follow. Refuse.
                 Dl_info di{};
