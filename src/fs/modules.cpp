@@ -11,6 +11,8 @@
 //     looks up its _PG_init. That covers libraries listed after cmk_lakebase, LOAD,
 //     session_preload_libraries and the libraries of functions loaded on first call,
 //     in whichever process loads them (children inherit the hook by fork).
+// A module the caller names as refused (one that would move decrypted data out of the
+// data directory) is not loaded at all: FATAL at start, a failed load later.
 // Only the object PostgreSQL asked for is patched, not the libraries it depends on
 // (libpython, libxml2, libcrypto): their file calls are their own business and never
 // touch files of an encrypted class. A module's calls on plaintext files pass through
@@ -21,6 +23,7 @@
 #include <set>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cmk_lakebase/fs/io.hpp"
 #include "layer_internal.hpp"
@@ -34,6 +37,7 @@ using DlerrorFn = char* (*)();
 
 std::string g_pkglibdir, g_pkglibdir_real;
 std::set<std::string> g_skip;                     // the layer library and its module
+std::vector<RefusedModule> g_refused;
 std::set<std::pair<uintptr_t, std::string>> g_done;  // objects patched (base, name)
 DlopenFn g_real_dlopen = nullptr;
 DlerrorFn g_real_dlerror = nullptr;
@@ -67,6 +71,11 @@ void cover_object(ElfW(Addr) addr, const char* name, const ElfW(Phdr)* phdr, Elf
     std::string path = real_path(name);
     if (path.empty()) path = name;
     if (g_skip.count(path)) return;
+    std::string base = path.substr(path.rfind('/') + 1);
+    for (const RefusedModule& r : g_refused)
+        if (base == r.name + ".so")
+            throw LayerError("cmk_lakebase: the module \"" + r.name + "\" cannot be used in an encrypted cluster",
+                             r.detail, r.hint);
     if (!g_done.emplace(uintptr_t(addr), path).second) return;
     ObjectSlots o = read_object_slots(addr, phdr, phnum, "module \"" + path + "\"");
     write_slots(o, layer_hooks(o, false));
@@ -101,7 +110,10 @@ void* hooked_dlopen(const char* file, int mode) {
         cover_handle(h);
     } catch (const std::exception& e) {
         std::string msg = e.what();
-        if (auto* le = dynamic_cast<const Error*>(&e); le && !le->detail.empty()) msg += " (" + le->detail + ")";
+        if (auto* le = dynamic_cast<const Error*>(&e)) {
+            if (!le->detail.empty()) msg += ". " + le->detail;
+            if (!le->hint.empty()) msg += " " + le->hint;
+        }
         log_line("refused to load \"" + std::string(file ? file : "") + "\": " + msg);
         dlclose(h);
         tl_dlerror = msg;
@@ -148,7 +160,8 @@ void hook_dlopen() {
 }  // namespace
 }  // namespace detail
 
-void cover_modules(const std::string& pkglibdir, const void* module_addr) {
+void cover_modules(const std::string& pkglibdir, const void* module_addr,
+                   const std::vector<RefusedModule>& refused) {
     using namespace detail;
     State& s = st();
     // Preloaded (a server started under LD_PRELOAD): every object's calls reach the
@@ -160,6 +173,7 @@ void cover_modules(const std::string& pkglibdir, const void* module_addr) {
     g_skip.insert(object_name_of(reinterpret_cast<const void*>(&install_got)));
     if (module_addr) g_skip.insert(object_name_of(module_addr));
     g_skip.erase("");
+    g_refused = refused;
 
     void* libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
     g_real_dlopen = libc ? reinterpret_cast<DlopenFn>(dlsym(libc, "dlopen")) : nullptr;

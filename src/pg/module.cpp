@@ -57,7 +57,16 @@ void _PG_init(void) {
             cmk::audit::set_default_actor("postmaster");
             cmk::fs::start_server(DataDir);
             // pg_stat_statements and other modules do their own file I/O.
-            cmk::fs::cover_modules(pkglib_path, &module_anchor);
+            // basic_archive copies WAL segments with PostgreSQL's copy_file, which reads
+            // them through the layer: the archive would be plaintext (DESIGN §7: a
+            // route that cannot keep ciphertext is refused).
+            cmk::fs::cover_modules(
+                pkglib_path, &module_anchor,
+                {{"basic_archive",
+                  "basic_archive copies WAL segments through the server, which decrypts them: the "
+                  "archive would hold plaintext WAL.",
+                  "Use archive_command (for example cp), which copies the ciphertext segments as "
+                  "they lie in pg_wal (docs/backups.md)."}});
         },
         FATAL);
 

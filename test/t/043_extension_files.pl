@@ -100,10 +100,11 @@ sub check_listed
 
 sub check_log_clean
 {
-	my ($node, $from) = @_;
+	my ($node, $from, $allowed) = @_;
 	my $log = slurp_file($node->logfile, $from);
 	my @bad = grep { /could not (?:read|write|truncate|open|rename)|no data encryption key|decrypt/ }
 	  split /\n/, $log;
+	@bad = grep { !/$allowed/ } @bad if $allowed;
 	is(join("\n", @bad), '', $node->name . ': no file errors in the server log');
 }
 
@@ -136,6 +137,8 @@ ok((grep { $_ eq "$dump: $plain->{markers}{do}" } @hits),
   or diag(join("\n", @hits));
 $plain->start;
 check_listed($plain, 'after a restart', qw(ctas comment notify gid do));
+my ($ret) = $plain->psql('postgres', "LOAD 'basic_archive'");
+is($ret, 0, 'plaintext control: basic_archive loads');
 $plain->stop;
 
 SKIP:
@@ -160,8 +163,16 @@ SKIP:
 	$node->start;
 	check_listed($node, 'after a restart', qw(ctas comment notify gid do));
 	ok(!-e "$d/pg_stat/pg_stat_statements.stat", 'encrypted: the dump file was read back and removed at start');
+
+	# basic_archive would archive WAL decrypted: a library loaded after start (LOAD,
+	# archive_library) goes through the layer's dlopen hook, which refuses it.
+	my ($lret, $lout, $lerr) = $node->psql('postgres', "LOAD 'basic_archive'");
+	isnt($lret, 0, 'encrypted: LOAD basic_archive fails');
+	like($lerr, qr/could not load library .*basic_archive.*cannot be used in an encrypted cluster.*archive_command/s,
+		'encrypted: ... saying why and what to use instead');
+	is($node->safe_psql('postgres', 'SELECT 1'), '1', 'encrypted: the server serves on after the refused load');
 	is(join("\n", scan($node)), '', 'encrypted: no marker after the restart');
-	check_log_clean($node, $from);
+	check_log_clean($node, $from, qr/refused to load|could not load library "[^"]*basic_archive/);
 
 	# ---- encrypted: pg_stat_statements first ----------------------------------------
 
@@ -177,7 +188,7 @@ SKIP:
 	is(join("\n", scan($node)), '', 'encrypted, other order: no marker after a clean stop');
 	$node->start;
 	check_listed($node, 'after a restart in the other order', qw(reverse ctas do));
-	check_log_clean($node, $from);
+	check_log_clean($node, $from, qr/refused to load|could not load library "[^"]*basic_archive/);
 
 	# A plaintext dump left by an earlier version of cmk_lakebase: removed at start
 	# (statistics lost, as after a crash) instead of refusing the start.
@@ -193,6 +204,26 @@ SKIP:
 		'encrypted: a plaintext dump from an earlier version is removed at start');
 	like(slurp_file($node->logfile, $at),
 		qr/pg_stat_statements\.stat" was written in plaintext before/, 'encrypted: the removal is logged');
+	$node->stop;
+
+	# basic_archive as archive_library: the archiver cannot load it, nothing is archived.
+	my $archive = PostgreSQL::Test::Utils::tempdir('basic_archive');
+	$node->append_conf('postgresql.conf',
+		"wal_level = replica\narchive_mode = on\narchive_library = 'basic_archive'\nbasic_archive.archive_directory = '$archive'\n");
+	$at = -s $node->logfile;
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE TABLE walfill AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal()');
+	my $seen = 0;
+	for (1 .. 60)
+	{
+		$seen = 1, last
+		  if slurp_file($node->logfile, $at) =~ /could not load library "[^"]*basic_archive[^"]*": cmk_lakebase: the module "basic_archive" cannot be used/;
+		sleep 1;
+	}
+	ok($seen, 'encrypted: the archiver refuses to load basic_archive');
+	opendir(my $ad, $archive) or die;
+	is(join(' ', grep { !/^\./ } readdir $ad), '', 'encrypted: basic_archive archived nothing');
+	closedir $ad;
 	$node->stop;
 }
 
