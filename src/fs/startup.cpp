@@ -291,6 +291,17 @@ void check_every_file_has_key(State& s) {
                         log_line("\"" + r + "\" was dropped while the backup was taken (the key map records "
                                  "its key as removed): emptied; WAL replay removes it");
                     }
+                } else if (c == FileClass::ExtensionState && !has_key(r)) {
+                    // pg_stat_statements' dump written before its class was encrypted
+                    // (an earlier version of cmk_lakebase): statistics, lost as after a
+                    // crash rather than read as ciphertext or refusing the start.
+                    if (::unlink((abs + "/" + name).c_str()) == 0) {
+                        log_line("\"" + r + "\" was written in plaintext before this file was encrypted: "
+                                 "removed (pg_stat_statements starts with empty statistics)");
+                    } else {
+                        count++;
+                        if (missing.size() < 5) missing.push_back(r);
+                    }
                 } else if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
                     count++;
                     if (missing.size() < 5) missing.push_back(r);
