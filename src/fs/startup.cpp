@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cmk_lakebase/base/key_arena.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/keys/dbkeys.hpp"
@@ -175,6 +176,12 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
     }
     load_databases(s);
     s.per_boot = random_key(32);
+    // The keys just unwrapped made the first keyed contexts: the arena is installed,
+    // or says why not (then key schedules are on the heap, as before issue 18).
+    KeyArenaStats arena = key_arena_stats();
+    if (!arena.active)
+        log_line(std::string("warning: cipher contexts stay on the ordinary heap (") + arena.reason +
+                 "): a core dump taken by root can hold key schedules");
 }
 
 // Preload mode: initialize on the first touch of the data directory.
