@@ -85,12 +85,26 @@ sub workload
 	check_listed($node, 'after the statements', qw(ctas comment notify gid do));
 }
 
+# PostgreSQL 16+ jumbles utility statements: the constants of CREATE TABLE AS and the
+# gid of PREPARE TRANSACTION are stored as $1, so their texts hold no marker there (the
+# normalized text is listed instead).
+my %normalized = (
+	ctas => q{CREATE TABLE ctas AS SELECT $1::text AS v},
+	gid  => q{PREPARE TRANSACTION $1});
+
 sub check_listed
 {
 	my ($node, $when, @kinds) = @_;
 	my $name = $node->name;
 	for my $k (@kinds)
 	{
+		if ($node->pg_version->major >= 16 && $normalized{$k})
+		{
+			my $q = $normalized{$k} =~ s/'/''/gr;
+			is($node->safe_psql('postgres', "SELECT count(*) >= 1 FROM pg_stat_statements WHERE query = '$q'"),
+				't', "$name: pg_stat_statements shows the $k statement $when (normalized on 16+)");
+			next;
+		}
 		my $mk = $node->{markers}{$k};
 		my $n = $node->safe_psql('postgres',
 			"SELECT count(*) FROM pg_stat_statements WHERE query LIKE '%$mk%'");
