@@ -30,6 +30,7 @@ const char kUsage[] =
     "  pg_cmk initdb -D DATADIR [--provider local] [--key-store DIR] [--key-id ID]\n"
     "                [--create-key] [-- INITDB_ARGS...]\n"
     "  pg_cmk basebackup -D DIR [-F p|t] [KEY OPTIONS] [-- PG_BASEBACKUP_ARGS...]\n"
+    "  pg_cmk encrypt -D DATADIR [KEY OPTIONS] [--remove-original]\n"
     "  pg_cmk exec -D DATADIR -- TOOL [ARGS...]\n"
     "  pg_cmk status -D DATADIR [--json]\n"
     "  pg_cmk key create|enable|disable|delete|show KEY_ID [--key-store DIR]\n"
@@ -47,6 +48,7 @@ const char kUsage[] =
     "  initdb        create a new encrypted cluster (runs the stock initdb under the layer)\n"
     "  basebackup    online base backup (or standby, with -R) of a running encrypted\n"
     "                cluster, encrypted on the destination\n"
+    "  encrypt       convert a stopped plaintext cluster into an encrypted one (offline)\n"
     "  exec          run a PostgreSQL tool on an encrypted cluster\n"
     "  status        show the key configuration and whether the key is usable\n"
     "  key           manage keys in the local key store\n"
@@ -87,6 +89,8 @@ int run(int argc, char** argv) {
     }
     if (cmd == "initdb") return cmd_initdb(args);
     if (cmd == "basebackup") return cmd_basebackup(args);
+    if (cmd == "encrypt") return cmd_encrypt(args);
+    if (cmd == "__encrypt-copy") return cmd_encrypt_copy(args);
     if (cmd == "exec") return cmd_exec(args);
     if (cmd == "status") return cmd_status(args);
     if (cmd == "key") return cmd_key(args);
