@@ -204,6 +204,10 @@ void check_source(const Paths& p, const std::string& control) {
     const std::string& dir = p.dir;
     if (!path_exists(dir + "/PG_VERSION") || !path_exists(control))
         throw CliError("\"" + dir + "\" is not a PostgreSQL data directory (no PG_VERSION or global/pg_control)");
+    struct stat own;
+    if (stat(dir.c_str(), &own) == 0 && own.st_uid != geteuid())
+        throw CliError("\"" + dir + "\" belongs to another user (uid " + std::to_string(own.st_uid) +
+                       "); run pg_cmk encrypt as the cluster's owner, so that the new files are its own");
     if (path_exists(dir + "/postmaster.pid"))
         throw CliError("a server is running on \"" + dir + "\" (or it crashed): postmaster.pid exists; stop it "
                        "cleanly with pg_ctl stop -D " + dir + " -m fast and run pg_cmk encrypt again",

@@ -92,6 +92,10 @@ symlink($ts, "$dir/pg_tblspc/99999") or die "symlink: $!";
 ($rc, $out, $err) = encrypt();
 like($err, qr/user tablespaces .*not supported/, 'user tablespaces are refused (not supported)');
 unlink "$dir/pg_tblspc/99999";
+symlink($dir, "$dir.link") or die "symlink: $!";
+($rc, $out, $err) = CmkTest::pg_cmk('encrypt', '-D', "$dir.link", '--key-store', $store, '--key-id', $key);
+like($err, qr/is a symbolic link; give the data directory's real path/, 'a data directory given by a symbolic link is refused');
+unlink "$dir.link";
 ok(!-e $staging && !-e $mark, 'the refusals left nothing behind');
 
 # --- killed at named steps, each resumed by the next run ------------------------------
@@ -163,22 +167,55 @@ rmtree($dir);
 rename($orig, $dir) or die "rename: $!";
 my $t0 = time;
 my ($kills, $runs, $done) = (0, 0, 0);
-my $max_delay = 1.5;
+my $max_delay = 0.15;
+my $journal   = "$staging/pg_cmk_encrypt.journal";
+
+sub staged_bytes
+{
+	my $n = 0;
+	File::Find::find({ wanted => sub { $n += (-s $_ // 0) if -f $_ }, no_chdir => 0 }, $staging) if -d $staging;
+	return $n;
+}
+
+sub journal_lines
+{
+	open(my $f, '<', $journal) or return 0;
+	my $n = 0;
+	$n++ while <$f>;
+	close $f;
+	return $n;
+}
 while (!$done && $runs < 60)
 {
 	$runs++;
 	my ($o, $e) = ('', '');
 	my @cmd = ('pg_cmk', 'encrypt', '-D', $dir, '--key-store', $store, '--key-id', $key);
 	my $h = IPC::Run::start(\@cmd, '<', \undef, '>', \$o, '2>', \$e);
-	my $delay = 0.02 + rand($max_delay);
-	my $deadline = time + $delay;
-	while (time < $deadline && $h->pumpable) { $h->pump_nb; sleep 0.01; }
+	my $t_start = time;
+	my $how;
+	if ($runs % 2)
+	{
+		# at a random time early in the run (start-up, keyring, the first files)
+		my $delay = 0.02 + rand($max_delay);
+		$how = sprintf('after %.3f s', $delay);
+		while (time < $t_start + $delay && $h->pumpable) { $h->pump_nb; sleep 0.005; }
+	}
+	else
+	{
+		# in the middle of the copy: once the staging directory has grown by a random
+		# 5-35 % of the cluster's size (wherever that falls: inside a file, between a
+		# file and its journal record, ...)
+		my $target = staged_bytes() + (0.05 + rand(0.30)) * $bytes;
+		while (staged_bytes() < $target && $h->pumpable && time < $t_start + 60) { $h->pump_nb; sleep 0.005; }
+		$how = sprintf('at %.1f MB staged (target %.1f MB), %d files journaled',
+			staged_bytes() / 1e6, $target / 1e6, journal_lines());
+	}
 	if ($runs <= 8 && $h->pumpable)
 	{
 		$h->signal('KILL');
 		$h->finish;
 		$kills++;
-		note("run $runs: killed after ${delay}s");
+		note("run $runs: killed $how");
 		check_half_converted("random kill $kills");
 		next;
 	}
