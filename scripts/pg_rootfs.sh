@@ -113,12 +113,20 @@ packages=(
 	python3 python3-cryptography python3-hvac openssl curl
 )
 
+# The newer versions' root filesystems also carry Debian 12's PostgreSQL 15 server (from
+# bookworm, the host's own release, through a source pinned below every other so that
+# nothing else comes from it): the old version of the major-version upgrade test
+# (TAP 096, pg_cmk upgrade with pg_upgrade needs both servers in one filesystem). The
+# extension's 15 build is installed into it from the host by test/run_version.sh.
+old_pkgs=()
+[ "$version" = 15 ] || old_pkgs=(postgresql-15 postgresql-client-15)
+
 # The stamp: its first line names the base system (what debootstrap made), its second
 # the package list. Another base is a rebuild from scratch; the same base with another
 # package list only runs the package step again in place (apt-get install is
 # idempotent), so adding a package to the list costs a minute, not a debootstrap.
 base_stamp="revision=$rootfs_revision suite=$suite extra_suite=$extra_suite mirror=$mirror"
-want_stamp=$(printf '%s\npackages=%s\n' "$base_stamp" "${packages[*]}")
+want_stamp=$(printf '%s\npackages=%s%s\n' "$base_stamp" "${packages[*]}" "${old_pkgs[*]:+ old:${old_pkgs[*]}}")
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want_stamp" ]; then
 	echo "pg_rootfs.sh: reusing $rootfs (PostgreSQL $version, $suite${extra_suite:+ + $extra_suite})"
 	echo "$rootfs"
@@ -163,7 +171,13 @@ fi
 {
 	echo "deb $mirror $suite main"
 	[ -z "$extra_suite" ] || echo "deb $mirror $extra_suite main"
+	[ ${#old_pkgs[@]} -eq 0 ] || echo "deb $mirror bookworm main"
 } >"$work/etc/apt/sources.list"
+rm -f "$work/etc/apt/sources.list.d/bookworm.list" "$work/etc/apt/preferences.d/bookworm"
+if [ ${#old_pkgs[@]} -gt 0 ]; then
+	mkdir -p "$work/etc/apt/preferences.d"
+	printf 'Package: *\nPin: release n=bookworm\nPin-Priority: 100\n' >"$work/etc/apt/preferences.d/cmk-bookworm"
+fi
 cp /etc/resolv.conf "$work/etc/resolv.conf" 2>/dev/null || true
 # The archive a machine reaches may be a frozen copy, whose unstable and experimental
 # Release files are past their Valid-Until date (apt then refuses them). Signatures are
@@ -187,6 +201,7 @@ if ! bash "$here/pg_chroot.sh" --rootfs "$work" -- env DEBIAN_FRONTEND=nonintera
 	apt-get update -q
 	apt-get install ${apt_opts[*]} ${other_pkgs[*]}
 	apt-get install ${apt_opts[*]} ${target[*]} ${pg_pkgs[*]}
+	${old_pkgs[*]:+apt-get install ${apt_opts[*]} -t bookworm ${old_pkgs[*]}}
 	apt-get clean
 	rm -rf /var/lib/apt/lists/*
 " >"$cache/apt-$version.log" 2>&1; then

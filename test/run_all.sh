@@ -16,7 +16,9 @@
 #                     CMK_KEEP_SCRATCH=1 keeps the scratch directory even on success;
 #                     CMK_SKIP_UNIT=1 / CMK_SKIP_FUZZ=1 / CMK_SKIP_REGRESS=1 skip those
 #                     stages (for quick runs of a few TAP files; CI runs everything);
-#                     CMK_FUZZ_SECONDS (default 20) is each fuzz target's time.
+#                     CMK_FUZZ_SECONDS (default 20) is each fuzz target's time;
+#                     CMK_UPSTREAM_REGRESS=1 adds PostgreSQL's own regression suite on
+#                     an encrypted and a plaintext cluster (scripts/pg_upstream_regress.sh).
 # Versions:           the host's PostgreSQL 15 runs everything above; each other major
 #                     version in CMK_VERSIONS (default "15 17 18"; "15" for a quick run)
 #                     then runs its matrix subset in a Debian root filesystem of its own
@@ -241,6 +243,24 @@ if [ "$regress_rc" -ne 0 ] && [ "$r_fail" -eq 0 ]; then
 	r_fail=1
 fi
 record "pg_regress" "$r_pass" "$r_fail" "exit $regress_rc"
+fi
+
+# --- 4b. PostgreSQL's own regression suite, encrypted against plaintext (optional:
+# CMK_UPSTREAM_REGRESS=1; about 5 minutes a version; scripts/pg_upstream_regress.sh)
+if [ "${CMK_UPSTREAM_REGRESS:-0}" = 1 ] && [ "$is_root" -eq 1 ]; then
+	echo "== PostgreSQL's own regression suite, encrypted and plaintext (scripts/pg_upstream_regress.sh)"
+	set +e
+	bash "$root/scripts/pg_upstream_regress.sh" "$pg_version" >"$logdir/upstream_regress.log" 2>&1 </dev/null
+	u_rc=$?
+	set -e
+	show_log "$logdir/upstream_regress.log"
+	if [ "$u_rc" -eq 0 ]; then
+		record "upstream regression (same lists)" 1 0 "exit 0"
+	elif [ "$u_rc" -eq 3 ]; then
+		record "upstream regression (no source)" 0 0 "blocked: the archive serves no source tarball"
+	else
+		record "upstream regression (same lists)" 0 1 "exit $u_rc"
+	fi
 fi
 
 # --- 5. TAP

@@ -32,7 +32,8 @@ fi
 # KMS provider end to end (062: Vault Transit against the loopback Vault; 060 KMIP runs on 15 only, see pg_rootfs.sh); 090 the version's own
 # I/O (vectored I/O, fallocate, io_method).
 default_tests="test/t/020_tools.pl test/t/030_crash_recovery.pl test/t/040_marker_scan.pl
-test/t/050_watchdog.pl test/t/062_vault.pl test/t/070_rotation.pl test/t/087_basebackup.pl test/t/090_versions.pl"
+test/t/050_watchdog.pl test/t/062_vault.pl test/t/070_rotation.pl test/t/087_basebackup.pl test/t/090_versions.pl
+test/t/096_upgrade.pl"
 tests=${CMK_MATRIX_TESTS:-$default_tests}
 
 t0=$(date +%s)
@@ -46,6 +47,15 @@ rm -rf --one-file-system "$dest"
 mkdir -p "$dest"
 tar -C "$root" --exclude=./.git --exclude='*.o' --exclude='*.so' --exclude=./build --exclude=./tmp_check -cf - . | tar -C "$dest" -xf -
 
+# The old side of the upgrade test (TAP 096): the rootfs carries Debian 12's PostgreSQL
+# 15 (scripts/pg_rootfs.sh); the extension's 15 build of this tree (the host's) goes
+# into it, under the paths it was built for. One make at a time in this tree.
+if [ "$version" != 15 ] && [ -x "$rootfs/usr/lib/postgresql/15/bin/postgres" ] &&
+	[ -x /usr/lib/postgresql/15/bin/pg_config ]; then
+	flock /tmp/cmk_build15.lock make -C "$root" -s install DESTDIR="$rootfs" \
+		PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config >/dev/null
+fi
+
 t1=$(date +%s)
 log=$(mktemp /tmp/cmk_run_version_$version.XXXXXX)
 set +e
@@ -54,6 +64,7 @@ bash "$root/scripts/pg_chroot.sh" "$version" -- env -i \
 	CMK_IN_ROOTFS=1 CMK_PG_VERSION="$version" CMK_SKIP_DEPS=1 CMK_SKIP_UNIT=1 CMK_SKIP_FUZZ=1 \
 	CMK_TESTS="$(echo $tests)" CMK_TAP_TIMEOUT="${CMK_TAP_TIMEOUT:-900}" \
 	CMK_KEEP_SCRATCH="${CMK_KEEP_SCRATCH:-0}" CMK_SKIP_REGRESS="${CMK_SKIP_REGRESS:-0}" \
+	CMK_UPSTREAM_REGRESS="${CMK_UPSTREAM_REGRESS:-0}" \
 	MAKEFLAGS="${MAKEFLAGS:--j2}" \
 	bash /build/cmk_lakebase/test/run_all.sh </dev/null | tee "$log"
 rc=${PIPESTATUS[0]}

@@ -279,16 +279,6 @@ void run_checked(const std::string& what, const std::string& path, const std::ve
         throw CliError(what + " failed (" + exit_words(status) + ")");
 }
 
-std::vector<std::string> plain_env() {
-    std::vector<std::string> env;
-    for (char** e = environ; e && *e; ++e) {
-        std::string kv(*e);
-        if (kv.compare(0, 11, "LD_PRELOAD=") == 0 || kv.compare(0, 13, "CMK_LAKEBASE_") == 0) continue;
-        env.push_back(kv);
-    }
-    return env;
-}
-
 }  // namespace
 
 int cmd_basebackup(const std::vector<std::string>& args) {
@@ -412,7 +402,7 @@ int cmd_basebackup(const std::vector<std::string>& args) {
 
         // --- 5. tar format: the encrypted files packed ------------------------------
         if (tar) {
-            const std::vector<std::string> env = plain_env();
+            const std::vector<std::string> env = plain_environment();
             run_checked("tar (base.tar)", "/bin/tar",
                         {"/bin/tar", "-C", work, "-cf", dest + "/base.tar", "--format=ustar", "--exclude=./pg_wal/?*",
                          "--exclude=./backup_manifest", "."},

@@ -92,6 +92,14 @@ std::string find_tool(const std::string& name);
 std::vector<std::string> layer_environment(const std::string& layer, const std::string& pgdata,
                                            const std::string& keyring_dir);
 
+// The current environment without LD_PRELOAD and CMK_LAKEBASE_* (a tool that must not
+// run under the layer).
+std::vector<std::string> plain_environment();
+// Replaces this process with path (argv args, environment env); throws CliError if
+// execve fails.
+[[noreturn]] void exec_replacing(const std::string& path, const std::vector<std::string>& args,
+                                 const std::vector<std::string>& env);
+
 // Data directory of an existing encrypted cluster (absolute); throws CliError if the
 // directory is missing or has no cmk_lakebase/keyring.json.
 std::string encrypted_datadir(const std::string& given);
@@ -150,6 +158,10 @@ int cmd_basebackup(const std::vector<std::string>& args);
 int cmd_encrypt(const std::vector<std::string>& args);
 int cmd_encrypt_copy(const std::vector<std::string>& args);  // internal: the copier under the layer
 int cmd_exec(const std::vector<std::string>& args);
+// pg_cmk upgrade, and its internal steps upgrade-sync and upgrade-encrypt (upgrade.cpp)
+int cmd_upgrade(const std::vector<std::string>& args);
+int cmd_upgrade_sync(const std::vector<std::string>& args);
+int cmd_upgrade_encrypt(const std::vector<std::string>& args);
 int cmd_status(const std::vector<std::string>& args);
 int cmd_key(const std::vector<std::string>& args);
 int cmd_bench_cipher(const std::vector<std::string>& args);

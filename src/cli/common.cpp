@@ -292,6 +292,30 @@ std::vector<std::string> layer_environment(const std::string& layer, const std::
     return env;
 }
 
+std::vector<std::string> plain_environment() {
+    std::vector<std::string> env;
+    for (char** e = environ; e && *e; ++e) {
+        std::string kv(*e);
+        if (kv.compare(0, 11, "LD_PRELOAD=") == 0 || kv.compare(0, 13, "CMK_LAKEBASE_") == 0) continue;
+        env.push_back(kv);
+    }
+    return env;
+}
+
+void exec_replacing(const std::string& path, const std::vector<std::string>& args,
+                    const std::vector<std::string>& env) {
+    std::vector<char*> argv;
+    for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
+    argv.push_back(nullptr);
+    std::vector<char*> envp;
+    for (const auto& s : env) envp.push_back(const_cast<char*>(s.c_str()));
+    envp.push_back(nullptr);
+    std::fflush(stdout);
+    std::fflush(stderr);
+    execve(path.c_str(), argv.data(), envp.data());
+    throw CliError("cannot run \"" + path + "\": " + std::strerror(errno));
+}
+
 std::string encrypted_datadir(const std::string& given) {
     std::string dir = existing_dir(given, "data directory");
     std::string keyring = dir + "/cmk_lakebase/keyring.json";

@@ -57,7 +57,7 @@ const Refusal kRefused[] = {
     {"pg_rewind", "it copies files and the key map from the source cluster over the target's without re-keying them",
      "re-create the old primary as a standby of the new one with pg_cmk basebackup -R"},
     {"pg_upgrade", "it copies data files between clusters without re-keying them, leaving a corrupt new cluster",
-     "move the data with pg_dump and pg_restore into a new cluster made by pg_cmk initdb"},
+     "use pg_cmk upgrade, which runs it and gives the new cluster's key map the keys of the files it carries"},
 };
 
 // pg_receivewal's target directory, absolute (the layer encrypts the segments written
@@ -144,17 +144,7 @@ int cmd_exec(const std::vector<std::string>& args) {
     // pg_cmk basebackup leaves it out of the manifest, and verification ignores it.
     if (base_of(path) == "pg_verifybackup")
         tool_args.insert(tool_args.begin() + 1, "--ignore=cmk_lakebase/audit.log");
-    std::vector<char*> argv;
-    for (const auto& s : tool_args) argv.push_back(const_cast<char*>(s.c_str()));
-    argv.push_back(nullptr);
-    std::vector<char*> envp;
-    for (const auto& s : env) envp.push_back(const_cast<char*>(s.c_str()));
-    envp.push_back(nullptr);
-
-    std::fflush(stdout);
-    std::fflush(stderr);
-    execve(path.c_str(), argv.data(), envp.data());
-    throw CliError("cannot run \"" + path + "\": " + std::strerror(errno));
+    exec_replacing(path, tool_args, env);
 }
 
 }  // namespace cmk::cli

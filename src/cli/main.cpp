@@ -32,6 +32,7 @@ const char kUsage[] =
     "  pg_cmk basebackup -D DIR [-F p|t] [KEY OPTIONS] [-- PG_BASEBACKUP_ARGS...]\n"
     "  pg_cmk encrypt -D DATADIR [KEY OPTIONS] [--remove-original]\n"
     "  pg_cmk exec -D DATADIR -- TOOL [ARGS...]\n"
+    "  pg_cmk upgrade -d OLDDATADIR -D NEWDATADIR -b OLDBINDIR -B NEWBINDIR [--link]\n"
     "  pg_cmk status -D DATADIR [--json]\n"
     "  pg_cmk key create|enable|disable|delete|show KEY_ID [--key-store DIR]\n"
     "  pg_cmk key list [--key-store DIR]\n"
@@ -50,6 +51,8 @@ const char kUsage[] =
     "                cluster, encrypted on the destination\n"
     "  encrypt       convert a stopped plaintext cluster into an encrypted one (offline)\n"
     "  exec          run a PostgreSQL tool on an encrypted cluster\n"
+    "  upgrade       major-version upgrade with the stock pg_upgrade into a new encrypted\n"
+    "                cluster\n"
     "  status        show the key configuration and whether the key is usable\n"
     "  key           manage keys in the local key store\n"
     "  rewrap        re-wrap the KEK under the CMK's current version (offline cluster)\n"
@@ -92,6 +95,10 @@ int run(int argc, char** argv) {
     if (cmd == "encrypt") return cmd_encrypt(args);
     if (cmd == "__encrypt-copy") return cmd_encrypt_copy(args);
     if (cmd == "exec") return cmd_exec(args);
+    if (cmd == "upgrade") return cmd_upgrade(args);
+    // Internal steps of pg_cmk upgrade (its pg_resetwal, and the encrypting copier).
+    if (cmd == "upgrade-sync") return cmd_upgrade_sync(args);
+    if (cmd == "upgrade-encrypt") return cmd_upgrade_encrypt(args);
     if (cmd == "status") return cmd_status(args);
     if (cmd == "key") return cmd_key(args);
     if (cmd == "bench-cipher") return cmd_bench_cipher(args);

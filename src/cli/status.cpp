@@ -20,6 +20,7 @@
 #include <rapidjson/writer.h>
 
 #include "cli.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/keys/dbkeys.hpp"
@@ -66,6 +67,7 @@ constexpr int kExitDamaged = 5;
 size_t files_without_key(const std::string& datadir, KeyMap& km,
                          const std::function<KeyMap*(uint32_t)>& db_map, std::string* first) {
     size_t count = 0;
+    const std::string major = sys::data_directory_major(datadir);
     std::vector<std::string> stack{""};
     while (!stack.empty()) {
         std::string rel = stack.back();
@@ -78,6 +80,7 @@ size_t files_without_key(const std::string& datadir, KeyMap& km,
             if (name == "." || name == "..") continue;
             std::string r = rel.empty() ? name : rel + "/" + name;
             if (r == "cmk_lakebase") continue;
+            if (other_version_tablespace_dir(r, major)) continue;  // another cluster's (pg_upgrade)
             struct stat sb;
             if (::stat((abs + "/" + name).c_str(), &sb) != 0) continue;  // follows pg_tblspc links
             if (S_ISDIR(sb.st_mode)) {

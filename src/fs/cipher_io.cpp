@@ -5,7 +5,7 @@
 // and writes as zeros (holes, never-written pages). Unaligned reads decrypt the
 // covering units; unaligned writes read, modify and write them back. Aligned relation
 // reads go to the mapping first (mapped_reads.cpp); WAL I/O takes the unit lock
-// (wal_lock.cpp).
+// (wal_lock.cpp); files of the classes that lock as a whole take FileLock.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -84,10 +84,32 @@ void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t
     crypt_units(k, enc, buf, buf, first_unit, len);
 }
 
+// ---- the whole-file lock --------------------------------------------------------------------
+
+void FileLock::lock(bool write) {
+    struct flock fl {};
+    fl.l_type = write ? F_WRLCK : F_RDLCK;
+    fl.l_whence = SEEK_SET;  // l_start = l_len = 0: the whole file, however long it grows
+    while (real().fcntl(fd_, F_OFD_SETLKW, &fl) != 0) {
+        if (errno != EINTR) return;  // e.g. a write lock on a read-only descriptor: go unlocked
+    }
+    locked_ = true;
+}
+
+void FileLock::unlock() {
+    int saved = errno;
+    struct flock fl {};
+    fl.l_type = F_UNLCK;
+    fl.l_whence = SEEK_SET;
+    real().fcntl(fd_, F_OFD_SETLK, &fl);
+    errno = saved;
+}
+
 // ---- read ---------------------------------------------------------------------------------
 
 ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
     if (len == 0) return real().pread(fd, buf, 0, off);
+    FileLock flk(fd, c->cls, false);
     std::shared_ptr<FileKey> key = ensure_key(c, false);
     if (!key) {
         if (errno != 0) return -1;
@@ -190,7 +212,8 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
     int64_t end = off + int64_t(len);
     int64_t size = c->known_size.load(std::memory_order_relaxed);
     bool extends = end > size;
-    if (extends || size % U) {
+    // Another process may have changed the size of a file that locks as a whole.
+    if (extends || size % U || locks_whole_file(c->cls)) {
         size = file_size(fd);
         if (size < 0) return -1;
         extends = end > size;
@@ -248,6 +271,7 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
 
 ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off) {
     if (len == 0) return real().pwrite(fd, buf, 0, off);
+    FileLock flk(fd, c->cls, true);
     std::shared_ptr<FileKey> key = ensure_key(c, true);
     if (!key) {
         if (errno == 0) errno = EIO;

@@ -186,6 +186,8 @@ ssize_t op_pwritev(int fd, const struct iovec* iov, int cnt, off_t off) {
 
 int op_ftruncate(int fd, off_t len) {
     FileCtx* c = ctx_get(fd);
+    std::optional<FileLock> flk;
+    if (c) flk.emplace(fd, c->cls, true);  // the re-encrypted end and the new size, at once
     if (c && enc_resize(c, fd, len) != 0) return -1;
     return real().ftruncate(fd, len);
 }

@@ -2,7 +2,9 @@
 // dynamic-linker slots (GOT entries of its JUMP_SLOT / GLOB_DAT relocations) for the
 // file calls it makes, so that they reach the layer instead of libc. Runs in the
 // postmaster from _PG_init, before any child is forked; children inherit it.
-// Only the executable's slots change: libc itself, and other libraries, keep theirs.
+// Only the executable's slots change here: libc itself, and other libraries, keep
+// theirs; the PostgreSQL modules the server loads get theirs in modules.cpp, through
+// the same read_object_slots/write_slots.
 #include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
@@ -50,6 +52,8 @@ struct Hook {
     bool required;
 };
 
+}  // namespace
+
 void* self_sym(const char* name) {
     // Our own definition of the libc name (interpose.cpp), looked up in this library.
     Dl_info di;
@@ -61,11 +65,10 @@ void* self_sym(const char* name) {
     return p;
 }
 
-}  // namespace
-
-void install_got() {
+const std::vector<std::pair<const char*, bool>>& hooked_names() {
     // Calls the postgres executable makes that move file bytes or file identity.
     // "required": without a slot for it the layer cannot see PostgreSQL's data I/O.
+    // fopen/fileno: AllocateFile's streams over encrypted files (stdio.cpp).
     static const std::vector<std::pair<const char*, bool>> names = {
         {"open", true},         {"open64", false},        {"openat", false},   {"openat64", false},
         {"__open_2", false},    {"__open64_2", false},    {"creat", false},    {"close", true},
@@ -76,30 +79,26 @@ void install_got() {
         {"renameat2", false},   {"link", false},          {"linkat", false},   {"unlink", true},
         {"unlinkat", false},    {"truncate", false},      {"ftruncate", true}, {"fallocate", false},
         {"posix_fallocate", false}, {"copy_file_range", false}, {"dup", false}, {"dup2", false},
-        {"dup3", false},        {"fcntl", false},         {"mmap", false},
+        {"dup3", false},        {"fcntl", false},         {"mmap", false},     {"fopen", false},
+        {"fopen64", false},     {"fileno", false},
     };
-    // Calls through which the executable could move data the layer does not see.
-    static const char* const unsupported[] = {"io_uring_setup", "io_uring_enter", "io_submit",
-                                              "sendfile", "splice", "aio_write", "aio_read"};
+    return names;
+}
 
-    MainObject m;
-    dl_iterate_phdr(find_main, &m);
-    if (!m.found)
-        throw LayerError("cmk_lakebase: cannot find the server executable's program headers", "",
-                         "This platform is not supported.");
-
+ObjectSlots read_object_slots(ElfW(Addr) base, const ElfW(Phdr)* phdr, ElfW(Half) phnum, const std::string& what) {
+    ObjectSlots o;
+    o.what = what;
     const ElfW(Dyn)* dyn = nullptr;
-    ElfW(Addr) relro_start = 0, relro_end = 0;
-    for (int i = 0; i < m.phnum; i++) {
-        if (m.phdr[i].p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(m.base + m.phdr[i].p_vaddr);
-        if (m.phdr[i].p_type == PT_GNU_RELRO) {
-            relro_start = m.base + m.phdr[i].p_vaddr;
-            relro_end = relro_start + m.phdr[i].p_memsz;
+    for (int i = 0; i < phnum; i++) {
+        if (phdr[i].p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(base + phdr[i].p_vaddr);
+        if (phdr[i].p_type == PT_GNU_RELRO) {
+            o.relro_start = base + phdr[i].p_vaddr;
+            o.relro_end = o.relro_start + phdr[i].p_memsz;
         }
     }
     if (!dyn)
-        throw LayerError("cmk_lakebase: the server executable is not dynamically linked",
-                         "The encrypting file layer needs the executable's dynamic-linker slots.",
+        throw LayerError("cmk_lakebase: " + what + " is not dynamically linked",
+                         "The encrypting file layer needs its dynamic-linker slots.",
                          "Use a dynamically linked PostgreSQL build (such as Debian's).");
 
     const ElfW(Sym)* symtab = nullptr;
@@ -110,84 +109,113 @@ void install_got() {
     size_t rela_sz = 0;
     for (const ElfW(Dyn)* d = dyn; d->d_tag != DT_NULL; d++) {
         switch (d->d_tag) {
-            case DT_SYMTAB: symtab = dyn_ptr<const ElfW(Sym)>(m.base, d->d_un.d_ptr); break;
-            case DT_STRTAB: strtab = dyn_ptr<const char>(m.base, d->d_un.d_ptr); break;
-            case DT_JMPREL: jmprel = dyn_ptr<const ElfW(Rela)>(m.base, d->d_un.d_ptr); break;
+            case DT_SYMTAB: symtab = dyn_ptr<const ElfW(Sym)>(base, d->d_un.d_ptr); break;
+            case DT_STRTAB: strtab = dyn_ptr<const char>(base, d->d_un.d_ptr); break;
+            case DT_JMPREL: jmprel = dyn_ptr<const ElfW(Rela)>(base, d->d_un.d_ptr); break;
             case DT_PLTRELSZ: jmprel_sz = d->d_un.d_val; break;
-            case DT_RELA: rela = dyn_ptr<const ElfW(Rela)>(m.base, d->d_un.d_ptr); break;
+            case DT_RELA: rela = dyn_ptr<const ElfW(Rela)>(base, d->d_un.d_ptr); break;
             case DT_RELASZ: rela_sz = d->d_un.d_val; break;
             default: break;
         }
     }
     if (!symtab || !strtab)
-        throw LayerError("cmk_lakebase: cannot read the server executable's dynamic symbols", "",
+        throw LayerError("cmk_lakebase: cannot read the dynamic symbols of " + what, "",
                          "This PostgreSQL build is not supported.");
 
-    std::map<std::string, std::vector<void**>> slots;
     auto scan = [&](const ElfW(Rela)* r, size_t sz) {
         if (!r) return;
         for (size_t i = 0; i < sz / sizeof(ElfW(Rela)); i++) {
             unsigned type = ELF64_R_TYPE(r[i].r_info);
             if (type != R_X86_64_JUMP_SLOT && type != R_X86_64_GLOB_DAT) continue;
             const char* name = strtab + symtab[ELF64_R_SYM(r[i].r_info)].st_name;
-            slots[name].push_back(reinterpret_cast<void**>(m.base + r[i].r_offset));
+            o.slots[name].push_back(reinterpret_cast<void**>(base + r[i].r_offset));
         }
     };
     scan(jmprel, jmprel_sz);
     scan(rela, rela_sz);
+    return o;
+}
 
-    for (const char* u : unsupported)
-        if (slots.count(u))
-            throw LayerError("cmk_lakebase: the server executable performs file I/O the layer cannot see",
-                             std::string("It calls ") + u + "().",
-                             "Run a PostgreSQL build without that I/O method (e.g. io_method = sync).");
-
+void write_slots(const ObjectSlots& o, const std::vector<std::pair<std::string, void*>>& hooks) {
     void* libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
-    struct Patch {
-        void** slot;
-        void* value;
-    };
-    std::vector<Patch> patches;
-    for (auto& [name, required] : names) {
-        auto it = slots.find(name);
-        if (it == slots.end()) {
-            if (required)
+    std::vector<std::pair<void**, void*>> patches;
+    for (const auto& [name, mine] : hooks) {
+        auto it = o.slots.find(name);
+        if (it == o.slots.end()) continue;
+        void* theirs = libc ? dlsym(libc, name.c_str()) : nullptr;
+        for (void** slot : it->second) {
+            void* cur = *slot;
+            if (cur == mine) continue;  // already ours (preloaded)
+            // Another version of the same C library function (a module built against
+            // an older glibc binds e.g. a compat symbol version) is still the C library.
+            Dl_info dc{}, dt{};
+            bool in_libc = theirs && (cur == theirs || (dladdr(cur, &dc) && dladdr(theirs, &dt) &&
+                                                        dc.dli_fbase == dt.dli_fbase));
+            if (theirs && !in_libc) {
+                // Someone else already redirected this call: transforming data twice (or
+                // not at all) would follow. Refuse.
+                Dl_info di{};
+                dladdr(cur, &di);
+                throw LayerError("cmk_lakebase: another library already intercepts " + name + "() in " + o.what,
+                                 std::string("The slot points into ") + (di.dli_fname ? di.dli_fname : "unknown code") + ".",
+                                 "Remove the other file-interposing library (LD_PRELOAD) from the server's environment.");
+            }
+            patches.emplace_back(slot, mine);
+        }
+    }
+
+    long page = sysconf(_SC_PAGESIZE);
+    for (const auto& [slot, value] : patches) {
+        auto addr = reinterpret_cast<ElfW(Addr)>(slot);
+        void* pg = reinterpret_cast<void*>(addr & ~ElfW(Addr)(page - 1));
+        bool relro = addr >= o.relro_start && addr < o.relro_end;
+        if (mprotect(pg, page, PROT_READ | PROT_WRITE) != 0)
+            throw LayerError("cmk_lakebase: cannot make the GOT of " + o.what + " writable", strerror(errno),
+                             "A security policy may forbid mprotect() of a program's relocation data.");
+        *slot = value;
+        if (relro) mprotect(pg, page, PROT_READ);
+    }
+}
+
+// The layer's entry points for hooked_names() present in o; throws for a required one
+// the object has no slot for.
+std::vector<std::pair<std::string, void*>> layer_hooks(const ObjectSlots& o, bool check_required) {
+    std::vector<std::pair<std::string, void*>> hooks;
+    for (auto& [name, required] : hooked_names()) {
+        if (!o.slots.count(name)) {
+            if (required && check_required)
                 throw LayerError("cmk_lakebase: the encrypting file layer cannot hook the server's file I/O",
                                  std::string("The server executable has no dynamic-linker slot for ") + name + "().",
                                  "This PostgreSQL build is not supported by cmk_lakebase.");
             continue;
         }
         void* mine = self_sym(name);
-        void* theirs = libc ? dlsym(libc, name) : nullptr;
         if (!mine)
             throw LayerError("cmk_lakebase: internal error: no layer entry point for " + std::string(name), "", "");
-        for (void** slot : it->second) {
-            void* cur = *slot;
-            if (cur == mine) continue;  // already ours (preloaded)
-            if (theirs && cur != theirs) {
-                // Someone else already redirected this call: transforming data twice (or
-                // not at all) would follow. Refuse.
-                Dl_info di{};
-                dladdr(cur, &di);
-                throw LayerError("cmk_lakebase: another library already intercepts " + std::string(name) + "()",
-                                 std::string("The slot points into ") + (di.dli_fname ? di.dli_fname : "unknown code") + ".",
-                                 "Remove the other file-interposing library (LD_PRELOAD) from the server's environment.");
-            }
-            patches.push_back({slot, mine});
-        }
+        hooks.emplace_back(name, mine);
     }
+    return hooks;
+}
 
-    long page = sysconf(_SC_PAGESIZE);
-    for (const Patch& p : patches) {
-        auto addr = reinterpret_cast<ElfW(Addr)>(p.slot);
-        void* pg = reinterpret_cast<void*>(addr & ~ElfW(Addr)(page - 1));
-        bool relro = addr >= relro_start && addr < relro_end;
-        if (mprotect(pg, page, PROT_READ | PROT_WRITE) != 0)
-            throw LayerError("cmk_lakebase: cannot make the server's GOT writable", strerror(errno),
-                             "A security policy may forbid mprotect() of the executable's relocation data.");
-        *p.slot = p.value;
-        if (relro) mprotect(pg, page, PROT_READ);
-    }
+void install_got() {
+    // Calls through which the executable could move data the layer does not see.
+    static const char* const unsupported[] = {"io_uring_setup", "io_uring_enter", "io_submit",
+                                              "sendfile", "splice", "aio_write", "aio_read"};
+
+    MainObject m;
+    dl_iterate_phdr(find_main, &m);
+    if (!m.found)
+        throw LayerError("cmk_lakebase: cannot find the server executable's program headers", "",
+                         "This platform is not supported.");
+    ObjectSlots o = read_object_slots(m.base, m.phdr, m.phnum, "the server executable");
+
+    for (const char* u : unsupported)
+        if (o.slots.count(u))
+            throw LayerError("cmk_lakebase: the server executable performs file I/O the layer cannot see",
+                             std::string("It calls ") + u + "().",
+                             "Run a PostgreSQL build without that I/O method (e.g. io_method = sync).");
+
+    write_slots(o, layer_hooks(o, true));
 }
 
 }  // namespace cmk::fs::detail

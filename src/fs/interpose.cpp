@@ -65,9 +65,11 @@ CMK_EXPORT int __open64_2(const char* path, int flags) { return op_openat(AT_FDC
 CMK_EXPORT int __openat_2(int dirfd, const char* path, int flags) { return op_openat(dirfd, path, flags, 0); }
 CMK_EXPORT int __openat64_2(int dirfd, const char* path, int flags) { return op_openat(dirfd, path, flags, 0); }
 
-// pg_basebackup writes the files it extracts with fopen/fwrite (stdio.cpp).
+// pg_basebackup writes the files it extracts with fopen/fwrite, the server its
+// AllocateFile files (stdio.cpp).
 CMK_EXPORT FILE* fopen(const char* path, const char* mode) { return op_fopen(path, mode); }
 CMK_EXPORT FILE* fopen64(const char* path, const char* mode) { return op_fopen(path, mode); }
+CMK_EXPORT int fileno(FILE* f) { return op_fileno(f); }
 
 CMK_EXPORT int creat(const char* path, mode_t mode) {
     return op_openat(AT_FDCWD, path, O_CREAT | O_WRONLY | O_TRUNC, mode);

@@ -21,6 +21,7 @@
 
 #include <stdio.h>
 #include <fcntl.h>
+#include <link.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -115,11 +116,30 @@ void op_dup(int oldfd, int newfd);  // after a successful dup*/F_DUPFD: share th
 bool op_is_encrypted_fd(int fd);
 // fopen of an encrypted file: a stdio stream over op_pread/op_pwrite (stdio.cpp).
 FILE* op_fopen(const char* path, const char* mode);
+// fileno(): the descriptor under a stream of op_fopen, else the C library's answer.
+int op_fileno(FILE* f);
 ssize_t op_copy_file_range(int fdin, off_t* offin, int fdout, off_t* offout, size_t len,
                            unsigned flags);
 
 // Installs the hooks over the main executable's GOT (got.cpp). Throws LayerError.
 void install_got();
+
+// One loaded object's dynamic-linker slots (JUMP_SLOT and GLOB_DAT relocations) by
+// symbol name, and its RELRO range (got.cpp).
+struct ObjectSlots {
+    std::string what;  // for messages: "the server executable", "module \"...\""
+    std::map<std::string, std::vector<void**>> slots;
+    uintptr_t relro_start = 0, relro_end = 0;
+};
+ObjectSlots read_object_slots(ElfW(Addr) base, const ElfW(Phdr)* phdr, ElfW(Half) phnum, const std::string& what);
+// Points each slot of the named calls at the given function. Refuses (LayerError) a slot
+// that points neither into the C library nor at the replacement already.
+void write_slots(const ObjectSlots& o, const std::vector<std::pair<std::string, void*>>& hooks);
+// The layer's entry points (interpose.cpp) for the file calls o has slots for;
+// check_required: throw if o lacks one PostgreSQL's data I/O needs.
+std::vector<std::pair<std::string, void*>> layer_hooks(const ObjectSlots& o, bool check_required);
+// This library's own definition of a C library name (interpose.cpp).
+void* self_sym(const char* name);
 
 // ---- files, descriptors ------------------------------------------------------------------
 
@@ -436,6 +456,29 @@ struct UnitLock {
     off_t start_ = 0, len_ = 0;
     bool locked_ = false;
     int unlocked_slot_ = -1;
+};
+
+// Locks a whole file of a class that locks_whole_file() (fileclass.hpp) for one read,
+// write or resize (nothing for other classes). pg_stat_statements' backends append
+// query texts to one file at unaligned offsets, each into space it reserved, without a
+// lock of their own, while others read it: the read-modify-write of a shared unit, and
+// the re-encryption of the last unit when the file grows, must not interleave. An
+// open-file-description lock (F_OFD_SETLKW) over the whole file serializes them
+// across processes (cipher_io.cpp).
+struct FileLock {
+    FileLock(int fd, FileClass cls, bool write) : fd_(fd) {
+        if (locks_whole_file(cls)) lock(write);
+    }
+    ~FileLock() {
+        if (locked_) unlock();
+    }
+    FileLock(const FileLock&) = delete;
+    FileLock& operator=(const FileLock&) = delete;
+
+    void lock(bool write);
+    void unlock();
+    int fd_;
+    bool locked_ = false;
 };
 
 // ---- mapped reads (mapped_reads.cpp) ---------------------------------------------------------

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "cmk_lakebase/base/key_arena.hpp"
+#include "cmk_lakebase/base/sys.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/keys/dbkeys.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
@@ -174,6 +176,12 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
     }
     load_databases(s);
     s.per_boot = random_key(32);
+    // The keys just unwrapped made the first keyed contexts: the arena is installed,
+    // or says why not (then key schedules are on the heap, as before issue 18).
+    KeyArenaStats arena = key_arena_stats();
+    if (!arena.active)
+        log_line(std::string("warning: cipher contexts stay on the ordinary heap (") + arena.reason +
+                 "): a core dump taken by root can hold key schedules");
 }
 
 // Preload mode: initialize on the first touch of the data directory.
@@ -261,6 +269,7 @@ bool dropped_during_backup(State& s, const std::string& rel) {
 void check_every_file_has_key(State& s) {
     std::vector<std::string> missing, plain;
     size_t count = 0, plain_count = 0, probes = 0;
+    const std::string major = sys::data_directory_major(s.datadir);
     std::vector<std::string> stack{""};
     while (!stack.empty()) {
         std::string rel = stack.back();
@@ -273,6 +282,7 @@ void check_every_file_has_key(State& s) {
             if (name == "." || name == "..") continue;
             std::string r = rel.empty() ? name : rel + "/" + name;
             if (r == kKeyringDirName) continue;
+            if (other_version_tablespace_dir(r, major)) continue;  // another cluster's (pg_upgrade)
             struct stat sb;
             if (::stat((abs + "/" + name).c_str(), &sb) != 0) continue;  // follows pg_tblspc links
             if (S_ISDIR(sb.st_mode)) {
@@ -287,6 +297,17 @@ void check_every_file_has_key(State& s) {
                     } else {
                         log_line("\"" + r + "\" was dropped while the backup was taken (the key map records "
                                  "its key as removed): emptied; WAL replay removes it");
+                    }
+                } else if (c == FileClass::ExtensionState && !has_key(r)) {
+                    // pg_stat_statements' dump written before its class was encrypted
+                    // (an earlier version of cmk_lakebase): statistics, lost as after a
+                    // crash rather than read as ciphertext or refusing the start.
+                    if (::unlink((abs + "/" + name).c_str()) == 0) {
+                        log_line("\"" + r + "\" was written in plaintext before this file was encrypted: "
+                                 "removed (pg_stat_statements starts with empty statistics)");
+                    } else {
+                        count++;
+                        if (missing.size() < 5) missing.push_back(r);
                     }
                 } else if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
                     count++;

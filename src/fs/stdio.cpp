@@ -5,8 +5,11 @@
 // through op_openat and wraps the descriptor in a stdio stream (fopencookie) whose
 // reads and writes are op_pread/op_pwrite at the stream's own offset. Paths of other
 // classes, and anything outside the data directory, get the C library's fopen.
-// Only preloaded tools use this (the server does not open its encrypted files with
-// stdio; its GOT hooks leave fopen alone).
+// Preloaded tools reach this by the exported fopen; the server by the fopen slot of its
+// executable's GOT (AllocateFile: pg_stat_statements' dump file) and of the modules it
+// loads (modules.cpp). fileno() of such a stream is the descriptor under it (the C
+// library's answer for a cookie stream would be -1): pg_stat_statements truncates
+// through it.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -16,24 +19,29 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "layer_internal.hpp"
 
 namespace cmk::fs::detail {
 namespace {
 
-using FopenFn = FILE* (*)(const char*, const char*);
+// A stdio function of the C library itself (ours replace them, interpose.cpp).
+template <typename Fn>
+Fn libc_fn(const char* name) {
+    void* h = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
+    void* p = h ? dlsym(h, name) : nullptr;
+    if (!p) {
+        log_line(std::string("cannot resolve the C library's ") + name);
+        std::abort();
+    }
+    return reinterpret_cast<Fn>(p);
+}
 
+using FopenFn = FILE* (*)(const char*, const char*);
 FopenFn real_fopen() {
-    static const FopenFn f = [] {
-        void* h = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
-        void* p = h ? dlsym(h, "fopen") : nullptr;
-        if (!p) {
-            log_line("cannot resolve the C library's fopen");
-            std::abort();
-        }
-        return reinterpret_cast<FopenFn>(p);
-    }();
+    static const FopenFn f = libc_fn<FopenFn>("fopen");
     return f;
 }
 
@@ -41,7 +49,15 @@ struct Stream {
     int fd;
     off64_t off;
     bool append;
+    FILE* file = nullptr;
 };
+
+// The streams op_fopen made, and the descriptor under each (for fileno).
+std::mutex g_streams_mu;
+std::unordered_map<FILE*, int>& streams() {
+    static auto* m = new std::unordered_map<FILE*, int>();  // never destroyed: used until exit
+    return *m;
+}
 
 ssize_t stream_read(void* cookie, char* buf, size_t n) {
     auto* s = static_cast<Stream*>(cookie);
@@ -91,6 +107,10 @@ int stream_seek(void* cookie, off64_t* pos, int whence) {
 
 int stream_close(void* cookie) {
     auto* s = static_cast<Stream*>(cookie);
+    if (s->file) {
+        std::lock_guard<std::mutex> g(g_streams_mu);
+        streams().erase(s->file);
+    }
     int r = op_close(s->fd);
     delete s;
     return r;
@@ -145,9 +165,25 @@ FILE* op_fopen(const char* path, const char* mode) {
         errno = err;
         return nullptr;
     }
+    s->file = f;
+    {
+        std::lock_guard<std::mutex> g(g_streams_mu);
+        streams()[f] = fd;
+    }
     // Whole units per write where the caller writes sequentially: no read-modify-write.
     (void)::setvbuf(f, nullptr, _IOFBF, 16 * kUnitSize);
     return f;
+}
+
+int op_fileno(FILE* f) {
+    if (f) {
+        std::lock_guard<std::mutex> g(g_streams_mu);
+        auto it = streams().find(f);
+        if (it != streams().end()) return it->second;
+    }
+    using FilenoFn = int (*)(FILE*);
+    static const FilenoFn real_fileno = libc_fn<FilenoFn>("fileno");
+    return real_fileno(f);
 }
 
 }  // namespace cmk::fs::detail

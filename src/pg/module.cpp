@@ -25,6 +25,11 @@ namespace {
 
 bool allow_core_dumps = false;
 
+// An address inside this module, for cover_modules to leave the module alone. Not
+// &_PG_init: that name resolves to the first loaded library defining it (a module
+// listed before cmk_lakebase in shared_preload_libraries), not necessarily to ours.
+const char module_anchor = 0;
+
 }  // namespace
 
 void _PG_init(void) {
@@ -51,6 +56,17 @@ void _PG_init(void) {
         [] {
             cmk::audit::set_default_actor("postmaster");
             cmk::fs::start_server(DataDir);
+            // pg_stat_statements and other modules do their own file I/O.
+            // basic_archive copies WAL segments with PostgreSQL's copy_file, which reads
+            // them through the layer: the archive would be plaintext (DESIGN §7: a
+            // route that cannot keep ciphertext is refused).
+            cmk::fs::cover_modules(
+                pkglib_path, &module_anchor,
+                {{"basic_archive",
+                  "basic_archive copies WAL segments through the server, which decrypts them: the "
+                  "archive would hold plaintext WAL.",
+                  "Use archive_command (for example cp), which copies the ciphertext segments as "
+                  "they lie in pg_wal (docs/backups.md)."}});
         },
         FATAL);
 

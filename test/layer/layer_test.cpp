@@ -893,6 +893,96 @@ TEST(Layer, ManyProcessesCreateSegmentsAtOnce) {
         }
 }
 
+// pg_stat_statements' files (issue 18): the dump and the query-text file behave as
+// files and are ciphertext on disk.
+TEST(Layer, ExtensionStateAndTemp) {
+    model_test("pg_stat/pg_stat_statements.stat", 11, 150);
+    model_test("pg_stat_tmp/pgss_query_texts.stat", 12, 150);
+}
+
+// As pg_stat_statements appends query texts: each process writes records into space
+// it reserved, at unaligned offsets, opening the file for each write, while the
+// others do the same. Units shared by two records and the growing last unit are
+// read, modified and re-encrypted by two processes at once unless the layer
+// serializes them (FileLock): without it records come back garbled.
+TEST(Layer, ConcurrentUnalignedAppendsToQueryTexts) {
+    const std::string path = P("pg_stat_tmp/pgss_query_texts.stat");
+    const int kProcs = 4, kRecords = 400;
+    std::vector<size_t> off(kRecords + 1, 0);
+    std::vector<std::vector<uint8_t>> rec(kRecords);
+    std::mt19937 rng(13);
+    for (int j = 0; j < kRecords; j++) {
+        rec[j] = random_bytes(rng, 20 + rng() % 300);
+        off[j + 1] = off[j] + rec[j].size();
+    }
+    int fd0 = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd0, 0) << strerror(errno);
+    ::close(fd0);
+    std::vector<pid_t> kids;
+    for (int k = 0; k < kProcs; k++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            for (int j = k; j < kRecords; j += kProcs) {
+                int fd = ::open(path.c_str(), O_RDWR | O_CREAT, 0600);
+                if (fd < 0 || ::pwrite(fd, rec[j].data(), rec[j].size(), off[j]) != ssize_t(rec[j].size()))
+                    _exit(1);
+                ::close(fd);
+            }
+            _exit(0);
+        }
+        kids.push_back(pid);
+    }
+    for (pid_t p : kids) {
+        int status = 0;
+        waitpid(p, &status, 0);
+        ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    int fd = ::open(path.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    std::vector<uint8_t> all(off[kRecords] + 1);
+    ASSERT_EQ(::read(fd, all.data(), all.size()), ssize_t(off[kRecords]));
+    ::close(fd);
+    for (int j = 0; j < kRecords; j++)
+        ASSERT_EQ(0, std::memcmp(all.data() + off[j], rec[j].data(), rec[j].size())) << "record " << j;
+    std::vector<uint8_t> plain(all.begin(), all.begin() + off[kRecords]);
+    EXPECT_FALSE(leaks(raw_read(path), plain));
+}
+
+// AllocateFile streams: fopen of an encrypted path gives a stream over the layer whose
+// fileno() is a real descriptor (pg_stat_statements ftruncates through it); other
+// paths get the C library's own stream.
+TEST(Layer, StdioStreamOfAnEncryptedFile) {
+    const std::string path = P("pg_stat/pg_stat_statements.stat");
+    std::mt19937 rng(14);
+    std::vector<uint8_t> data = random_bytes(rng, 30000);
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    ASSERT_NE(f, nullptr) << strerror(errno);
+    ASSERT_EQ(std::fwrite(data.data(), 1, data.size(), f), data.size());
+    int fd = fileno(f);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(std::fflush(f), 0);
+    ASSERT_EQ(::ftruncate(fd, 20000), 0) << strerror(errno);
+    ASSERT_EQ(std::fclose(f), 0);
+    data.resize(20000);
+    std::vector<uint8_t> raw = raw_read(path);
+    ASSERT_EQ(raw.size(), data.size());
+    EXPECT_FALSE(leaks(raw, data));
+    f = std::fopen(path.c_str(), "rb");
+    ASSERT_NE(f, nullptr);
+    std::vector<uint8_t> got(data.size() + 10);
+    EXPECT_EQ(std::fread(got.data(), 1, got.size(), f), data.size());
+    std::fclose(f);
+    got.resize(data.size());
+    EXPECT_EQ(got, data);
+
+    const std::string plain_path = P("pg_stat/pgstat.stat");
+    f = std::fopen(plain_path.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    ASSERT_EQ(std::fwrite(data.data(), 1, 100, f), 100u);
+    std::fclose(f);
+    EXPECT_EQ(raw_read(plain_path), std::vector<uint8_t>(data.begin(), data.begin() + 100));
+}
+
 // Re-executes this binary with the layer preloaded on a fresh scratch data directory.
 int reexec(int argc, char** argv) {
     const char* layer = std::getenv("CMK_LAKEBASE_LAYER");
@@ -902,7 +992,8 @@ int reexec(int argc, char** argv) {
     std::string root = tmpl;
     std::string data = root + "/data", keys = root + "/keys";
     ::mkdir(data.c_str(), 0700);
-    for (const char* d : {"base", "base/1", "pg_wal", "pg_tblspc"}) ::mkdir((data + "/" + d).c_str(), 0700);
+    for (const char* d : {"base", "base/1", "pg_wal", "pg_tblspc", "pg_stat", "pg_stat_tmp"})
+        ::mkdir((data + "/" + d).c_str(), 0700);
     cmk::LocalKeyStore store(keys);
     store.ensure_dir();
     store.create("test-key");

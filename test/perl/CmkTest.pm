@@ -52,6 +52,7 @@ our @EXPORT = qw(
   flip_bytes
   wal_segments
   is_plain_mode
+  product_installed
   postmaster_pid
   pid_alive
 );
@@ -75,6 +76,28 @@ my $key_counter = 0;
 =head1 FUNCTIONS
 
 =over
+
+=item product_installed(@modules)
+
+True when pg_cmk and the module and layer libraries are installed for the server
+under test, and every other module named (e.g. 'pg_stat_statements') is in its
+pkglibdir.
+
+=cut
+
+sub product_installed
+{
+	my (@modules) = @_;
+	my $bindir = $ENV{PG_BINDIR} // '/usr/lib/postgresql/15/bin';
+	my $pkglib = `pg_config --pkglibdir`;
+	chomp $pkglib;
+	return 0 unless -x "$bindir/pg_cmk";
+	for my $lib ('cmk_lakebase', 'libcmk_lakebase_fs', @modules)
+	{
+		return 0 unless -f "$pkglib/$lib.so";
+	}
+	return 1;
+}
 
 =item is_plain_mode()
 

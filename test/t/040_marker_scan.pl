@@ -91,15 +91,6 @@ sub wait_for
 	return 0;
 }
 
-sub product_installed
-{
-	my $bindir = $ENV{PG_BINDIR} // '/usr/lib/postgresql/15/bin';
-	my $pkglib = `pg_config --pkglibdir`;
-	chomp $pkglib;
-	return -x "$bindir/pg_cmk" && -f "$pkglib/cmk_lakebase.so"
-	  && -f "$pkglib/libcmk_lakebase_fs.so";
-}
-
 # "file: marker" lines from scan_for_markers -> [file, kind] pairs (kind 'UNREADABLE'
 # for a file the scan could not read: that must never pass as "no hit").
 sub classify_hits

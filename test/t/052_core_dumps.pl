@@ -5,13 +5,21 @@
 # fail: with cmk_lakebase.allow_core_dumps = on, or "pg_cmk exec --allow-core-dumps",
 # the same gcore succeeds and the same crash leaves a core.
 #
-# What this does not cover (docs/threat-model.md): root, who may ptrace any process and
-# read its memory directly, gets the cipher key schedules from a gcore of a server
-# process (the raw keys are in MADV_DONTDUMP memory, the OpenSSL contexts on the heap).
+# Root may ptrace any process, dumpable or not, so what root's gcore writes is what the
+# allowed cores hold: gcore (gdb) writes every readable mapping except those marked
+# MADV_DONTDUMP ("dd" in /proc/PID/smaps), whoever runs it. Those cores - of the
+# checkpointer and of a client backend that have keyed relation files, and of
+# pg_waldump under pg_cmk exec - are searched for every key of the cluster, learnt
+# independently of the product (test/perl/cmk_core_keys.py: CMK, KEK, every DEK, the WAL
+# master key and each segment's key), raw and as AES-256 key schedules computed by the
+# helper's own key expansion: none may be there (the cipher contexts live in the key
+# arena, src/core/base/key_arena.cpp). A control finds a DEK's schedule in the core of
+# a process that holds it in an ordinary OpenSSL context (openssl enc).
 
 use strict;
 use warnings;
 
+use File::Basename qw(dirname);
 use File::Temp ();
 use IPC::Run ();
 use PostgreSQL::Test::Cluster;
@@ -47,11 +55,13 @@ plan skip_all => "Yama ptrace_scope is $yama (gcore of a non-child is refused fo
 	plan skip_all => "gcore does not work on this machine even for a plain process: $e" unless -s "$probe_dir/probe.$spid";
 }
 
-my $node = new_encrypted_node('cores');
+# small shared memory: the cores stay small enough to search quickly
+my $node = new_encrypted_node('cores', conf => ['shared_buffers = 16MB']);
 my $pgdata = $node->data_dir;
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION cmk_lakebase');
-$node->safe_psql('postgres', 'CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 10000) g');
+# larger than shared_buffers: a scan reads (and keys) the file in every backend
+$node->safe_psql('postgres', 'CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 300000) g');
 $node->safe_psql('postgres', 'CHECKPOINT');
 
 my $tmp = PostgreSQL::Test::Utils::tempdir();
@@ -67,6 +77,35 @@ sub gcore
 	print "# gcore $pid: rc=$rc\n# $err\n";
 	my $core = "$tmp/$name.$pid";
 	return ($rc, -s $core ? $core : undef);
+}
+
+# Searches a core for the cluster's keys; returns (number of keys learnt, number found,
+# the helper's report).
+my $searcher = dirname($INC{'CmkTest.pm'}) . '/cmk_core_keys.py';
+# the helper unseals keys with python3-cryptography (scripts/install_deps.sh installs it)
+my $can_search = system('/usr/bin/python3', '-c', 'import cryptography') == 0;
+sub search_core
+{
+	my ($core) = @_;
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ '/usr/bin/python3', $searcher, $pgdata, $node->{cmk_key_store}, $node->{cmk_key_id}, $core ],
+		'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(600));
+	die "cmk_core_keys.py failed: $err" if $? != 0;
+	my ($keys) = $out =~ /^keys (\d+)$/m;
+	my ($hits) = $out =~ /^hits (\d+)$/m;
+	print "# $_\n" for grep { /^found/ } split /\n/, $out;
+	return ($keys // 0, $hits // -1, $out);
+}
+
+# The DEK of one file, in hex (from the same independent helper, "--print IDENTITY").
+sub learn_dek_hex
+{
+	my ($identity) = @_;
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ '/usr/bin/python3', $searcher, $pgdata, $node->{cmk_key_store}, $node->{cmk_key_id}, '--print', $identity ],
+		'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(120));
+	chomp $out;
+	return $out =~ /^[0-9a-f]{128}$/ ? $out : undef;
 }
 
 sub checkpointer_pid
@@ -88,7 +127,55 @@ $node->restart;
 $pid = checkpointer_pid();
 ($rc, $core) = gcore('ckpt_allowed', $pid);
 ok(defined $core, 'control: with allow_core_dumps = on the same gcore writes a core');
-unlink $core if defined $core;
+SKIP:
+{
+	skip 'no core to search', 2 unless defined $core;
+	skip 'python3-cryptography is not installed: cannot learn the keys', 2 unless $can_search;
+	my ($keys, $hits, $report) = search_core($core);
+	cmp_ok($keys, '>', 10, "the cluster's keys learnt from the key store and the key map ($keys)");
+	is($hits, 0, 'no key, raw or as an AES key schedule, in the core of the checkpointer');
+	unlink $core;
+}
+
+# a client backend that has scanned t (through the layer: t is larger than shared_buffers)
+my $t_file = $node->safe_psql('postgres', "SELECT pg_relation_filepath('t')");
+my ($bin, $bout, $berr) = ('', '', '');
+my $bh = IPC::Run::start([ 'psql', '-X', '-At', '-d', $node->connstr('postgres') ], '<', \$bin, '>', \$bout, '2>', \$berr,
+	IPC::Run::timeout(300));
+$bin .= "SELECT 'scanned ' || count(*) FROM t;\nSELECT pg_backend_pid();\n";
+IPC::Run::pump($bh) until $bout =~ /scanned 300000\n(\d+)\n/ || !$bh->pumpable;
+my $bpid = $1;
+ok(defined $bpid, 'a client backend scanned the encrypted table') or diag($berr);
+($rc, $core) = gcore('backend_allowed', $bpid // 0);
+ok(defined $core, 'gcore of the client backend (allow_core_dumps = on) writes a core');
+SKIP:
+{
+	skip 'no core to search', 2 unless defined $core;
+	skip 'python3-cryptography is not installed: cannot learn the keys', 2 unless $can_search;
+	my ($keys, $hits, $report) = search_core($core);
+	is($hits, 0, "no key, raw or as an AES key schedule, in the core of a backend that read $t_file");
+	# control: the search finds a DEK's schedule where OpenSSL keeps it on the heap
+	my ($dek_hex) = learn_dek_hex($t_file);
+	SKIP:
+	{
+		skip 'openssl(1) is not installed', 1 unless defined $dek_hex && grep { -x "$_/openssl" } split /:/, $ENV{PATH};
+		my ($oin, $oout) = ('', '');
+		my $oh = IPC::Run::start([ 'openssl', 'enc', '-aes-256-ecb', '-nosalt', '-K', substr($dek_hex, 0, 64) ],
+			'<', \$oin, '>', \$oout);
+		$oin .= 'x' x 64;    # keyed and encrypting; then waits on stdin
+		IPC::Run::pump_nb($oh) for 1 .. 20;
+		select(undef, undef, undef, 0.5);
+		my (undef, $ocore) = gcore('openssl', $oh->{KIDS}[0]{PID});
+		my (undef, $ohits, $oreport) = defined $ocore ? search_core($ocore) : (0, 0, '');
+		like($oreport, qr/^found dek \Q$t_file\E: [1-9]\d* round keys/m,
+			"control: the same search finds the DEK of $t_file in an ordinary OpenSSL context's core");
+		$oh->kill_kill;
+		unlink $ocore if defined $ocore;
+	}
+	unlink $core;
+}
+$bin .= "\\q\n";
+$bh->finish;
 $node->append_conf('postgresql.conf', "cmk_lakebase.allow_core_dumps = off\n");
 $node->restart;
 
@@ -122,7 +209,14 @@ $h->kill_kill;
 ($h, $tpid) = start_tool('--allow-core-dumps');
 ($rc, $core) = gcore('tool_allowed', $tpid);
 ok(defined $core, 'control: with --allow-core-dumps the same gcore writes a core');
-unlink $core if defined $core;
+SKIP:
+{
+	skip 'no core to search', 1 unless defined $core;
+	skip 'python3-cryptography is not installed: cannot learn the keys', 1 unless $can_search;
+	my ($keys, $hits, $report) = search_core($core);
+	is($hits, 0, 'no key, raw or as an AES key schedule, in the core of pg_waldump under pg_cmk exec');
+	unlink $core;
+}
 $h->kill_kill;
 
 # --- a crashing tool and the kernel's core file (only where cores go to a plain file

@@ -94,6 +94,17 @@ TEST(FileClass, Table) {
         {"pg_twophase/000002E5", FileClass::TwoPhase},
         {"pg_twophase/00000000000002E5", FileClass::TwoPhase},
         {"pg_twophase/notes.tmp", FileClass::Plaintext},
+        // pg_stat_statements (contrib): dump file (and its .tmp), query texts
+        {"pg_stat/pg_stat_statements.stat", FileClass::ExtensionState},
+        {"pg_stat/pg_stat_statements.stat.tmp", FileClass::ExtensionState},
+        {"pg_stat_tmp/pgss_query_texts.stat", FileClass::ExtensionTemp},
+        {"pg_stat/pgss_query_texts.stat", FileClass::Plaintext},
+        {"pg_stat_tmp/pg_stat_statements.stat", FileClass::Plaintext},
+        {"pg_stat/sub/pg_stat_statements.stat", FileClass::Plaintext},
+        {"base/5/pg_stat_statements.stat", FileClass::Plaintext},
+        {"pg_stat/pg_stat_statements.stat.old", FileClass::Plaintext},
+        {"autoprewarm.blocks", FileClass::Plaintext},
+        {"autoprewarm.blocks.tmp", FileClass::Plaintext},
         // documented plaintext
         {"PG_VERSION", FileClass::Plaintext},
         {"postgresql.conf", FileClass::Plaintext},
@@ -134,12 +145,16 @@ TEST(FileClass, NamesAndKinds) {
     EXPECT_STREQ(file_class_name(FileClass::TempRelation), "temp_relation");
     EXPECT_STREQ(file_class_name(FileClass::Spill), "spill");
     EXPECT_STREQ(file_class_name(FileClass::Notify), "notify");
-    for (FileClass c : {FileClass::Relation, FileClass::Wal, FileClass::Slru, FileClass::TwoPhase}) {
+    EXPECT_STREQ(file_class_name(FileClass::ExtensionState), "extension_state");
+    EXPECT_STREQ(file_class_name(FileClass::ExtensionTemp), "extension_temp");
+    for (FileClass c : {FileClass::Relation, FileClass::Wal, FileClass::Slru, FileClass::TwoPhase,
+                        FileClass::ExtensionState}) {
         EXPECT_TRUE(is_encrypted(c));
         EXPECT_TRUE(is_durable(c));
         EXPECT_FALSE(is_ephemeral(c));
     }
-    for (FileClass c : {FileClass::TempFile, FileClass::TempRelation, FileClass::Spill, FileClass::Notify}) {
+    for (FileClass c : {FileClass::TempFile, FileClass::TempRelation, FileClass::Spill, FileClass::Notify,
+                        FileClass::ExtensionTemp}) {
         EXPECT_TRUE(is_encrypted(c));
         EXPECT_FALSE(is_durable(c));
         EXPECT_TRUE(is_ephemeral(c));
@@ -147,6 +162,13 @@ TEST(FileClass, NamesAndKinds) {
     EXPECT_FALSE(is_encrypted(FileClass::Plaintext));
     EXPECT_FALSE(is_durable(FileClass::Plaintext));
     EXPECT_FALSE(is_ephemeral(FileClass::Plaintext));
+    // Only the files several backends write at once lock as a whole.
+    EXPECT_TRUE(locks_whole_file(FileClass::ExtensionState));
+    EXPECT_TRUE(locks_whole_file(FileClass::ExtensionTemp));
+    for (FileClass c : {FileClass::Plaintext, FileClass::Relation, FileClass::Wal, FileClass::Slru,
+                        FileClass::TwoPhase, FileClass::TempFile, FileClass::Notify})
+        EXPECT_FALSE(locks_whole_file(c));
+    EXPECT_EQ(kLastFileClass, static_cast<uint8_t>(FileClass::ExtensionTemp));
 }
 
 TEST(FileClass, NormalizePath) {
@@ -162,4 +184,21 @@ TEST(FileClass, NormalizePath) {
     EXPECT_EQ(normalize_path("a/.."), ".");
     EXPECT_EQ(normalize_path("pg_wal/./000000010000000000000001"), "pg_wal/000000010000000000000001");
     EXPECT_EQ(classify_relative(normalize_path("base//5/./16384")), FileClass::Relation);
+}
+
+// pg_upgrade shares a tablespace location between the old and the new cluster: walks
+// of one cluster skip the other major version's directory, and only that.
+TEST(FileClass, OtherVersionTablespaceDir) {
+    EXPECT_TRUE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_17_202406281", "17"));
+    EXPECT_TRUE(other_version_tablespace_dir("pg_tblspc/16641/PG_17_202406281", "18"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", "15"));
+    // "1" must not pass as a prefix of "15"
+    EXPECT_TRUE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", "1"));
+    // not a version directory, or not directly under a tablespace: never skipped
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061/5", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/pgsql_tmp", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/x/PG_15_202209061", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("base/PG_15_202209061", "17"));
+    EXPECT_FALSE(other_version_tablespace_dir("pg_tblspc/16641/PG_15_202209061", ""));
 }

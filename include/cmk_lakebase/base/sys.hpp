@@ -43,6 +43,10 @@ void write_file_atomic(const char* path, const void* data, size_t n, mode_t mode
 constexpr size_t kReadFileMax = size_t(64) << 20;
 std::string read_file(const char* path, size_t max_bytes = kReadFileMax);
 
+// The major version a data directory's PG_VERSION names ("15"), "" if it cannot be
+// read.
+std::string data_directory_major(const std::string& datadir);
+
 }  // namespace cmk::sys
 
 namespace cmk {

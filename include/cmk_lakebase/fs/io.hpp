@@ -52,6 +52,18 @@ struct LayerInfo {
 // checks. Throws LayerError.
 void start_server(const std::string& datadir);
 
+// After start_server, in the postmaster (from _PG_init): points the file calls of the
+// PostgreSQL modules loaded already from pkglibdir, and of every library PostgreSQL
+// loads later, at the layer (src/fs/modules.cpp). module_addr: an address inside the
+// calling module, which is left alone. refused: modules that must not load at all.
+// No-op unless the layer runs over the GOT. Throws LayerError.
+struct RefusedModule {
+    std::string name;  // file name without ".so"
+    std::string detail, hint;
+};
+void cover_modules(const std::string& pkglibdir, const void* module_addr,
+                   const std::vector<RefusedModule>& refused);
+
 LayerInfo info();
 
 // What the layer knows about one file (path relative to the data directory).

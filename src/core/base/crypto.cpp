@@ -2,8 +2,12 @@
 // AES-256-GCM AEAD that wraps keys, HMAC/HKDF, fingerprints and encodings. Everything
 // goes through OpenSSL 3 EVP with algorithms fetched once per process: the page cipher
 // runs on every buffer miss and every WAL write, so a per-call implicit fetch (a
-// global lock and a property query) would cost more than the AES itself.
+// global lock and a property query) would cost more than the AES itself. Every keyed
+// context is created and keyed inside a KeyArenaScope (key_arena.hpp), so its key
+// schedule lives in the key arena (no core dump, wiped on free), not on the heap.
 #include "cmk_lakebase/base/crypto.hpp"
+
+#include "cmk_lakebase/base/key_arena.hpp"
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -166,14 +170,21 @@ struct XtsCipher::Impl {
 };
 
 XtsCipher::XtsCipher(const uint8_t* key64) : impl_(new Impl) {
+    // Fetched outside the scope: the process-wide algorithm objects need not be in
+    // the arena. Inside it: the contexts and the provider contexts that newctx makes
+    // in the first keyed EVP_CipherInit_ex2 (PROV_AES_XTS_CTX, PROV_AES_CTX: the key
+    // schedules). Re-inits with only a tweak (xts_run) allocate nothing.
+    const EVP_CIPHER* xts = xts_cipher();
+    const EVP_CIPHER* ecb = ecb_cipher();
+    KeyArenaScope in_arena;
     impl_->enc = new_ctx();
     impl_->dec = new_ctx();
     impl_->pad = new_ctx();
-    if (EVP_CipherInit_ex2(impl_->enc.get(), xts_cipher(), key64, nullptr, 1, nullptr) != 1)
+    if (EVP_CipherInit_ex2(impl_->enc.get(), xts, key64, nullptr, 1, nullptr) != 1)
         fail("cannot key AES-256-XTS");
-    if (EVP_CipherInit_ex2(impl_->dec.get(), xts_cipher(), key64, nullptr, 0, nullptr) != 1)
+    if (EVP_CipherInit_ex2(impl_->dec.get(), xts, key64, nullptr, 0, nullptr) != 1)
         fail("cannot key AES-256-XTS");
-    if (EVP_CipherInit_ex2(impl_->pad.get(), ecb_cipher(), key64, nullptr, 1, nullptr) != 1)
+    if (EVP_CipherInit_ex2(impl_->pad.get(), ecb, key64, nullptr, 1, nullptr) != 1)
         fail("cannot key AES-256-ECB");
     EVP_CIPHER_CTX_set_padding(impl_->pad.get(), 0);
 }
@@ -231,8 +242,10 @@ std::vector<uint8_t> aead_seal(const uint8_t* key32, const uint8_t* pt, size_t n
         throw CryptoError("AEAD input too large");
     std::vector<uint8_t> out(kGcmNonce + n + kGcmTag);
     random_fill(out.data(), kGcmNonce);
+    const EVP_CIPHER* gcm = gcm_cipher();
+    KeyArenaScope in_arena;  // the GCM context holds the key schedule while it lives
     CtxPtr ctx = new_ctx();
-    if (EVP_EncryptInit_ex2(ctx.get(), gcm_cipher(), key32, out.data(), nullptr) != 1)
+    if (EVP_EncryptInit_ex2(ctx.get(), gcm, key32, out.data(), nullptr) != 1)
         fail("AES-256-GCM init failed");
     int outl = 0;
     if (!aad.empty() &&
@@ -256,8 +269,11 @@ SecureBytes aead_open(const uint8_t* key32, const uint8_t* blob, size_t n, const
         aad.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
         throw CryptoError("AEAD input too large");
     size_t ctlen = n - kGcmNonce - kGcmTag;
+    const EVP_CIPHER* gcm = gcm_cipher();
+    SecureBytes pt(ctlen);
+    KeyArenaScope in_arena;  // the GCM context holds the key schedule while it lives
     CtxPtr ctx = new_ctx();
-    if (EVP_DecryptInit_ex2(ctx.get(), gcm_cipher(), key32, blob, nullptr) != 1)
+    if (EVP_DecryptInit_ex2(ctx.get(), gcm, key32, blob, nullptr) != 1)
         fail("AES-256-GCM init failed");
     int outl = 0;
     if (!aad.empty() &&
@@ -265,7 +281,6 @@ SecureBytes aead_open(const uint8_t* key32, const uint8_t* blob, size_t n, const
                           reinterpret_cast<const unsigned char*>(aad.data()),
                           static_cast<int>(aad.size())) != 1)
         fail("AES-256-GCM aad failed");
-    SecureBytes pt(ctlen);
     if (ctlen && EVP_DecryptUpdate(ctx.get(), pt.data(), &outl, blob + kGcmNonce,
                                    static_cast<int>(ctlen)) != 1)
         fail("AES-256-GCM decrypt failed");
@@ -289,6 +304,7 @@ std::array<uint8_t, 32> hmac_sha256(const uint8_t* key, size_t keylen, const voi
     std::array<uint8_t, 32> out{};
     size_t outlen = 0;
     static const uint8_t empty = 0;
+    KeyArenaScope in_arena;  // the HMAC context holds the key (or its padded digests)
     if (!EVP_Q_mac(nullptr, "HMAC", nullptr, "SHA256", nullptr, keylen ? key : &empty, keylen,
                    static_cast<const unsigned char*>(n ? data : &empty), n, out.data(), out.size(),
                    &outlen) ||
@@ -312,6 +328,7 @@ SecureBytes hkdf_sha256(const uint8_t* ikm, size_t ikmlen, const std::string& in
         if (!k) fail("cannot fetch HKDF");
         return k;
     }();
+    KeyArenaScope in_arena;  // the HKDF context keeps a copy of the input key
     std::unique_ptr<EVP_KDF_CTX, KdfCtxFree> kctx(EVP_KDF_CTX_new(kdf));
     if (!kctx) fail("EVP_KDF_CTX_new failed");
     char digest[] = "SHA256";

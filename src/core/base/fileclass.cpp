@@ -20,6 +20,8 @@ const char* file_class_name(FileClass c) {
         case FileClass::TempRelation: return "temp_relation";
         case FileClass::Spill: return "spill";
         case FileClass::Notify: return "notify";
+        case FileClass::ExtensionState: return "extension_state";
+        case FileClass::ExtensionTemp: return "extension_temp";
     }
     return "unknown";
 }
@@ -28,13 +30,15 @@ bool is_encrypted(FileClass c) { return c != FileClass::Plaintext; }
 
 bool is_durable(FileClass c) {
     return c == FileClass::Relation || c == FileClass::Wal || c == FileClass::Slru ||
-           c == FileClass::TwoPhase;
+           c == FileClass::TwoPhase || c == FileClass::ExtensionState;
 }
 
 bool is_ephemeral(FileClass c) {
     return c == FileClass::TempFile || c == FileClass::TempRelation || c == FileClass::Spill ||
-           c == FileClass::Notify;
+           c == FileClass::Notify || c == FileClass::ExtensionTemp;
 }
+
+bool locks_whole_file(FileClass c) { return c == FileClass::ExtensionState || c == FileClass::ExtensionTemp; }
 
 namespace {
 
@@ -183,7 +187,21 @@ FileClass classify_relative(const std::string& rel) {
         if (n == 2 && all_hex(c[1])) return FileClass::TwoPhase;
         return FileClass::Plaintext;
     }
+    // pg_stat_statements (contrib): statement texts, with the literals of utility
+    // statements. Its dump file is written as .tmp and renamed; PostgreSQL's own
+    // statistics files beside them (pgstat.stat: counters keyed by OID, replication
+    // slot names) stay plaintext.
+    if (top == "pg_stat" && n == 2 &&
+        (c[1] == "pg_stat_statements.stat" || c[1] == "pg_stat_statements.stat.tmp"))
+        return FileClass::ExtensionState;
+    if (top == "pg_stat_tmp" && n == 2 && c[1] == "pgss_query_texts.stat") return FileClass::ExtensionTemp;
     return FileClass::Plaintext;
+}
+
+bool other_version_tablespace_dir(const std::string& rel, const std::string& major) {
+    std::vector<std::string> c = split(rel);
+    if (c.size() != 3 || c[0] != "pg_tblspc" || !all_digits(c[1]) || !is_tblspc_version_dir(c[2])) return false;
+    return !major.empty() && c[2].compare(0, 4 + major.size(), "PG_" + major + "_") != 0;
 }
 
 uint32_t database_of(const std::string& rel) {

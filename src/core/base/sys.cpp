@@ -216,6 +216,19 @@ bool process_exists(pid_t pid) {
     return exists;
 }
 
+std::string data_directory_major(const std::string& datadir) {
+    std::string v;
+    try {
+        v = read_file((datadir + "/PG_VERSION").c_str(), 64);
+    } catch (const std::exception&) {
+        return "";
+    }
+    while (!v.empty() && (v.back() == '\n' || v.back() == '\r' || v.back() == ' ')) v.pop_back();
+    for (char ch : v)
+        if (ch < '0' || ch > '9') return "";
+    return v;
+}
+
 }  // namespace cmk::sys
 
 namespace cmk {

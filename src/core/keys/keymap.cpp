@@ -238,7 +238,7 @@ size_t parse_records(const uint8_t* data, size_t n, uint64_t base, const std::st
         const uint8_t* b = p + 8;
         Record r;
         r.type = b[0];
-        if (b[1] > static_cast<uint8_t>(FileClass::Notify)) throw damaged("unknown file class");
+        if (b[1] > kLastFileClass) throw damaged("unknown file class");
         r.cls = static_cast<FileClass>(b[1]);
         size_t idlen = get16(b + 2);
         if (4 + idlen > len) throw damaged("identity runs past the record");
