@@ -148,11 +148,15 @@ bool is_within(const std::string& path, const std::string& dir);
 // meanwhile (as system() does), so that an interrupted child still lets us clean up.
 int run_and_wait(const std::string& path, const std::vector<std::string>& args,
                  const std::vector<std::string>& env);
+// True if an uncommented line of a postgresql.conf text sets shared_preload_libraries.
+bool conf_sets_preload(const std::string& conf);
 
 // --- commands (args: the words after the command name) ----------------------------
 
 int cmd_initdb(const std::vector<std::string>& args);
 int cmd_basebackup(const std::vector<std::string>& args);
+int cmd_encrypt(const std::vector<std::string>& args);
+int cmd_encrypt_copy(const std::vector<std::string>& args);  // internal: the copier under the layer
 int cmd_exec(const std::vector<std::string>& args);
 // pg_cmk upgrade, and its internal steps upgrade-sync and upgrade-encrypt (upgrade.cpp)
 int cmd_upgrade(const std::vector<std::string>& args);

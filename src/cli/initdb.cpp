@@ -58,30 +58,6 @@ const char kConfBlock[] =
     "\n# Added by pg_cmk initdb: the cmk_lakebase encrypting file layer and key management.\n"
     "shared_preload_libraries = 'cmk_lakebase'\n";
 
-// True if an uncommented line of the configuration sets shared_preload_libraries.
-bool conf_sets_preload(const std::string& conf) {
-    static const std::string kName = "shared_preload_libraries";
-    size_t i = 0;
-    while (i < conf.size()) {
-        size_t j = conf.find('\n', i);
-        if (j == std::string::npos) j = conf.size();
-        std::string line = conf.substr(i, j - i);
-        i = j + 1;
-        size_t k = line.find_first_not_of(" \t");
-        if (k == std::string::npos) continue;
-        std::string rest = line.substr(k);
-        if (rest.size() < kName.size()) continue;
-        bool match = true;
-        for (size_t n = 0; n < kName.size(); ++n)
-            if (std::tolower(static_cast<unsigned char>(rest[n])) != kName[n]) match = false;
-        if (!match) continue;
-        if (rest.size() == kName.size()) return true;
-        char c = rest[kName.size()];
-        if (c == ' ' || c == '\t' || c == '=') return true;
-    }
-    return false;
-}
-
 void append_conf(const std::string& datadir) {
     const std::string conf_path = datadir + "/postgresql.conf";
     std::string conf;

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -116,6 +117,29 @@ int run_and_wait(const std::string& path, const std::vector<std::string>& args,
     return status;
 }
 
+
+bool conf_sets_preload(const std::string& conf) {
+    static const std::string kName = "shared_preload_libraries";
+    size_t i = 0;
+    while (i < conf.size()) {
+        size_t j = conf.find('\n', i);
+        if (j == std::string::npos) j = conf.size();
+        std::string line = conf.substr(i, j - i);
+        i = j + 1;
+        size_t k = line.find_first_not_of(" \t");
+        if (k == std::string::npos) continue;
+        std::string rest = line.substr(k);
+        if (rest.size() < kName.size()) continue;
+        bool match = true;
+        for (size_t n = 0; n < kName.size(); ++n)
+            if (std::tolower(static_cast<unsigned char>(rest[n])) != kName[n]) match = false;
+        if (!match) continue;
+        if (rest.size() == kName.size()) return true;
+        char c = rest[kName.size()];
+        if (c == ' ' || c == '\t' || c == '=') return true;
+    }
+    return false;
+}
 
 std::vector<OptSpec> with_key_option_specs(std::vector<OptSpec> own) {
     own.insert(own.end(), {{"provider", 0, true},
