@@ -92,6 +92,8 @@ std::string find_tool(const std::string& name);
 std::vector<std::string> layer_environment(const std::string& layer, const std::string& pgdata,
                                            const std::string& keyring_dir);
 
+// This program's own path (/proc/self/exe), to run it again as a child. Throws CliError.
+std::string self_executable();
 // The current environment without LD_PRELOAD and CMK_LAKEBASE_* (a tool that must not
 // run under the layer).
 std::vector<std::string> plain_environment();

@@ -292,6 +292,13 @@ std::vector<std::string> layer_environment(const std::string& layer, const std::
     return env;
 }
 
+std::string self_executable() {
+    char buf[4096];
+    ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+    if (n <= 0) throw CliError("cannot find this program's path (/proc/self/exe)");
+    return std::string(buf, size_t(n));
+}
+
 std::vector<std::string> plain_environment() {
     std::vector<std::string> env;
     for (char** e = environ; e && *e; ++e) {

@@ -310,14 +310,6 @@ void finish_original(const Paths& p, bool remove) {
     if (path_exists(marker)) rename_durable(marker, p.orig + "/global/pg_control", p.orig + "/global");
 }
 
-std::string self_exe() {
-    char buf[4096];
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-    must(n > 0, "cannot find the pg_cmk executable (/proc/self/exe)");
-    buf[n] = 0;
-    return buf;
-}
-
 double now_s() {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -555,7 +547,7 @@ int cmd_encrypt(const std::vector<std::string>& args) {
             }
             std::fflush(stdout);
 
-            const std::string self = self_exe();
+            const std::string self = self_executable();
             const double t0 = now_s();
             int status = run_and_wait(self, {self, "__encrypt-copy", p.dir, p.staging, std::to_string(getpid())},
                                       layer_environment(layer, p.staging, ""));

@@ -242,13 +242,13 @@ void encrypt_copies(const std::string& old_dir, const std::string& new_dir, cons
         ::unlink(tmpl);
         throw CliError("cannot write the list of files to encrypt");
     }
-    char self[4096];
-    ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
+    std::string self;
+    try {
+        self = self_executable();
+    } catch (...) {
         ::unlink(tmpl);
-        throw CliError("cannot find this program's path (/proc/self/exe)");
+        throw;
     }
-    self[n] = 0;
     std::vector<std::string> env = layer_environment(layer_path(), new_dir, "");
     int status = run_and_wait(self, {self, "upgrade-encrypt", old_dir, new_dir, tmpl}, env);
     ::unlink(tmpl);
@@ -401,13 +401,6 @@ void make_wrap_bindir(WrapBindir& w, const std::string& self, const std::string&
     sys::close(fd);
 }
 
-std::string self_path() {
-    char buf[4096];
-    ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-    if (n <= 0) throw CliError("cannot find this program's path (/proc/self/exe)");
-    return std::string(buf, size_t(n));
-}
-
 void refuse_running(const std::string& dir, const std::string& which) {
     if (path_exists(dir + "/postmaster.pid"))
         throw CliError("the " + which + " cluster \"" + dir +
@@ -480,7 +473,7 @@ int cmd_upgrade(const std::vector<std::string>& args) {
     if (::access(pg_upgrade.c_str(), X_OK) != 0) throw CliError("no pg_upgrade in " + new_bindir);
     if (::access((new_bindir + "/pg_resetwal").c_str(), X_OK) != 0) throw CliError("no pg_resetwal in " + new_bindir);
 
-    const std::string self = self_path();
+    const std::string self = self_executable();
     refuse_quote(self);
     WrapBindir wrap;
     make_wrap_bindir(wrap, self, new_bindir, old_dir, new_dir);
