@@ -39,6 +39,7 @@ packages=(
 	# scripts/pg_rootfs.sh: Debian root filesystems carrying PostgreSQL 17, 18 and 19
 	# (the version matrix of test/run_all.sh); binutils' nm serves TAP 090
 	debootstrap binutils
+	xz-utils bzip2  # scripts/pg_upstream_regress.sh (Sources index, source tarball)
 	# 095_patroni: Patroni with the etcd3 DCS against one loopback etcd (Patroni's etcd3
 	# client is its own, over urllib3, but imports python3-etcd; python3-etcd is only one
 	# of the alternatives patroni depends on, so it is named here)

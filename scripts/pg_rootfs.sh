@@ -111,6 +111,7 @@ packages=(
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libipc-run-perl perl procps binutils
 	python3 python3-cryptography python3-hvac openssl curl
+	xz-utils bzip2 # scripts/pg_upstream_regress.sh: the Sources index, the source tarball
 )
 
 # The newer versions' root filesystems also carry Debian 12's PostgreSQL 15 server (from

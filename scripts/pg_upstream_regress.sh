@@ -33,7 +33,12 @@ pg_config=$bindir/pg_config
 	echo "pg_upstream_regress.sh: run as root (the servers run as the postgres OS user)" >&2
 	exit 2
 }
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+for tool in curl xz bzip2 gcc sha256sum runuser; do
+	command -v "$tool" >/dev/null || {
+		echo "pg_upstream_regress.sh: $tool is missing (scripts/install_deps.sh, scripts/pg_rootfs.sh install it)" >&2
+		exit 2
+	}
+done
 cache=${CMK_SRC_DIR:-/var/cache/cmk_lakebase/src}
 mkdir -p "$cache"
 
