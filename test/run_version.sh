@@ -33,7 +33,7 @@ fi
 # I/O (vectored I/O, fallocate, io_method).
 default_tests="test/t/020_tools.pl test/t/030_crash_recovery.pl test/t/040_marker_scan.pl
 test/t/050_watchdog.pl test/t/062_vault.pl test/t/070_rotation.pl test/t/087_basebackup.pl test/t/090_versions.pl
-test/t/043_extension_files.pl test/t/096_upgrade.pl"
+test/t/043_extension_files.pl test/t/088_encrypt.pl test/t/096_upgrade.pl"
 tests=${CMK_MATRIX_TESTS:-$default_tests}
 
 t0=$(date +%s)
