@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cmk_lakebase/base/elf_dynamic.hpp"
 #include "cmk_lakebase/fs/io.hpp"
 #include "layer_internal.hpp"
 
@@ -37,13 +38,6 @@ int find_main(struct dl_phdr_info* info, size_t, void* data) {
     m->phnum = info->dlpi_phnum;
     m->found = true;
     return 1;
-}
-
-// Dynamic-section pointers are relocated in place by ld.so on x86-64; be robust to
-// both forms.
-template <typename T>
-T* dyn_ptr(ElfW(Addr) base, ElfW(Addr) v) {
-    return reinterpret_cast<T*>(v < base ? v + base : v);
 }
 
 struct Hook {
@@ -88,51 +82,20 @@ const std::vector<std::pair<const char*, bool>>& hooked_names() {
 ObjectSlots read_object_slots(ElfW(Addr) base, const ElfW(Phdr)* phdr, ElfW(Half) phnum, const std::string& what) {
     ObjectSlots o;
     o.what = what;
-    const ElfW(Dyn)* dyn = nullptr;
-    for (int i = 0; i < phnum; i++) {
-        if (phdr[i].p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(base + phdr[i].p_vaddr);
-        if (phdr[i].p_type == PT_GNU_RELRO) {
-            o.relro_start = base + phdr[i].p_vaddr;
-            o.relro_end = o.relro_start + phdr[i].p_memsz;
-        }
-    }
-    if (!dyn)
+    elf::DynamicTables t = elf::read_dynamic_tables(base, phdr, phnum);
+    o.relro_start = t.relro_start;
+    o.relro_end = t.relro_end;
+    if (!t.has_dynamic)
         throw LayerError("cmk_lakebase: " + what + " is not dynamically linked",
                          "The encrypting file layer needs its dynamic-linker slots.",
                          "Use a dynamically linked PostgreSQL build (such as Debian's).");
-
-    const ElfW(Sym)* symtab = nullptr;
-    const char* strtab = nullptr;
-    const ElfW(Rela)* jmprel = nullptr;
-    size_t jmprel_sz = 0;
-    const ElfW(Rela)* rela = nullptr;
-    size_t rela_sz = 0;
-    for (const ElfW(Dyn)* d = dyn; d->d_tag != DT_NULL; d++) {
-        switch (d->d_tag) {
-            case DT_SYMTAB: symtab = dyn_ptr<const ElfW(Sym)>(base, d->d_un.d_ptr); break;
-            case DT_STRTAB: strtab = dyn_ptr<const char>(base, d->d_un.d_ptr); break;
-            case DT_JMPREL: jmprel = dyn_ptr<const ElfW(Rela)>(base, d->d_un.d_ptr); break;
-            case DT_PLTRELSZ: jmprel_sz = d->d_un.d_val; break;
-            case DT_RELA: rela = dyn_ptr<const ElfW(Rela)>(base, d->d_un.d_ptr); break;
-            case DT_RELASZ: rela_sz = d->d_un.d_val; break;
-            default: break;
-        }
-    }
-    if (!symtab || !strtab)
+    if (!t.usable())
         throw LayerError("cmk_lakebase: cannot read the dynamic symbols of " + what, "",
                          "This PostgreSQL build is not supported.");
-
-    auto scan = [&](const ElfW(Rela)* r, size_t sz) {
-        if (!r) return;
-        for (size_t i = 0; i < sz / sizeof(ElfW(Rela)); i++) {
-            unsigned type = ELF64_R_TYPE(r[i].r_info);
-            if (type != R_X86_64_JUMP_SLOT && type != R_X86_64_GLOB_DAT) continue;
-            const char* name = strtab + symtab[ELF64_R_SYM(r[i].r_info)].st_name;
-            o.slots[name].push_back(reinterpret_cast<void**>(base + r[i].r_offset));
-        }
-    };
-    scan(jmprel, jmprel_sz);
-    scan(rela, rela_sz);
+    elf::for_each_slot(t, base, [&](const char* name, void** slot) {
+        o.slots[name].push_back(slot);
+        return true;
+    });
     return o;
 }
 

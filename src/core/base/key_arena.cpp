@@ -17,6 +17,7 @@
 // mapping (private, copy-on-write; MADV_DONTDUMP is inherited) and the redirected
 // slots; mlock is not inherited, so a fork handler locks the used pages again.
 #include "cmk_lakebase/base/key_arena.hpp"
+#include "cmk_lakebase/base/elf_dynamic.hpp"
 
 #include <dlfcn.h>
 #include <elf.h>
@@ -275,11 +276,6 @@ struct Found {
     int patched = 0;
 };
 
-template <typename T>
-T* dyn_ptr(ElfW(Addr) base, ElfW(Addr) v) {
-    return reinterpret_cast<T*>(v < base ? v + base : v);
-}
-
 bool is_libcrypto(const char* name) {
     if (!name || !*name) return false;
     const char* base = std::strrchr(name, '/');
@@ -290,35 +286,10 @@ bool is_libcrypto(const char* name) {
 // Redirects one libcrypto object's malloc/calloc/realloc/free slots. Returns a reason
 // when it cannot (nothing written then), nullptr on success.
 const char* patch_object(const dl_phdr_info* info) {
-    const ElfW(Dyn)* dyn = nullptr;
-    ElfW(Addr) relro_lo = 0, relro_hi = 0;
-    for (int i = 0; i < info->dlpi_phnum; i++) {
-        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
-        if (ph.p_type == PT_DYNAMIC) dyn = reinterpret_cast<const ElfW(Dyn)*>(info->dlpi_addr + ph.p_vaddr);
-        if (ph.p_type == PT_GNU_RELRO) {
-            relro_lo = info->dlpi_addr + ph.p_vaddr;
-            relro_hi = relro_lo + ph.p_memsz;
-        }
-    }
-    if (!dyn) return "libcrypto has no dynamic section";
-    const ElfW(Sym)* symtab = nullptr;
-    const char* strtab = nullptr;
-    const ElfW(Rela)* jmprel = nullptr;
-    size_t jmprel_sz = 0;
-    const ElfW(Rela)* rela = nullptr;
-    size_t rela_sz = 0;
-    for (const ElfW(Dyn)* d = dyn; d->d_tag != DT_NULL; d++) {
-        switch (d->d_tag) {
-            case DT_SYMTAB: symtab = dyn_ptr<const ElfW(Sym)>(info->dlpi_addr, d->d_un.d_ptr); break;
-            case DT_STRTAB: strtab = dyn_ptr<const char>(info->dlpi_addr, d->d_un.d_ptr); break;
-            case DT_JMPREL: jmprel = dyn_ptr<const ElfW(Rela)>(info->dlpi_addr, d->d_un.d_ptr); break;
-            case DT_PLTRELSZ: jmprel_sz = d->d_un.d_val; break;
-            case DT_RELA: rela = dyn_ptr<const ElfW(Rela)>(info->dlpi_addr, d->d_un.d_ptr); break;
-            case DT_RELASZ: rela_sz = d->d_un.d_val; break;
-            default: break;
-        }
-    }
-    if (!symtab || !strtab) return "libcrypto has no dynamic symbol table";
+    const elf::DynamicTables t = elf::read_dynamic_tables(info->dlpi_addr, info->dlpi_phdr, info->dlpi_phnum);
+    if (!t.has_dynamic) return "libcrypto has no dynamic section";
+    if (!t.usable()) return "libcrypto has no dynamic symbol table";
+    const ElfW(Addr) relro_lo = t.relro_start, relro_hi = t.relro_end;
 
     enum { kMalloc, kCalloc, kRealloc, kFree, kNames };
     static const char* const names[kNames] = {"malloc", "calloc", "realloc", "free"};
@@ -328,31 +299,26 @@ const char* patch_object(const dl_phdr_info* info) {
     void** slots[kNames][kMaxSlots] = {};
     int nslots[kNames] = {};
     void* prev[kNames] = {};
-    auto scan = [&](const ElfW(Rela)* r, size_t sz) -> const char* {
-        if (!r) return nullptr;
-        for (size_t i = 0; i < sz / sizeof(ElfW(Rela)); i++) {
-            unsigned type = ELF64_R_TYPE(r[i].r_info);
-            if (type != R_X86_64_JUMP_SLOT && type != R_X86_64_GLOB_DAT) continue;
-            const char* name = strtab + symtab[ELF64_R_SYM(r[i].r_info)].st_name;
-            for (int k = 0; k < kNames; k++) {
-                if (std::strcmp(name, names[k]) != 0) continue;
-                auto** slot = reinterpret_cast<void**>(info->dlpi_addr + r[i].r_offset);
-                if (*slot == hooks[k]) return "already redirected";
-                if (prev[k] && *slot != prev[k]) return "libcrypto's allocator slots disagree";
-                if (nslots[k] == kMaxSlots) return "libcrypto has too many allocator slots";
-                prev[k] = *slot;
-                slots[k][nslots[k]++] = slot;
-            }
+    const char* why = nullptr;
+    elf::for_each_slot(t, info->dlpi_addr, [&](const char* name, void** slot) {
+        for (int k = 0; k < kNames; k++) {
+            if (std::strcmp(name, names[k]) != 0) continue;
+            if (*slot == hooks[k]) why = "already redirected";
+            else if (prev[k] && *slot != prev[k]) why = "libcrypto's allocator slots disagree";
+            else if (nslots[k] == kMaxSlots) why = "libcrypto has too many allocator slots";
+            if (why) return false;
+            prev[k] = *slot;
+            slots[k][nslots[k]++] = slot;
         }
-        return nullptr;
-    };
-    if (const char* why = scan(jmprel, jmprel_sz)) return why;
-    if (const char* why = scan(rela, rela_sz)) return why;
+        return true;
+    });
+    if (why) return why;
     // Without its malloc and free slots (a static or customised build) nothing can be
     // redirected; calloc and realloc may be absent.
     if (!nslots[kMalloc] || !nslots[kFree]) return "libcrypto does not call malloc and free through its GOT";
-    // Unresolved slots (lazy binding) point back into libcrypto's PLT: look the
-    // functions up instead of chaining to a resolver stub.
+    // A slot not bound yet (lazy binding) holds an address inside libcrypto's own PLT,
+    // which would only call the dynamic linker's resolver: chain to the function itself,
+    // looked up by name.
     for (int k = 0; k < kNames; k++) {
         if (!nslots[k]) continue;
         Dl_info di{};
