@@ -22,7 +22,7 @@
 // descriptor inherited over fork() shares its lock with the parent, which would let
 // the postmaster's children append concurrently.
 //
-// Longer than the house's ~700 lines on purpose: the record format, its torn-tail
+// Longer than the house's 800-line limit on purpose: the record format, its torn-tail
 // rules and the locking that makes appends safe are one argument, read together when
 // the key map's durability is reviewed; split, each half would only be checkable with
 // the other open.
