@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -76,8 +77,39 @@ const char kUsage[] =
     "Arguments after \"--\" go to pg_basebackup: connection (-h -p -U -d), -X stream|fetch,\n"
     "-c fast, -R (write standby configuration), -S/-C (slot), -l, -P, -r, -v.\n"
     "Not supported (refused): -D/-F (use pg_cmk's), compression, --waldir, -T/tablespaces,\n"
-    "-t/--target, --incremental. The source's CMK must be usable from this host (its WAL\n"
-    "master key is carried into the backup).\n";
+    "-t/--target. The source's CMK must be usable from this host (its WAL master key is\n"
+    "carried into the backup).\n"
+    "\n"
+    "Incremental backups (PostgreSQL 17+, summarize_wal = on at the source): pass\n"
+    "--incremental=PRIOR/backup_manifest after \"--\", PRIOR being an earlier backup made\n"
+    "by pg_cmk basebackup; restore with pg_cmk combinebackup.\n";
+
+const char kCombineUsage[] =
+    "pg_cmk combinebackup reconstructs a full backup from a full backup and the chain of\n"
+    "incremental backups taken after it (PostgreSQL 17+), all made by pg_cmk basebackup,\n"
+    "with the stock pg_combinebackup. The output is encrypted like the inputs: under a\n"
+    "new KEK wrapped by the customer-managed key given here, with the source cluster's\n"
+    "WAL master key, so it replays the source's WAL archive.\n"
+    "\n"
+    "Usage:\n"
+    "  pg_cmk combinebackup -o DIR [KEY OPTIONS] FULL INCREMENTAL... [-- PG_COMBINEBACKUP_ARGS...]\n"
+    "\n"
+    "Options:\n"
+    "  -o, --output=DIR       directory to write the combined backup to (new or empty)\n"
+    "  --provider=NAME        key provider of the output (default local; the options\n"
+    "  --kms-option=KEY=VALUE are those of pg_cmk initdb, docs/providers/)\n"
+    "  --key-store=DIR        local key store (default: $CMK_LAKEBASE_KEY_STORE, else\n"
+    "                         $HOME/.cmk_lakebase/keys)\n"
+    "  --key-id=ID            customer-managed key of the output (local: a new key is\n"
+    "                         made if none is given)\n"
+    "  --create-key           create the key given by --key-id (local provider)\n"
+    "  --no-verify            do not run pg_verifybackup on the result\n"
+    "  -?, --help             show this help, then exit\n"
+    "\n"
+    "The inputs are plain-format backups (unpack tar ones first), oldest first; each\n"
+    "one's CMK must be usable from this host. Arguments after \"--\" go to\n"
+    "pg_combinebackup (-d, -N, --manifest-checksums, --no-manifest, --sync-method).\n"
+    "Not supported (refused): --link, --clone, --copy-file-range, -T, --dry-run.\n";
 
 const char* const kRefusedArgs[][2] = {
     {"-D", "give the backup directory with pg_cmk's own -D"},
@@ -93,19 +125,36 @@ const char* const kRefusedArgs[][2] = {
     {"--tablespace-mapping", "tablespaces are not supported by pg_cmk basebackup yet"},
     {"-t", "server-side targets are not supported (the backup must be written here, encrypted)"},
     {"--target", "server-side targets are not supported (the backup must be written here, encrypted)"},
-    {"-i", "incremental backups are not supported by pg_cmk basebackup yet"},
-    {"--incremental", "incremental backups are not supported by pg_cmk basebackup yet"},
 };
 
-void check_pg_basebackup_args(const std::vector<std::string>& rest) {
+// pg_combinebackup's options that pg_cmk combinebackup refuses.
+const char* const kCombineRefusedArgs[][2] = {
+    {"-o", "give the output directory with pg_cmk's own -o"},
+    {"--output", "give the output directory with pg_cmk's own -o"},
+    {"-k", "--link would share files between the output and the input backups, which are encrypted under "
+           "each backup's own keys (not supported)"},
+    {"--link", "--link would share files between the output and the input backups, which are encrypted "
+               "under each backup's own keys (not supported)"},
+    {"--clone", "cloning would copy the input backups' ciphertext, under their keys, into the output (not supported)"},
+    {"--copy-file-range", "copy_file_range would copy the input backups' ciphertext, under their keys, into the "
+                          "output (not supported)"},
+    {"-T", "tablespaces are not supported by pg_cmk basebackup yet"},
+    {"--tablespace-mapping", "tablespaces are not supported by pg_cmk basebackup yet"},
+    {"-n", "--dry-run is not supported by pg_cmk combinebackup"},
+    {"--dry-run", "--dry-run is not supported by pg_cmk combinebackup"},
+};
+
+template <size_t N>
+void check_passed_args(const char* command, const std::vector<std::string>& rest, const char* const (&refused)[N][2]) {
     for (const std::string& arg : rest) {
-        for (const auto& r : kRefusedArgs) {
+        for (const auto& r : refused) {
             const std::string opt = r[0];
             bool hit = arg == opt;
             if (!hit && opt.size() == 2) hit = arg.compare(0, 2, opt) == 0;  // -Zgzip
             if (!hit && opt.size() > 2) hit = arg.compare(0, opt.size() + 1, opt + "=") == 0;
             if (hit)
-                throw CliError("pg_cmk basebackup: \"" + arg + "\": " + r[1], ErrorCategory::NotSupported);
+                throw CliError(std::string("pg_cmk ") + command + ": \"" + arg + "\": " + r[1],
+                               ErrorCategory::NotSupported);
         }
     }
 }
@@ -272,6 +321,29 @@ void rewrite_manifest(const std::string& dir) {
         throw CliError("cannot replace " + path + ": " + std::strerror(errno));
 }
 
+// Removes an output directory on failure (one that existed empty is left empty).
+struct OutputCleanup {
+    const std::string& dir;
+    bool existed;
+    bool done = false;
+    ~OutputCleanup() {
+        if (done) return;
+        remove_tree(dir);
+        if (existed) (void)mkdir(dir.c_str(), 0700);
+    }
+};
+
+// A new keyring and an empty key map in a new staging directory path (removed by
+// staging unless kept). Returns path.
+std::string staging_keys(const std::string& path, const NewKeyring& nk, StagingDir& staging) {
+    if (mkdir(path.c_str(), 0700) != 0)
+        throw CliError("cannot create staging directory \"" + path + "\": " + std::strerror(errno));
+    staging.path = path;
+    save_keyring(path, nk.kr);
+    KeyMap::create_empty(path, nk.kr.cluster_id, nk.kr.kek_generation);
+    return path;
+}
+
 void run_checked(const std::string& what, const std::string& path, const std::vector<std::string>& args,
                  const std::vector<std::string>& env) {
     int status = run_and_wait(path, args, env);
@@ -301,7 +373,7 @@ int cmd_basebackup(const std::vector<std::string>& args) {
         throw UsageError(cmdname, "invalid format \"" + format + "\" (use p/plain or t/tar)");
     if (a.get("pgdata") == "-") throw UsageError(cmdname, "writing the backup to standard output is not supported");
     KeyOptions ko = parse_key_options(cmdname, a);
-    check_pg_basebackup_args(a.rest);
+    check_passed_args("basebackup", a.rest, kRefusedArgs);
 
     const std::string dest = absolute_new_dir(a.get("pgdata"));
     if (path_exists(dest)) {
@@ -331,26 +403,12 @@ int cmd_basebackup(const std::vector<std::string>& args) {
         if (mkdir(work.c_str(), 0700) != 0) throw CliError("cannot create \"" + work + "\": " + std::strerror(errno));
         work_dir.path = work;
     }
-    struct DestCleanup {
-        const std::string& dest;
-        bool existed;
-        bool done = false;
-        ~DestCleanup() {
-            if (done) return;
-            remove_tree(dest);
-            if (existed) (void)mkdir(dest.c_str(), 0700);
-        }
-    } dest_cleanup{dest, dest_existed};
+    OutputCleanup dest_cleanup{dest, dest_existed};
 
     // --- the backup's keyring and (empty) key map, in a staging directory -----------
     NewKeyring nk = new_keyring(ko);
     StagingDir staging;
-    const std::string staging_path = parent + "/" + tag + ".keys";
-    if (mkdir(staging_path.c_str(), 0700) != 0)
-        throw CliError("cannot create staging directory \"" + staging_path + "\": " + std::strerror(errno));
-    staging.path = staging_path;
-    save_keyring(staging_path, nk.kr);
-    KeyMap::create_empty(staging_path, nk.kr.cluster_id, nk.kr.kek_generation);
+    const std::string staging_path = staging_keys(parent + "/" + tag + ".keys", nk, staging);
 
     {
         // --- the stream, under the layer --------------------------------------------
@@ -443,6 +501,159 @@ int cmd_basebackup(const std::vector<std::string>& args) {
         dest.c_str(), tar ? "tar: base.tar, pg_wal.tar" : "plain", ko.provider_name.c_str(), nk.key_id.c_str(),
         nk.created_key ? " (created)" : "", nk.kr.kek_fingerprint.c_str(),
         a.has("no-verify") ? "no (--no-verify)" : "pg_verifybackup passed");
+    return 0;
+}
+
+
+namespace {
+
+// The WAL master key of a backup made by pg_cmk basebackup (all backups of one cluster
+// carry the same one).
+SecureBytes backup_wal_master(const std::string& backup) {
+    const std::string kdir = backup + "/" + kKeyringDirName;
+    const std::string refusal = "\"" + backup + "\" is not a backup made by pg_cmk basebackup";
+    if (!path_exists(kdir + "/keyring.json"))
+        throw CliError(refusal + " (no " + kKeyringDirName +
+                       "/keyring.json): pg_cmk combinebackup combines encrypted backups only");
+    // The stock pg_basebackup copies the source's cmk_lakebase/ too, beside plaintext
+    // files: the shared catalogs' first pages tell. In a backup of ours they are
+    // ciphertext, which passes for a page header or an INCREMENTAL header with a
+    // chance of about 2^-16 or 2^-32 per file; a plaintext backup shows them all.
+    size_t checked = 0, plain = 0;
+    std::vector<uint8_t> unit(kUnitSize);
+    for (const std::string& n : list_dir(backup + "/global")) {
+        if (classify_relative("global/" + n) != FileClass::Relation) continue;
+        int fd = sys::open((backup + "/global/" + n).c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t got = sys::pread_full(fd, unit.data(), unit.size(), 0);
+        sys::close(fd);
+        if (got < 4) continue;
+        const uint32_t head = uint32_t(unit[0]) | uint32_t(unit[1]) << 8 | uint32_t(unit[2]) << 16 |
+                              uint32_t(unit[3]) << 24;
+        bool incremental = n.compare(0, 12, "INCREMENTAL.") == 0;
+        if (incremental) {
+            checked++;
+            if (head == 0xd3ae1f0d) plain++;  // PostgreSQL's INCREMENTAL_MAGIC
+        } else if (got == ssize_t(kUnitSize) && !std::all_of(unit.begin(), unit.end(), [](uint8_t b) { return b == 0; })) {
+            checked++;
+            if (page_header_ok(unit.data())) plain++;
+        }
+    }
+    if (checked > 0 && plain * 2 >= checked)
+        throw CliError(refusal + ": its relation files are plaintext (" + std::to_string(plain) + " of " +
+                       std::to_string(checked) + " shared catalog files checked), as the stock pg_basebackup "
+                       "writes them; pg_cmk combinebackup combines encrypted backups only");
+    return source_wal_master(kdir);
+}
+
+}  // namespace
+
+int cmd_combinebackup(const std::vector<std::string>& args) {
+    const std::string cmdname = "combinebackup";
+    ParsedArgs a = parse_args(cmdname, args, with_key_option_specs({{"output", 'o', true}, {"no-verify", 0, false}}));
+    if (a.has("help")) {
+        std::fputs(kCombineUsage, stdout);
+        return 0;
+    }
+    if (!a.has("output") || a.get("output").empty()) throw UsageError(cmdname, "no output directory given (-o DIR)");
+    if (a.positional.empty()) throw UsageError(cmdname, "no backups given (FULL INCREMENTAL...)");
+    KeyOptions ko = parse_key_options(cmdname, a);
+    check_passed_args("combinebackup", a.rest, kCombineRefusedArgs);
+
+    const std::string out = absolute_new_dir(a.get("output"));
+    if (path_exists(out)) {
+        if (!is_directory(out)) throw CliError("\"" + out + "\" exists and is not a directory");
+        if (!dir_is_empty(out)) throw CliError("output directory \"" + out + "\" exists and is not empty");
+    }
+    std::vector<std::string> inputs;
+    for (const std::string& p : a.positional) {
+        std::string in = existing_dir(p, "backup directory");
+        if (in.find(':') != std::string::npos)
+            throw CliError("backup directory \"" + in + "\" has a ':' in its path (not supported)",
+                           ErrorCategory::NotSupported);
+        if (in == out || is_within(out, in) || is_within(in, out))
+            throw CliError("the output directory \"" + out + "\" and the backup \"" + in + "\" overlap");
+        for (const std::string& other : inputs)
+            if (other == in) throw CliError("backup \"" + in + "\" is given twice");
+        inputs.push_back(in);
+    }
+    check_key_store_outside(cmdname, ko, out);
+    const std::string layer = layer_path();
+    const std::string pg_combinebackup = find_tool("pg_combinebackup");
+    if (pg_combinebackup.empty())
+        throw CliError("pg_combinebackup not found in " + pg_bindir() +
+                           " (incremental backups need PostgreSQL 17 or later); set CMK_LAKEBASE_PG_BINDIR",
+                       ErrorCategory::NotSupported);
+    const std::string pg_verifybackup = find_tool("pg_verifybackup");
+    if (pg_verifybackup.empty() && !a.has("no-verify"))
+        throw CliError("pg_verifybackup not found in " + pg_bindir() + " (or give --no-verify)");
+
+    // Every input is an encrypted backup of the same cluster: one WAL master key. Each
+    // CMK is asked now, before anything is written.
+    SecureBytes master = backup_wal_master(inputs.back());
+    for (size_t i = 0; i + 1 < inputs.size(); i++) {
+        SecureBytes m = backup_wal_master(inputs[i]);
+        if (m.size() != master.size() || !ct_equal(m.data(), master.data(), m.size()))
+            throw CliError("backups \"" + inputs[i] + "\" and \"" + inputs.back() +
+                           "\" are not of the same encrypted cluster (their WAL master keys differ)");
+    }
+
+    const std::string parent = parent_dir(out);
+    const std::string tag = "." + base_name(out) + ".cmk_combinebackup." + std::to_string(getpid());
+    const bool out_existed = path_exists(out);
+    OutputCleanup out_cleanup{out, out_existed};
+
+    // --- the output's keyring and key map (with the cluster's WAL master key) ---------
+    NewKeyring nk = new_keyring(ko);
+    StagingDir staging;
+    const std::string staging_path = staging_keys(parent + "/" + tag + ".keys", nk, staging);
+    {
+        auto provider = audit::audited_provider(make_provider(nk.kr.config), nk.kr.bound_name());
+        ClusterKeys keys = unlock_cluster_keys(staging_path, nk.kr, *provider);
+        std::unique_ptr<KeyMap> km = open_cluster_keymap(staging_path, nk.kr, keys);
+        std::vector<KeyMap::Import> imp;
+        imp.push_back(KeyMap::Import{kWalMasterId, FileClass::Wal, std::move(master)});
+        km->put(imp);
+    }
+
+    // --- pg_combinebackup under the layer: inputs read-only, each under its own keys --
+    std::vector<std::string> cb{pg_combinebackup, "-o", out};
+    cb.insert(cb.end(), inputs.begin(), inputs.end());
+    cb.insert(cb.end(), a.rest.begin(), a.rest.end());
+    std::vector<std::string> env = layer_environment(layer, out, staging_path);
+    std::string sources;
+    for (const std::string& in : inputs) sources += (sources.empty() ? "" : ":") + in;
+    env.push_back("CMK_LAKEBASE_SOURCE_DIRS=" + sources);
+    run_checked("pg_combinebackup", pg_combinebackup, cb, env);
+
+    // --- the output's key material replaces the copy of the last input's -------------
+    const std::string kdir = out + "/" + kKeyringDirName;
+    remove_tree(kdir);
+    if (path_exists(kdir)) throw CliError("cannot remove the copied key material " + kdir);
+    if (rename(staging_path.c_str(), kdir.c_str()) != 0)
+        throw CliError("cannot move \"" + staging_path + "\" to \"" + kdir + "\": " + std::strerror(errno));
+    staging.keep = true;
+    if (sys::fsync_dir(out.c_str()) != 0) throw CliError("cannot fsync \"" + out + "\": " + std::strerror(errno));
+
+    const bool manifest = path_exists(out + "/backup_manifest");
+    if (manifest) rewrite_manifest(out);
+    if (!a.has("no-verify")) {
+        if (!manifest)
+            throw CliError("no backup_manifest to verify (--no-manifest given?); add --no-verify to skip verification");
+        run_checked("pg_verifybackup", pg_verifybackup, {pg_verifybackup, std::string("--ignore=") + kAuditLogRel, out},
+                    layer_environment(layer, out, ""));
+    }
+    out_cleanup.done = true;
+
+    std::printf(
+        "\npg_cmk: encrypted combined backup written\n"
+        "  backup:           %s (from %zu backups)\n"
+        "  provider:         %s\n"
+        "  key id:           %s%s\n"
+        "  KEK fingerprint:  %s\n"
+        "  verified:         %s\n",
+        out.c_str(), inputs.size(), ko.provider_name.c_str(), nk.key_id.c_str(), nk.created_key ? " (created)" : "",
+        nk.kr.kek_fingerprint.c_str(), a.has("no-verify") ? "no (--no-verify)" : "pg_verifybackup passed");
     return 0;
 }
 

@@ -88,7 +88,8 @@ std::string pg_bindir();
 std::string find_tool(const std::string& name);
 // The current environment with LD_PRELOAD (layer first, any other copy of the layer
 // removed), CMK_LAKEBASE_PGDATA and, if keyring_dir is non-empty,
-// CMK_LAKEBASE_KEYRING_DIR set; an inherited CMK_LAKEBASE_KEYRING_DIR is dropped.
+// CMK_LAKEBASE_KEYRING_DIR set; an inherited CMK_LAKEBASE_KEYRING_DIR (and
+// CMK_LAKEBASE_SOURCE_DIRS) is dropped.
 std::vector<std::string> layer_environment(const std::string& layer, const std::string& pgdata,
                                            const std::string& keyring_dir);
 
@@ -144,6 +145,9 @@ struct StagingDir {
     }
 };
 
+// The first 8 KiB of p are a PostgreSQL page header (8 KiB pages, layout version 4).
+bool page_header_ok(const uint8_t* p);
+
 bool dir_is_empty(const std::string& dir);
 bool is_within(const std::string& path, const std::string& dir);
 // Runs a program and waits for it; returns its wait status. SIGINT/SIGQUIT are ignored
@@ -157,6 +161,7 @@ bool conf_sets_preload(const std::string& conf);
 
 int cmd_initdb(const std::vector<std::string>& args);
 int cmd_basebackup(const std::vector<std::string>& args);
+int cmd_combinebackup(const std::vector<std::string>& args);
 int cmd_encrypt(const std::vector<std::string>& args);
 int cmd_encrypt_copy(const std::vector<std::string>& args);  // internal: the copier under the layer
 int cmd_exec(const std::vector<std::string>& args);

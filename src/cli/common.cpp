@@ -272,7 +272,9 @@ std::vector<std::string> layer_environment(const std::string& layer, const std::
             old_preload = kv.substr(kPreload.size());
             continue;
         }
-        if (starts(kv, kPgdata) || starts(kv, kKeyringDir)) continue;
+        // An inherited list of read-only source directories (pg_cmk combinebackup sets
+        // its own) would give another tool's paths keys from elsewhere.
+        if (starts(kv, kPgdata) || starts(kv, kKeyringDir) || starts(kv, "CMK_LAKEBASE_SOURCE_DIRS=")) continue;
         env.push_back(kv);
     }
 
@@ -330,6 +332,12 @@ std::string encrypted_datadir(const std::string& given) {
         throw CliError("data directory \"" + dir +
                        "\" is not an encrypted cluster (no cmk_lakebase/keyring.json)");
     return dir;
+}
+
+bool page_header_ok(const uint8_t* p) {
+    auto u16 = [&](size_t o) { return unsigned(p[o]) | unsigned(p[o + 1]) << 8; };
+    unsigned lower = u16(12), upper = u16(14), special = u16(16), version = u16(18);
+    return version == (8192 | 4) && lower >= 24 && lower <= upper && upper <= special && special <= 8192;
 }
 
 }  // namespace cmk::cli

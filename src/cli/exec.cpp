@@ -53,7 +53,8 @@ struct Refusal {
 const Refusal kRefused[] = {
     {"pg_basebackup", "it would write a plaintext copy of the cluster (the server sends the files decrypted)",
      "use pg_cmk basebackup, which runs it with the backup encrypted under its own keyring"},
-    {"pg_combinebackup", "it would write a plaintext combined backup", "restore full copies of the data directory"},
+    {"pg_combinebackup", "the layer would read every input backup under the keys of one data directory",
+     "use pg_cmk combinebackup, which runs it with each input read under its own keys"},
     {"pg_rewind", "it copies files and the key map from the source cluster over the target's without re-keying them",
      "re-create the old primary as a standby of the new one with pg_cmk basebackup -R"},
     {"pg_upgrade", "it copies data files between clusters without re-keying them, leaving a corrupt new cluster",

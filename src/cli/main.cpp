@@ -30,6 +30,7 @@ const char kUsage[] =
     "  pg_cmk initdb -D DATADIR [--provider local] [--key-store DIR] [--key-id ID]\n"
     "                [--create-key] [-- INITDB_ARGS...]\n"
     "  pg_cmk basebackup -D DIR [-F p|t] [KEY OPTIONS] [-- PG_BASEBACKUP_ARGS...]\n"
+    "  pg_cmk combinebackup -o DIR [KEY OPTIONS] BACKUP... [-- PG_COMBINEBACKUP_ARGS...]\n"
     "  pg_cmk encrypt -D DATADIR [KEY OPTIONS] [--remove-original]\n"
     "  pg_cmk exec -D DATADIR -- TOOL [ARGS...]\n"
     "  pg_cmk upgrade -d OLDDATADIR -D NEWDATADIR -b OLDBINDIR -B NEWBINDIR [--link]\n"
@@ -48,7 +49,9 @@ const char kUsage[] =
     "Commands:\n"
     "  initdb        create a new encrypted cluster (runs the stock initdb under the layer)\n"
     "  basebackup    online base backup (or standby, with -R) of a running encrypted\n"
-    "                cluster, encrypted on the destination\n"
+    "                cluster, encrypted on the destination (incremental on 17+)\n"
+    "  combinebackup reconstruct a full backup from a full one and its incremental ones\n"
+    "                (PostgreSQL 17+), encrypted\n"
     "  encrypt       convert a stopped plaintext cluster into an encrypted one (offline)\n"
     "  exec          run a PostgreSQL tool on an encrypted cluster\n"
     "  upgrade       major-version upgrade with the stock pg_upgrade into a new encrypted\n"
@@ -92,6 +95,7 @@ int run(int argc, char** argv) {
     }
     if (cmd == "initdb") return cmd_initdb(args);
     if (cmd == "basebackup") return cmd_basebackup(args);
+    if (cmd == "combinebackup") return cmd_combinebackup(args);
     if (cmd == "encrypt") return cmd_encrypt(args);
     if (cmd == "__encrypt-copy") return cmd_encrypt_copy(args);
     if (cmd == "exec") return cmd_exec(args);

@@ -311,12 +311,6 @@ SyncResult sync_keys(const std::string& old_dir, const std::string& new_dir) {
     return r;
 }
 
-bool page_header_ok(const uint8_t* p) {
-    auto u16 = [&](size_t o) { return unsigned(p[o]) | unsigned(p[o + 1]) << 8; };
-    unsigned lower = u16(12), upper = u16(14), special = u16(16), version = u16(18);
-    return version == (8192 | 4) && lower >= 24 && lower <= upper && upper <= special && special <= 8192;
-}
-
 // After pg_upgrade: every relation file of the new cluster with data has a key, and
 // its first page with data decrypts to a PostgreSQL page header. Returns the number
 // of files checked; throws on the first that fails.

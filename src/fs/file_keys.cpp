@@ -397,6 +397,10 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
         return nullptr;
     }
     if (c->key) return c->key;
+    if (c->source) {  // bound at open; a source's file without one is empty, and read-only
+        errno = for_write ? EROFS : 0;
+        return nullptr;
+    }
     try {
         if (!c->fresh) {
             if (auto k = lookup_file_key(c->rel, &c->db)) {

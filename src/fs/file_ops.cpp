@@ -25,6 +25,9 @@ namespace cmk::fs::detail {
 int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
     std::optional<Resolved> r;
     if (!tl_in_layer && !(flags & O_PATH)) r = resolve(dirfd, path);
+    if (r && r->source && ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC))) &&
+        refuse_source_write(r, "open for writing"))
+        return -1;
     if (!r || !is_encrypted(r->cls) || !ensure_active()) return real().openat(dirfd, path, flags, mode);
     State& s = st();
     int rflags = flags;
@@ -51,8 +54,12 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
     c->append = append;
     c->known_size.store(sb.st_size);
     c->map_ok.store(r->cls == FileClass::Relation && readable && !(flags & O_DIRECT) && map_reads_enabled());
+    c->source = r->source;
+    if (c->source) c->map_ok.store(false);
     try {
-        if (is_ephemeral(r->cls)) {
+        if (c->source) {
+            c->key = source_file_key(c->source, r->rel, r->cls);
+        } else if (is_ephemeral(r->cls)) {
             c->key = ephemeral_key(sb.st_dev, sb.st_ino);
         } else if (r->wal_target) {
             c->key = wal_key(wal_segment_of(r->rel));
@@ -67,14 +74,16 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
             if (auto k = lookup_file_key(r->rel, &c->db)) {
                 c->db_oid = database_of(r->rel);
                 c->key = std::move(k);
-            } else if (sb.st_size > 0) {
-                log_line("no data encryption key for non-empty file \"" + r->rel +
-                         "\" (key map damaged or truncated, or a file from elsewhere)");
-                delete c;
-                real().close(fd);
-                errno = EIO;
-                return -1;
             }
+        }
+        if (!c->key && !c->fresh && sb.st_size > 0) {
+            log_line("no data encryption key for non-empty file \"" + r->rel + "\"" +
+                     (c->source ? " of a source directory" : "") +
+                     " (key map damaged or truncated, or a file from elsewhere)");
+            delete c;
+            real().close(fd);
+            errno = EIO;
+            return -1;
         }
     } catch (const DbUnavailable& e) {
         log_line("cannot open \"" + r->rel + "\": " + e.what());
@@ -194,6 +203,7 @@ int op_ftruncate(int fd, off_t len) {
 
 int op_truncate(const char* path, off_t len) {
     std::optional<Resolved> r = tl_in_layer ? std::nullopt : resolve(AT_FDCWD, path);
+    if (refuse_source_write(r, "truncate")) return -1;
     if (!r || !is_encrypted(r->cls) || !ensure_active()) return real().truncate(path, len);
     if (len == 0) return real().truncate(path, 0);  // nothing of the old content remains
     int fd = op_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0);
@@ -239,7 +249,9 @@ ssize_t op_copy_file_range(int fdin, off_t* offin, int fdout, off_t* offout, siz
 
 int op_unlinkat(int dirfd, const char* path, int flags) {
     std::optional<Resolved> r;
-    if (!tl_in_layer && !(flags & AT_REMOVEDIR)) r = resolve(dirfd, path);
+    if (!tl_in_layer) r = resolve(dirfd, path);
+    if (refuse_source_write(r, "remove")) return -1;
+    if (flags & AT_REMOVEDIR) r.reset();
     int rc = real().unlinkat(dirfd, path, flags);
     if (rc != 0 || !r || !is_durable(r->cls) || r->wal_target || !ensure_active()) return rc;
     int saved = errno;
@@ -324,6 +336,7 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
     auto do_rename = [&] { return real().renameat2(olddirfd, from, newdirfd, to, flags); };
     if (tl_in_layer) return do_rename();
     std::optional<Resolved> rf = resolve(olddirfd, from), rt = resolve(newdirfd, to);
+    if (refuse_source_write(rf, "rename") || refuse_source_write(rt, "rename a file to")) return -1;
     FileClass cf = rf ? rf->cls : FileClass::Plaintext;
     FileClass ct = rt ? rt->cls : FileClass::Plaintext;
     struct stat sb;
@@ -415,6 +428,7 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
 int op_linkat(int olddirfd, const char* from, int newdirfd, const char* to, int flags) {
     if (tl_in_layer) return real().linkat(olddirfd, from, newdirfd, to, flags);
     std::optional<Resolved> rf = resolve(olddirfd, from), rt = resolve(newdirfd, to);
+    if (refuse_source_write(rf, "link") || refuse_source_write(rt, "link a file to")) return -1;
     FileClass cf = rf ? rf->cls : FileClass::Plaintext;
     FileClass ct = rt ? rt->cls : FileClass::Plaintext;
     if ((!is_encrypted(cf) && !is_encrypted(ct)) || !ensure_active())

@@ -166,6 +166,7 @@ struct FileCtx {
     struct DbSlot* db = nullptr;   // the file's database, when bound to its own key (checked per I/O)
     uint32_t db_oid = 0;           // ... and its oid (a slot freed by an unbind may be reused)
     bool fresh = false;            // created by this open (O_EXCL): make a new key, never reuse
+    int source = 0;                // > 0: a read-only file of a source directory (key bound at open)
     bool append = false;           // caller asked for O_APPEND (emulated: we need pwrite)
     std::atomic<int64_t> known_size{0};
     std::atomic<int> refs{1};
@@ -349,13 +350,27 @@ struct Resolved {
     std::string rel;
     FileClass cls = FileClass::Plaintext;
     bool wal_target = false;  // a segment in pg_receivewal's directory: derived key only, no key-map entry
+    int source = 0;           // > 0: a file of source directory number `source` (source_dirs.cpp)
 };
 
 std::string real_path(const std::string& p);  // realpath(), "" if it fails
 void env_once();                              // reads CMK_LAKEBASE_PGDATA / _KEYRING_DIR once
 std::string absolute_of(int dirfd, const char* path);
-// Where a path lies relative to the data directory, and its class. nullopt: outside.
+// Where a path lies relative to the data directory (or a source directory), and its
+// class. nullopt: outside.
 std::optional<Resolved> resolve(int dirfd, const char* path);
+
+// ---- source directories (source_dirs.cpp) ------------------------------------------------
+//
+// Other encrypted data directories a tool reads, read-only (CMK_LAKEBASE_SOURCE_DIRS:
+// pg_combinebackup's input backups under `pg_cmk combinebackup`).
+std::optional<Resolved> resolve_source(const std::string& abs);
+// r lies in a source directory: logs, sets errno to EROFS and returns true.
+bool refuse_source_write(const std::optional<Resolved>& r, const char* what);
+// The key of a source's file, from that source's own key map (WAL: derived from its WAL
+// master key). null: no key (only an empty file is consistent with that). Throws
+// LayerError when the source's keys cannot be had.
+std::shared_ptr<FileKey> source_file_key(int source, const std::string& rel, FileClass cls);
 
 // ---- file keys (file_keys.cpp) --------------------------------------------------------------
 

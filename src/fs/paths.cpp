@@ -129,6 +129,7 @@ std::optional<Resolved> resolve(int dirfd, const char* path) {
     State& s = st();
     if (!s.env_wal_target.empty())
         if (auto r = resolve_wal_target(abs)) return r;
+    if (auto r = resolve_source(abs)) return r;
     std::string rel;
     if (starts_with_dir(abs, dd)) {
         rel = abs.substr(dd.size() + 1);

@@ -30,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/keys/keymap.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
@@ -983,6 +984,76 @@ TEST(Layer, StdioStreamOfAnEncryptedFile) {
     EXPECT_EQ(raw_read(plain_path), std::vector<uint8_t>(data.begin(), data.begin() + 100));
 }
 
+// A source directory (pg_cmk combinebackup's inputs): read under its own key map,
+// nothing in it written, created, removed, renamed, linked or truncated through the
+// layer, a keyless non-empty file refused; a copy into the data directory gets a key of
+// the data directory's own.
+TEST(Layer, SourceDirectoryReadUnderItsOwnKeysAndReadOnly) {
+    const std::string src = std::string(std::getenv("CMK_LAYER_TEST_ROOT")) + "/src";
+    const std::string f = src + "/base/1/16384";
+    std::vector<uint8_t> want(8192);
+    for (size_t i = 0; i < want.size(); i++) want[i] = uint8_t(i * 7 + 1);
+
+    int fd = ::open(f.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    std::vector<uint8_t> got(8192);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), 8192);
+    ::close(fd);
+    EXPECT_EQ(got, want) << "decrypted under the source's own DEK";
+    std::vector<uint8_t> raw = raw_read(f);
+    EXPECT_NE(raw, want) << "on disk it is ciphertext";
+
+    errno = 0;
+    EXPECT_EQ(::open(f.c_str(), O_RDWR), -1);
+    EXPECT_EQ(errno, EROFS);
+    errno = 0;
+    EXPECT_EQ(::open((src + "/base/1/99999").c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600), -1);
+    EXPECT_EQ(errno, EROFS);
+    EXPECT_NE(::access((src + "/base/1/99999").c_str(), F_OK), 0) << "nothing created in the source";
+    errno = 0;
+    EXPECT_EQ(::open((src + "/backup_label").c_str(), O_WRONLY | O_TRUNC), -1) << "plaintext-class files too";
+    EXPECT_EQ(errno, EROFS);
+    errno = 0;
+    EXPECT_EQ(::unlink(f.c_str()), -1);
+    EXPECT_EQ(errno, EROFS);
+    errno = 0;
+    EXPECT_EQ(::rename(f.c_str(), P("base/1/77001").c_str()), -1);
+    EXPECT_EQ(errno, EROFS);
+    errno = 0;
+    EXPECT_EQ(::link(f.c_str(), P("base/1/77002").c_str()), -1);
+    EXPECT_EQ(errno, EROFS);
+    errno = 0;
+    EXPECT_EQ(::truncate(f.c_str(), 100), -1);
+    EXPECT_EQ(errno, EROFS);
+    EXPECT_EQ(raw_read(f), raw) << "the source file is unchanged";
+
+    fd = ::open((src + "/backup_label").c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    char lbl[64] = {};
+    EXPECT_GT(::read(fd, lbl, sizeof lbl - 1), 0);
+    ::close(fd);
+    EXPECT_EQ(std::string(lbl).rfind("START WAL LOCATION", 0), 0u) << "plaintext-class files read as they are";
+
+    errno = 0;
+    EXPECT_EQ(::open((src + "/base/1/16385").c_str(), O_RDONLY), -1) << "a non-empty file without a key";
+    EXPECT_EQ(errno, EIO);
+
+    // Copied into the data directory: under a key of the data directory's own.
+    fd = ::open(P("base/1/77003").c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::write(fd, got.data(), got.size()), 8192);
+    ::close(fd);
+    std::vector<uint8_t> copy_raw = raw_read(P("base/1/77003"));
+    EXPECT_NE(copy_raw, want);
+    EXPECT_NE(copy_raw, raw) << "not the source's ciphertext: another key";
+    EXPECT_TRUE(keymap_has("base/1/77003"));
+    fd = ::open(P("base/1/77003").c_str(), O_RDONLY);
+    std::vector<uint8_t> back(8192);
+    ASSERT_EQ(::pread(fd, back.data(), back.size(), 0), 8192);
+    ::close(fd);
+    EXPECT_EQ(back, want);
+}
+
 // Re-executes this binary with the layer preloaded on a fresh scratch data directory.
 int reexec(int argc, char** argv) {
     const char* layer = std::getenv("CMK_LAKEBASE_LAYER");
@@ -1008,6 +1079,30 @@ int reexec(int argc, char** argv) {
     std::string ts = root + "/ts";
     ::mkdir(ts.c_str(), 0700);
     if (::symlink(ts.c_str(), (data + "/pg_tblspc/16390").c_str()) != 0) return 2;
+    // A source directory (source_dirs.cpp): another encrypted data directory with its
+    // own keyring and key map, one relation file under its DEK, one non-empty file
+    // without a key, one plaintext-class file.
+    {
+        std::string src = root + "/src", skdir = cmk::keyring_dir_for(src);
+        for (const std::string& d : {src, src + "/base", src + "/base/1", skdir}) ::mkdir(d.c_str(), 0700);
+        cmk::SecureBytes skek;
+        cmk::Keyring skr = cmk::create_keyring(*prov, skek);
+        cmk::save_keyring(skdir, skr);
+        cmk::KeyMap::create_empty(skdir, skr.cluster_id, skr.kek_generation);
+        cmk::KeyMap skm(skdir, skek, skr.cluster_id, skr.kek_generation);
+        cmk::SecureBytes dek = skm.create("base/1/16384", cmk::FileClass::Relation);
+        std::vector<uint8_t> page(8192);
+        for (size_t i = 0; i < page.size(); i++) page[i] = uint8_t(i * 7 + 1);
+        cmk::XtsCipher(dek.data()).encrypt(0, page.data(), page.data(), page.size());
+        std::string keyless(8192, 'k');
+        for (auto [rel, bytes] : {std::pair<std::string, std::string>{"base/1/16384", std::string(page.begin(), page.end())},
+                                  {"base/1/16385", keyless},
+                                  {"backup_label", "START WAL LOCATION: 0/2000028\n"}}) {
+            FILE* f = std::fopen((src + "/" + rel).c_str(), "wb");
+            if (!f || std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size() || std::fclose(f) != 0) return 2;
+        }
+        setenv("CMK_LAKEBASE_SOURCE_DIRS", src.c_str(), 1);
+    }
     char real_layer[PATH_MAX];
     if (!realpath(layer, real_layer)) {
         fprintf(stderr, "layer %s not found (build it first)\n", layer);

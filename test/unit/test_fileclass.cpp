@@ -27,6 +27,16 @@ TEST(FileClass, Table) {
         {"pg_tblspc/16390/PG_15_202209061/5/16391", FileClass::Relation},
         {"pg_tblspc/16390/PG_15_202209061/5/16391.3", FileClass::Relation},
         {"pg_tblspc/16390/PG_15_202209061/5/16391_fsm", FileClass::Relation},
+        // 17+: incremental backups' relation files
+        {"base/5/INCREMENTAL.16384", FileClass::Relation},
+        {"base/5/INCREMENTAL.16384.1", FileClass::Relation},
+        {"base/5/INCREMENTAL.16384_vm", FileClass::Relation},
+        {"global/INCREMENTAL.1262", FileClass::Relation},
+        {"pg_tblspc/16390/PG_17_202406281/5/INCREMENTAL.16391", FileClass::Relation},
+        {"base/5/INCREMENTAL.", FileClass::Plaintext},
+        {"base/5/INCREMENTAL.x", FileClass::Plaintext},
+        {"base/5/INCREMENTAL.PG_VERSION", FileClass::Plaintext},
+        {"INCREMENTAL.16384", FileClass::Plaintext},
         // relation-like names that are not relation files
         {"base/5/16384_foo", FileClass::Plaintext},
         {"base/5/16384.", FileClass::Plaintext},

@@ -120,6 +120,9 @@ bool is_tblspc_version_dir(const std::string& s) {
 // Files inside a database directory (base/<db>/x or pg_tblspc/<oid>/<ver>/<db>/x).
 FileClass classify_db_file(const std::string& f) {
     if (is_relfile(f)) return FileClass::Relation;
+    // 17+: a relation file of an incremental backup (pg_basebackup --incremental): a
+    // header of block numbers, then the blocks changed since the prior backup.
+    if (starts_with(f, "INCREMENTAL.") && relfile_tail(f, 12)) return FileClass::Relation;
     if (is_temp_relfile(f)) return FileClass::TempRelation;
     return FileClass::Plaintext;  // PG_VERSION, pg_filenode.map, pg_internal.init
 }
