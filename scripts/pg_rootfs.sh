@@ -112,6 +112,7 @@ packages=(
 	libipc-run-perl perl procps binutils
 	python3 python3-cryptography python3-hvac openssl curl
 	xz-utils bzip2 # scripts/pg_upstream_regress.sh: the Sources index, the source tarball
+	xfsprogs       # test/run_all.sh: XFS with reflinks on a loop device for TAP 096's --clone
 )
 
 # The newer versions' root filesystems also carry Debian 12's PostgreSQL 15 server (from

@@ -269,6 +269,26 @@ if [ -n "${CMK_TESTS:-}" ]; then
 else
 	tap_files=(test/t/*.pl)
 fi
+
+# A filesystem with reflinks for TAP 096's pg_cmk upgrade --clone (the scratch
+# filesystem, ext4, has none): XFS on a loop device, made as root only when 096 runs on
+# a version newer than 15, unmounted on exit. Inside a version's root filesystem
+# (test/run_version.sh) the mount lives in pg_chroot.sh's private mount namespace and
+# vanishes with it anyway. If it cannot be made, 096 says so and skips that part.
+if [ "$is_root" -eq 1 ] && [ "$pg_version" != 15 ] && printf '%s\n' "${tap_files[@]}" | grep -q 096_upgrade; then
+	if command -v mkfs.xfs >/dev/null && mkdir -p "$scratch/reflink" &&
+		truncate -s 4G "$scratch/reflink.img" && mkfs.xfs -q -m reflink=1 "$scratch/reflink.img" &&
+		mount -o loop "$scratch/reflink.img" "$scratch/reflink" 2>"$logdir/reflink_mount.log"; then
+		trap 'umount "$scratch/reflink" 2>/dev/null || true' EXIT
+		chown postgres: "$scratch/reflink"
+		test_env+=(CMK_TEST_REFLINK_DIR="$scratch/reflink")
+		echo "== a filesystem with reflinks for TAP 096: XFS on a loop device at $scratch/reflink"
+	else
+		echo "== no filesystem with reflinks (mkfs.xfs or a loop device missing): TAP 096 skips --clone"
+		rm -f "$scratch/reflink.img"
+	fi
+fi
+
 for f in "${tap_files[@]}"; do
 	[ -e "$f" ] || continue
 	name=$(basename "$f" .pl)
@@ -300,6 +320,10 @@ for f in "${tap_files[@]}"; do
 	fi
 	record "TAP $name" "$passed" "$failed" "exit $tap_rc, $(($(date +%s) - t0))s"
 done
+if mountpoint -q "$scratch/reflink" 2>/dev/null; then
+	umount "$scratch/reflink" || true
+	rm -f "$scratch/reflink.img"
+fi
 
 # --- 6. the other major versions, each in a Debian root filesystem of its own
 # They run side by side (CMK_VERSION_JOBS, default 2): most of a matrix run is TAP

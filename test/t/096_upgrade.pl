@@ -11,13 +11,14 @@
 # pg_amcheck --heapallindexed is clean, the marker is nowhere in the new data directory
 # or its tablespace directory (and is in the plaintext old cluster: the control),
 # rotate_kek() works, the kill switch stops the new cluster when the CMK is disabled
-# and it starts again with its rows when enabled. Refused before anything is done:
+# and it starts again with its rows when enabled. --clone runs where run_all.sh could
+# make a filesystem with reflinks (XFS on a loop device). Refused before anything is done:
 # --swap, --link from a plaintext cluster, a running cluster.
 
 use strict;
 use warnings;
 
-use Cwd qw(getcwd);
+use Cwd qw(getcwd realpath);
 use File::Basename qw(basename dirname);
 use File::Copy qw(copy);
 use PostgreSQL::Test::Cluster;
@@ -176,7 +177,8 @@ sub check_new
 		1, "$label: the extension answers in the new cluster");
 	$new->safe_psql('postgres', 'CHECKPOINT');
 	$new->stop;
-	my @hits = (scan_for_markers($new->data_dir, $marker), scan_for_markers($tsdir, $marker));
+	# (real paths: the --clone case keeps both on another filesystem behind symlinks)
+	my @hits = (scan_for_markers(realpath($new->data_dir), $marker), scan_for_markers(realpath($tsdir), $marker));
 	# In --copy mode the old cluster's own files stay in the tablespace directory
 	# (PG_15_*): only the new version's directory belongs to the new cluster.
 	@hits = grep { !m{/PG_15_} } @hits;
@@ -253,6 +255,34 @@ sub kill_switch
 	ok(defined $linked, 'link: the new cluster\'s relation files are hard links');
 	check_new('link', $new, $sums, $tsdir);
 	kill_switch('link', $new);
+}
+
+# --- encrypted 15 -> encrypted new, --clone: both clusters and the tablespace on a
+# filesystem with reflinks (XFS on a loop device, which test/run_all.sh makes as root
+# and passes as CMK_TEST_REFLINK_DIR; the scratch filesystem, ext4, has none), moved
+# there behind symlinks. pg_upgrade checks that cloning works before it starts.
+SKIP:
+{
+	my $rdir = $ENV{CMK_TEST_REFLINK_DIR};
+	skip 'no filesystem with reflinks here (test/run_all.sh makes one as root with mkfs.xfs and a loop device)', 14
+	  unless $rdir && -d $rdir && -w $rdir;
+	my ($old, $sums, $tsdir) = old_cluster('cloneold', 0);
+	my $new = new_cluster('clonenew');
+	for my $pair ([ $old->data_dir, 'old' ], [ $new->data_dir, 'new' ], [ $tsdir, 'ts' ])
+	{
+		my ($from, $to) = @$pair;
+		system('mv', $from, "$rdir/$to") == 0 or die "mv $from $rdir/$to";
+		symlink("$rdir/$to", $from) or die "symlink $from: $!";
+	}
+	my ($rc, $out, $err) = upgrade($old, $new, '--clone');
+	is($rc, 0, 'pg_cmk upgrade --clone succeeds (reflinks on XFS)');
+	like($out, qr/Cloning user relation files/, 'pg_upgrade cloned the relation files');
+	like($out, qr/relation files verified/, 'and the new cluster is verified');
+	check_new('clone', $new, $sums, $tsdir);
+	$new->stop;
+	$old->start;
+	is_deeply(checksums($old), $sums, 'clone: the old cluster still starts and holds its rows');
+	$old->stop;
 }
 
 # --- plaintext 15 -> encrypted new, --copy (the adoption path)
