@@ -417,8 +417,9 @@ TEST_F(KeyMapTest, EveryCrashPointLeavesOldOrNewState) {
 }
 
 // Issue 18: a removed file's sealed DEK leaves the key map file at once (not at some
-// later compaction), removed() still answers (tombstones), and a crash in the rewrite
-// leaves a valid map whose next removal shreds the leftover.
+// later compaction), overwritten in place; removed() still answers, and a crash in the
+// overwrite leaves a valid map whose next removal shreds the leftover (issue 20: a
+// removal no longer rewrites the whole file).
 TEST_F(KeyMapTest, RemoveShredsTheSealedDekAtOnce) {
     auto km = open();
     km->create("base/5/1", FileClass::Relation);
@@ -442,16 +443,66 @@ TEST_F(KeyMapTest, RemoveShredsTheSealedDekAtOnce) {
     km->create("base/5/1", FileClass::Relation);
     EXPECT_FALSE(km->removed("base/5/1"));
 
+    // A crash in the middle of the in-place overwrite (half of the sealed DEK zeroed,
+    // the record's checksum now wrong): the DEL is durable, so the torn record is
+    // superseded and the map opens; the next removal finishes the shred.
     km->create("base/5/3", FileClass::Relation);
     std::string s3 = sealed("base/5/3");
-    KeyMap::set_crash_point("compact-rename");
+    const size_t size_before = bytes().size();
+    KeyMap::set_crash_point("shred-write");
     EXPECT_THROW(km->remove("base/5/3"), KeyMapCrash);
+    EXPECT_GT(bytes().size(), size_before) << "the DEL was appended before the overwrite";
+    EXPECT_EQ(bytes().find(s3), std::string::npos) << "half of it is zeroed already";
+    EXPECT_NE(bytes().find(s3.substr(s3.size() - 8)), std::string::npos) << "the other half is not";
     {
-        auto fresh = open();  // "restart": the DEL is durable, the map valid
+        auto fresh = open();  // "restart": the torn record is superseded, the map valid
         EXPECT_FALSE(fresh->contains("base/5/3"));
         EXPECT_TRUE(fresh->removed("base/5/3"));
+        EXPECT_EQ(hex_encode(fresh->get("base/5/2")->data(), 64), hex_encode(dek2->data(), 64));
         fresh->remove("base/5/2");
     }
-    EXPECT_EQ(bytes().find(s3), std::string::npos) << "the next removal shreds the leftover";
-    EXPECT_FALSE(std::filesystem::exists(path() + ".tmp"));
+    EXPECT_EQ(bytes().find(s3.substr(s3.size() - 8)), std::string::npos) << "the next removal shreds the leftover";
+    {
+        auto fresh = open();  // and leaves every record with a sound checksum
+        EXPECT_FALSE(fresh->contains("base/5/2"));
+        EXPECT_TRUE(fresh->contains("base/5/1"));
+    }
+
+    // A removal costs one record's bytes, not a rewrite of the file: the file only grows.
+    for (int i = 0; i < 50; i++) km->create("base/6/" + std::to_string(i), FileClass::Relation);
+    std::string s6 = sealed("base/6/7");
+    const std::string before = bytes();
+    km->remove("base/6/7");
+    const std::string after = bytes();
+    EXPECT_EQ(after.size(), before.size() + 12 + 4 + std::string("base/6/7").size()) << "one DEL record appended";
+    EXPECT_EQ(after.find(s6), std::string::npos);
+    size_t diff = 0;
+    for (size_t i = 0; i < before.size(); i++) diff += before[i] != after[i];
+    EXPECT_LE(diff, s6.size() + 4) << "only the sealed DEK and its record's checksum changed in place";
+
+    // The overwrite alone (the DEL lost to a crash: the two share one fsync) is a
+    // removal too: an ADD whose sealed DEK is zeros holds no key.
+    write_bytes(after.substr(0, before.size()));
+    {
+        auto fresh = open();
+        EXPECT_FALSE(fresh->contains("base/6/7"));
+        EXPECT_TRUE(fresh->removed("base/6/7"));
+        EXPECT_TRUE(fresh->contains("base/6/8"));
+    }
+    write_bytes(after);
+
+    // After a compaction the entries know their records in the new file.
+    km->compact();
+    std::string s8 = sealed("base/6/8");
+    km->remove("base/6/8");
+    EXPECT_EQ(bytes().find(s8), std::string::npos) << "shredded in the compacted file too";
+
+    // A damaged live entry is still damage (only superseded records may be torn).
+    std::string b = bytes();
+    std::string s9 = sealed("base/6/9");
+    size_t at = b.find(s9);
+    ASSERT_NE(at, std::string::npos);
+    b[at + 3] ^= 0x10;
+    write_bytes(b);
+    EXPECT_THROW(open(), KeyMapError);
 }

@@ -9,8 +9,11 @@
 // encrypted under a key that is not durable. Writers serialize with flock() on a
 // separate lock file (keymap.lock, never replaced); compaction rewrites live entries
 // to a new file and renames it over the old one (write, fsync, rename, fsync dir).
-// A removal rewrites the file at once the same way (its sealed DEK is gone from the
-// file, a tombstone record stays), so a dropped file's key is not left decryptable.
+// A removal appends a DEL record and overwrites the removed entry's sealed DEK in place
+// with zeros, under one fsync, so a dropped file's key is not left decryptable. An ADD
+// whose sealed DEK is zeros is a removal in itself (whichever of the two writes a crash
+// keeps, the key is gone); one torn by a crash during the overwrite is accepted when a
+// later record supersedes it or a run of zeros shows the shred.
 // A torn last record (crash during an append) is ignored and cut off at the next
 // append; a damaged record anywhere else, or a damaged header, is an error.
 //
@@ -82,9 +85,9 @@ public:
     // unless keep_from, removes `from`. Throws if `from` has no entry.
     void move(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from);
 
-    // Removes the entry (crypto-shredding the file's key): a DEL record made durable,
-    // then the file rewritten without the sealed DEK (tombstones keep removed()
-    // answering). No-op if absent.
+    // Removes the entry (crypto-shredding the file's key): a DEL record appended and
+    // the sealed DEK overwritten with zeros in place, durable at once (one fsync).
+    // No-op if absent.
     void remove(const std::string& identity);
 
     // True if the log records that identity's key was removed (its file unlinked) and
@@ -143,14 +146,22 @@ public:
         int fd_ = -1;
     };
 
-    // Crash-test hook: steps "append-write", "append-fsync", "compact-write",
-    // "compact-fsync", "compact-rename". Empty string disables.
+    // Crash-test hook: steps "append-write", "shred-write", "append-fsync",
+    // "compact-write", "compact-fsync", "compact-rename". Empty string disables.
     static void set_crash_point(const std::string& step);
 
 private:
     struct Entry {
         FileClass cls;
         std::vector<uint8_t> wrapped;
+        uint64_t rec_off = 0;  // its ADD record in the current file (rec_len 0: already shredded)
+        uint32_t rec_len = 0;
+    };
+    // A dead ADD record whose sealed DEK is still in the file.
+    struct Pending {
+        uint64_t off;
+        uint32_t len;
+        std::string identity;
     };
     void load_locked(bool full);
     void append_locked(const std::vector<uint8_t>& rec);
@@ -158,7 +169,7 @@ private:
                            const std::unordered_map<std::string, Entry>& entries,
                            const std::function<void()>& before_rename = nullptr,
                            const std::unordered_set<std::string>* tombstones = nullptr);
-    void shred_removed();
+    std::unordered_set<uint64_t> shred_locked(const std::vector<Pending>& todo);
     friend class Exclusive;
     friend class HeldLock;
 
@@ -168,6 +179,7 @@ private:
     uint32_t generation_;
     std::unordered_map<std::string, Entry> entries_;
     std::unordered_set<std::string> removed_;  // identities whose last record is a removal
+    std::vector<Pending> pending_;             // dead ADDs to shred in the next append
     size_t dead_records_ = 0;
     uint64_t read_offset_ = 0;
     uint64_t file_ino_ = 0;
