@@ -461,6 +461,13 @@ int cmd_upgrade(const std::vector<std::string>& args) {
                            "; pg_cmk upgrade needs 15 or later (earlier pg_upgrade does not keep relation file "
                            "numbers, which the key map is keyed by)",
                        ErrorCategory::NotSupported);
+    if (std::atoi(old_major.c_str()) < 19 && std::atoi(new_major.c_str()) >= 19)
+        throw CliError("upgrading PostgreSQL " + old_major + " to " + new_major +
+                           " is not supported yet: pg_upgrade " + new_major +
+                           " converts pg_multixact to its new format by reading the old cluster's files "
+                           "itself, which are ciphertext to it (found on 19rc1). Upgrade to 18 with pg_cmk "
+                           "upgrade, or dump and restore into a cluster made by pg_cmk initdb",
+                       ErrorCategory::NotSupported);
     refuse_running(old_dir, "old");
     refuse_running(new_dir, "new");
     std::string pg_upgrade = new_bindir + "/pg_upgrade";

@@ -143,7 +143,9 @@ if ($major >= 18)
 	check_rows($node, 'src', 'io_method = sync');
 	$node->stop;
 
-	$node->append_conf('postgresql.conf', "io_method = worker\nio_workers = 2\n");
+	# 19 sizes the pool between io_min_workers and io_max_workers (18: io_workers)
+	$node->append_conf('postgresql.conf',
+		"io_method = worker\n" . ($major >= 19 ? "io_min_workers = 2\nio_max_workers = 2\n" : "io_workers = 2\n"));
 	$node->start;
 	is($node->safe_psql('postgres', 'SHOW io_method'), 'worker', 'io_method = worker');
 	my $workers = $node->safe_psql('postgres',
