@@ -634,7 +634,7 @@ EOF
 	done
 
 	# The write workloads' source table: the same rows in both clusters.
-	SRC_SQL="CREATE TABLE bench_src AS SELECT g AS id, (g * 7919) % $BENCH_ROWS AS k, md5(g::text) AS t
+	SRC_SQL="CREATE TABLE bench_src AS SELECT g AS id, ((g::bigint * 7919) % $BENCH_ROWS)::int AS k, md5(g::text) AS t
 		FROM generate_series(1, $BENCH_ROWS) g"
 	for mode in plain enc; do
 		log "$mode: pgbench -i -s $BENCH_SCALE; bench_src with $BENCH_ROWS rows"
