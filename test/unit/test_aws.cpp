@@ -717,6 +717,7 @@ TEST(AwsAssumeRole, ConfigurationNamesTheField) {
                    "[profile loop1]\nrole_arn=" + arn + "\nsource_profile=loop2\n"
                    "[profile loop2]\nrole_arn=" + arn + "\nsource_profile=loop1\n"
                    "[profile process]\ncredential_process=/usr/bin/get-creds\n"
+                   "[profile viaproc]\nrole_arn=" + arn + "\nsource_profile=process\n"
                    "[profile ecs]\nrole_arn=" + arn + "\ncredential_source=EcsContainer\n"
                    "[profile envsrc]\nrole_arn=" + arn + "\ncredential_source=Environment\n"
                    "[profile badext]\nrole_arn=" + arn + "\nsource_profile=base\nexternal_id=x\n"
@@ -736,6 +737,8 @@ TEST(AwsAssumeRole, ConfigurationNamesTheField) {
     };
     expect_profile("loop1", "loop");
     expect_profile("process", "credential_process, which the aws key provider does not support");
+    // Nor as the source of a role chain: the refusal names the profile that has it.
+    expect_profile("viaproc", "profile \"process\" uses credential_process");
     expect_profile("ecs", "EcsContainer");
     expect_profile("envsrc", "AWS_ACCESS_KEY_ID");
     expect_profile("badext", "external_id");
