@@ -130,6 +130,11 @@ def learn_keys(pgdata, store, key_id):
             continue
         (wlen,) = struct.unpack("<H", body[4 + idlen:6 + idlen])
         blob = body[6 + idlen:6 + idlen + wlen]
+        if blob.count(0) == len(blob) or b"\0" * 8 in blob:
+            # shredded in place when its file was removed (keymap.cpp, shred_locked):
+            # a removal; a sealed DEK is random and has no run of eight zero bytes
+            deks.pop(ident, None)
+            continue
         aad = b"cmk_lakebase dek v1\0" + str(generation).encode() + b"\0" + ident.encode()
         deks[ident] = open_blob(kek, blob, aad)
     master = deks.pop("cmk_lakebase/wal-master", None)
