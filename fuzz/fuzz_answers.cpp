@@ -19,6 +19,7 @@
 #include "cmk_lakebase/base/json.hpp"
 #include "core/kms/aws.hpp"
 #include "core/kms/aws_credentials.hpp"
+#include "core/kms/aws_process.hpp"
 #include "core/kms/azure.hpp"
 #include "core/kms/gcp.hpp"
 #include "core/kms/google_identity.hpp"
@@ -81,7 +82,7 @@ void azure_key_answer(int op, const std::string& body) {
 }
 
 void one(uint8_t which, const std::string& s) {
-    switch (which % 21) {
+    switch (which % 23) {
     case 0: {
         rapidjson::Document d;
         std::string why;
@@ -162,7 +163,15 @@ void one(uint8_t which, const std::string& s) {
     case 18:
     case 19:
     case 20:
-        azure_key_answer(which % 21 - 18, s);
+        azure_key_answer(which % 23 - 18, s);
+        break;
+    case 21: {  // an AWS credential_process helper's answer
+        std::string t = s;
+        (void)cmk::aws::parse_process_output(t, "fuzz");
+        break;
+    }
+    case 22:  // a profile's credential_process command line
+        (void)cmk::aws::split_process_command("credential_process", s);
         break;
     }
 }

@@ -70,6 +70,10 @@ put(A, 19, '{"kid":"%s","value":"%s"}' % (kid, "QUJD" * 86))
 put(A, 20, '{"key":{"kid":"%s","kty":"RSA-HSM","key_ops":["wrapKey","unwrapKey"],"n":"AQAB","e":"AQAB"},'
         '"attributes":{"enabled":true,"exp":4102444800,"recoveryLevel":"Recoverable+Purgeable"}}' % kid)
 
+# AWS credential_process (case 21: the helper's answer; 22: the command line).
+put(A, 21, '{"Version": 1, "AccessKeyId": "AKIDEXAMPLE", "SecretAccessKey": "s", "SessionToken": "t", '
+        '"Expiration": "2026-12-06T18:00:00Z"}')
+put(A, 22, "/opt/helper --profile 'a b' \"c \\\"d\\\"\" e\\ f")
 
 # KMIP 1.2 TTLV: a Response Message with one batch item (Get, Success, payload with a
 # Unique Identifier) and a failed one, as the unit tests build them.

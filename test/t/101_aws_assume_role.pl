@@ -8,7 +8,8 @@
 # cluster is down within check_interval + 3 s, restart refused, trust restored: starts
 # with nothing lost; the trust withdrawn and the active sessions revoked (long
 # sessions, cached): the next KMS call meets AccessDeniedException, down within
-# check_interval + 3 s; an STS outage is an outage (exit 4), not a revocation; bad
+# check_interval + 3 s; an STS outage is an outage (exit 4), not a revocation; the
+# operator's keys from a profile's credential_process (a failing helper: an outage); bad
 # options fail with one line naming the field; botocore's STS client signs an
 # AssumeRole to the peer and parses its answer.
 
@@ -163,6 +164,61 @@ for my $case (
 	like($err, $pattern, "$label: the error says why");
 	is(scalar(() = $err =~ /\n/g), 1, "$label: one line");
 	ok(!-e "$tmp/bad/PG_VERSION", "$label: no cluster created");
+}
+
+# --- the operator's base credentials from a profile's credential_process -----------------
+# The helper prints the operator's keys (and counts its runs); the server runs it, then
+# assumes the customer's role from them. A helper that fails is an outage (exit 4).
+{
+	local %ENV = %ENV;
+	my $runs   = "$tmp/helper.runs";
+	my $helper = "$tmp/creds helper.sh";    # a space: the command line is quoted
+	my $write_helper = sub {
+		my ($body) = @_;
+		open(my $fh, '>', $helper) or die "$helper: $!";
+		print $fh "#!/bin/sh\necho run >> '$runs'\n$body";
+		close $fh;
+		chmod 0700, $helper;
+	};
+	$write_helper->(qq{printf '{"Version": 1, "AccessKeyId": "%s", "SecretAccessKey": "%s"}' '$akid' '$secret'\n});
+	open(my $cf, '>', "$tmp/aws_config") or die;
+	print $cf "[profile operator]\ncredential_process = \"$helper\" --for cmk_lakebase\n";
+	close $cf;
+	delete $ENV{$_} for qw(AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY);
+	$ENV{AWS_CONFIG_FILE} = "$tmp/aws_config";
+	$ENV{AWS_PROFILE}     = 'operator';
+
+	my $pnode = new_encrypted_node(
+		'aws_process',
+		provider       => 'aws',
+		key_id         => 'alias/customer',
+		kms_options    => \@kms_options,
+		check_interval => "${interval}s");
+	$pnode->start;
+	$pnode->safe_psql('postgres', "CREATE TABLE p AS SELECT g AS id FROM generate_series(1, 100) g");
+	$pnode->restart;
+	is($pnode->safe_psql('postgres', 'SELECT count(*), sum(id) FROM p'), '100|5050',
+		'credential_process as the base of the role chain: initdb, start, restart');
+	ok(-s $runs, 'the server ran the helper');
+	my ($rc, $out, $err) = pg_cmk('status', '-D', $pnode->data_dir);
+	is($rc, 0, 'pg_cmk status through credential_process: ok') or diag("$out$err");
+
+	$write_helper->("echo 'secret-on-stderr' >&2\nexit 7\n");
+	($rc, $out, $err) = pg_cmk('status', '-D', $pnode->data_dir);
+	is($rc, 4, 'a failing credential_process: unavailable (exit 4), not revoked');
+	like("$out$err", qr/credential_process of profile "operator".*exited with status 7/,
+		'the error names the profile and the exit status');
+	unlike("$out$err", qr/secret-on-stderr/, 'and does not copy the helper\'s standard error');
+	$pnode->stop;
+
+	open($cf, '>', "$tmp/aws_config") or die;
+	print $cf "[profile operator]\ncredential_process = creds-helper --for cmk_lakebase\n";
+	close $cf;
+	($rc, $out, $err) = pg_cmk('initdb', '-D', "$tmp/badproc", '--provider', 'aws', '--key-id', 'alias/customer',
+		map { ('--kms-option', $_) } @kms_options);
+	is($rc, 1, 'credential_process without an absolute path: initdb fails');
+	like($err, qr/\Apg_cmk: error: profile: profile "operator" credential_process: .*not an absolute path/,
+		'one line naming the profile and why');
 }
 
 # --- botocore's STS client against the peer ---------------------------------------------------

@@ -9,7 +9,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
+#include <algorithm>
+#include <chrono>
 #include <functional>
+#include <thread>
 
 #include <ctime>
 #include <map>
@@ -20,6 +25,7 @@
 #include "core/kms/http.hpp"
 #include "core/kms/aws.hpp"
 #include "core/kms/aws_credentials.hpp"
+#include "core/kms/aws_process.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
@@ -736,13 +742,217 @@ TEST(AwsAssumeRole, ConfigurationNamesTheField) {
         EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
     };
     expect_profile("loop1", "loop");
-    expect_profile("process", "credential_process, which the aws key provider does not support");
-    // Nor as the source of a role chain: the refusal names the profile that has it.
-    expect_profile("viaproc", "profile \"process\" uses credential_process");
+    // credential_process is checked at configuration time: the helper must exist.
+    expect_profile("process", "credential_process: cannot use \"/usr/bin/get-creds\"");
+    // Also as the source of a role chain: the error names the profile that has it.
+    expect_profile("viaproc", "profile \"process\" credential_process");
     expect_profile("ecs", "EcsContainer");
     expect_profile("envsrc", "AWS_ACCESS_KEY_ID");
     expect_profile("badext", "external_id");
     expect_profile("dangling", "nobody");
+}
+
+// ---- credential_process ---------------------------------------------------------------
+
+std::string write_helper(const cmk_test::TempDir& d, const std::string& name, const std::string& body) {
+    std::string path = d.sub(name);
+    cmk_test::spit(path, "#!/bin/sh\n" + body);
+    ::chmod(path.c_str(), 0700);
+    return path;
+}
+
+cmk::KmsError process_error(const std::vector<std::string>& argv, long timeout_ms = 3000) {
+    try {
+        std::string out = cmk::aws::run_credential_process(argv, timeout_ms, "credential_process of profile \"p\"");
+        cmk::aws::parse_process_output(out, "credential_process of profile \"p\"");
+    } catch (const cmk::KmsError& e) {
+        return e;
+    }
+    ADD_FAILURE() << "no error";
+    return cmk::KmsError(cmk::KmsErrorKind::Revoked, "no error");
+}
+
+// The command line is split as botocore's shlex.split does, without a shell.
+TEST(AwsCredentialProcess, SplitsLikeShlexAndChecksTheExecutable) {
+    using cmk::aws::split_process_command;
+    std::vector<std::string> want = {"/opt/helper", "--a", "b c", "d \"e\"\\", "f g", "", "it's"};
+    EXPECT_EQ(split_process_command("f", "  /opt/helper --a 'b c' \"d \\\"e\\\"\\\\\" f\\ g '' \"it's\" "), want);
+    for (const char* bad : {"", "   ", "/opt/helper 'open", "/opt/helper \"open", "/opt/helper \\"}) {
+        try {
+            split_process_command("profile: profile \"p\" credential_process", bad);
+            ADD_FAILURE() << "accepted: " << bad;
+        } catch (const cmk::KmsError& e) {
+            EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config);
+            EXPECT_EQ(std::string(e.what()).rfind("profile: profile \"p\" credential_process: ", 0), 0u) << e.what();
+        }
+    }
+    cmk_test::TempDir d;
+    std::string plain = d.sub("plain");
+    cmk_test::spit(plain, "x");
+    ::chmod(plain.c_str(), 0600);
+    for (const auto& [cmd, words] : std::vector<std::pair<std::string, std::string>>{
+             {"get-creds --x", "not an absolute path"},
+             {d.sub("missing"), "No such file"},
+             {d.path(), "not a regular file"},
+             {plain, "not executable"}}) {
+        try {
+            cmk::aws::check_process_executable("credential_process", split_process_command("credential_process", cmd));
+            ADD_FAILURE() << "accepted: " << cmd;
+        } catch (const cmk::KmsError& e) {
+            EXPECT_EQ(e.kind, cmk::KmsErrorKind::Config);
+            EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+        }
+    }
+}
+
+// Failures of the helper are outages (its credentials may come back), never a
+// revocation, and say what happened without its standard error (it may echo secrets).
+TEST(AwsCredentialProcess, FailuresAreBoundedOutages) {
+    cmk_test::TempDir d;
+    auto expect = [&](const std::string& body, const std::string& words, long timeout_ms = 3000) {
+        std::string h = write_helper(d, "h", body);
+        cmk::KmsError e = process_error({h}, timeout_ms);
+        EXPECT_EQ(e.kind, cmk::KmsErrorKind::Unavailable) << e.what();
+        EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+        EXPECT_EQ(std::string(e.what()).find("SECRETSTDERR"), std::string::npos) << e.what();
+        return e;
+    };
+    expect("echo SECRETSTDERR >&2; exit 3\n", "exited with status 3");
+    expect("echo SECRETSTDERR >&2; exit 3\n", "is not logged");
+    expect("kill -KILL $$\n", "killed by signal 9");
+    expect("echo not json\n", "not a JSON object");
+    expect("echo '{\"Version\": 2, \"AccessKeyId\": \"AKID\", \"SecretAccessKey\": \"s\"}'\n", "\"Version\": 1");
+    expect("echo '{\"Version\": 1, \"AccessKeyId\": \"AKID\"}'\n", "no AccessKeyId and SecretAccessKey");
+    expect("echo '{\"Version\": 1, \"AccessKeyId\": \"AKID\", \"SecretAccessKey\": \"s\", \"Expiration\": \"soon\"}'\n",
+           "Expiration");
+    expect("head -c 70000 /dev/zero | tr '\\0' x\n", "more than 64 KiB");
+    expect("printf '[%.0s' $(seq 1 5000)\n", "not a JSON object");  // nesting bound
+
+    // At the deadline the helper's whole process group is killed, also what it left behind.
+    std::string pidfile = d.sub("child.pid");
+    auto t0 = std::chrono::steady_clock::now();
+    expect("sleep 60 & echo $! > " + pidfile + "; wait\n", "did not finish within timeout_ms", 1200);
+    double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_LT(took, 5.0);
+    std::string child = cmk_test::slurp(pidfile);
+    ASSERT_FALSE(child.empty());
+    pid_t cpid = static_cast<pid_t>(std::stol(child));
+    bool gone = false;
+    for (int i = 0; i < 100 && !gone; ++i) {
+        gone = ::kill(cpid, 0) != 0 || cmk_test::slurp("/proc/" + std::to_string(cpid) + "/stat").find(") Z") !=
+                                           std::string::npos;
+        if (!gone) usleep(20000);
+    }
+    EXPECT_TRUE(gone) << "the helper's child " << cpid << " still runs";
+}
+
+// The helper gets no descriptor of the caller (a server has its data files open), stdin
+// /dev/null, default signal handling even from a thread that blocks every signal.
+TEST(AwsCredentialProcess, RunsIsolated) {
+    cmk_test::TempDir d;
+    std::string report = d.sub("report");
+    std::string h = write_helper(d, "h",
+                                 "ls /proc/$$/fd > " + report + ".fds\n"
+                                 "grep -E '^(SigBlk|SigIgn)' /proc/$$/status > " + report + ".sig\n"
+                                 "cat > " + report + ".stdin\n"
+                                 "echo '{\"Version\": 1, \"AccessKeyId\": \"AKIDPROC\", \"SecretAccessKey\": \"s\"}'\n");
+    int fd = ::open("/dev/null", O_RDONLY);  // not close-on-exec
+    ASSERT_GE(fd, 0);
+    int high = ::dup2(fd, 77);
+    ASSERT_EQ(high, 77);
+    std::thread t([&] {
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, nullptr);
+        std::string out = cmk::aws::run_credential_process({h}, 3000, "w");
+        cmk::aws::Credentials c = cmk::aws::parse_process_output(out, "w");
+        EXPECT_EQ(c.access_key_id, "AKIDPROC");
+        EXPECT_TRUE(out.empty()) << "the helper's output was not wiped";
+    });
+    t.join();
+    ::close(77);
+    ::close(fd);
+    std::string fds = cmk_test::slurp(report + ".fds");
+    EXPECT_EQ(fds.find("77"), std::string::npos) << fds;
+    std::string sig = cmk_test::slurp(report + ".sig");
+    EXPECT_NE(sig.find("SigBlk:\t0000000000000000"), std::string::npos) << sig;
+    // Nothing ignored but glibc's own signals 32 and 33 (never a shell's or a helper's).
+    size_t at = sig.find("SigIgn:\t");
+    ASSERT_NE(at, std::string::npos) << sig;
+    unsigned long long ign = std::stoull(sig.substr(at + 8, 16), nullptr, 16);
+    EXPECT_EQ(ign & ~0x180000000ULL, 0ULL) << sig;
+    EXPECT_EQ(cmk_test::slurp(report + ".stdin"), "");
+}
+
+// End to end: a profile's credential_process signs the KMS calls (the loopback server
+// checks the signature with the helper's keys); its answer is cached until five minutes
+// before its Expiration; an AssumeRole chain can start from it.
+TEST_F(AwsServerTest, CredentialProcessSignsAndIsCached) {
+    AwsServer s({"--cred", "AKIDPROC:secretPROC"});
+    REQUIRE_SERVER(s);
+    s.create_key("alias/proc");
+    env_.unset("AWS_ACCESS_KEY_ID");
+    env_.unset("AWS_SECRET_ACCESS_KEY");
+    std::string count = tmp_.sub("runs");
+    auto helper = [&](const std::string& expiration) {
+        return write_helper(tmp_, "creds",
+                            "echo x >> " + count + "\n"
+                            "echo '{\"Version\": 1, \"AccessKeyId\": \"AKIDPROC\", \"SecretAccessKey\": "
+                            "\"secretPROC\"" + expiration + "}'\n");
+    };
+    auto runs = [&] {
+        std::string c = cmk_test::slurp(count);
+        return static_cast<int>(std::count(c.begin(), c.end(), '\n'));
+    };
+    cmk_test::spit(tmp_.sub("config"), "[profile proc]\ncredential_process = \"" + tmp_.sub("creds") + "\" --profile x\n");
+    env_.set("AWS_CONFIG_FILE", tmp_.sub("config"));
+    env_.set("AWS_SHARED_CREDENTIALS_FILE", tmp_.sub("none"));
+
+    helper("");  // no Expiration: long-term keys, run once
+    auto p = cmk::make_provider(config(s, "alias/proc", {{"profile", "proc"}}));
+    EXPECT_EQ(runs(), 0) << "run at configuration time";
+    EXPECT_EQ(p->identity(), "credential_process of profile \"proc\"");
+    cmk::SecureBytes kek = test_kek();
+    cmk::WrapResult w = p->wrap(kek);
+    cmk::SecureBytes back = p->unwrap(w.blob);
+    EXPECT_TRUE(back.size() == kek.size() && cmk::ct_equal(back.data(), kek.data(), kek.size()));
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
+    EXPECT_EQ(runs(), 1);
+
+    // Expiring within five minutes: run again for every call.
+    std::time_t soon = std::time(nullptr) + 120;
+    char iso[32];
+    std::strftime(iso, sizeof iso, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&soon));
+    helper(std::string(", \"Expiration\": \"") + iso + "\"");
+    auto q = cmk::make_provider(config(s, "alias/proc", {{"profile", "proc"}}));
+    int before = runs();
+    cmk::KeyStatus qs = q->status();
+    EXPECT_EQ(qs.health, cmk::KeyHealth::Ok) << qs.detail;
+    qs = q->status();
+    EXPECT_EQ(qs.health, cmk::KeyHealth::Ok) << qs.detail;
+    EXPECT_EQ(runs() - before, 2);
+
+    // Wrong keys from the helper: the KMS refuses them (not an outage of the helper).
+    write_helper(tmp_, "creds", "echo '{\"Version\": 1, \"AccessKeyId\": \"AKIDOTHER\", \"SecretAccessKey\": \"x\"}'\n");
+    auto r = cmk::make_provider(config(s, "alias/proc", {{"profile", "proc"}}));
+    bool refused = false;
+    try {
+        refused = r->status().health != cmk::KeyHealth::Ok;
+    } catch (const cmk::KmsError& e) {
+        refused = std::string(e.what()).find("UnrecognizedClientException") != std::string::npos;
+    }
+    EXPECT_TRUE(refused);
+
+    // A failing helper: unavailable.
+    write_helper(tmp_, "creds", "exit 1\n");
+    auto f = cmk::make_provider(config(s, "alias/proc", {{"profile", "proc"}}));
+    try {
+        f->wrap(kek);
+        ADD_FAILURE() << "wrapped with a failing credential_process";
+    } catch (const cmk::KmsError& e) {
+        EXPECT_EQ(e.kind, cmk::KmsErrorKind::Unavailable) << e.what();
+        EXPECT_NE(std::string(e.what()).find("credential_process of profile \"proc\""), std::string::npos) << e.what();
+    }
 }
 
 class AwsAssumeRoleServer : public AwsServerTest {};

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "aws.hpp"
+#include "aws_process.hpp"
 #include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 
@@ -109,12 +110,12 @@ std::string xml_text(const std::string& xml, const std::string& tag) {
     return out;
 }
 
-enum class CredSource { Environment, WebIdentity, SharedFile, ConfigFile, Imds };
+enum class CredSource { Environment, WebIdentity, SharedFile, ConfigFile, Imds, Process };
 
 const char* source_name(CredSource s) {  // in the order of CredSource
     static const char* const kNames[] = {
         "environment (AWS_ACCESS_KEY_ID)", "web identity token (STS AssumeRoleWithWebIdentity)",
-        "shared credentials file", "config file", "EC2 instance metadata (IMDSv2)"};
+        "shared credentials file", "config file", "EC2 instance metadata (IMDSv2)", "credential_process"};
     return kNames[static_cast<int>(s)];
 }
 
@@ -318,6 +319,30 @@ struct CredentialChain::Impl {
         return it == sec->end() ? "" : it->second;
     }
 
+    // A profile's credential_process: split and checked now (a one-line configuration
+    // error naming the profile), run when credentials are needed.
+    void plan_process(const std::string& profile, const std::string& command) {
+        const std::string field = "profile: profile \"" + profile + "\" credential_process";
+        process_argv_ = split_process_command(field, command);
+        check_process_executable(field, process_argv_);
+        base_profile_ = profile;
+        source_ = CredSource::Process;
+    }
+
+    // The helper's credentials (cached by the caller until five minutes before their
+    // Expiration; without one, for the provider's life, as the AWS SDKs do). A helper
+    // that fails is an outage: its credentials may come back.
+    Credentials from_process() {
+        const std::string what = "credential_process of profile \"" + base_profile_ + "\"";
+        std::string out = run_credential_process(process_argv_, transport_.timing.timeout_ms, what);
+        return parse_process_output(out, what);
+    }
+
+    std::string source_label() const {
+        if (source_ == CredSource::Process) return "credential_process of profile \"" + base_profile_ + "\"";
+        return source_name(source_);
+    }
+
     void plan_imds() {
         std::string ep = kit::option(cfg_, "imds_endpoint");
         if (ep.empty()) ep = env("AWS_EC2_METADATA_SERVICE_ENDPOINT");
@@ -371,14 +396,19 @@ struct CredentialChain::Impl {
         const std::string role = get("role_arn");
         if (role.empty()) {
             if (static_keys()) return true;
-            for (const char* k : {"credential_process", "sso_start_url", "sso_session", "source_profile"})
+            const std::string proc = get("credential_process");
+            if (!proc.empty()) {
+                plan_process(name, proc);
+                return true;
+            }
+            for (const char* k : {"sso_start_url", "sso_session", "source_profile"})
                 if (!get(k).empty())
                     throw fail(std::string("uses ") + k +
                                (std::string(k) == "source_profile"
                                     ? " without role_arn"
                                     : ", which the aws key provider does not support; give static keys, a "
-                                      "role_arn with source_profile or credential_source, a web identity "
-                                      "token file, or use IMDS"));
+                                      "role_arn with source_profile or credential_source, a credential_process, a "
+                                      "web identity token file, or use IMDS"));
             return false;
         }
         RoleHop hop;
@@ -559,12 +589,14 @@ struct CredentialChain::Impl {
                 break;
             }
             case CredSource::WebIdentity:
-            case CredSource::Imds: {
+            case CredSource::Imds:
+            case CredSource::Process: {
                 std::lock_guard<std::mutex> g(mu_);
                 std::time_t now = std::time(nullptr);
                 if (cached_.access_key_id.empty() || (cached_.expiration && cached_.expiration - 300 <= now))
-                    cached_ =
-                        source_ == CredSource::WebIdentity ? assume_role_with_web_identity() : from_imds();
+                    cached_ = source_ == CredSource::WebIdentity ? assume_role_with_web_identity()
+                              : source_ == CredSource::Imds      ? from_imds()
+                                                                 : from_process();
                 c.access_key_id = cached_.access_key_id;
                 c.secret_access_key = Secret(cached_.secret_access_key.str());
                 c.session_token = Secret(cached_.session_token.str());
@@ -572,7 +604,7 @@ struct CredentialChain::Impl {
                 break;
             }
         }
-        c.source = source_name(source_);
+        c.source = source_label();
         return c;
     }
 
@@ -633,7 +665,7 @@ struct CredentialChain::Impl {
             std::lock_guard<std::mutex> g(mu_);
             return web_arn_.empty() ? "role " + role_arn_ : web_arn_;
         }
-        return source_name(source_);
+        return source_label();
     }
 
     void forget_cached_credentials() {
@@ -738,7 +770,8 @@ struct CredentialChain::Impl {
     http::RetryPolicy retry_;
     CredSource source_ = CredSource::Environment;
     std::string token_file_, role_arn_, session_name_, imds_;
-    std::string base_profile_;  // the profile whose static keys are the base
+    std::string base_profile_;  // the profile whose static keys (or credential_process) are the base
+    std::vector<std::string> process_argv_;
     mutable std::mutex mu_;
     Credentials cached_;
     std::string web_arn_;
@@ -759,7 +792,7 @@ Credentials CredentialChain::get() {
 
 bool CredentialChain::temporary() const {
     return !impl_->hops_.empty() || impl_->source_ == CredSource::WebIdentity ||
-           impl_->source_ == CredSource::Imds;
+           impl_->source_ == CredSource::Imds || impl_->source_ == CredSource::Process;
 }
 
 std::string CredentialChain::identity() const {
