@@ -111,45 +111,71 @@ KeyStatus provider_status() {
     }
 }
 
+// The watchdog's probe (on a thread of its own, probe_thread.cpp). No lock is held
+// across the provider's calls: a probe hung in one must not block the next probe (nor
+// anything else of the process). The provider is checked out of State for the call (a
+// provider is used by one thread at a time); a probe that finds it checked out by a
+// hung probe makes its own from the same configuration, and whichever ends first puts
+// its provider back.
 ProbeResult probe_key() {
     State& s = st();
     ProbeResult r;
-    std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
-    if (s.mode.load() != Mode::Off && !s.wiped.load()) refresh_keyring_locked(s);
-    if (s.mode.load() == Mode::Off || !s.provider) {
-        r.detail = "the encrypting file layer is not active";
-        return r;
-    }
-    if (s.wiped.load()) {
-        r.health = KeyHealth::Revoked;
-        r.detail = "keys have been wiped in this server";
-        return r;
-    }
-    if (s.kek.empty()) {
-        // Not a revocation: this process does not hold the KEK to compare with.
-        r.detail =
-            "this process does not know the KEK of generation " + std::to_string(s.keyring.kek_generation);
-        return r;
+    std::unique_ptr<KeyProvider> prov;
+    KeyConfig cfg;
+    std::string bound;
+    SecureBytes kek;
+    std::vector<uint8_t> wrapped;
+    {
+        std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+        if (s.mode.load() != Mode::Off && !s.wiped.load()) refresh_keyring_locked(s);
+        if (s.mode.load() == Mode::Off) {
+            r.detail = "the encrypting file layer is not active";
+            return r;
+        }
+        if (s.wiped.load()) {
+            r.health = KeyHealth::Revoked;
+            r.detail = "keys have been wiped in this server";
+            return r;
+        }
+        if (s.kek.empty()) {
+            // Not a revocation: this process does not hold the KEK to compare with.
+            r.detail =
+                "this process does not know the KEK of generation " + std::to_string(s.keyring.kek_generation);
+            return r;
+        }
+        kek = s.kek.clone();
+        wrapped = s.keyring.wrapped_kek;
+        cfg = s.keyring.config;
+        bound = s.keyring.bound_name();
+        prov = std::move(s.provider);
     }
     try {
-        KeyStatus ks = s.provider->status();
+        if (!prov) prov = audited(cfg, bound);
+        KeyStatus ks = prov->status();
         r.request_id = ks.request_id;
         if (ks.health != KeyHealth::Ok) {
             r.health = ks.health;
             r.detail = ks.state.empty() ? ks.detail : ks.state + ": " + ks.detail;
-            return r;
+        } else {
+            SecureBytes k = prov->unwrap(wrapped);
+            if (k.size() != kek.size() || !ct_equal(k.data(), kek.data(), k.size())) {
+                r.health = KeyHealth::Revoked;
+                r.detail =
+                    "the key provider unwrapped the key-encryption key to a different key (the CMK was replaced)";
+            } else {
+                r.health = KeyHealth::Ok;
+                r.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state) + "; unwrap probe matched";
+            }
         }
-        SecureBytes k = s.provider->unwrap(s.keyring.wrapped_kek);
-        if (k.size() != s.kek.size() || !ct_equal(k.data(), s.kek.data(), k.size())) {
-            r.health = KeyHealth::Revoked;
-            r.detail = "the key provider unwrapped the key-encryption key to a different key (the CMK was replaced)";
-            return r;
-        }
-        r.health = KeyHealth::Ok;
-        r.detail = "key " + (ks.state.empty() ? std::string("usable") : ks.state) + "; unwrap probe matched";
     } catch (const std::exception& e) {
         r.health = health_of(category_of(e));  // revoked only when the provider refused
         r.detail = e.what();
+    }
+    if (prov) {
+        std::lock_guard<std::recursive_mutex> g(s.keyring_mu);
+        const KeyConfig& now = s.keyring.config;
+        if (!s.provider && now.provider == cfg.provider && now.key_id == cfg.key_id && now.options == cfg.options)
+            s.provider = std::move(prov);
     }
     return r;
 }

@@ -249,37 +249,60 @@ bool any_database_refused() {
     return false;
 }
 
+// The watchdog's probe of each bound database's key. As in probe_key(), no lock is
+// held across a provider call: the database's provider is checked out for the call
+// (or, checked out by a hung probe, made afresh from the same configuration) and put
+// back afterwards.
 std::vector<DbProbe> probe_databases() {
     State& s = st();
     std::vector<DbProbe> out;
     if (s.mode.load() == Mode::Off || s.wiped.load()) return out;
-    std::lock_guard<std::recursive_mutex> g(s.db_mu);
-    for (uint32_t oid : dbkeys::bound_databases(s.keyring_dir)) {
+    std::vector<uint32_t> oids;
+    {
+        std::lock_guard<std::recursive_mutex> g(s.db_mu);
+        oids = dbkeys::bound_databases(s.keyring_dir);
+    }
+    for (uint32_t oid : oids) {
         DbProbe pr;
         pr.oid = oid;
-        DbSlot* sl = db_slot(oid);
-        int state = sl ? sl->state.load() : kDbLocked;
-        pr.state = db_state_name(state);
         struct stat sb;
         if (::stat((s.datadir + "/base/" + std::to_string(oid)).c_str(), &sb) != 0 && errno == ENOENT) {
+            pr.state = db_state_name(kDbLocked);
+            if (DbSlot* sl = db_slot(oid)) pr.state = db_state_name(sl->state.load());
             pr.dropped = true;
             pr.detail = "the database no longer exists";
             out.push_back(std::move(pr));
             continue;
         }
+        std::unique_ptr<KeyProvider> prov;
+        KeyConfig cfg;
         try {
-            State::DbProc& p = db_proc(oid);
-            pr.config_name = p.keyring.bound_name();
-            pr.provider = p.keyring.config.provider;
-            pr.key_id = p.keyring.config.key_id;
-            KeyStatus ks = p.provider->status();
+            std::optional<SecureBytes> kek;
+            std::vector<uint8_t> wrapped;
+            std::string bound;
+            {
+                std::lock_guard<std::recursive_mutex> g(s.db_mu);
+                DbSlot* sl = db_slot(oid);
+                pr.state = db_state_name(sl ? sl->state.load() : kDbLocked);
+                State::DbProc& p = db_proc(oid);
+                pr.config_name = p.keyring.bound_name();
+                pr.provider = p.keyring.config.provider;
+                pr.key_id = p.keyring.config.key_id;
+                cfg = p.keyring.config;
+                bound = p.keyring.bound_name();
+                wrapped = p.keyring.wrapped_kek;
+                if (sl) kek = slot_kek(sl);
+                prov = std::move(p.provider);
+            }
+            if (!prov) prov = audited(cfg, bound);
+            KeyStatus ks = prov->status();
             pr.request_id = ks.request_id;
             if (ks.health != KeyHealth::Ok) {
                 pr.health = ks.health;
                 pr.detail = ks.state.empty() ? ks.detail : ks.state + ": " + ks.detail;
-            } else if (std::optional<SecureBytes> k = sl ? slot_kek(sl) : std::nullopt) {
-                SecureBytes u = p.provider->unwrap(p.keyring.wrapped_kek);
-                if (u.size() != k->size() || !ct_equal(u.data(), k->data(), u.size())) {
+            } else if (kek) {
+                SecureBytes u = prov->unwrap(wrapped);
+                if (u.size() != kek->size() || !ct_equal(u.data(), kek->data(), u.size())) {
                     pr.health = KeyHealth::Revoked;
                     pr.detail = "the key provider unwrapped the database's KEK to a different key (the CMK was "
                                 "replaced)";
@@ -295,6 +318,15 @@ std::vector<DbProbe> probe_databases() {
         } catch (const std::exception& e) {
             pr.health = health_of(category_of(e));  // revoked only when the provider refused
             pr.detail = e.what();
+        }
+        if (prov) {
+            std::lock_guard<std::recursive_mutex> g(s.db_mu);
+            auto it = s.dbs.find(oid);
+            if (it != s.dbs.end() && !it->second.provider) {
+                const KeyConfig& now = it->second.keyring.config;
+                if (now.provider == cfg.provider && now.key_id == cfg.key_id && now.options == cfg.options)
+                    it->second.provider = std::move(prov);
+            }
         }
         out.push_back(std::move(pr));
     }

@@ -373,8 +373,8 @@ struct Loop {
     KeyNames names;
     int backoff_ms = 1000;
     bool outage_shutdown_sent = false;
-    bool in_flight = false;
-    bool overdue = false;  // the probe in flight is past probe_timeout (judged once)
+    bool in_flight = false;  // a probe is waited for (l.started)
+    bool hung = false;       // probes past probe_timeout were abandoned and may still run
     TimestampTz started = 0;
     TimestampTz next_due = 0;
     int64 serving = 0;  // check_key_now() requests the probe in flight answers
@@ -475,13 +475,21 @@ bool take_finished(Finished* out) {
     return done;
 }
 
+// Whether abandoned probes still run: watchdog_status() shows a probe in flight, since
+// the oldest unanswered one started, until every one has ended or a probe answered.
+void note_hung_probes(Loop& l) {
+    size_t n = 0;
+    if (l.hung && !cmk::pg::quietly([&] { n = cmk::fs::abandoned_probes(); })) n = 1;
+    l.hung = n > 0;
+    SpinLockAcquire(&shared->mutex);
+    shared->probe_in_flight = l.in_flight || l.hung;
+    SpinLockRelease(&shared->mutex);
+}
+
 // A probe has answered: judge it, check the databases it probed, plan the next one.
 void finish_probe(Loop& l, const Finished& fin, TimestampTz now) {
     const Probe& p = fin.p;
     if (fin.names.provider[0]) l.names = fin.names;
-    if (l.overdue)
-        ereport(LOG, (errmsg("cmk_lakebase: the probe of key \"%s\" answered after probe_timeout (%d s)",
-                             l.names.key_id, probe_timeout_s)));
     judge(l, p, now);
     if (fin.dberr[0]) ereport(LOG, (errmsg("cmk_lakebase: could not probe the database keys: %s", fin.dberr)));
     if (p.health != WS_REVOKED) check_databases(db_checks, fin.n);
@@ -494,40 +502,41 @@ void finish_probe(Loop& l, const Finished& fin, TimestampTz now) {
     } else {
         l.backoff_ms = 1000;
     }
-    l.in_flight = l.overdue = false;
+    l.in_flight = false;
     l.next_due = TimestampTzPlusMilliseconds(now, wait_ms);
+    note_hung_probes(l);
     SpinLockAcquire(&shared->mutex);
-    shared->probe_in_flight = false;
     shared->completed = Max(shared->completed, l.serving);
     shared->next_check = l.next_due;
     SpinLockRelease(&shared->mutex);
 }
 
-// A probe still running past probe_timeout: the provider is unavailable (never ok). The
-// probe is left to finish; none other starts meanwhile; the outage policy applies.
+// A probe still running past probe_timeout: the provider is unavailable (never ok),
+// the outage policy applies. The probe is abandoned (its thread left to end), and the
+// next one starts on schedule on a thread of its own: a revocation the provider reports
+// meanwhile is still enforced (issue 18). The first of a hang is logged.
 void probe_overdue(Loop& l, TimestampTz now) {
-    if (!l.overdue) {
-        Probe p;
-        snprintf(p.detail, sizeof p.detail,
-                 "no answer from the key provider within probe_timeout (%d s); the probe is still waiting",
-                 probe_timeout_s);
-        p.request_id[0] = 0;
-        p.health = WS_UNAVAILABLE;
+    Probe p;
+    snprintf(p.detail, sizeof p.detail,
+             "no answer from the key provider within probe_timeout (%d s); the probe is still waiting",
+             probe_timeout_s);
+    p.request_id[0] = 0;
+    p.health = WS_UNAVAILABLE;
+    if (!l.hung)
         ereport(LOG, (errmsg("cmk_lakebase: the probe of key \"%s\" of provider \"%s\" has not answered "
                              "within probe_timeout (%d s); treating the provider as unavailable",
                              l.names.key_id, l.names.provider, probe_timeout_s)));
-        l.overdue = true;
-        judge(l, p, now);
-    } else {
-        char detail[512];
-        SpinLockAcquire(&shared->mutex);
-        strlcpy(detail, shared->last_result, sizeof detail);
-        SpinLockRelease(&shared->mutex);
-        enforce_outage_policy(l, now, detail);
-    }
+    judge(l, p, now);
+    cmk::pg::quietly([] { cmk::fs::abandon_probe(); });
+    l.in_flight = false;
+    l.hung = true;
+    int wait_ms = Min(l.backoff_ms, check_interval_s * 1000);
+    l.backoff_ms = Min(l.backoff_ms * 2, check_interval_s * 1000);
+    l.next_due = TimestampTzPlusMilliseconds(now, wait_ms);
     // check_key_now() callers get the judgement instead of waiting for the hung probe.
     SpinLockAcquire(&shared->mutex);
     shared->completed = shared->requested;
+    shared->next_check = l.next_due;
     SpinLockRelease(&shared->mutex);
 }
 
@@ -541,9 +550,15 @@ void start_one_probe(Loop& l, TimestampTz now) {
     bool started = false;
     bool ok = cmk::pg::try_cpp(nullptr, [&] { started = cmk::fs::start_probe(); }, &f);
     if (!ok || !started) {
-        // No thread (out of resources) or a previous probe still running unnoticed.
+        // No thread (out of resources), or too many abandoned probes still hang.
         fail.health = WS_UNAVAILABLE;
-        strlcpy(fail.detail, ok ? "a previous probe is still running" : f.message, sizeof fail.detail);
+        if (ok)
+            snprintf(fail.detail, sizeof fail.detail,
+                     "earlier probes of the key provider are still waiting for an answer (past probe_timeout, "
+                     "%d s); no new probe starts until one of them ends",
+                     probe_timeout_s);
+        else
+            strlcpy(fail.detail, f.message, sizeof fail.detail);
         judge(l, fail, now);
         l.next_due = TimestampTzPlusMilliseconds(now, 1000);
         SpinLockAcquire(&shared->mutex);
@@ -552,11 +567,10 @@ void start_one_probe(Loop& l, TimestampTz now) {
         return;
     }
     l.in_flight = true;
-    l.overdue = false;
     l.started = now;
     SpinLockAcquire(&shared->mutex);
+    if (!shared->probe_in_flight) shared->probe_started = now;  // since the oldest unanswered
     shared->probe_in_flight = true;
-    shared->probe_started = now;
     SpinLockRelease(&shared->mutex);
 }
 
@@ -595,7 +609,9 @@ void cmk_watchdog_main(Datum) {
         if (!l.in_flight && (now >= l.next_due || requested)) start_one_probe(l, now);
 
         long wait_ms;
-        if (l.in_flight) {
+        if (l.in_flight || l.hung) {
+            // Poll the probe, and abandoned ones for a revocation: the threads call
+            // nothing of PostgreSQL, not even SetLatch.
             Finished fin;
             bool done = take_finished(&fin);
             now = GetCurrentTimestamp();
@@ -603,8 +619,20 @@ void cmk_watchdog_main(Datum) {
                 finish_probe(l, fin, now);
                 continue;  // a check_key_now() may have arrived meanwhile
             }
-            if (now >= TimestampTzPlusMilliseconds(l.started, (int64) probe_timeout_s * 1000)) probe_overdue(l, now);
-            wait_ms = 100;  // poll the probe; the thread calls nothing of PostgreSQL, not even SetLatch
+            if (l.in_flight) {
+                if (now >= TimestampTzPlusMilliseconds(l.started, (int64) probe_timeout_s * 1000))
+                    probe_overdue(l, now);
+            } else {
+                // Between probes of a hang: the outage policy's grace runs out on time.
+                note_hung_probes(l);
+                char detail[512];
+                SpinLockAcquire(&shared->mutex);
+                bool unavailable = shared->state == WS_UNAVAILABLE;
+                strlcpy(detail, shared->last_result, sizeof detail);
+                SpinLockRelease(&shared->mutex);
+                if (unavailable) enforce_outage_policy(l, now, detail);
+            }
+            wait_ms = 100;
         } else {
             long secs;
             int usecs;

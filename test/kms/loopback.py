@@ -6,7 +6,8 @@ listening), optionally TLS (--tls-cert/--tls-key), that stops by itself: after
 SIGTERM. Run with /usr/bin/python3 (Debian's python3-cryptography, python3-jwt).
 
 Behaviour switches shared by both servers, set through the control endpoint:
-  mode normal | error500 | throttle | stall   (stall: hold the request for --stall s)
+  mode normal | error500 | throttle | stall   (stall: hold the request for --stall s, or
+                                               for "seconds" given with the mode)
 Control requests (POST /__control, JSON {"action": ...}) are answered in every mode.
 """
 
@@ -66,11 +67,12 @@ class Handler(BaseHTTPRequestHandler):
             st.requests.append({"method": method, "path": self.path,
                                 "headers": {k.lower(): v for k, v in self.headers.items()}})
             mode = st.mode
+            stall = st.stall if st.stall is not None else self.server.stall
         if self.server.logf:
             self.server.logf.write("%s %s mode=%s\n" % (method, self.path, mode))
             self.server.logf.flush()
         if mode == "stall":
-            time.sleep(self.server.stall)
+            time.sleep(stall)
             return self._reply(503, self.server.app.transient_error(503))
         if mode == "error500":
             return self._reply(500, self.server.app.transient_error(500))
@@ -99,6 +101,7 @@ class State:
     def __init__(self):
         self.lock = threading.RLock()
         self.mode = "normal"
+        self.stall = None
         self.requests = []
 
 
@@ -151,6 +154,8 @@ def common_control(state, req):
             raise ValueError("unknown mode %r" % req.get("value"))
         with state.lock:
             state.mode = req["value"]
+            # "seconds": how long a request of this stall is held (else --stall)
+            state.stall = float(req["seconds"]) if "seconds" in req else None
         return 200, {"mode": state.mode}
     if a == "requests":
         with state.lock:

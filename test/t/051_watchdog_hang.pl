@@ -6,6 +6,8 @@
 #    the probe in flight and since when, check_key_now() answers instead of hanging,
 #    and the cluster keeps serving (on_kms_outage = continue);
 #  - the provider answering again is picked up, the key is ok again;
+#  - a revocation is enforced while a probe hangs: the probe past its deadline is
+#    abandoned and the next one, on a thread of its own, sees the key denied;
 #  - with on_kms_outage = shutdown the cluster goes down (fast, clean) within
 #    grace + probe_timeout + a few seconds, although the probe still hangs, and the
 #    shutdown logs no FATAL for the watchdog; with the provider back it starts.
@@ -91,6 +93,42 @@ ok($node->poll_query_until('postgres',
 	'provider back: the hung probe ends, the next one is ok');
 is($node->safe_psql('postgres', 'SELECT consecutive_failures FROM cmk_lakebase.watchdog_status()'), '0',
 	'failures reset');
+
+# ---- a revocation while a probe hangs -----------------------------------------------
+# The provider holds the requests of a stall for two minutes (a wedged connection). The
+# probe past its deadline is abandoned, and the next one starts on a thread of its own.
+# The key is then denied and the provider answers again: the next probe sees the
+# revocation and the kill switch acts, although the first probe is still held. (With
+# one probe at a time, the kill switch waited for the held request: two minutes.)
+is($node->safe_psql('postgres', 'SELECT cmk_lakebase.check_key_now()'), 'ok', 'ok before the held probe');
+my $rpm = postmaster_pid($node);
+$logpos = -s $node->logfile;
+kms_control($peer, action => 'mode', value => 'stall', seconds => 120);
+ok($node->poll_query_until('postgres',
+		q{SELECT state = 'unavailable' AND probe_in_flight FROM cmk_lakebase.watchdog_status()}),
+	'a probe held past probe_timeout: unavailable');
+kms_control($peer, action => 'deny', name => $key_id);
+release_key_store();
+$t0 = time;
+my $killed;
+while (time - $t0 < 60)
+{
+	if (!pid_alive($rpm)) { $killed = time - $t0; last }
+	sleep 0.05;
+}
+ok(defined $killed, 'the key denied while a probe is held: the cluster is shut down');
+$killed //= 999;
+cmp_ok($killed, '<', $timeout + 1 + 3,
+	sprintf('within probe_timeout + check_interval + 3 s (%.1f s), not when the held request ends (120 s)', $killed));
+$node->{_pid} = undef;
+$log = slurp_file($node->logfile, $logpos);
+like($log, qr/key "\Q$key_id\E" of provider "vault" is revoked/, 'the log says the key is revoked');
+my ($rstarted) = try_start($node);
+ok(!$rstarted, 'the key still denied: the cluster does not start');
+kms_control($peer, action => 'allow', name => $key_id);
+($rstarted) = try_start($node);
+ok($rstarted, 'the key allowed again: the cluster starts');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), '101', 'nothing lost');
 
 # ---- a hang with on_kms_outage = shutdown --------------------------------------------
 my $grace = 4;

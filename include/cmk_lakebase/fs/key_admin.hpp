@@ -122,8 +122,11 @@ void forget_database(uint32_t oid);
 
 // The watchdog's probe on a thread of its own (probe_thread.cpp): probe_key(), then
 // (unless revoked) probe_databases(), then the configuration's names. start_probe()
-// starts one unless one is still running (false: a hung probe is never duplicated);
-// take_probe() returns the finished one's result once. The thread calls nothing of
+// starts one unless one is still waited for, or too many abandoned ones still run
+// (false); take_probe() returns the finished one's result once, or a revocation an
+// abandoned probe brought back. abandon_probe(): the caller gave up on the probe past
+// its deadline (its thread is left to end; the next start_probe() may start another);
+// abandoned_probes() counts those still running. The thread calls nothing of
 // PostgreSQL; the caller decides when a probe still running is past its deadline.
 struct WatchdogProbe {
     ProbeResult cluster;
@@ -134,6 +137,8 @@ struct WatchdogProbe {
 };
 bool start_probe();
 bool take_probe(WatchdogProbe* out);
+void abandon_probe();
+size_t abandoned_probes();
 
 std::string keyring_directory();  // <datadir>/cmk_lakebase, "" when not active
 // The watchdog's repeated status/unwrap answers are aggregated in the audit trail.
