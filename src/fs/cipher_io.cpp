@@ -122,6 +122,16 @@ ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
         }
         return r;
     }
+    if (c->cls == FileClass::Spill) {
+        try {
+            ssize_t r;
+            if (spill_read(c, *key, fd, buf, len, off, &r)) return r;
+        } catch (const std::exception& e) {
+            log_line("decrypt of \"" + c->rel + "\" failed: " + e.what());
+            errno = EIO;
+            return -1;
+        }
+    }
     if (c->map_ok.load(std::memory_order_relaxed) && off % U == 0 && len % U == 0 && len <= kChunk) {
         try {
             ssize_t r = map_read(c, *key, fd, buf, len, off);
@@ -279,6 +289,10 @@ ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off
     }
     size_t total = 0;
     try {
+        if (c->cls == FileClass::Spill) {
+            ssize_t r;
+            if (spill_append(c, *key, fd, buf, len, off, &r)) return r;
+        }
         while (total < len) {
             size_t n = std::min(len - total, kChunk);
             ssize_t w = enc_pwrite_chunk(c, *key, fd, buf + total, n, off + total);

@@ -103,7 +103,8 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
 }
 
 int op_close(int fd) {
-    if (ctx_get(fd)) {
+    if (FileCtx* c = ctx_get(fd)) {
+        if (c->cls == FileClass::Spill) spill_flush(c, true);
         ctx_set(fd, nullptr);
         // A database locked since: the closes its revocation makes every process do
         // (SMGRRELEASE) also drop this process's key map of it. One atomic load.
@@ -146,7 +147,10 @@ ssize_t op_read(int fd, void* buf, size_t n) {
 ssize_t op_write(int fd, const void* buf, size_t n) {
     FileCtx* c = ctx_get(fd);
     if (!c) return real().write(fd, buf, n);
-    off_t cur = c->append ? off_t(file_size(fd)) : real().lseek(fd, 0, SEEK_CUR);
+    // A spill file's end is known here (its last unit may still be in memory).
+    off_t cur = !c->append                 ? real().lseek(fd, 0, SEEK_CUR)
+                : c->cls == FileClass::Spill ? off_t(c->known_size.load())
+                                           : off_t(file_size(fd));
     if (cur < 0) return -1;
     ssize_t r = enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, cur);
     if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
@@ -197,6 +201,7 @@ int op_ftruncate(int fd, off_t len) {
     FileCtx* c = ctx_get(fd);
     std::optional<FileLock> flk;
     if (c) flk.emplace(fd, c->cls, true);  // the re-encrypted end and the new size, at once
+    if (c && c->cls == FileClass::Spill && spill_flush(c, true) != 0) return -1;
     if (c && enc_resize(c, fd, len) != 0) return -1;
     return real().ftruncate(fd, len);
 }
@@ -217,6 +222,7 @@ int op_truncate(const char* path, off_t len) {
 
 int op_fallocate(int fd, int mode, off_t off, off_t len, bool posix) {
     FileCtx* c = ctx_get(fd);
+    if (c && c->cls == FileClass::Spill && spill_flush(c, true) != 0) return posix ? errno : -1;
     if (c && (posix || mode == 0)) {
         int64_t size = file_size(fd);
         if (size >= 0 && off + len > size && enc_resize(c, fd, off + len) != 0)

@@ -158,6 +158,12 @@ struct FileKey {
     XtsCipher cipher;
 };
 
+// The caches of a spill file's descriptor (spill_io.cpp).
+struct SpillCache;
+struct SpillCacheDeleter {
+    void operator()(SpillCache* s) const;
+};
+
 struct FileCtx {
     FileClass cls = FileClass::Plaintext;
     std::string rel;
@@ -180,8 +186,20 @@ struct FileCtx {
     bool map_capped = false;  // the budget ran out: no reads past map_charged (under map_mu)
     std::atomic<int64_t> map_valid{0};
     std::atomic<uint32_t> map_skip{0};  // reads to serve by pread after a slow mapped one
+    std::unique_ptr<SpillCache, SpillCacheDeleter> spill;  // FileClass::Spill only (under key_mu)
     ~FileCtx();
 };
+
+// Spill files (spill_io.cpp): appends collect in the plaintext of the last unit, reads
+// decrypt each unit once. spill_append/spill_read return false when the generic path
+// must do it, else set *out (a result or -1/errno). spill_flush writes the tail of one
+// descriptor (forget: the size will change otherwise, drop the caches); it runs on
+// close, ftruncate and fallocate; spill_flush_all before any spill read of the process.
+bool spill_append(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, size_t len, off_t off, ssize_t* out);
+bool spill_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off_t off, ssize_t* out);
+int spill_flush(FileCtx* c, bool forget);
+void spill_flush_all();
+void spill_forget(FileCtx* c);
 
 // The descriptor table (descriptors.cpp).
 FileCtx* ctx_get(int fd);

@@ -73,6 +73,7 @@ std::atomic<int64_t> g_mapped{0};
 }  // namespace
 
 FileCtx::~FileCtx() {
+    spill_forget(this);
     if (const uint8_t* m = map.load()) ::munmap(const_cast<uint8_t*>(m), size_t(kMapMax));
     g_mapped.fetch_sub(map_charged);
 }

@@ -299,6 +299,84 @@ TEST(Layer, AppendMode) {
     EXPECT_EQ(std::string(raw.begin(), raw.end()).find("change 1"), std::string::npos);
 }
 
+// Spill files keep their last partial unit in memory while appending (spill_io.cpp):
+// every read (through any descriptor of the process) sees every append, the file on
+// disk is complete once closed, and nothing of it is plaintext; reopening to append
+// continues from the unit on disk; truncation and writes elsewhere drop the caches.
+TEST(Layer, SpillAppendsAndReadsLikeAPlainFile) {
+    mkdirs("pg_replslot/s3/x");
+    std::string path = P("pg_replslot/s3/xid-7-lsn-0-2000000.spill");
+    std::mt19937 rng(11);
+    std::vector<uint8_t> model;
+    int held_back = 0;  // times the file on disk lagged the appends (the fast path ran)
+    auto read_all = [&](std::vector<uint8_t>& out) {
+        int r = ::open(path.c_str(), O_RDONLY);
+        ASSERT_GE(r, 0);
+        out.clear();
+        uint8_t hdr[24], body[30000];
+        for (;;) {  // the decoder's pattern: a small header, then the rest
+            ssize_t n = ::read(r, hdr, sizeof hdr);
+            ASSERT_GE(n, 0);
+            if (n == 0) break;
+            out.insert(out.end(), hdr, hdr + n);
+            size_t want = 1 + rng() % 700;
+            n = ::read(r, body, want);
+            ASSERT_GE(n, 0);
+            out.insert(out.end(), body, body + n);
+        }
+        ::close(r);
+    };
+    for (int round = 0; round < 3; round++) {
+        int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_APPEND, 0600);
+        ASSERT_GE(fd, 0);
+        for (int i = 0; i < 400; i++) {
+            size_t len = rng() % 40 == 0 ? 20000 : 1 + rng() % 700;
+            auto d = random_bytes(rng, len);
+            ASSERT_EQ(::write(fd, d.data(), len), ssize_t(len)) << strerror(errno);
+            model.insert(model.end(), d.begin(), d.end());
+            if (i % 97 == 0) {
+                std::vector<uint8_t> got;
+                read_all(got);
+                ASSERT_EQ(got, model) << "round " << round << " append " << i;
+                struct stat sb;
+                ASSERT_EQ(::fstat(fd, &sb), 0);
+                EXPECT_LE(size_t(sb.st_size), model.size());
+                held_back += size_t(sb.st_size) < model.size();
+                EXPECT_GT(size_t(sb.st_size) + 8192, model.size()) << "more than a unit held back";
+            }
+        }
+        // The appends since the last read are in memory until the close.
+        struct stat sb;
+        ASSERT_EQ(::fstat(fd, &sb), 0);
+        held_back += size_t(sb.st_size) < model.size();
+        ASSERT_EQ(::close(fd), 0);
+        EXPECT_EQ(raw_read(path).size(), model.size()) << "complete on disk once closed";
+    }
+    EXPECT_GT(held_back, 0) << "the last unit was never held in memory";
+    // A write elsewhere and a truncation through a read-write descriptor.
+    int fd = ::open(path.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    auto d = random_bytes(rng, 3000);
+    ASSERT_EQ(::pwrite(fd, d.data(), d.size(), model.size()), ssize_t(d.size()));
+    model.insert(model.end(), d.begin(), d.end());
+    ASSERT_EQ(::pwrite(fd, d.data(), 100, 5000), 100);
+    std::memcpy(model.data() + 5000, d.data(), 100);
+    ASSERT_EQ(::ftruncate(fd, off_t(model.size() - 1234)), 0);
+    model.resize(model.size() - 1234);
+    ASSERT_EQ(::pwrite(fd, d.data(), 777, model.size()), 777);
+    model.insert(model.end(), d.begin(), d.begin() + 777);
+    std::vector<uint8_t> got(model.size() + 100);
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(model.size()));
+    got.resize(model.size());
+    EXPECT_EQ(got, model);
+    ASSERT_EQ(::close(fd), 0);
+    read_all(got);
+    EXPECT_EQ(got, model);
+    std::vector<uint8_t> raw = raw_read(path);
+    ASSERT_EQ(raw.size(), model.size());
+    EXPECT_FALSE(leaks(raw, model));
+}
+
 TEST(Layer, ZeroPagesStayZeroAndHolesReadAsZero) {
     std::string path = P("base/1/20001");
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
