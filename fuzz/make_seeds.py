@@ -4,7 +4,9 @@ small valid answers as the providers and identity endpoints send them, taken fro
 unit tests, each prefixed by the byte that selects its parser in fuzz_answers.cpp.
 The key-file seeds (fuzz_keyfiles) are written by the code itself:
 CMK_FUZZ_WRITE_SEEDS=fuzz/corpus/fuzz_keyfiles build/fuzz/fuzz_keyfiles"""
+import base64
 import hashlib
+import json
 import os
 import struct
 import sys
@@ -21,6 +23,12 @@ def put(target, which, text):
 
 
 A = "fuzz_answers"
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
 put(A, 0, '{"a":[1,2.5,{"b":null,"c":true}],"s":"x\\u00e9"}')
 put(A, 1, '{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"eyJ0eXAi.abc.def"}')
 put(A, 1, '{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided. Trace ID: x","error_codes":[7000215]}')
@@ -74,6 +82,82 @@ put(A, 20, '{"key":{"kid":"%s","kty":"RSA-HSM","key_ops":["wrapKey","unwrapKey"]
 put(A, 21, '{"Version": 1, "AccessKeyId": "AKIDEXAMPLE", "SecretAccessKey": "s", "SessionToken": "t", '
         '"Expiration": "2026-12-06T18:00:00Z"}')
 put(A, 22, "/opt/helper --profile 'a b' \"c \\\"d\\\"\" e\\ f")
+
+# The AWS KMS provider's answers (cases 23-26: Decrypt, Encrypt, DescribeKey, a Decrypt
+# error with HTTP 400), as test/kms/aws_kms_server.py sends them.
+arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+kek = bytes(range(32))
+put(A, 23, json.dumps({"KeyId": arn, "Plaintext": b64(kek), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}))
+put(A, 24, json.dumps({"CiphertextBlob": b64(b"\x01" + b"1234abcd-12ab-34cd-56ef-1234567890ab" + bytes(60)),
+                       "KeyId": arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}))
+metadata = {"AWSAccountId": "111122223333", "KeyId": "1234abcd-12ab-34cd-56ef-1234567890ab", "Arn": arn,
+            "CreationDate": 1700000000.123, "Enabled": True, "Description": "cmk_lakebase test key",
+            "KeyUsage": "ENCRYPT_DECRYPT", "KeyState": "Enabled", "Origin": "AWS_KMS", "KeyManager": "CUSTOMER",
+            "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT", "KeySpec": "SYMMETRIC_DEFAULT",
+            "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"], "MultiRegion": False}
+put(A, 25, json.dumps({"KeyMetadata": metadata}))
+put(A, 25, json.dumps({"KeyMetadata": dict(metadata, Enabled=False, KeyState="PendingDeletion",
+                                           DeletionDate=1700604800.0, PendingDeletionWindowInDays=7)}))
+put(A, 26, json.dumps({"__type": "InvalidCiphertextException", "message": ""}))
+put(A, 26, json.dumps({"__type": "com.amazonaws.kms#NotFoundException",
+                       "message": "Key '%s' does not exist" % arn}))
+put(A, 26, json.dumps({"__type": "ThrottlingException", "Message": "Rate exceeded"}))
+
+# The Vault Transit provider's answers (cases 27-30: decrypt, encrypt, key read, a
+# decrypt error with HTTP 400), as test/kms/vault_server.py sends them.
+put(A, 27, json.dumps({"request_id": "5b1c0e3a9d7f4e21", "lease_id": "", "renewable": False, "lease_duration": 0,
+                       "data": {"plaintext": b64(kek)}, "wrap_info": None, "warnings": None, "auth": None}))
+put(A, 28, json.dumps({"request_id": "5b1c0e3a9d7f4e22", "data": {"ciphertext": "vault:v3:" + b64(bytes(60)),
+                                                                 "key_version": 3}}))
+put(A, 29, json.dumps({"request_id": "5b1c0e3a9d7f4e23", "data": {
+    "name": "cmk", "type": "aes256-gcm96", "deletion_allowed": False, "derived": False, "exportable": False,
+    "allow_plaintext_backup": False, "keys": {"1": 1700000000, "2": 1700086400}, "latest_version": 2,
+    "min_available_version": 0, "min_decryption_version": 1, "min_encryption_version": 0,
+    "supports_encryption": True, "supports_decryption": True, "supports_derivation": True,
+    "supports_signing": False, "auto_rotate_period": 0}}))
+put(A, 30, json.dumps({"errors": ["1 error occurred:\n\t* cipher: message authentication failed\n\n"]}))
+put(A, 30, json.dumps({"errors": ["1 error occurred:\n\t* permission denied\n\n"]}))
+
+# The Cloud KMS provider's answers (cases 31-34: decrypt, encrypt, CryptoKey GET, a
+# decrypt error with HTTP 400), with the CRC32C fields, as test/kms/gcp_kms_server.py
+# sends them.
+def crc32c(data):
+    c = 0xFFFFFFFF
+    for b in data:
+        c ^= b
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    return c ^ 0xFFFFFFFF
+
+
+gkey = "projects/my-project/locations/global/keyRings/ring/cryptoKeys/cmk"
+gct = b"\x0a" + bytes(range(8)) + bytes(12) + bytes(48)
+put(A, 31, json.dumps({"plaintext": b64(kek), "plaintextCrc32c": str(crc32c(kek)), "usedPrimary": True,
+                       "protectionLevel": "SOFTWARE"}))
+put(A, 32, json.dumps({"name": gkey + "/cryptoKeyVersions/1", "ciphertext": b64(gct),
+                       "ciphertextCrc32c": str(crc32c(gct)), "verifiedPlaintextCrc32c": True,
+                       "verifiedAdditionalAuthenticatedDataCrc32c": True, "protectionLevel": "SOFTWARE"}))
+
+
+def gversion(n, state):
+    v = {"name": "%s/cryptoKeyVersions/%d" % (gkey, n), "state": state, "createTime": "2026-01-01T00:00:00.000000Z",
+         "protectionLevel": "SOFTWARE", "algorithm": "GOOGLE_SYMMETRIC_ENCRYPTION",
+         "generateTime": "2026-01-01T00:00:00.000000Z"}
+    if state == "DESTROY_SCHEDULED":
+        v["destroyTime"] = "2026-02-01T00:00:00.000000Z"
+    return v
+
+
+for state in ("ENABLED", "DESTROY_SCHEDULED"):
+    put(A, 33, json.dumps({"name": gkey, "purpose": "ENCRYPT_DECRYPT", "createTime": "2026-01-01T00:00:00.000000Z",
+                           "primary": gversion(1, state),
+                           "versionTemplate": {"protectionLevel": "SOFTWARE",
+                                               "algorithm": "GOOGLE_SYMMETRIC_ENCRYPTION"},
+                           "destroyScheduledDuration": "2592000s"}))
+put(A, 34, json.dumps({"error": {"code": 400, "message": "Decryption failed: the ciphertext is invalid.",
+                                 "status": "INVALID_ARGUMENT"}}))
+put(A, 34, json.dumps({"error": {"code": 400, "message": gkey + "/cryptoKeyVersions/1 is not enabled, current "
+                                 "state is: DISABLED.", "status": "FAILED_PRECONDITION"}}))
 
 # KMIP 1.2 TTLV: a Response Message with one batch item (Get, Success, payload with a
 # Unique Identifier) and a failed one, as the unit tests build them.

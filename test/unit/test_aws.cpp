@@ -351,6 +351,61 @@ TEST(AwsConfig, SharedCredentialsProfiles) {
         << e.what();
 }
 
+// The factory's transport seam (what fuzz/fuzz_answers.cpp drives): signed JSON 1.1
+// requests and the reading of KMS's answers, without a server.
+TEST(AwsCanned, SignedRequestsAndAnswers) {
+    cmk_test::TempDir d;
+    EnvGuard g;
+    env_with_keys(g, d);
+    cmk::KeyConfig c{"aws", kKeyUuid, {{"region", "eu-west-3"}}};
+    cmk::SecureBytes kek = cmk::random_key(32);
+    std::string target, auth, host, body;
+    long status = 200;
+    std::string answer;
+    auto p = cmk::aws::make_aws_provider(c, [&](const cmk::http::Request& r) {
+        for (const auto& h : r.headers) {
+            if (h.first == "X-Amz-Target") target = h.second;
+            if (h.first == "Authorization") auth = h.second;
+            if (h.first == "Host") host = h.second;
+        }
+        EXPECT_EQ(r.url, "https://kms.eu-west-3.amazonaws.com/");
+        body = r.body;
+        cmk::http::Response a;
+        a.status = status;
+        a.headers["x-amzn-requestid"] = "rid-1";
+        a.body = answer;
+        return a;
+    });
+    answer = "{\"CiphertextBlob\":\"QUJD\",\"KeyId\":\"arn:aws:kms:eu-west-3:111122223333:key/" +
+             std::string(kKeyUuid) + "\"}";
+    cmk::WrapResult w = p->wrap(kek);
+    EXPECT_EQ(std::string(w.blob.begin(), w.blob.end()), "ABC");
+    EXPECT_EQ(w.request_id, "rid-1");
+    EXPECT_EQ(target, "TrentService.Encrypt");
+    EXPECT_EQ(host, "kms.eu-west-3.amazonaws.com");
+    EXPECT_EQ(auth.rfind("AWS4-HMAC-SHA256 Credential=AKIDTEST/", 0), 0u) << auth;
+    EXPECT_NE(body.find("\"EncryptionContext\":{\"cmk_lakebase\":\"kek\"}"), std::string::npos) << body;
+    answer = "{\"Plaintext\":\"" + cmk::base64_encode(kek.data(), kek.size()) + "\"}";
+    cmk::SecureBytes out = p->unwrap(w.blob);
+    EXPECT_EQ(target, "TrentService.Decrypt");
+    EXPECT_TRUE(out.size() == kek.size() && cmk::ct_equal(out.data(), kek.data(), kek.size()));
+    answer = "{\"KeyMetadata\":{\"KeyState\":\"Disabled\",\"KeyUsage\":\"ENCRYPT_DECRYPT\"}}";
+    EXPECT_EQ(p->status().health, cmk::KeyHealth::Revoked);
+    EXPECT_EQ(target, "TrentService.DescribeKey");
+    status = 400;
+    answer = "{\"__type\":\"com.amazonaws.kms#NotFoundException\",\"message\":\"Key does not exist\"}";
+    try {
+        p->unwrap(w.blob);
+        ADD_FAILURE() << "unwrap of a missing key succeeded";
+    } catch (const cmk::KmsError& e) {
+        EXPECT_EQ(e.kind, cmk::KmsErrorKind::Revoked);
+        EXPECT_NE(
+            std::string(e.what()).find("HTTP 400 NotFoundException: Key does not exist (request id rid-1)"),
+            std::string::npos)
+            << e.what();
+    }
+}
+
 // ------------------------------------------------------------------ against the loopback server
 
 namespace {

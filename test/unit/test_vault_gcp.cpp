@@ -557,6 +557,115 @@ TEST(GcpLoopback, MetadataServerToken) {
     EXPECT_NE(s.detail.find("attach a service account"), std::string::npos) << s.detail;
 }
 
+// ------------------------------------------------------------------ canned transports
+// The factories' transport seam (what fuzz/fuzz_answers.cpp drives): the provider's
+// requests and its reading of the answers, without a server.
+
+TEST(VaultCanned, WrapReadsTheKeyFirstAndUnwrapDecodes) {
+    cmk_test::TempDir tmp;
+    write_private(tmp.sub("token"), "hvs.test\n");
+    KeyConfig c{
+        "vault", "k1", {{"addr", "https://vault.example.com:8200"}, {"token_file", tmp.sub("token")}}};
+    SecureBytes kek = random_key(32);
+    std::vector<std::string> sent;
+    long error_status = 0;
+    auto p = vault::make_vault_provider(c, [&](const http::Request& r) {
+        std::string token;
+        for (const auto& h : r.headers)
+            if (h.first == "X-Vault-Token") token = h.second;
+        sent.push_back(r.method + " " + r.url + " " + token);
+        http::Response a;
+        a.status = 200;
+        if (r.url.find("/keys/") != std::string::npos) {
+            a.body =
+                "{\"data\":{\"type\":\"aes256-gcm96\",\"latest_version\":2,\"min_decryption_version\":1,"
+                "\"supports_decryption\":true}}";
+        } else if (r.url.find("/encrypt/") != std::string::npos) {
+            a.body =
+                "{\"request_id\":\"r1\",\"data\":{\"ciphertext\":\"vault:v2:QUJDRA==\",\"key_version\":2}}";
+        } else if (error_status != 0) {
+            a.status = error_status;
+            a.body =
+                "{\"errors\":[\"1 error occurred:\\n\\t* cipher: message authentication failed\\n\\n\"]}";
+        } else {
+            a.body = "{\"data\":{\"plaintext\":\"" + base64_encode(kek.data(), kek.size()) + "\"}}";
+        }
+        return a;
+    });
+    WrapResult w = p->wrap(kek);
+    EXPECT_EQ(std::string(w.blob.begin(), w.blob.end()), "vault:v2:QUJDRA==");
+    EXPECT_EQ(w.key_version, "2");
+    EXPECT_EQ(w.request_id, "r1");
+    ASSERT_EQ(sent.size(), 2u);
+    EXPECT_EQ(sent[0], "GET https://vault.example.com:8200/v1/transit/keys/k1 hvs.test");
+    EXPECT_EQ(sent[1], "POST https://vault.example.com:8200/v1/transit/encrypt/k1 hvs.test");
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    EXPECT_EQ(p->status().health, KeyHealth::Ok);
+    error_status = 400;
+    std::string m;
+    EXPECT_EQ(unwrap_kind(*p, w.blob, &m), KmsErrorKind::Revoked);
+    EXPECT_NE(m.find("HTTP 400 (cipher: message authentication failed)"), std::string::npos) << m;
+}
+
+TEST(GcpCanned, MetadataTokenAndCrc32cChecks) {
+    const std::string key = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+    KeyConfig c{"gcp", key, {{"metadata_host", "127.0.0.1:1"}}};
+    SecureBytes kek = random_key(32);
+    const std::string ct = "\x0a some ciphertext bytes";
+    std::string answer;  // for the KMS call
+    std::string auth, sent_body;
+    const std::string token_url =
+        "http://127.0.0.1:1/computeMetadata/v1/instance/service-accounts/default/token";
+    auto p = gcp::make_gcp_provider(c, [&](const http::Request& r) {
+        http::Response a;
+        a.status = 200;
+        if (r.url.rfind(token_url, 0) == 0) {
+            a.body = "{\"access_token\":\"ya29.test\",\"expires_in\":3599,\"token_type\":\"Bearer\"}";
+            return a;
+        }
+        for (const auto& h : r.headers)
+            if (h.first == "Authorization") auth = h.second;
+        sent_body = r.body;
+        a.body = answer;
+        return a;
+    });
+    const std::string crc_ct = std::to_string(crc32c(ct.data(), ct.size()));
+    answer = "{\"name\":\"" + key + "/cryptoKeyVersions/3\",\"ciphertext\":\"" +
+             base64_encode(ct.data(), ct.size()) + "\",\"ciphertextCrc32c\":\"" + crc_ct +
+             "\",\"verifiedPlaintextCrc32c\":true,\"verifiedAdditionalAuthenticatedDataCrc32c\":true}";
+    WrapResult w = p->wrap(kek);
+    EXPECT_EQ(std::string(w.blob.begin(), w.blob.end()), ct);
+    EXPECT_EQ(w.key_version, "3");
+    EXPECT_EQ(auth, "Bearer ya29.test");
+    EXPECT_NE(
+        sent_body.find("\"plaintextCrc32c\":\"" + std::to_string(crc32c(kek.data(), kek.size())) + "\""),
+        std::string::npos);
+    // A ciphertext damaged in transit, or a request Cloud KMS did not verify: an outage.
+    std::string bad = answer;
+    bad.replace(bad.find(crc_ct), crc_ct.size(), std::to_string(crc32c(ct.data(), ct.size()) ^ 1));
+    answer = bad;
+    std::string m;
+    EXPECT_EQ(kind_of([&] { p->wrap(kek); }, &m), KmsErrorKind::Unavailable);
+    EXPECT_NE(m.find("CRC32C does not match"), std::string::npos) << m;
+    answer = "{\"ciphertext\":\"" + base64_encode(ct.data(), ct.size()) + "\",\"ciphertextCrc32c\":\"" +
+             crc_ct +
+             "\",\"verifiedPlaintextCrc32c\":false,\"verifiedAdditionalAuthenticatedDataCrc32c\":true}";
+    EXPECT_EQ(kind_of([&] { p->wrap(kek); }, &m), KmsErrorKind::Unavailable);
+    EXPECT_NE(m.find("did not verify"), std::string::npos) << m;
+    const std::string b64 = base64_encode(kek.data(), kek.size());
+    const uint32_t crc_kek = crc32c(kek.data(), kek.size());
+    answer = "{\"plaintext\":\"" + b64 + "\",\"plaintextCrc32c\":\"" + std::to_string(crc_kek) + "\"}";
+    EXPECT_TRUE(same(p->unwrap(w.blob), kek));
+    answer = "{\"plaintext\":\"" + b64 + "\",\"plaintextCrc32c\":\"" + std::to_string(crc_kek ^ 1) + "\"}";
+    EXPECT_EQ(unwrap_kind(*p, w.blob, &m), KmsErrorKind::Unavailable);
+    EXPECT_NE(m.find("CRC32C does not match"), std::string::npos) << m;
+    answer = "{\"name\":\"" + key + "\",\"purpose\":\"ENCRYPT_DECRYPT\",\"primary\":{\"name\":\"" + key +
+             "/cryptoKeyVersions/3\",\"state\":\"DISABLED\"}}";
+    KeyStatus s = p->status();
+    EXPECT_EQ(s.health, KeyHealth::Revoked);
+    EXPECT_EQ(s.state, "DISABLED");
+}
+
 // ------------------------------------------------------------------ the provider kit
 // The helpers every provider shares (kit.hpp): one rule, one message, tested once.
 

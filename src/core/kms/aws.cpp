@@ -137,7 +137,8 @@ using kit::wipe;
 
 class AwsKmsProvider : public KeyProvider {
 public:
-    explicit AwsKmsProvider(KeyConfig cfg) : cfg_(std::move(cfg)) {
+    AwsKmsProvider(KeyConfig cfg, http::Transport transport)
+        : cfg_(std::move(cfg)), transport_(std::move(transport)) {
         kit::require_known_options(
             cfg_, "the aws key provider",
             {"region", "endpoint", "fips", "ca_file", "profile", "credentials", "shared_credentials_file",
@@ -177,6 +178,13 @@ public:
             kit::int_option(cfg_, "connect_timeout_ms", kit::kConnectTimeoutMs, 100, 60000);
         timing_.attempts = static_cast<int>(kit::int_option(cfg_, "retries", kit::kAttempts, 1, 10));
         retry_.attempts = timing_.attempts;
+        if (!transport_)  // the network: transient statuses and KMS error types are retried
+            transport_ = [retry = retry_](const http::Request& req) {
+                return http::perform_with_retry(req, retry, [](const http::Response& x) {
+                    return http::transient_status(x.status) ||
+                           (x.status == 400 && transient_type(type_of(x)));
+                });
+            };
         parse_context(kit::option(cfg_, "encryption_context"));
         chain_ = std::make_unique<aws::CredentialChain>(cfg_, std::move(sts_endpoint),
                                                         aws::ChainTransport{timing_, ca_file_, region_});
@@ -399,10 +407,7 @@ private:
             for (auto& h : sr.headers) wipe(h.second);
             http::Response r;
             try {
-                r = http::perform_with_retry(req, retry_, [](const http::Response& x) {
-                    return http::transient_status(x.status) ||
-                           (x.status == 400 && transient_type(type_of(x)));
-                });
+                r = transport_(req);
             } catch (...) {
                 body.swap(req.body);
                 for (auto& h : req.headers) wipe(h.second);
@@ -442,6 +447,7 @@ private:
     }
 
     KeyConfig cfg_;
+    http::Transport transport_;  // KMS calls; the network unless a test or fuzz target gives one
     std::string region_;
     aws::Endpoint endpoint_;
     std::string ca_file_;
@@ -453,8 +459,12 @@ private:
 
 }  // namespace
 
-std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg) {
-    return std::make_unique<AwsKmsProvider>(cfg);
+namespace aws {
+
+std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg, http::Transport transport) {
+    return std::make_unique<AwsKmsProvider>(cfg, std::move(transport));
 }
+
+}  // namespace aws
 
 }  // namespace cmk

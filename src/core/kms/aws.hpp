@@ -1,9 +1,14 @@
-// The AWS KMS key provider's checks and parsers that the unit tests reach directly
-// (the provider itself is made by make_provider() with provider "aws"). Pure C++.
+// The AWS KMS key provider's checks and parsers that the unit tests reach directly,
+// and its factory (make_provider() makes the provider for provider "aws" with
+// make_aws_provider()). Pure C++.
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
+
+#include "cmk_lakebase/kms/provider.hpp"
+#include "http.hpp"
 
 namespace cmk::aws {
 
@@ -25,5 +30,11 @@ IniFile parse_ini(const std::string& text);
 // type name: "com.amazonaws.kms#NotFoundException" and "NotFoundException:http://..."
 // both give "NotFoundException".
 std::string error_type(const std::string& raw);
+
+// The provider, its options and credential source checked now (KmsError Config). KMS
+// calls go through `transport`, the network (perform_with_retry, retrying transient
+// statuses and error types) when it is empty; the fuzz target passes canned answers.
+// The credential chain's own requests (STS, IMDS) always use the network.
+std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg, http::Transport transport = nullptr);
 
 }  // namespace cmk::aws

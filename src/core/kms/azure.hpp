@@ -91,7 +91,7 @@ KeyStatus key_status_from(const std::string& body, std::time_t now, const KeyId&
 KmsError vault_error(const http::Response& r, const std::string& op, const KeyId& key);
 
 // How requests are sent: perform_with_retry by default; the unit tests pass canned answers.
-using Transport = std::function<http::Response(const http::Request&)>;
+using Transport = http::Transport;
 
 std::unique_ptr<KeyProvider> make_azure_provider(const KeyConfig& cfg, Transport transport = nullptr);
 

@@ -117,8 +117,9 @@ std::string crc_str(const void* p, size_t n) {
 
 class GcpProvider : public KeyProvider {
 public:
-    GcpProvider(KeyConfig cfg, gcp::IdentitySource identity)
+    GcpProvider(KeyConfig cfg, gcp::IdentitySource identity, http::Transport transport)
         : cfg_(std::move(cfg)),
+          transport_(std::move(transport)),
           endpoint_(kit::option(cfg_, "endpoint", kDefaultEndpoint)),
           ca_file_(kit::option(cfg_, "ca_file")),
           timing_(kit::read_timing(cfg_)),
@@ -251,7 +252,7 @@ private:
 
     // perform_with_retry + mapping of the final answer; wipes the request's secrets.
     http::Response send(Op op, http::Request& req) {
-        http::Response r = http::send_wiped(req, "gcp " + op_name(op) + " for " + where());
+        http::Response r = http::send_wiped_via(transport_, req, "gcp " + op_name(op) + " for " + where());
         gcp::ApiError err = gcp::parse_error(r.body);
         bool cfg = false;
         KeyHealth h = gcp::classify(op, r.status, err, &cfg);
@@ -315,6 +316,7 @@ private:
     }
 
     KeyConfig cfg_;
+    http::Transport transport_;  // empty: the network
     std::string endpoint_, ca_file_;
     kit::Timing timing_;
     long last_status_ = 0;
@@ -323,7 +325,9 @@ private:
 
 }  // namespace
 
-std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg) {
+namespace gcp {
+
+std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg, http::Transport transport) {
     auto opt = [&](const char* n) { return kit::option(cfg, n); };
     kit::require_known_options(cfg, "the gcp provider",
                                {"endpoint", "ca_file", "credentials_file", "metadata_host", "timeout_ms",
@@ -339,7 +343,9 @@ std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg) {
                                 ep + "\"");
     if (!opt("ca_file").empty()) kit::require_readable_file("ca_file", opt("ca_file"));
     kit::read_timing(cfg);  // checks timeout_ms now, before the identity
-    return std::make_unique<GcpProvider>(cfg, gcp::choose_identity(cfg));
+    return std::make_unique<GcpProvider>(cfg, gcp::choose_identity(cfg), std::move(transport));
 }
+
+}  // namespace gcp
 
 }  // namespace cmk

@@ -1,11 +1,13 @@
 // Google Cloud KMS key provider ("gcp"): what is visible beyond the KeyProvider
-// interface, for the unit tests. The provider itself is made by make_provider() with
-// provider "gcp".
+// interface, for the unit tests and the fuzz targets. make_provider() makes the
+// provider for provider "gcp" with make_gcp_provider().
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "cmk_lakebase/kms/provider.hpp"
+#include "http.hpp"
 
 namespace cmk::gcp {
 
@@ -37,5 +39,12 @@ KeyHealth classify(Op op, long http_status, const ApiError& err, bool* config = 
 // DESTROYED, IMPORT_FAILED, GENERATION_FAILED revoked; PENDING_* and anything
 // unknown unavailable.
 KeyHealth version_state_health(const std::string& state);
+
+// The provider, its options and identity checked now (KmsError Config). Every request
+// (Cloud KMS, and the token requests of the identity: metadata server, OAuth, STS,
+// IAM Credentials) goes through `transport`, the network (perform_with_retry) when it
+// is empty; the fuzz target passes canned answers. A credential_source.url subject
+// token is always fetched from the network.
+std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg, http::Transport transport = nullptr);
 
 }  // namespace cmk::gcp

@@ -175,17 +175,22 @@ void wipe(Request& req) {
     kit::wipe(req.body);
 }
 
-Response send_wiped(Request& req, const std::string& what, const RetryPolicy& policy,
-                    const std::function<bool(const Response&)>& transient) {
+Response send_wiped_via(const Transport& transport, Request& req, const std::string& what) {
     struct Guard {
         Request& r;
         ~Guard() { wipe(r); }
     } guard{req};
     try {
-        return perform_with_retry(req, policy, transient);
+        return transport ? transport(req) : perform_with_retry(req);
     } catch (const KmsError& e) {
         throw KmsError(e.kind, what + ": " + e.what());
     }
+}
+
+Response send_wiped(Request& req, const std::string& what, const RetryPolicy& policy,
+                    const std::function<bool(const Response&)>& transient) {
+    return send_wiped_via([&](const Request& r) { return perform_with_retry(r, policy, transient); }, req,
+                          what);
 }
 
 }  // namespace cmk::http

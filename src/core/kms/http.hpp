@@ -72,6 +72,14 @@ void wipe(Request& req);
 Response send_wiped(Request& req, const std::string& what, const RetryPolicy& policy = {},
                     const std::function<bool(const Response&)>& transient = nullptr);
 
+// How a provider sends its requests: perform_with_retry in production; the unit tests
+// and the fuzz targets give the provider factories canned answers instead.
+using Transport = std::function<Response(const Request&)>;
+
+// send_wiped() through `transport` (perform_with_retry with the default policy when it
+// is empty): same wiping, same messages.
+Response send_wiped_via(const Transport& transport, Request& req, const std::string& what);
+
 // The secrets of kit.hpp, under the names the HTTP providers and their tests know.
 using kit::Secret;
 

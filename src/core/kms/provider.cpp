@@ -3,8 +3,11 @@
 // each, <name>.cpp, on the shared provider kit, kit.hpp). Each factory validates its
 // own options before any KMS call.
 #include "cmk_lakebase/kms/provider.hpp"
+#include "aws.hpp"
 #include "azure.hpp"
+#include "gcp.hpp"
 #include "kit.hpp"
+#include "vault.hpp"
 
 #include <cstdlib>
 
@@ -12,9 +15,6 @@ namespace cmk {
 
 std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg);  // local.cpp
 std::unique_ptr<KeyProvider> make_kmip_provider(const KeyConfig& cfg);   // kmip.cpp
-std::unique_ptr<KeyProvider> make_aws_provider(const KeyConfig& cfg);    // aws.cpp
-std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg);  // vault.cpp
-std::unique_ptr<KeyProvider> make_gcp_provider(const KeyConfig& cfg);    // gcp.cpp
 
 ErrorCategory category_of(KmsErrorKind k) {
     switch (k) {
@@ -58,10 +58,10 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg) {
                                                  "\" is not valid UTF-8 text without control characters");
     if (cfg.provider == "local") return make_local_provider(cfg);
     if (cfg.provider == "kmip") return make_kmip_provider(cfg);
-    if (cfg.provider == "aws") return make_aws_provider(cfg);
+    if (cfg.provider == "aws") return aws::make_aws_provider(cfg);
     if (cfg.provider == "azure") return azure::make_azure_provider(cfg);
-    if (cfg.provider == "vault") return make_vault_provider(cfg);
-    if (cfg.provider == "gcp") return make_gcp_provider(cfg);
+    if (cfg.provider == "vault") return vault::make_vault_provider(cfg);
+    if (cfg.provider == "gcp") return gcp::make_gcp_provider(cfg);
     throw KmsError(KmsErrorKind::Config, "provider: unknown key provider \"" + cfg.provider +
                                              "\" (known: local, aws, azure, gcp, vault, kmip)");
 }

@@ -101,7 +101,8 @@ using kit::string_of;
 
 class VaultProvider : public KeyProvider {
 public:
-    explicit VaultProvider(KeyConfig cfg) : cfg_(std::move(cfg)) {
+    VaultProvider(KeyConfig cfg, http::Transport transport)
+        : cfg_(std::move(cfg)), transport_(std::move(transport)) {
         addr_ = kit::option(cfg_, "addr");
         while (!addr_.empty() && addr_.back() == '/') addr_.pop_back();
         mount_ = kit::option(cfg_, "mount", "transit");
@@ -314,7 +315,7 @@ private:
         req.headers.emplace_back("X-Vault-Request", "true");
         if (!namespace_.empty()) req.headers.emplace_back("X-Vault-Namespace", namespace_);
         if (tok) req.headers.emplace_back("X-Vault-Token", tok->str());
-        http::Response r = http::send_wiped(req, "vault " + op_name(op) + " of " + where());
+        http::Response r = http::send_wiped_via(transport_, req, "vault " + op_name(op) + " of " + where());
         bool cfg = false;
         KeyHealth h = vault::classify(op, r.status, &cfg);
         if (h == KeyHealth::Ok) return r;
@@ -363,6 +364,7 @@ private:
     }
 
     KeyConfig cfg_;
+    http::Transport transport_;  // empty: the network
     std::string addr_, mount_, namespace_, ca_file_, approle_mount_;
     bool approle_ = false;
     kit::Timing timing_;
@@ -383,9 +385,7 @@ std::vector<uint8_t> rewrap(KeyProvider& provider, const std::vector<uint8_t>& b
     return v->rewrap(blob, key_version);
 }
 
-}  // namespace vault
-
-std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg) {
+std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg, http::Transport transport) {
     auto opt = [&](const char* n) { return kit::option(cfg, n); };
     kit::require_known_options(cfg, "the vault provider",
                                {"addr", "mount", "namespace", "ca_file", "token_file", "role_id_file",
@@ -426,7 +426,9 @@ std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg) {
             " (set option token_file, the environment variable VAULT_TOKEN, or role_id_file and "
             "secret_id_file)");
     }
-    return std::make_unique<VaultProvider>(cfg);
+    return std::make_unique<VaultProvider>(cfg, std::move(transport));
 }
+
+}  // namespace vault
 
 }  // namespace cmk

@@ -1,13 +1,15 @@
 // HashiCorp Vault / OpenBao Transit key provider ("vault"): what is visible beyond the
-// KeyProvider interface, for the rotation code and the unit tests. The provider
-// itself is made by make_provider() with provider "vault".
+// KeyProvider interface, for the rotation code, the unit tests and the fuzz targets.
+// make_provider() makes the provider for provider "vault" with make_vault_provider().
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "cmk_lakebase/kms/provider.hpp"
+#include "http.hpp"
 
 namespace cmk::vault {
 
@@ -38,5 +40,10 @@ bool valid_mount(const std::string& mount);
 // provider (else KmsError Config). Returns the new blob; key_version receives "N".
 std::vector<uint8_t> rewrap(KeyProvider& provider, const std::vector<uint8_t>& blob,
                             std::string* key_version = nullptr);
+
+// The provider, its options checked now (KmsError Config). Requests go through
+// `transport`, the network (perform_with_retry) when it is empty; the fuzz target
+// passes canned answers.
+std::unique_ptr<KeyProvider> make_vault_provider(const KeyConfig& cfg, http::Transport transport = nullptr);
 
 }  // namespace cmk::vault
