@@ -26,6 +26,7 @@
 #include "core/kms/aws.hpp"
 #include "core/kms/aws_credentials.hpp"
 #include "core/kms/aws_process.hpp"
+#include "core/kms/kit.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
 #include "test_helpers.hpp"
@@ -825,6 +826,23 @@ cmk::KmsError process_error(const std::vector<std::string>& argv, long timeout_m
     }
     ADD_FAILURE() << "no error";
     return cmk::KmsError(cmk::KmsErrorKind::Revoked, "no error");
+}
+
+// The one time parser of the providers (kit::parse_utc_time): STS, IMDS, a
+// credential_process helper and Google's generateAccessToken write these forms.
+TEST(KitTime, Rfc3339Forms) {
+    std::time_t t = 0;
+    ASSERT_TRUE(cmk::kit::parse_utc_time("2026-12-06T18:00:00Z", &t));
+    EXPECT_EQ(t, 1796580000);
+    ASSERT_TRUE(cmk::kit::parse_utc_time("2014-10-02T15:01:23.045123456Z", &t));
+    EXPECT_EQ(t, 1412262083);
+    ASSERT_TRUE(cmk::kit::parse_utc_time("2026-12-06T19:30:00+01:30", &t));
+    EXPECT_EQ(t, 1796580000);
+    ASSERT_TRUE(cmk::kit::parse_utc_time("2026-12-06T16:00:00-02:00", &t));
+    EXPECT_EQ(t, 1796580000);
+    for (const char* bad : {"", "soon", "2026-12-06T18:00:00", "2026-12-06T18:00:00Zx", "2026-12-06T18:00:00+1:00",
+                            "2026-12-06 18:00:00Z", "2026-12-06T18:00:00+25:00"})
+        EXPECT_FALSE(cmk::kit::parse_utc_time(bad, &t)) << bad;
 }
 
 // The command line is split as botocore's shlex.split does, without a shell.

@@ -46,10 +46,10 @@ struct IniScrub {
     }
 };
 
+// 0 (does not expire) when absent or not a time; a time without a zone is UTC.
 std::time_t parse_iso8601(const std::string& s) {
-    std::tm tm{};
-    if (s.size() < 19 || !strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm)) return 0;
-    return timegm(&tm);
+    std::time_t t = 0;
+    return kit::parse_utc_time(s, &t) || kit::parse_utc_time(s + "Z", &t) ? t : 0;
 }
 
 // The text between <tag> and </tag> (first occurrence), XML entities for & < > " '.

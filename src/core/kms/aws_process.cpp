@@ -14,7 +14,6 @@
 #include <openssl/crypto.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <ctime>
 
@@ -247,35 +246,6 @@ std::string run_credential_process(const std::vector<std::string>& argv, long ti
     return out;
 }
 
-namespace {
-
-// 2026-12-06T18:00:00Z, with fractional seconds and a Z or +HH:MM / -HH:MM offset.
-bool parse_time(const std::string& s, std::time_t* out) {
-    std::tm tm{};
-    const char* end = strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
-    if (!end) return false;
-    if (*end == '.') {
-        ++end;
-        while (*end >= '0' && *end <= '9') ++end;
-    }
-    long off = 0;
-    if (*end == 'Z' || *end == 'z') {
-        ++end;
-    } else if ((*end == '+' || *end == '-') && std::strlen(end) == 6 && end[3] == ':') {
-        int hh = 0, mm = 0;
-        if (std::sscanf(end + 1, "%2d:%2d", &hh, &mm) != 2 || hh > 23 || mm > 59) return false;
-        off = (hh * 3600L + mm * 60L) * (*end == '+' ? 1 : -1);
-        end += 6;
-    } else {
-        return false;
-    }
-    if (*end) return false;
-    *out = timegm(&tm) - off;
-    return true;
-}
-
-}  // namespace
-
 Credentials parse_process_output(std::string& text, const std::string& what) {
     kit::WipeOnExit scrub{text};
     rapidjson::Document d;
@@ -304,7 +274,7 @@ Credentials parse_process_output(std::string& text, const std::string& what) {
     if (c.access_key_id.size() > 128 ||
         c.access_key_id.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") != std::string::npos)
         throw unavailable(what + ": the helper's AccessKeyId is not an access key id");
-    if (p_exp && !exp.empty() && !parse_time(exp, &c.expiration))
+    if (p_exp && !exp.empty() && !kit::parse_utc_time(exp, &c.expiration))
         throw unavailable(what + ": the helper's Expiration \"" + exp.substr(0, 40) + "\" is not an ISO 8601 time");
     return c;
 }

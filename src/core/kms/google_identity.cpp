@@ -396,10 +396,10 @@ kit::Secret parse_generate_access_token(const std::string& body, std::time_t now
     if (!tok || !tok->IsString() || tok->GetStringLength() == 0)
         throw kit::unavailable("gcp generateAccessToken for " + where + ": the answer has no accessToken");
     std::string exp = kit::string_member(d, "expireTime");
-    std::tm tm{};
-    if (exp.size() < 19 || !strptime(exp.c_str(), "%Y-%m-%dT%H:%M:%S", &tm))
+    std::time_t at = 0;
+    if (!kit::parse_utc_time(exp, &at))
         throw kit::unavailable("gcp generateAccessToken for " + where + ": the answer has no valid expireTime");
-    long life = static_cast<long>(timegm(&tm) - now);
+    long life = static_cast<long>(at - now);
     *life_s = life < 1 ? 1 : life;
     return kit::Secret(std::string(tok->GetString(), tok->GetStringLength()));
 }

@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <thread>
 #include <vector>
 
@@ -184,6 +185,30 @@ std::string home_dir() {
         if (pw && pw->pw_dir) h = pw->pw_dir;
     }
     return h;
+}
+
+bool parse_utc_time(const std::string& s, std::time_t* out) {
+    std::tm tm{};
+    const char* end = strptime(s.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+    if (!end) return false;
+    if (*end == '.') {
+        ++end;
+        while (*end >= '0' && *end <= '9') ++end;
+    }
+    long off = 0;
+    if (*end == 'Z' || *end == 'z') {
+        ++end;
+    } else if ((*end == '+' || *end == '-') && std::strlen(end) == 6 && end[3] == ':') {
+        int hh = 0, mm = 0;
+        if (std::sscanf(end + 1, "%2d:%2d", &hh, &mm) != 2 || hh > 23 || mm > 59) return false;
+        off = (hh * 3600L + mm * 60L) * (*end == '+' ? 1 : -1);
+        end += 6;
+    } else {
+        return false;
+    }
+    if (*end) return false;
+    *out = timegm(&tm) - off;
+    return true;
 }
 
 std::string trim(const std::string& s) {

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <functional>
 #include <initializer_list>
 #include <memory>
@@ -114,6 +115,10 @@ std::string home_dir();
 
 // s without leading and trailing spaces, tabs and line ends.
 std::string trim(const std::string& s);
+// An RFC 3339 / ISO 8601 time as the KMS and identity services write it:
+// 2026-12-06T18:00:00Z, with optional fractional seconds, Z or a +HH:MM / -HH:MM offset.
+// False for anything else (trailing text included).
+bool parse_utc_time(const std::string& s, std::time_t* out);
 
 // 8-4-4-4-12 hexadecimal digits (either case).
 bool is_uuid(const std::string& s);
