@@ -98,6 +98,8 @@ size_t files_without_key(const std::string& datadir, KeyMap& km,
                     continue;
                 }
             }
+            // Zeros only (extended, never written with data) need no key.
+            if (sys::file_all_zero((abs + "/" + name).c_str()) == 1) continue;
             if (count++ < 3) *first += (first->empty() ? "" : ", ") + r;
         }
         ::closedir(d);

@@ -285,6 +285,8 @@ SyncResult sync_keys(const std::string& old_dir, const std::string& new_dir) {
         std::vector<KeyMap::Import> imports;
         for (const Carried& c : carried) {
             std::optional<SecureBytes> dek = oc.map->get(c.rel_old);
+            if (!dek && sys::file_all_zero((old_dir + "/" + c.rel_old).c_str()) == 1)
+                continue;  // zeros only (extended, never written): no key, in either cluster
             if (!dek)
                 throw CliError("\"" + c.rel_old + "\" of the old cluster has data but no key in its key map (a damaged "
                                "old cluster?); nothing was changed for it");

@@ -113,9 +113,11 @@ ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off) {
     std::shared_ptr<FileKey> key = ensure_key(c, false);
     if (!key) {
         if (errno != 0) return -1;
-        // No key: the file must be empty (nothing was ever written through a key).
-        ssize_t r = real().pread(fd, buf, std::min<size_t>(len, 1), off);
-        if (r > 0) {
+        // No key: the file holds zeros only (nothing was ever written through a key;
+        // see enc_pwrite), which read as themselves. Any other byte is damage.
+        ssize_t r = sys::pread_full(fd, buf, len, off);
+        if (r > 0 && !all_zero(buf, size_t(r))) {
+            std::memset(buf, 0, size_t(r));
             log_line("no data encryption key for non-empty file \"" + c->rel + "\"");
             errno = EIO;
             return -1;
@@ -279,9 +281,39 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
 
 }  // namespace
 
+// Keys of new files (docs/how-it-works.md): a durable file gets its DEK with its first
+// write of anything but zeros. Whole units of zeros written to a file that has no key
+// (PostgreSQL extends a relation with zero pages; CREATE DATABASE extends every copy to
+// its final size first) are written as they are, which is what a unit of zeros is in
+// every encoding: no key-map append, no fsync, and the file stays consistent (a file
+// without a key must hold zeros only: the open, read and start-up checks hold it to
+// that). Only whole units in a file of whole units: a partial unit's encoding depends on
+// the file's length, which a process with the key may be changing.
+namespace {
+bool keyless_zero_write(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off, ssize_t* out) {
+    if (c->key || !is_durable(c->cls) || off % U || len % U || !all_zero(buf, len)) return false;
+    int64_t size = file_size(fd);
+    if (size < 0 || size % U) return false;
+    std::shared_ptr<FileKey> key = ensure_key(c, false);
+    if (key || errno != 0) return false;  // has one (or cannot tell): the keyed path decides
+    ssize_t w = sys::pwrite_full(fd, buf, len, off);
+    if (w < 0) {
+        *out = -1;
+        return true;
+    }
+    int64_t end = off + int64_t(len), cur = c->known_size.load(std::memory_order_relaxed);
+    while (end > cur && !c->known_size.compare_exchange_weak(cur, end)) {
+    }
+    *out = ssize_t(len);
+    return true;
+}
+}  // namespace
+
 ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off) {
     if (len == 0) return real().pwrite(fd, buf, 0, off);
     FileLock flk(fd, c->cls, true);
+    ssize_t zr;
+    if (keyless_zero_write(c, fd, buf, len, off, &zr)) return zr;
     std::shared_ptr<FileKey> key = ensure_key(c, true);
     if (!key) {
         if (errno == 0) errno = EIO;
@@ -318,15 +350,13 @@ int enc_resize(FileCtx* c, int fd, int64_t new_size) {
         while (v > nv && !c->map_valid.compare_exchange_weak(v, nv)) {
         }
     }
-    // Growing is a write: the file gets its key now. PostgreSQL 16+ extends an empty
-    // relation file with posix_fallocate; without a key then, the file would hold
-    // blocks and no key, which the next extension and the start-up check refuse (EIO).
-    std::shared_ptr<FileKey> key = ensure_key(c, new_size > size);
+    // A file without a key holds zeros only, and growing or shrinking it keeps it so
+    // (PostgreSQL 16+ extends relation files with posix_fallocate): no key needed.
+    std::shared_ptr<FileKey> key = ensure_key(c, false);
     if (!key) {
         if (errno != 0) return -1;
-        if (size == 0) return 0;
-        errno = EIO;
-        return -1;
+        c->known_size.store(new_size);
+        return 0;
     }
     try {
         if (new_size < size && new_size % U) {

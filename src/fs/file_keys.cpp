@@ -216,12 +216,17 @@ std::shared_ptr<FileKey> lookup_file_key(const std::string& rel, DbSlot** slot) 
 // A new DEK for a durable file, in the map its route names at this moment. Files of a
 // database take the cluster map's writer lock first: a binding holds it while it moves
 // the database's keys, so no key lands in the map being left.
-SecureBytes create_key(const std::string& rel, FileClass cls) {
+SecureBytes create_key(const std::string& rel, FileClass cls, bool keep_existing) {
     db_sweep();
-    if (database_of(rel) == 0) return keymap().create(rel, cls);
+    auto make = [&](KeyMap& km) { return keep_existing ? km.create_absent(rel, cls) : km.create(rel, cls); };
+    if (database_of(rel) == 0) return make(keymap());
     KeyMap& cm = keymap();
     KeyMap::Exclusive lock(cm);
-    return map_for(rel).create(rel, cls);
+    return make(map_for(rel));
+}
+
+bool has_entry(const std::string& rel) {
+    return on_key_route<bool>(rel, nullptr, [&](KeyMap& km) { return km.contains(rel); });
 }
 
 void remove_key(const std::string& rel) {
@@ -402,26 +407,25 @@ std::shared_ptr<FileKey> ensure_key(FileCtx* c, bool for_write) {
         return nullptr;
     }
     try {
-        if (!c->fresh) {
-            if (auto k = lookup_file_key(c->rel, &c->db)) {
-                c->db_oid = database_of(c->rel);
-                c->key = std::move(k);
-                return c->key;
-            }
+        // Looked up even for a file this process created: its stale entry went at the
+        // create (op_openat), and another process may have given it its key since (the
+        // first non-zero write makes it; zeros need none, see enc_pwrite).
+        if (auto k = lookup_file_key(c->rel, &c->db)) {
+            c->db_oid = database_of(c->rel);
+            c->key = std::move(k);
+            return c->key;
         }
         if (auto k = wal_derived_key(c->rel)) {  // a segment created under its own name
-            c->fresh = false;
             c->key = std::move(k);
             return c->key;
         }
         if (!for_write) {
-            errno = 0;  // no key yet: only an empty file is consistent with that
+            errno = 0;  // no key yet: only a file of zeros is consistent with that
             return nullptr;
         }
-        SecureBytes k = create_key(c->rel, c->cls);
+        SecureBytes k = create_key(c->rel, c->cls, true);
         c->db_oid = database_of(c->rel);
         c->db = db_slot(c->db_oid);
-        c->fresh = false;
         c->key = std::make_shared<FileKey>(k);
         return c->key;
     } catch (const DbUnavailable& e) {

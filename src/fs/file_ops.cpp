@@ -22,6 +22,14 @@
 namespace cmk::fs::detail {
 
 
+namespace {
+bool first_unit_zero(int fd) {
+    uint8_t b[U];
+    ssize_t n = sys::pread_full(fd, b, sizeof b, 0);
+    return n >= 0 && all_zero(b, size_t(n));
+}
+}  // namespace
+
 int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
     std::optional<Resolved> r;
     if (!tl_in_layer && !(flags & O_PATH)) r = resolve(dirfd, path);
@@ -64,10 +72,13 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
         } else if (r->wal_target) {
             c->key = wal_key(wal_segment_of(r->rel));
         } else if ((flags & O_CREAT) && (flags & O_EXCL)) {
-            c->fresh = true;  // a new file: a new key at its first write
+            // A new file: its key comes with its first non-zero write. An entry of
+            // this name belongs to an earlier file (removed without its key, by a crash
+            // between the two): it must never serve this one, so it goes now.
             c->db_oid = database_of(r->rel);
             c->db = db_slot(c->db_oid);
             if (c->db && !db_usable(c->db)) throw DbUnavailable(c->db_oid);
+            if (has_entry(r->rel)) remove_key(r->rel);
         } else {
             // Bind the key at open: the descriptor keeps it even if the name moves on
             // (a recycled WAL segment read by a walsender, for instance).
@@ -76,7 +87,9 @@ int op_openat(int dirfd, const char* path, int flags, mode_t mode) {
                 c->key = std::move(k);
             }
         }
-        if (!c->key && !c->fresh && sb.st_size > 0) {
+        // Without a key a file must hold zeros only (extended, never written with
+        // data); its first unit is looked at here, every unit it serves when read.
+        if (!c->key && sb.st_size > 0 && !first_unit_zero(fd)) {
             log_line("no data encryption key for non-empty file \"" + r->rel + "\"" +
                      (c->source ? " of a source directory" : "") +
                      " (key map damaged or truncated, or a file from elsewhere)");
@@ -272,11 +285,12 @@ int op_unlinkat(int dirfd, const char* path, int flags) {
 
 namespace {
 // The key a file at `rel` (class cls, inode of sb) is encrypted under now.
-std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, bool* missing) {
+// Null without a key: the file's zeros read the same in every encoding.
+std::shared_ptr<FileKey> current_key(const Resolved& r, const struct stat& sb, const std::string& abs, bool* missing) {
     *missing = false;
     if (is_ephemeral(r.cls)) return ephemeral_key(sb.st_dev, sb.st_ino);
     if (auto k = lookup_file_key(r.rel, nullptr)) return k;
-    *missing = sb.st_size > 0;
+    *missing = sb.st_size > 0 && sys::file_all_zero(abs.c_str()) != 1;
     return nullptr;
 }
 }  // namespace
@@ -401,7 +415,7 @@ int op_renameat2(int olddirfd, const char* from, int newdirfd, const char* to, u
         bool missing = false;
         std::shared_ptr<FileKey> src;
         if (is_encrypted(cf)) {
-            src = current_key(*rf, sb, &missing);
+            src = current_key(*rf, sb, absolute_of(olddirfd, from), &missing);
             if (missing) {
                 log_line("no data encryption key for \"" + rf->rel + "\"");
                 errno = EIO;

@@ -171,7 +171,6 @@ struct FileCtx {
     std::shared_ptr<FileKey> key;  // null: durable file opened empty, key looked up or made at first use
     struct DbSlot* db = nullptr;   // the file's database, when bound to its own key (checked per I/O)
     uint32_t db_oid = 0;           // ... and its oid (a slot freed by an unbind may be reused)
-    bool fresh = false;            // created by this open (O_EXCL): make a new key, never reuse
     int source = 0;                // > 0: a read-only file of a source directory (key bound at open)
     bool append = false;           // caller asked for O_APPEND (emulated: we need pwrite)
     std::atomic<int64_t> known_size{0};
@@ -404,7 +403,10 @@ KeyMap& db_keymap(uint32_t oid, DbSlot* sl);
 KeyMap& map_for(const std::string& rel, DbSlot** slot = nullptr);
 std::optional<SecureBytes> lookup_key(const std::string& rel, DbSlot** slot = nullptr);
 std::shared_ptr<FileKey> lookup_file_key(const std::string& rel, DbSlot** slot);
-SecureBytes create_key(const std::string& rel, FileClass cls);
+// keep_existing: the entry the map holds now, if any, instead of a new key.
+SecureBytes create_key(const std::string& rel, FileClass cls, bool keep_existing = false);
+// Whether rel has a key-map entry (no unwrap).
+bool has_entry(const std::string& rel);
 void remove_key(const std::string& rel);
 // Gives `to` the DEK of `from`, across maps when the two lie in different ones.
 void move_key(const std::string& from, const std::string& to, FileClass to_cls, bool keep_from);

@@ -246,7 +246,7 @@ bool holds_plaintext(const std::string& abs, const std::string& rel, FileClass c
     return wal ? !(h[3] & kWalMarkBit) : plaintext_page_header(h);
 }
 
-// Refuses to start when a durable encrypted file with data has no key, or holds
+// Refuses to start when a durable encrypted file with data (any byte not zero) has no key, or holds
 // plaintext (a plaintext copy restored into an encrypted cluster is never half-served:
 // every WAL segment and up to kPlaintextProbes relation files (a first page each) are looked at; a
 // plaintext page elsewhere fails its checksum when read).
@@ -309,7 +309,9 @@ void check_every_file_has_key(State& s) {
                         count++;
                         if (missing.size() < 5) missing.push_back(r);
                     }
-                } else if (is_durable(c) && !has_key(r) && !db_locked_file(r)) {
+                } else if (is_durable(c) && !has_key(r) && !db_locked_file(r) &&
+                           sys::file_all_zero((abs + "/" + name).c_str()) != 1) {
+                    // (Zeros only, extended and never written with data, need no key.)
                     count++;
                     if (missing.size() < 5) missing.push_back(r);
                 } else if (is_durable(c) && (c == FileClass::Wal || probes++ < kPlaintextProbes) &&

@@ -395,16 +395,18 @@ TEST(Layer, ZeroPagesStayZeroAndHolesReadAsZero) {
     EXPECT_NE(0, std::memcmp(raw.data(), data.data(), 8192));
 }
 
-// PostgreSQL 16+ extends a relation by posix_fallocate, from an empty file on: the file
-// must get its key then (before the fix it held blocks and no key, and the next open or
-// extension failed with EIO). The fallocated blocks read as zeros, later writes are
-// ciphertext, and the file stays readable after a reopen.
-TEST(Layer, FallocateFromEmptyMakesTheKey) {
+// PostgreSQL 16+ extends a relation by posix_fallocate, from an empty file on. Growing a
+// file without a key keeps it all zeros, so it needs none (before, it had to get its key
+// there: the file held blocks and no key, and the next open or extension failed with
+// EIO). The key comes with the first write of data; the fallocated blocks read as
+// zeros before and after, later writes are ciphertext, and the file stays readable
+// after a reopen.
+TEST(Layer, FallocateFromEmptyStaysKeylessUntilData) {
     std::string rel = "base/1/20010";
     int fd = ::open(P(rel).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
     ASSERT_GE(fd, 0);
     ASSERT_EQ(::posix_fallocate(fd, 0, 8192 * 4), 0);
-    EXPECT_TRUE(keymap_has(rel)) << "growing an empty file by fallocate must create its key";
+    EXPECT_FALSE(keymap_has(rel)) << "zeros need no key";
     ::close(fd);
     fd = ::open(P(rel).c_str(), O_RDWR);
     ASSERT_GE(fd, 0) << "reopen of a fallocated relation file failed: errno " << errno;
@@ -413,14 +415,101 @@ TEST(Layer, FallocateFromEmptyMakesTheKey) {
     for (size_t i = 0; i < got.size(); i++) ASSERT_EQ(got[i], 0) << i;
     std::vector<uint8_t> data(8192, 'f');
     ASSERT_EQ(::pwrite(fd, data.data(), 8192, 8192 * 2), 8192);
+    EXPECT_TRUE(keymap_has(rel)) << "the first write of data makes the key";
     ASSERT_EQ(::posix_fallocate(fd, 8192 * 4, 8192 * 4), 0);  // a second extension
-    ASSERT_EQ(::pread(fd, got.data(), 8192, 8192 * 2), 8192);
-    EXPECT_EQ(0, std::memcmp(got.data(), data.data(), 8192));
+    ASSERT_EQ(::pread(fd, got.data(), got.size(), 0), ssize_t(got.size()));
+    for (size_t i = 0; i < 8192 * 2; i++) ASSERT_EQ(got[i], 0) << i;
+    EXPECT_EQ(0, std::memcmp(got.data() + 8192 * 2, data.data(), 8192));
     ::close(fd);
     auto raw = raw_read(P(rel));
     ASSERT_EQ(raw.size(), 8192u * 8);
     EXPECT_NE(0, std::memcmp(raw.data() + 8192 * 2, data.data(), 8192)) << "block 2 is plaintext on disk";
     ASSERT_EQ(::unlink(P(rel).c_str()), 0);
+}
+
+// CREATE DATABASE (WAL_LOG) and every relation extension write zero pages first. A
+// file written with zeros only gets no key (no key-map append, no fsync); it reads as
+// zeros through any descriptor. The first write of data, through any descriptor, makes
+// the one key every descriptor then uses: here the creating descriptor writes data
+// after another one keyed the file, and both blocks must read back (before, the
+// creating descriptor never looked its file up and would have replaced the key,
+// leaving the other block undecryptable).
+TEST(Layer, ZeroWritesNeedNoKeyAndTheFirstDataWriteMakesOne) {
+    std::string rel = "base/1/20011";
+    std::vector<uint8_t> zero(8192, 0), a(8192, 'a'), b(8192, 'b');
+    int fd1 = ::open(P(rel).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd1, 0);
+    ASSERT_EQ(::pwrite(fd1, zero.data(), 8192, 8192 * 5), 8192);  // extend to 6 blocks
+    EXPECT_FALSE(keymap_has(rel)) << "a zero page must not make a key";
+    auto raw = raw_read(P(rel));
+    ASSERT_EQ(raw.size(), 8192u * 6);
+    for (uint8_t x : raw) ASSERT_EQ(x, 0);
+    int fd2 = ::open(P(rel).c_str(), O_RDWR);
+    ASSERT_GE(fd2, 0) << "a keyless file of zeros must open: errno " << errno;
+    std::vector<uint8_t> got(8192 * 6, 0xff);
+    ASSERT_EQ(::pread(fd2, got.data(), got.size(), 0), ssize_t(got.size()));
+    for (uint8_t x : got) ASSERT_EQ(x, 0);
+    ASSERT_EQ(::pwrite(fd2, a.data(), 8192, 8192 * 1), 8192);
+    EXPECT_TRUE(keymap_has(rel));
+    ASSERT_EQ(::pwrite(fd1, b.data(), 8192, 8192 * 3), 8192);
+    ::close(fd1);
+    ::close(fd2);
+    int fd3 = ::open(P(rel).c_str(), O_RDONLY);
+    ASSERT_GE(fd3, 0);
+    ASSERT_EQ(::pread(fd3, got.data(), got.size(), 0), ssize_t(got.size()));
+    ::close(fd3);
+    EXPECT_EQ(0, std::memcmp(got.data() + 8192, a.data(), 8192)) << "the other descriptor's block";
+    EXPECT_EQ(0, std::memcmp(got.data() + 8192 * 3, b.data(), 8192)) << "the creating descriptor's block";
+    for (size_t i : {0, 2, 4, 5})
+        for (size_t j = 0; j < 8192; j++) ASSERT_EQ(got[i * 8192 + j], 0) << i;
+    raw = raw_read(P(rel));
+    EXPECT_NE(0, std::memcmp(raw.data() + 8192, a.data(), 8192));
+    EXPECT_NE(0, std::memcmp(raw.data() + 8192 * 3, b.data(), 8192));
+    ASSERT_EQ(::unlink(P(rel).c_str()), 0);
+}
+
+// A key-map entry whose file went without it (removed behind the layer's back, as a
+// crash between the unlink and the key's removal leaves it) must never serve a new file
+// of the same name: the create drops it, and the new file's data gets a new key.
+TEST(Layer, CreateDropsAStaleKeyOfItsName) {
+    std::string rel = "base/1/20012";
+    std::vector<uint8_t> a(8192, 'a');
+    int fd = ::open(P(rel).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pwrite(fd, a.data(), 8192, 0), 8192);
+    ::close(fd);
+    std::optional<std::string> before = open_keymap().fingerprint(rel);
+    ASSERT_TRUE(before.has_value());
+    ASSERT_EQ(::syscall(SYS_unlink, P(rel).c_str()), 0);  // behind the layer
+    ASSERT_TRUE(keymap_has(rel));
+    fd = ::open(P(rel).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    EXPECT_FALSE(keymap_has(rel)) << "the stale entry must go at the create";
+    ASSERT_EQ(::pwrite(fd, a.data(), 8192, 0), 8192);
+    ::close(fd);
+    std::optional<std::string> after = open_keymap().fingerprint(rel);
+    ASSERT_TRUE(after.has_value());
+    EXPECT_NE(*before, *after) << "a new file must not reuse the old file's key";
+    ASSERT_EQ(::unlink(P(rel).c_str()), 0);
+}
+
+// A file without a key may hold zeros only: a byte of data past its first unit is
+// refused when that unit is read (the open looks at the first unit only).
+TEST(Layer, KeylessFileWithDataPastItsFirstUnitIsRefusedWhenRead) {
+    std::vector<uint8_t> f(8192 * 3, 0);
+    f[8192 * 2 + 100] = 'x';
+    raw_write(P("base/1/20013"), f);
+    int fd = ::open(P("base/1/20013").c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    std::vector<uint8_t> got(8192, 0xff);
+    EXPECT_EQ(::pread(fd, got.data(), 8192, 0), 8192);
+    for (uint8_t x : got) ASSERT_EQ(x, 0);
+    errno = 0;
+    EXPECT_EQ(::pread(fd, got.data(), 8192, 8192 * 2), -1);
+    EXPECT_EQ(errno, EIO);
+    for (uint8_t x : got) ASSERT_EQ(x, 0) << "nothing of the damaged unit is handed out";
+    ::close(fd);
+    ASSERT_EQ(::syscall(SYS_unlink, P("base/1/20013").c_str()), 0);
 }
 
 TEST(Layer, RenameCarriesTheKey) {

@@ -1,6 +1,8 @@
 // Unit tests of the crypto core: published XTS and GCM vectors, the blob layout,
 // tamper detection, fingerprints, encodings and CRC32C.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <openssl/evp.h>
 
 #include <cstring>
@@ -358,4 +360,38 @@ TEST(SecureMemory, ZeroedMovableCloneWipe) {
     EXPECT_TRUE(e2.empty());
     (void)secure_memory_lock_failed();
     EXPECT_EQ(random_key(64).size(), 64u);
+}
+
+// Released one-page buffers are reused (no mmap per key): a reused buffer must come
+// back zero-filled, whatever the previous owner held, also in a forked child (which
+// drops the parent's cached pages: its copies are not locked).
+TEST(SecureBytes, ReusedPagesComeBackZeroed) {
+    const uint8_t* first;
+    {
+        SecureBytes a(64);
+        std::memset(a.data(), 0xA5, a.size());
+        first = a.data();
+    }
+    bool reused = false;
+    for (int i = 0; i < 4; i++) {
+        SecureBytes b(64);
+        reused = reused || b.data() == first;
+        for (size_t j = 0; j < b.size(); j++) ASSERT_EQ(b.data()[j], 0) << j;
+        std::memset(b.data(), 0x5A, b.size());
+    }
+    EXPECT_TRUE(reused) << "a released page should be taken again";
+    SecureBytes big(10000);  // more than a page: mapped for itself
+    for (size_t j = 0; j < big.size(); j++) ASSERT_EQ(big.data()[j], 0);
+    { SecureBytes c(32); std::memset(c.data(), 0x77, 32); }
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        SecureBytes d(32);
+        bool zero = true;
+        for (size_t j = 0; j < d.size(); j++) zero = zero && d.data()[j] == 0;
+        _exit(zero ? 0 : 1);
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }

@@ -93,6 +93,22 @@ TEST_F(KeyMapTest, CreateGetRoundTrip) {
     EXPECT_EQ(bytes().find(std::string(reinterpret_cast<const char*>(dek2.data()), 16)), std::string::npos);
 }
 
+// create_absent: the first process to key a file makes the key, a second one (here a
+// second instance: another process) gets the same key instead of replacing it, and
+// appends nothing.
+TEST_F(KeyMapTest, CreateAbsentKeepsTheKeyAnotherProcessMade) {
+    auto a = open();
+    auto b = open();
+    SecureBytes ka = a->create_absent("base/5/16390", FileClass::Relation);
+    size_t len = bytes().size();
+    SecureBytes kb = b->create_absent("base/5/16390", FileClass::Relation);
+    EXPECT_EQ(hexkey(kb), hexkey(ka));
+    EXPECT_EQ(bytes().size(), len) << "no record for a key that exists";
+    EXPECT_EQ(hexkey(*open()->get("base/5/16390")), hexkey(ka));
+    SecureBytes kc = b->create("base/5/16390", FileClass::Relation);  // create() still replaces
+    EXPECT_NE(hexkey(kc), hexkey(ka));
+}
+
 TEST_F(KeyMapTest, MoveRemovePrefix) {
     auto km = open();
     SecureBytes a = km->create("pg_wal/xlogtemp.77", FileClass::Wal);

@@ -27,6 +27,13 @@ ssize_t pread_full(int fd, void* buf, size_t n, off_t off);
 ssize_t pwrite_full(int fd, const void* buf, size_t n, off_t off);
 int write_full(int fd, const void* buf, size_t n);
 
+// Whether every byte of the open file is zero (holes skipped with SEEK_DATA, data read
+// in 64 KiB pieces: bounded memory, time linear in the allocated size). 1 yes, 0 no,
+// -1 with errno when it cannot be read. A durable file without a data encryption key
+// is consistent exactly when this holds (docs/how-it-works.md, "Keys of new files").
+int file_all_zero(int fd);
+int file_all_zero(const char* path);
+
 // Whether a process with this pid exists (kill(pid, 0); EPERM counts as existing: it
 // belongs to another user). Leaves errno as it was.
 bool process_exists(pid_t pid);

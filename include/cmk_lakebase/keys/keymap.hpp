@@ -80,6 +80,10 @@ public:
 
     // A new random 64-byte DEK for identity, durable before return. Replaces any entry.
     SecureBytes create(const std::string& identity, FileClass cls);
+    // The DEK of identity's entry if it has one (checked under the writer lock), else a
+    // new one as create(). Two processes that both find a file without a key and write
+    // to it get one key: a second create() would strand the first one's bytes.
+    SecureBytes create_absent(const std::string& identity, FileClass cls);
 
     // Gives `to` the DEK of `from` (re-sealed for the new identity), durably; then,
     // unless keep_from, removes `from`. Throws if `from` has no entry.
@@ -163,6 +167,8 @@ private:
         uint32_t len;
         std::string identity;
     };
+    SecureBytes unwrap_locked(const std::string& identity, const Entry& e);
+    SecureBytes create_impl(const std::string& identity, FileClass cls, bool keep_existing);
     void load_locked(bool full);
     void append_locked(const std::vector<uint8_t>& rec);
     void write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,

@@ -19,9 +19,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <vector>
 
 namespace cmk {
 namespace {
@@ -82,12 +86,72 @@ constexpr size_t kMaxXtsLen = size_t(16) << 20;
 
 // ---------------------------------------------------------------- SecureBytes
 
+namespace {
+
+// Released one-page buffers, already wiped, kept mapped, locked and out of core dumps
+// for the next SecureBytes: a key unwrapped for every file a process opens cost five
+// system calls (mmap, madvise, mlock, munlock, munmap, the last with a TLB flush)
+// each time. A forked child drops them (its copies are not locked: mlock is not
+// inherited).
+struct PageCache {
+    std::mutex mu;
+    std::vector<uint8_t*> pages;
+};
+constexpr size_t kCachedPages = 32;
+PageCache& page_cache() {
+    static PageCache* c = new PageCache;  // never destroyed: used from exit paths
+    return *c;
+}
+size_t page_size() {
+    static const size_t page = [] {
+        long pg = sysconf(_SC_PAGESIZE);
+        return pg > 0 ? static_cast<size_t>(pg) : size_t(4096);
+    }();
+    return page;
+}
+void cache_prepare() { page_cache().mu.lock(); }
+void cache_parent() { page_cache().mu.unlock(); }
+void cache_child() {
+    PageCache& c = page_cache();
+    for (uint8_t* p : c.pages) munmap(p, page_size());
+    c.pages.clear();
+    c.mu.unlock();
+}
+std::once_flag g_cache_atfork;
+
+uint8_t* cached_page() {
+    std::call_once(g_cache_atfork, [] { pthread_atfork(cache_prepare, cache_parent, cache_child); });
+    PageCache& c = page_cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    if (c.pages.empty()) return nullptr;
+    uint8_t* p = c.pages.back();
+    c.pages.pop_back();
+    return p;
+}
+// Takes a wiped page back; false when the cache is full.
+bool cache_page(uint8_t* p) {
+    PageCache& c = page_cache();
+    std::lock_guard<std::mutex> g(c.mu);
+    if (c.pages.size() >= kCachedPages) return false;
+    c.pages.push_back(p);
+    return true;
+}
+
+}  // namespace
+
 SecureBytes::SecureBytes(size_t n) {
     if (n == 0) return;
-    long pg = sysconf(_SC_PAGESIZE);
-    size_t page = pg > 0 ? static_cast<size_t>(pg) : 4096;
+    const size_t page = page_size();
     if (n > std::numeric_limits<size_t>::max() - page) throw CryptoError("key buffer too large");
     size_t len = (n + page - 1) / page * page;
+    if (len == page) {
+        if (uint8_t* p = cached_page()) {  // wiped when it was released: all zeros
+            p_ = p;
+            n_ = n;
+            mapped_ = len;
+            return;
+        }
+    }
     void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw CryptoError("cannot allocate secure key memory");
     // Excluded from core dumps whatever happens with mlock below.
@@ -128,8 +192,10 @@ SecureBytes SecureBytes::clone() const { return SecureBytes(p_, n_); }
 void SecureBytes::wipe() {
     if (p_) {
         OPENSSL_cleanse(p_, mapped_);
-        munlock(p_, mapped_);
-        munmap(p_, mapped_);
+        if (mapped_ != page_size() || !cache_page(p_)) {
+            munlock(p_, mapped_);
+            munmap(p_, mapped_);
+        }
     }
     p_ = nullptr;
     n_ = 0;

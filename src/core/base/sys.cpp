@@ -14,7 +14,9 @@
 #include <cstring>
 #include <stdexcept>
 #include <ctime>
+#include <algorithm>
 #include <string>
+#include <vector>
 
 namespace cmk::sys {
 namespace {
@@ -91,6 +93,45 @@ ssize_t pread_full(int fd, void* buf, size_t n, off_t off) {
         done += r;
     }
     return static_cast<ssize_t>(done);
+}
+
+int file_all_zero(int fd) {
+    struct stat sb;
+    if (::fstat(fd, &sb) != 0) return -1;
+    const off_t size = sb.st_size;
+    std::vector<uint8_t> b(size_t(64) << 10);
+    off_t pos = 0;
+    while (pos < size) {
+        off_t data = ::lseek(fd, pos, SEEK_DATA);
+        if (data < 0) {
+            if (errno == ENXIO) return 1;  // only a hole from here to the end
+            if (errno != EINVAL) return -1;
+            data = pos;  // no SEEK_DATA on this file system: read everything
+        }
+        if (data >= size) return 1;
+        off_t hole = ::lseek(fd, data, SEEK_HOLE);
+        if (hole < 0 || hole > size) hole = size;
+        for (pos = data; pos < hole;) {
+            size_t n = size_t(std::min<off_t>(off_t(b.size()), hole - pos));
+            ssize_t r = pread_full(fd, b.data(), n, pos);
+            if (r < 0) return -1;
+            if (r == 0) return 1;  // shrunk meanwhile
+            for (ssize_t i = 0; i < r; i++)
+                if (b[size_t(i)]) return 0;
+            pos += r;
+        }
+    }
+    return 1;
+}
+
+int file_all_zero(const char* path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int r = file_all_zero(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return r;
 }
 
 ssize_t pwrite_full(int fd, const void* buf, size_t n, off_t off) {

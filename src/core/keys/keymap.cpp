@@ -675,9 +675,13 @@ std::optional<SecureBytes> KeyMap::get(const std::string& identity, std::vector<
     auto it = entries_.find(identity);
     if (it == entries_.end()) return std::nullopt;
     if (tag) *tag = tag_of(it->second.wrapped, generation_);
+    return unwrap_locked(identity, it->second);
+}
+
+// Caller holds mu_. The DEK of an entry, unsealed under the current KEK.
+SecureBytes KeyMap::unwrap_locked(const std::string& identity, const Entry& e) {
     try {
-        return aead_open(kek_.data(), it->second.wrapped.data(), it->second.wrapped.size(),
-                         dek_aad(identity, generation_));
+        return aead_open(kek_.data(), e.wrapped.data(), e.wrapped.size(), dek_aad(identity, generation_));
     } catch (const CryptoError&) {
         throw KeyMapError("key map entry for \"" + identity +
                           "\" does not authenticate: the key map was tampered with or the KEK is not this cluster's");
@@ -690,12 +694,21 @@ bool KeyMap::contains(const std::string& identity) {
     return entries_.count(identity) != 0;
 }
 
-SecureBytes KeyMap::create(const std::string& identity, FileClass cls) {
+SecureBytes KeyMap::create(const std::string& identity, FileClass cls) { return create_impl(identity, cls, false); }
+SecureBytes KeyMap::create_absent(const std::string& identity, FileClass cls) {
+    return create_impl(identity, cls, true);
+}
+
+SecureBytes KeyMap::create_impl(const std::string& identity, FileClass cls, bool keep_existing) {
     check_identity(identity);
     std::lock_guard<std::recursive_mutex> g(mu_);
-    SecureBytes dek = random_key(kDekSize);
     HeldLock lock(*this, dir_, LOCK_EX);
     load_locked(false);
+    if (keep_existing) {
+        auto it = entries_.find(identity);
+        if (it != entries_.end()) return unwrap_locked(identity, it->second);
+    }
+    SecureBytes dek = random_key(kDekSize);
     // Sealed only now, under the lock and after load_locked: a KEK rotation by another
     // process may just have switched the generation.
     std::vector<uint8_t> wrapped =
@@ -711,14 +724,7 @@ void KeyMap::move(const std::string& from, const std::string& to, FileClass to_c
     load_locked(false);
     auto it = entries_.find(from);
     if (it == entries_.end()) throw KeyMapError("key map has no entry for \"" + from + "\"");
-    SecureBytes dek;
-    try {
-        dek = aead_open(kek_.data(), it->second.wrapped.data(), it->second.wrapped.size(),
-                        dek_aad(from, generation_));
-    } catch (const CryptoError&) {
-        throw KeyMapError("key map entry for \"" + from +
-                          "\" does not authenticate: the key map was tampered with or the KEK is not this cluster's");
-    }
+    SecureBytes dek = unwrap_locked(from, it->second);
     std::vector<uint8_t> rec =
         encode_add(to, to_cls, aead_seal(kek_.data(), dek.data(), dek.size(), dek_aad(to, generation_)));
     if (!keep_from && from != to) {
