@@ -66,6 +66,9 @@
 #                             /tmp/cmk_bench_quick)
 #   BENCH_DIR= BENCH_KEEP=0 BENCH_STRICT=0 BENCH_QUICK=0
 #   PG_BINDIR=/usr/lib/postgresql/15/bin
+#   BENCH_PG_SETTINGS=        extra server settings for both clusters, ';'-separated
+#                             (e.g. "io_method = sync" on PostgreSQL 18)
+#   Another major version: bench/run_bench_version.sh VERSION (in its root filesystem)
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -107,6 +110,7 @@ BENCH_SKIP_PGBENCH=${BENCH_SKIP_PGBENCH:-0}
 BENCH_KEEP=${BENCH_KEEP:-0}
 BENCH_STRICT=${BENCH_STRICT:-0}
 BENCH_DIR=${BENCH_DIR:-}
+BENCH_PG_SETTINGS=${BENCH_PG_SETTINGS:-}
 BENCH_OUT=${BENCH_OUT:-$SCRIPT_DIR/latest}
 
 PG_USER=postgres
@@ -631,6 +635,10 @@ autovacuum = off
 track_wal_io_timing = on
 log_min_messages = warning
 EOF
+		if [ -n "$BENCH_PG_SETTINGS" ]; then
+			echo "# BENCH_PG_SETTINGS" >>"$WORK/$mode/postgresql.conf"
+			tr ';' '\n' <<<"$BENCH_PG_SETTINGS" >>"$WORK/$mode/postgresql.conf"
+		fi
 	done
 
 	# The write workloads' source table: the same rows in both clusters.
@@ -850,7 +858,7 @@ fi
 if [ "$BENCH_SKIP_PGBENCH" != 1 ]; then
 	echo "pgbench: scale $BENCH_SCALE, shared_buffers $BENCH_SHARED_BUFFERS, -c $BENCH_CLIENTS -j $BENCH_JOBS" \
 		"-M $BENCH_PROTOCOL, $BENCH_ROUNDS round(s) x ${BENCH_SECONDS}s per mode (+${BENCH_WARMUP}s warm-up)," \
-		"synchronous_commit $BENCH_SYNC_COMMIT"
+		"synchronous_commit $BENCH_SYNC_COMMIT${BENCH_PG_SETTINGS:+; settings: $BENCH_PG_SETTINGS}"
 	echo "write workloads: $BENCH_WRITE_ROUNDS round(s); $BENCH_ROWS rows; FPW storm -c $BENCH_FPW_CLIENTS x" \
 		"${BENCH_FPW_SECONDS}s; $BENCH_CREATEDB_N CREATE+DROP DATABASE; $BENCH_DDL_TABLES CREATE+DROP TABLE;" \
 		"decoding $BENCH_DECODE_TXNS x $BENCH_DECODE_ROWS rows"
@@ -868,12 +876,13 @@ FPW_JSON=$(json_nums $BENCH_FPW_CLIENTS)
 	printf '"host":{"cpus":%d,"cpu_model":%s,"openssl":%s,"postgresql":%s},\n' "$(nproc)" \
 		"$(json_str "$CPU_MODEL")" "$(json_str "$(openssl version)")" \
 		"$(json_str "$("$PG_BINDIR/pg_config" --version)")"
-	printf '"settings":{"quick":%d,"seconds":%d,"rounds":%d,"write_rounds":%d,"warmup":%d,"scale":%d,"clients":%d,"jobs":%d,"protocol":%s,"shared_buffers":%s,"synchronous_commit":%s,"rows":%d,"fpw_clients":%s,"fpw_seconds":%d,"createdb_n":%d,"ddl_tables":%d,"decode_txns":%d,"decode_rows":%d,"noisy_spread":%s,"cipher_rounds":%d,"cipher_seconds":%d,"concurrent_runs":%d,"prime":%d},\n' \
+	printf '"settings":{"quick":%d,"seconds":%d,"rounds":%d,"write_rounds":%d,"warmup":%d,"scale":%d,"clients":%d,"jobs":%d,"protocol":%s,"shared_buffers":%s,"synchronous_commit":%s,"rows":%d,"fpw_clients":%s,"fpw_seconds":%d,"createdb_n":%d,"ddl_tables":%d,"decode_txns":%d,"decode_rows":%d,"noisy_spread":%s,"cipher_rounds":%d,"cipher_seconds":%d,"concurrent_runs":%d,"prime":%d,"pg_settings":%s},\n' \
 		"$BENCH_QUICK" "$BENCH_SECONDS" "$BENCH_ROUNDS" "$BENCH_WRITE_ROUNDS" "$BENCH_WARMUP" "$BENCH_SCALE" \
 		"$BENCH_CLIENTS" "$BENCH_JOBS" "$(json_str "$BENCH_PROTOCOL")" "$(json_str "$BENCH_SHARED_BUFFERS")" \
 		"$(json_str "$BENCH_SYNC_COMMIT")" "$BENCH_ROWS" "$FPW_JSON" "$BENCH_FPW_SECONDS" \
 		"$BENCH_CREATEDB_N" "$BENCH_DDL_TABLES" "$BENCH_DECODE_TXNS" "$BENCH_DECODE_ROWS" "$BENCH_NOISY_SPREAD" \
-		"$BENCH_CIPHER_ROUNDS" "$BENCH_CIPHER_SECONDS" "$BENCH_CONCURRENT_RUNS" "$BENCH_PRIME"
+		"$BENCH_CIPHER_ROUNDS" "$BENCH_CIPHER_SECONDS" "$BENCH_CONCURRENT_RUNS" "$BENCH_PRIME" \
+		"$(json_str "$BENCH_PG_SETTINGS")"
 	printf '"results":[\n'
 	for i in "${!RESULT_JSON[@]}"; do
 		printf '%s%s\n' "${RESULT_JSON[$i]}" "$([ "$i" -lt $((${#RESULT_JSON[@]} - 1)) ] && echo ,)"
