@@ -291,7 +291,7 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
 // the file's length, which a process with the key may be changing.
 namespace {
 bool keyless_zero_write(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off, ssize_t* out) {
-    if (c->key || !is_durable(c->cls) || off % U || len % U || !all_zero(buf, len)) return false;
+    if (c->key || c->source || !is_durable(c->cls) || off % U || len % U || !all_zero(buf, len)) return false;
     int64_t size = file_size(fd);
     if (size < 0 || size % U) return false;
     std::shared_ptr<FileKey> key = ensure_key(c, false);
@@ -355,6 +355,10 @@ int enc_resize(FileCtx* c, int fd, int64_t new_size) {
     std::shared_ptr<FileKey> key = ensure_key(c, false);
     if (!key) {
         if (errno != 0) return -1;
+        if (c->source) {  // a source directory's files are read-only
+            errno = EROFS;
+            return -1;
+        }
         c->known_size.store(new_size);
         return 0;
     }
