@@ -476,10 +476,10 @@ FileKeyInfo describe_file(const std::string& relpath) {
     if (fp) {
         fi.key_kind = "dek";
         fi.fingerprint = *fp;
-    } else if (sb.st_size > 0) {
-        fi.encrypted = false;  // a keyless non-empty file: unreadable, report it
+    } else if (sb.st_size > 0 && sys::file_all_zero(abs.c_str()) != 1) {
+        fi.encrypted = false;  // data without a key: unreadable, report it
     } else {
-        fi.key_kind = "dek";  // empty: its key is made at the first write
+        fi.key_kind = "dek";  // empty, or zeros only: its key comes with its first write of data
     }
     return fi;
 }

@@ -30,6 +30,9 @@ CREATE TABLE cmk_t (id int PRIMARY KEY, v text);
 INSERT INTO cmk_t SELECT g, repeat('cmk_status', 10) || g FROM generate_series(1, 1000) g;
 CREATE INDEX cmk_t_v ON cmk_t (v);
 VACUUM cmk_t;  -- creates the fsm and vm forks
+-- A file gets its DEK with its first write of data; pages still in shared buffers
+-- have left only zero pages in it so far. The checkpoint writes them.
+CHECKPOINT;
 
 SELECT cmk_lakebase.relation_is_encrypted('cmk_t') AS heap,
        cmk_lakebase.relation_is_encrypted('cmk_t_pkey') AS pkey,
@@ -77,8 +80,10 @@ SELECT DISTINCT file_class, encrypted, key_kind
 FROM cmk_lakebase.relation_keys('pg_class');
 
 -- An unlogged table and its index: main and init forks, durable keys. The heap's
--- init fork is an empty file: its key is made at its first write, so it has none yet;
--- the index's init fork holds a metapage and has its key.
+-- init fork is an empty file and its main fork holds the zero page PostgreSQL extended
+-- it with (an unlogged table's pages reach the file at a shutdown or an eviction, not
+-- at a checkpoint): neither has a key yet, a key comes with a file's first write of
+-- data. The index's init fork holds a metapage and has its key.
 CREATE UNLOGGED TABLE cmk_unlogged (id int PRIMARY KEY);
 INSERT INTO cmk_unlogged VALUES (1);
 SELECT fork, encrypted, key_kind, dek_fingerprint ~ '^[0-9a-f]{32}$' AS dek_fingerprint_ok,
