@@ -282,12 +282,8 @@ MISSED=0
 NOISY=0
 add_summary() { SUMMARY+=("$1"); }
 RESULT_JSON=()   # one JSON object per judged figure
-CHART_LABELS=()  # per judged figure: its label
-CHART_ROWS=()    # per judged figure: "ratio min max target verdict"
 add_result() { # name label target judged min max verdict json-of-the-rest
 	RESULT_JSON+=("{\"name\":$(json_str "$1"),\"label\":$(json_str "$2"),\"target\":$3,\"ratio\":$4,\"min\":$5,\"max\":$6,\"verdict\":\"$7\"${8:+,$8}}")
-	CHART_LABELS+=("$2")
-	CHART_ROWS+=("$4 $5 $6 $3 $7")
 	case $7 in MISS) MISSED=1 ;; NOISY) NOISY=1 ;; esac
 }
 
@@ -892,52 +888,9 @@ FPW_JSON=$(json_nums $BENCH_FPW_CLIENTS)
 mv "$BENCH_OUT/results.json.tmp" "$BENCH_OUT/results.json"
 echo "results: $BENCH_OUT/results.json"
 
-# chart.png: every judged ratio as a bar (green PASS, red MISS, orange NOISY), its
-# per-round min-max as an error bar, its target as a black dash.
+# chart.png from results.json (bench/chart.sh: gnuplot).
 if [ "$HAVE_GNUPLOT" = 1 ]; then
-	dat=$(mktemp /tmp/cmk_bench_chart.XXXXXX)
-	ymin=0.6 ymax=1.15
-	for i in "${!CHART_ROWS[@]}"; do
-		read -r r lo hi t v <<<"${CHART_ROWS[$i]}"
-		case $v in PASS) col=0x2ca02c ;; NOISY) col=0xff7f0e ;; *) col=0xd62728 ;; esac
-		printf '%d "%s" %s %s %s %s %d\n' "$i" "${CHART_LABELS[$i]}" "${r/nan/0}" "${lo/nan/0}" "${hi/nan/0}" "$t" "$col"
-	done >"$dat"
-	# The y range takes in every whisker: from 0.6 (or lower) to 1.15 (or higher).
-	for row in "${CHART_ROWS[@]}"; do
-		read -r r lo hi t v <<<"$row"
-		ymin=$(awk -v a="$ymin" -v b="${lo/nan/0}" 'BEGIN { print (b - 0.05 < a) ? b - 0.05 : a }')
-		ymax=$(awk -v a="$ymax" -v b="${hi/nan/0}" 'BEGIN { print (b + 0.05 > a) ? b + 0.05 : a }')
-	done
-	ymin=$(awk -v a="$ymin" 'BEGIN { print (a < 0) ? 0 : a }')
-	i=${#CHART_ROWS[@]}
-	title="cmk_lakebase: encrypted / plaintext ($(date -u +%Y-%m-%d), $(nproc) CPUs, ${CPU_MODEL:-unknown CPU}$([ "$BENCH_QUICK" = 1 ] && echo ', QUICK SMOKE RUN: not a measurement'))"
-	title=${title//\"/}
-	if gnuplot <<EOF 2>"$dat.err"; then
-set terminal pngcairo size 1400,700 font ",10"
-set output "$BENCH_OUT/chart.png.tmp"
-set termoption noenhanced
-set title "$title\nbar: median of the rounds (cipher: best of N); whisker: min-max of the rounds; black dash: target\ngreen PASS, red MISS, orange NOISY (spread straddles the target)"
-set ylabel "encrypted / plaintext (1.0 = no cost)"
-set bmargin 9
-set yrange [$ymin:$ymax]
-set xrange [-0.7:$i - 0.3]
-set grid ytics
-set xtics rotate by 35 right nomirror
-set key off
-set boxwidth 0.6
-set style fill solid 0.75 border -1
-plot "$dat" using 1:3:7:xtic(2) with boxes lc rgb variable, \
-     "" using 1:3:4:5 with yerrorbars lc rgb "#333333" pt -1, \
-     "" using 1:6:(\$1-0.38):(\$1+0.38) with xerrorbars lc rgb "black" lw 2 pt -1, \
-     1.0 with lines lc rgb "#888888" dt 2
-EOF
-		mv "$BENCH_OUT/chart.png.tmp" "$BENCH_OUT/chart.png"
-		echo "chart:   $BENCH_OUT/chart.png"
-	else
-		cat "$dat.err" >&2
-		echo "run_bench: gnuplot failed; no chart" >&2
-	fi
-	rm -f "$dat" "$dat.err"
+	bash "$SCRIPT_DIR/chart.sh" "$BENCH_OUT/results.json" || echo "run_bench: no chart" >&2
 fi
 echo "========================================================================"
 
