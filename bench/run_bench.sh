@@ -462,8 +462,16 @@ ops_of() { # workload -> operations per timed run (the CPU figure's denominator)
 # Counters read before and after each measured part: shared_buffers misses and hits,
 # full-page images and bytes written to the WAL, and the time (µs) spent writing and
 # fsyncing WAL (track_wal_io_timing: the waits a commit makes, which no CPU figure sees).
+# PostgreSQL 18 moved the WAL write and fsync times from pg_stat_wal to pg_stat_io.
+PG_MAJOR=$("$PG_BINDIR/pg_config" --version | awk '{ print int($2) }')
+if [ "$PG_MAJOR" -ge 18 ]; then
+	WAL_TIMES="(SELECT round(coalesce(sum(write_time), 0) * 1000)::bigint || ' ' ||
+		round(coalesce(sum(fsync_time), 0) * 1000)::bigint FROM pg_stat_io WHERE object = 'wal')"
+else
+	WAL_TIMES="round(w.wal_write_time * 1000)::bigint || ' ' || round(w.wal_sync_time * 1000)::bigint"
+fi
 STATS_SQL="SELECT d.blks_read || ' ' || d.blks_hit || ' ' || w.wal_fpi || ' ' || w.wal_bytes || ' ' ||
-	round(w.wal_write_time * 1000)::bigint || ' ' || round(w.wal_sync_time * 1000)::bigint
+	$WAL_TIMES
 	FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = 'postgres'"
 
 # One measured run of one workload in one mode: sets RUN_VAL (tps or seconds),
