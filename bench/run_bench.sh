@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # cmk_lakebase benchmark (issues 2 and 20): what the encrypting file layer costs.
 #
+# Longer than the house's 800 lines on purpose: one method (alternation, priming, the
+# CPU accounting, the verdict) applied to every workload, read as a whole when a figure
+# is questioned; the chart (chart.sh) and the version wrapper (run_bench_version.sh)
+# are already apart.
+#
 #  (a) Workloads on an encrypted cluster (pg_cmk initdb, local provider, a throw-away
 #      key store) and on a plaintext cluster made with the same initdb options (data
 #      checksums on in both) and the same settings, alternated: each round runs every
