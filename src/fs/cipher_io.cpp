@@ -220,6 +220,13 @@ int64_t file_size(int fd) {
 
 namespace {
 
+// This descriptor's idea of the file's size after a write that ended at `end`.
+void grow_known_size(FileCtx* c, int64_t end) {
+    int64_t cur = c->known_size.load(std::memory_order_relaxed);
+    while (end > cur && !c->known_size.compare_exchange_weak(cur, end)) {
+    }
+}
+
 ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, size_t len, off_t off) {
     int64_t end = off + int64_t(len);
     int64_t size = c->known_size.load(std::memory_order_relaxed);
@@ -278,9 +285,7 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
     }
     ssize_t w = sys::pwrite_full(fd, b, span_len, span_start);
     if (w < 0) return -1;
-    int64_t cur = c->known_size.load(std::memory_order_relaxed);
-    while (new_size > cur && !c->known_size.compare_exchange_weak(cur, new_size)) {
-    }
+    grow_known_size(c, new_size);
     return ssize_t(len);
 }
 
@@ -317,9 +322,7 @@ bool zero_units_write(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t 
         *out = -1;
         return true;
     }
-    int64_t end = off + int64_t(len), cur = c->known_size.load(std::memory_order_relaxed);
-    while (end > cur && !c->known_size.compare_exchange_weak(cur, end)) {
-    }
+    grow_known_size(c, off + int64_t(len));
     *out = ssize_t(len);
     return true;
 }
