@@ -45,8 +45,16 @@ namespace cmk::fs::detail {
 // (page tables of at most 8 MiB, as for 4 GiB of shared_buffers); past that, reads use
 // pread, as before. Reserving addresses this way needs a 64-bit address space without
 // an RLIMIT_AS; where there is a limit, mapped reads are off (a mapping would use up
-// the address space PostgreSQL allocates memory from). CMK_LAKEBASE_MAP_READS=off
-// turns them off.
+// the address space PostgreSQL allocates memory from).
+//
+// Off unless CMK_LAKEBASE_MAP_READS=on. Mapped reads pay off for reads only: on a
+// read-write load every page the server writes back is a page of a file that every
+// backend maps, and the kernel's writeback and reclaim walk all of those mappings
+// (rmap) for it; and where a process reads a page once, the fault that maps it costs
+// more than the copy pread makes. Measured alternated on one host (bench/README.md,
+// 7 December; plaintext/encrypted server CPU per transaction): select-only 0.97 with
+// mappings against 0.93 with pread, but TPC-B 0.76 against 1.15 and the full-page-write
+// storm 0.77-0.78 against 0.93-1.09. A read-mostly server can turn them on.
 
 namespace {
 
@@ -81,7 +89,11 @@ FileCtx::~FileCtx() {
 bool map_reads_enabled() {
     static const bool on = [] {
         const char* v = std::getenv("CMK_LAKEBASE_MAP_READS");
-        if (v && (std::strcmp(v, "off") == 0 || std::strcmp(v, "0") == 0)) return false;
+        if (!v || !*v || std::strcmp(v, "off") == 0 || std::strcmp(v, "0") == 0) return false;
+        if (std::strcmp(v, "on") != 0 && std::strcmp(v, "1") != 0) {
+            log_line(std::string("CMK_LAKEBASE_MAP_READS=\"") + v + "\" is neither on nor off: reads use pread");
+            return false;
+        }
         struct rlimit rl {};
         return sizeof(void*) >= 8 && ::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur == RLIM_INFINITY;
     }();

@@ -775,29 +775,46 @@ TEST(Layer, MappingFollowsGrowthWithinTheBudget) {
 // a process with a finite RLIMIT_AS (inherited over exec, as from a ulimit -v in a
 // server's start script) must not map segments, one without must. The layer decides
 // once per process, so the check needs a process of its own.
+// Writes four random units to a new relation file, reads each back (checked), and
+// says whether this process then has the file mapped.
+bool write_read_back_mapped(const char* rel, unsigned seed) {
+    const size_t U = 8192;
+    std::mt19937 rng(seed);
+    std::string path = P(rel);
+    ::unlink(path.c_str());
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    EXPECT_GE(fd, 0) << strerror(errno);
+    if (fd < 0) return false;
+    auto d = random_bytes(rng, 4 * U);
+    EXPECT_EQ(::pwrite(fd, d.data(), d.size(), 0), ssize_t(d.size()));
+    std::vector<uint8_t> got(U, 1);
+    for (int i = 0; i < 4; i++) {
+        EXPECT_EQ(::pread(fd, got.data(), U, off_t(i) * U), ssize_t(U));
+        EXPECT_EQ(0, std::memcmp(got.data(), d.data() + size_t(i) * U, U)) << "unit " << i;
+    }
+    bool mapped = mapped_in_this_process(path);
+    ::close(fd);
+    ::unlink(path.c_str());
+    return mapped;
+}
+
 TEST(LayerChild, MappingFollowsTheAddressSpaceLimit) {
     const char* child = std::getenv("CMK_LAYER_TEST_CHILD");
     if (!child || std::strcmp(child, "as") != 0) GTEST_SKIP() << "run by Layer.MappedReadsOffUnderAnAddressSpaceLimit";
     struct rlimit rl {};
     ASSERT_EQ(::getrlimit(RLIMIT_AS, &rl), 0);
     const bool limited = rl.rlim_cur != RLIM_INFINITY;
-    const size_t U = 8192;
-    std::mt19937 rng(limited ? 80 : 81);
-    std::string path = P(limited ? "base/1/16505" : "base/1/16506");
-    ::unlink(path.c_str());
-    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-    ASSERT_GE(fd, 0) << strerror(errno);
-    auto d = random_bytes(rng, 4 * U);
-    ASSERT_EQ(::pwrite(fd, d.data(), d.size(), 0), ssize_t(d.size()));
-    std::vector<uint8_t> got(U, 1);
-    for (int i = 0; i < 4; i++) {
-        ASSERT_EQ(::pread(fd, got.data(), U, off_t(i) * U), ssize_t(U));
-        EXPECT_EQ(0, std::memcmp(got.data(), d.data() + size_t(i) * U, U)) << "unit " << i;
-    }
-    EXPECT_EQ(mapped_in_this_process(path), !limited)
+    EXPECT_EQ(write_read_back_mapped(limited ? "base/1/16505" : "base/1/16506", limited ? 80 : 81), !limited)
         << (limited ? "mapped a segment under a finite RLIMIT_AS" : "did not map a segment without a limit");
-    ::close(fd);
-    ::unlink(path.c_str());
+}
+
+// Mapped reads are off unless CMK_LAKEBASE_MAP_READS=on (mapped_reads.cpp: they cost
+// a read-write load more than they save); any other value keeps them off.
+TEST(LayerChild, ReadsWithoutMappingByDefault) {
+    const char* child = std::getenv("CMK_LAYER_TEST_CHILD");
+    if (!child || std::strcmp(child, "nomap") != 0) GTEST_SKIP() << "run by Layer.MappedReadsAreOffUnlessTurnedOn";
+    EXPECT_FALSE(write_read_back_mapped("base/1/16507", 82))
+        << "mapped a segment although mapped reads were not turned on";
 }
 
 // Runs LayerChild.<test> in a fresh process of this binary (the layer still preloaded,
@@ -819,6 +836,18 @@ int run_layer_child(const char* tag, const char* test, Pre pre) {
     int status = 0;
     if (::waitpid(pid, &status, 0) != pid) return -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST(Layer, MappedReadsAreOffUnlessTurnedOn) {
+    for (const char* v : {static_cast<const char*>(nullptr), "off", "yes"}) {
+        int rc = run_layer_child("nomap", "ReadsWithoutMappingByDefault", [v] {
+            if (v)
+                ::setenv("CMK_LAKEBASE_MAP_READS", v, 1);
+            else
+                ::unsetenv("CMK_LAKEBASE_MAP_READS");
+        });
+        EXPECT_EQ(rc, 0) << "CMK_LAKEBASE_MAP_READS=" << (v ? v : "(unset)");
+    }
 }
 
 // Runs LayerChild.MappingFollowsTheAddressSpaceLimit with and without a 4 GiB
@@ -1279,6 +1308,7 @@ int reexec(int argc, char** argv) {
     setenv("CMK_LAKEBASE_PGDATA", data.c_str(), 1);
     setenv("CMK_LAYER_TEST_ROOT", root.c_str(), 1);
     setenv("CMK_LAKEBASE_MAP_BUDGET_MB", "64", 0);  // MappingFollowsGrowthWithinTheBudget
+    setenv("CMK_LAKEBASE_MAP_READS", "on", 0);       // off by default; the mapping tests need it
     execv("/proc/self/exe", argv);
     (void)argc;
     return 2;

@@ -130,6 +130,33 @@ sub load_and_crash
 	return $n;
 }
 
+# Which read path the server takes: after a scan of a table that is not in shared
+# buffers, the scanning backend has the table's segment mapped exactly when mapped
+# reads are on (CMK_LAKEBASE_MAP_READS=on; off by default). The backend reads its own
+# /proc/self/maps: server processes are not dumpable, so no other process of the
+# postgres user may. Undef where the backend does not read its own pages (I/O workers
+# on 18 and later, unless io_method = sync).
+sub reads_through_mapping
+{
+	my $io = $node->safe_psql('postgres', q{SELECT coalesce(current_setting('io_method', true), 'sync')});
+	return undef if $io ne 'sync';
+	my $seg = $node->safe_psql('postgres', q{SELECT pg_relation_filepath('pgbench_accounts')});
+	my $maps = $node->safe_psql(
+		'postgres', q{
+		SET max_parallel_workers_per_gather = 0;
+		SELECT count(*) FROM pgbench_accounts;
+		SELECT pg_read_file('/proc/self/maps')});
+	return $maps =~ m{/\Q$seg\E(\.\d+)?$}m ? 1 : 0;
+}
+# After a restart, shared buffers are empty: the scan reads every page from the OS.
+$node->restart;
+SKIP:
+{
+	my $m = $node->{cmk_plain} ? undef : reads_through_mapping();
+	skip 'plain mode, or pages read by I/O workers', 1 if !defined $m;
+	is($m, 0, 'by default relation pages are read with pread, not through a mapping');
+}
+
 for my $cycle (1 .. $cycles)
 {
 	my $logfile    = $node->logfile;
@@ -140,6 +167,10 @@ for my $cycle (1 .. $cycles)
 	cmp_ok($n, '<', $ledger_clients * $ledger_iters,
 		"cycle $cycle: ledger clients were cut off by the crash, not finished");
 
+	# Cycle 1 reads relation pages with pread (the default); the restart after it
+	# turns mapped reads on (CMK_LAKEBASE_MAP_READS=on), so cycle 2's load, its crash
+	# and its recovery read through mappings of the segments.
+	$ENV{CMK_LAKEBASE_MAP_READS} = 'on' if $cycle == 1;
 	start_after_crash($node);
 	# From the new server's first line on (dying backends of the crashed server may
 	# still have logged "terminating connection due to unexpected postmaster exit").
@@ -149,6 +180,13 @@ for my $cycle (1 .. $cycles)
 		"cycle $cycle: the restart ran crash recovery");
 	like($log, qr/redo done at/, "cycle $cycle: redo ran to completion");
 	unlike($log, qr/\b(PANIC|FATAL):/, "cycle $cycle: no PANIC or FATAL in recovery");
+
+	SKIP:
+	{
+		my $m = $node->{cmk_plain} ? undef : reads_through_mapping();
+		skip 'plain mode, or pages read by I/O workers', 1 if !defined $m;
+		is($m, 1, "cycle $cycle: the restarted server reads through mappings (turned on)");
+	}
 
 	# Every acknowledged commit survived, and no transaction survived by halves.
 	my %present = map { $_ => 1 } split /\n/,
