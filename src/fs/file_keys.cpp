@@ -27,7 +27,7 @@ KeyMap& keymap() {
     State& s = st();
     // flock() locks belong to the open file description: a forked child must not share
     // its parent's, or the two would not exclude each other. Reopen after fork.
-    pid_t me = ::getpid();
+    pid_t me = my_pid();
     if (s.keymap_pid != me) {
         std::lock_guard<std::mutex> g(s.keymap_mu);
         if (s.keymap_pid != me) {
@@ -44,6 +44,7 @@ KeyMap& keymap() {
                 }
             }
             s.keymap.reset(new KeyMap(s.keyring_dir, k ? *k : s.kek, s.keyring.cluster_id, gen, shared_kek));
+            s.keymap->skip_unchanged(s.server_keymaps);
             s.keymap_pid = me;
         }
     }
@@ -59,13 +60,16 @@ KeyMap& keymap() {
 // its KEK generation), and uses it only while the key map, looked at first as before,
 // holds that very entry. A file unlinked and created again, a key moved between maps, a
 // KEK rotation: each gives the entry a new tag, so no key the map no longer holds is
-// served. Bounded (emptied past kKeyCacheMax entries); emptied when this process wipes
+// served. Bounded: past kKeyCacheMax entries, one goes for each new one (emptying the
+// whole cache made CREATE DATABASE of a ~290-file template unwrap every key again on
+// each copy, with 256); about what PostgreSQL's own file cache keeps open
+// (max_files_per_process, 1000 by default). Emptied when this process wipes
 // its keys or drops a database's key map; an entry goes when this process removes or
 // moves the file's key. A key kept here lives as long as it would under a descriptor
 // that stayed open, as PostgreSQL's own file cache keeps them.
 namespace {
 
-constexpr size_t kKeyCacheMax = 256;
+constexpr size_t kKeyCacheMax = 1024;
 struct KeptKey {
     std::vector<uint8_t> tag;
     std::shared_ptr<FileKey> key;
@@ -119,7 +123,7 @@ std::shared_ptr<FileKey> key_from(KeyMap& km, const std::string& rel) {
     if (!dek) return nullptr;
     auto key = std::make_shared<FileKey>(*dek);
     std::lock_guard<std::mutex> g(kept_mu());
-    if (kept().size() >= kKeyCacheMax) kept().clear();
+    if (kept().size() >= kKeyCacheMax && !kept().count(rel)) kept().erase(kept().begin());
     kept()[rel] = KeptKey{std::move(t), key};
     return key;
 }
@@ -157,12 +161,13 @@ KeyMap& db_keymap(uint32_t oid, DbSlot* sl) {
         p.map.reset();
         throw DbUnavailable(oid);
     }
-    pid_t me = ::getpid();
+    pid_t me = my_pid();
     if (!p.map || p.map_pid != me) {
         p.map.reset();
         std::optional<SecureBytes> k = slot_kek(sl);
         if (!k) throw DbUnavailable(oid);
         p.map.reset(new KeyMap(dbkeys::dir_for(s.keyring_dir, oid), *k, s.keyring.cluster_id, 1));
+        p.map->skip_unchanged(s.server_keymaps);
         p.map_pid = me;
     }
     return *p.map;

@@ -271,6 +271,9 @@ struct SharedRegion {
     SharedKeys keys;
     DbShared dbs;
     WalShared wal;
+    // Writer sections of this server's key maps (KeyMap::set_change_counter): a
+    // process looks at a key map file only when another changed one since.
+    std::atomic<uint64_t> keymap_changes{0};
 };
 constexpr size_t kSharedRegionSize = (sizeof(SharedRegion) + 4095) & ~size_t(4095);
 
@@ -329,6 +332,8 @@ struct State {
     SharedKeys* shared = nullptr;
     DbShared* dbshared = nullptr;
     WalShared* walshared = nullptr;
+    std::atomic<uint64_t>* keymap_changes = nullptr;  // SharedRegion::keymap_changes
+    bool server_keymaps = false;  // a server's processes: key maps trust keymap_changes
     // This process's view of bound databases: key maps opened with the KEK from the
     // shared slot, and (watchdog) keyring and provider for probes.
     struct DbProc {
@@ -465,6 +470,10 @@ int64_t file_size(int fd);
 int transcode(const std::string& abs, const std::shared_ptr<FileKey>& from, const std::shared_ptr<FileKey>& to);
 
 // ---- the WAL unit lock (wal_lock.cpp) --------------------------------------------------------
+
+// This process's pid without a system call per ask (getpid is one since glibc 2.25):
+// cached, and forgotten in a forked child (pthread_atfork). wal_lock.cpp.
+pid_t my_pid();
 
 inline int64_t mono_ns() {
     struct timespec t;

@@ -128,13 +128,15 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
             s.shared = &r->keys;
             s.dbshared = &r->dbs;
             s.walshared = &r->wal;
+            s.keymap_changes = &r->keymap_changes;
+            KeyMap::set_change_counter(s.keymap_changes);
         }
     }
     shared_write(s.keyring.kek_generation, s.kek.data());
     if (keys.map_generation != s.keyring.kek_generation) shared_write(keys.map_generation, keys.map_kek().data());
     try {
         s.keymap = open_cluster_keymap(s.keyring_dir, s.keyring, keys, shared_kek);
-        s.keymap_pid = ::getpid();
+        s.keymap_pid = my_pid();
     } catch (const std::exception& e) {
         throw LayerError("cmk_lakebase: the key map of data directory \"" + s.datadir + "\" is unusable",
                          e.what(),
@@ -390,6 +392,10 @@ void start_server(const std::string& datadir) {
         ensure_wal_master();  // made once per cluster, before any child needs it
     }
     detail::install_got();
+    // Only this server's processes (which share keymap_changes) change its key maps
+    // while it runs: from now on they look at a key map file only after one of them
+    // changed it (KeyMap::skip_unchanged). Tools look every time.
+    s.server_keymaps = s.keymap_changes != nullptr;
     s.mode.store(Mode::Got, std::memory_order_release);
     // From here the postmaster needs no KEK of its own: children take it from the
     // shared region, so a KEK rotation that retires a generation there leaves no

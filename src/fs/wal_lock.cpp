@@ -39,8 +39,9 @@ namespace cmk::fs::detail {
 // find the last record incomplete without encryption.
 
 namespace {
-
 std::atomic<pid_t> g_pid{0};  // this process's pid, reset in a forked child
+}  // namespace
+
 pid_t my_pid() {
     static const bool hooked = (::pthread_atfork(nullptr, nullptr, [] { g_pid.store(0); }) == 0);
     (void)hooked;
@@ -51,6 +52,8 @@ pid_t my_pid() {
     }
     return p;
 }
+
+namespace {
 std::atomic<pid_t> g_wal_reader{0};        // pid under which this process registered
 std::atomic<int> g_unlocked_writes{0};     // this process's unlocked WAL writes in flight
 

@@ -2,11 +2,13 @@
 // processes on one directory, torn and damaged logs, tampering, and every crash point.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <map>
+#include <new>
 
 #include "cmk_lakebase/keys/keymap.hpp"
 #include "cmk_lakebase/keys/keyring.hpp"
@@ -282,6 +284,53 @@ TEST_F(KeyMapTest, ForkedProcessesAppendConcurrently) {
     EXPECT_TRUE(km->get("child/149").has_value());
     EXPECT_TRUE(km->get("child2/19").has_value());
     EXPECT_EQ(snapshot().size(), size_t(2 * N + 21));
+}
+
+// The server's shortcut (KeyMap::skip_unchanged): a map that trusts the shared change
+// counter looks at its file only after a writer section ended somewhere; a change made
+// without counting is not seen until the next counted one. Processes share the counter
+// through MAP_SHARED memory, as a server's do through its shared region.
+TEST_F(KeyMapTest, ChangeCounterSkipsLooksUntilAWriterCounts) {
+    void* mem = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(mem, MAP_FAILED);
+    auto* counter = new (mem) std::atomic<uint64_t>(0);
+    KeyMap::set_change_counter(counter);
+    auto reader = open();
+    reader->skip_unchanged(true);
+    EXPECT_FALSE(reader->contains("base/5/1"));
+    // Another process's create counts: seen at once.
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        int rc = 0;
+        try {
+            KeyMap(dir, kek, cluster, 1).create("base/5/1", FileClass::Relation);
+        } catch (...) {
+            rc = 1;
+        }
+        _exit(rc);
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    EXPECT_EQ(counter->load(), 1u) << "a writer section counts once";
+    EXPECT_TRUE(reader->contains("base/5/1")) << "a counted change must be seen";
+    // A change made without counting (no counter set in the writer) is not looked for...
+    KeyMap::set_change_counter(nullptr);
+    open()->create("base/5/2", FileClass::Relation);
+    KeyMap::set_change_counter(counter);
+    EXPECT_FALSE(reader->contains("base/5/2")) << "looked at the file although nothing counted";
+    auto looker = open();  // a map that does not skip looks every time
+    EXPECT_TRUE(looker->contains("base/5/2"));
+    // ... until a counted change: then everything since is read.
+    looker->create("base/5/3", FileClass::Relation);
+    EXPECT_TRUE(reader->contains("base/5/2"));
+    EXPECT_TRUE(reader->contains("base/5/3"));
+    // Without a counter, a map looks every time again.
+    KeyMap::set_change_counter(nullptr);
+    open()->remove("base/5/1");
+    EXPECT_FALSE(reader->contains("base/5/1"));
+    munmap(mem, 4096);
 }
 
 TEST_F(KeyMapTest, TornTailIgnoredThenRepaired) {

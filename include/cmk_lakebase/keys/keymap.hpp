@@ -21,6 +21,7 @@
 // the file has grown or been replaced.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -66,6 +67,15 @@ public:
 
     // Reads records appended (or a replaced file) since the last look.
     void refresh();
+
+    // A counter in memory shared by the processes of one server: every writer section
+    // (LOCK_EX) of every KeyMap in this process adds one to it before its lock goes.
+    // Null (the default): no counting. Set once, before the first fork.
+    static void set_change_counter(std::atomic<uint64_t>* changes);
+    // This instance's refresh() skips its look at the file (stat + fstat) while the
+    // change counter has not moved since its last look. Only for a map that no process
+    // outside those sharing the counter changes (a server's own key maps).
+    void skip_unchanged(bool on);
 
     // The unwrapped DEK of a file, or nullopt if the map has none (after a refresh).
     // Throws KeyMapError if the entry does not authenticate (tampered / wrong KEK).
@@ -192,6 +202,10 @@ private:
     int fd_ = -1;
     int lock_fd_ = -1;
     bool ex_held_ = false;  // an Exclusive section holds LOCK_EX
+    bool skip_unchanged_ = false;  // skip_unchanged
+    uint64_t seen_changes_ = 0;    // the change counter at the last look at the file
+    bool seen_valid_ = false;
+    static void note_change();     // a writer section ends
     KekResolver resolver_;
     std::recursive_mutex mu_;
 };

@@ -112,14 +112,22 @@ private:
 
 }  // namespace
 
-// A FileLock unless the KeyMap already holds LOCK_EX through an Exclusive section.
+// A FileLock unless the KeyMap already holds LOCK_EX through an Exclusive section. A
+// writer section tells the change counter before its lock goes.
 class HeldLock {
 public:
-    HeldLock(KeyMap& km, const std::string& dir, int op) {
+    HeldLock(KeyMap& km, const std::string& dir, int op) : km_(km), exclusive_(op == LOCK_EX) {
         if (!km.ex_held_) lock_.emplace(dir, op);
     }
+    ~HeldLock() {
+        if (lock_ && exclusive_) km_.note_change();
+    }
+    HeldLock(const HeldLock&) = delete;
+    HeldLock& operator=(const HeldLock&) = delete;
 
 private:
+    KeyMap& km_;
+    bool exclusive_;
     std::optional<FileLock> lock_;
 };
 
@@ -638,15 +646,44 @@ void KeyMap::write_full_locked(const std::string& path, const SecureBytes& kek, 
     read_offset_ = static_cast<uint64_t>(st.st_size);
 }
 
+namespace {
+std::atomic<std::atomic<uint64_t>*> g_changes{nullptr};  // KeyMap::set_change_counter
+}  // namespace
+
+void KeyMap::set_change_counter(std::atomic<uint64_t>* changes) { g_changes.store(changes); }
+
+void KeyMap::skip_unchanged(bool on) {
+    std::lock_guard<std::recursive_mutex> g(mu_);
+    skip_unchanged_ = on;
+    seen_valid_ = false;
+}
+
+// At the end of a writer section, before its lock goes: a reader that still finds the
+// old count looked at the file before this section changed it (or finds the change
+// complete), and one that finds the new count looks again, waiting for the lock if the
+// change is still in flight.
+void KeyMap::note_change() {
+    if (std::atomic<uint64_t>* c = g_changes.load(std::memory_order_relaxed)) c->fetch_add(1, std::memory_order_acq_rel);
+}
+
 void KeyMap::refresh() {
     std::lock_guard<std::recursive_mutex> g(mu_);
-    // Cheap check first: most calls find nothing new.
+    // Cheapest check first: no writer section of this server ended since the last look.
+    std::atomic<uint64_t>* changes = skip_unchanged_ ? g_changes.load(std::memory_order_relaxed) : nullptr;
+    uint64_t count = 0;
+    if (changes) {
+        count = changes->load(std::memory_order_acquire);
+        if (seen_valid_ && count == seen_changes_) return;
+    }
+    // Cheap check next: most calls find nothing new.
     struct stat ps, fs;
-    if (::stat(map_path(dir_).c_str(), &ps) == 0 && ::fstat(fd_, &fs) == 0 &&
-        static_cast<uint64_t>(ps.st_ino) == file_ino_ && static_cast<uint64_t>(fs.st_size) == read_offset_)
-        return;
-    HeldLock lock(*this, dir_, LOCK_SH);
-    load_locked(false);
+    if (!(::stat(map_path(dir_).c_str(), &ps) == 0 && ::fstat(fd_, &fs) == 0 &&
+          static_cast<uint64_t>(ps.st_ino) == file_ino_ && static_cast<uint64_t>(fs.st_size) == read_offset_)) {
+        HeldLock lock(*this, dir_, LOCK_SH);
+        load_locked(false);
+    }
+    seen_changes_ = count;
+    seen_valid_ = changes != nullptr;
 }
 
 namespace {
@@ -746,6 +783,12 @@ bool KeyMap::removed(const std::string& identity) {
 // shred_locked). removed() answers from either.
 void KeyMap::remove(const std::string& identity) {
     std::lock_guard<std::recursive_mutex> g(mu_);
+    // No entry now: nothing to remove, and no writer lock to take (DROP DATABASE
+    // removes hundreds of files that never had a key). An entry made after this look
+    // would be for a file being removed, which PostgreSQL never writes; a later create
+    // of the name drops such a stale entry (the layer's O_EXCL open).
+    refresh();
+    if (!entries_.count(identity)) return;
     {
         HeldLock lock(*this, dir_, LOCK_EX);
         load_locked(false);
@@ -909,6 +952,7 @@ KeyMap::Exclusive::Exclusive(KeyMap& km) : km_(km), g_(km.mu_) {
 
 KeyMap::Exclusive::~Exclusive() {
     if (fd_ < 0) return;
+    km_.note_change();
     km_.ex_held_ = false;
     sys::close(fd_);
 }
