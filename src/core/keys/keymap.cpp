@@ -20,12 +20,15 @@
 // Locking: a thread mutex, then flock() on keymap.lock (shared to read, exclusive to
 // append or replace). The lock file is opened per operation rather than kept open: a
 // descriptor inherited over fork() shares its lock with the parent, which would let
-// the postmaster's children append concurrently.
+// the postmaster's children append concurrently. In a server, every writer section
+// also counts on a counter its processes share (set_change_counter), and the server's
+// own maps skip their look at the file while it has not moved (skip_unchanged).
 //
 // Longer than the house's 800-line limit on purpose: the record format, its torn-tail
-// rules and the locking that makes appends safe are one argument, read together when
-// the key map's durability is reviewed; split, each half would only be checkable with
-// the other open.
+// rules and the locking that makes appends safe (with the change counter that lets
+// readers trust what they last read) are one argument, read together when the key
+// map's durability is reviewed; split, each half would only be checkable with the
+// other open.
 #include "cmk_lakebase/keys/keymap.hpp"
 
 #include <fcntl.h>
