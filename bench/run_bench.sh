@@ -36,7 +36,10 @@
 #                        transactions of BENCH_DECODE_ROWS rows each, with
 #                        logical_decoding_work_mem = 64kB so every one spills
 #      For tpcb and select, a cross-check with both clusters loaded at the same time
-#      (half the clients each), not judged.
+#      (half the clients each), not judged. Around each encrypted run, the bytes the
+#      server enciphered and deciphered (cmk_lakebase.cipher_stats()); the summary
+#      prints what they cost at the page cipher's speed (the cipher floor) beside the
+#      server CPU spent over plaintext.
 #  (b) the page cipher: "pg_cmk bench-cipher" (AES-256-XTS, one 8 KiB unit in place,
 #      new tweak per call) beside "openssl speed -evp aes-256-xts -bytes 8192", many
 #      short alternating rounds, best-of-N compared, target >= 0.9.
@@ -300,6 +303,7 @@ declare -A RATIOS  # RATIOS[w]      per-round ratios encrypted/plaintext (1 = no
 declare -A CPURAT  # CPURAT[w]      per-round CPU ratios plaintext/encrypted
 declare -A CONC    # CONC[w]        ratios of the concurrent cross-check runs
 declare -A EXTRAS  # EXTRAS[mode,w] per-run notes (fpi/tx, spills), for the JSON
+declare -A CIPHERED  # CIPHERED[enc|dec,w] KiB the encrypted server enciphered/deciphered per operation, per run
 declare -A WALW    # WALW[mode,w]   WAL write time per operation (µs), per run
 declare -A WALS    # WALS[mode,w]   WAL fsync time per operation (µs), per run
 
@@ -455,6 +459,11 @@ timed_workload() { # mode workload
 		psql_run "$m" -c "SELECT count(*) FROM pg_logical_slot_get_changes('bench_slot', NULL, NULL, 'skip-empty-xacts', '1')" ;;
 	esac
 }
+# Bytes the encrypted server has enciphered and deciphered so far (cmk_lakebase's
+# cipher_stats(), SQL 0.6.0): "" when the extension is older or not there.
+cipher_bytes() {
+	psql_q enc "SELECT bytes_encrypted || ' ' || bytes_decrypted FROM cmk_lakebase.cipher_stats()" 2>/dev/null || true
+}
 ops_of() { # workload -> operations per timed run (the CPU figure's denominator)
 	case $1 in
 	createdb) echo $((2 * BENCH_CREATEDB_N)) ;;
@@ -483,8 +492,8 @@ STATS_SQL="SELECT d.blks_read || ' ' || d.blks_hit || ' ' || w.wal_fpi || ' ' ||
 # RUN_CPU (server CPU per operation) and RUN_NOTE (printed), RUN_EXTRA (JSON fields).
 run_one() { # mode workload
 	local mode=$1 w=$2 opts="" clients=$BENCH_CLIENTS jobs=$BENCH_JOBS secs=$BENCH_SECONDS
-	local cpu0 cpu1 h0 h1 t0 t1 before after disk0 disk1 noise ops
-	RUN_NOTE="" RUN_EXTRA=""
+	local cpu0 cpu1 h0 h1 t0 t1 before after disk0 disk1 noise ops cs0="" cs1=""
+	RUN_NOTE="" RUN_EXTRA="" RUN_CIPHER_ENC=nan RUN_CIPHER_DEC=nan
 	[ "$w" = decode ] && opts=$DECODE_OPTS
 	case $w in fpw_c*) clients=${w#fpw_c}; jobs=$(fpw_jobs "$clients"); secs=$BENCH_FPW_SECONDS ;; esac
 
@@ -521,6 +530,7 @@ run_one() { # mode workload
 		;;
 	esac
 	before=$(psql_q "$mode" "$STATS_SQL")
+	[ "$mode" != enc ] || cs0=$(cipher_bytes)
 	sleep 0.2  # the psql backend above exits and is reaped
 	cpu0=$(server_cpu_seconds "$mode")
 	h0=$(host_cpu)
@@ -544,6 +554,7 @@ run_one() { # mode workload
 	cpu1=$(server_cpu_seconds "$mode")
 	h1=$(host_cpu)
 	after=$(psql_q "$mode" "$STATS_SQL")
+	[ "$mode" != enc ] || cs1=$(cipher_bytes)
 	if [ "$w" = decode ]; then
 		# Proof that it spilled (the statistics of the slot are gone with it).
 		read -r sp_tx sp_bytes <<<"$(psql_q "$mode" \
@@ -582,6 +593,14 @@ run_one() { # mode workload
 	esac
 	RUN_EXTRA+="${RUN_EXTRA:+,}\"steal_pct\":${st/n\/a/null},\"iowait_pct\":${io/n\/a/null},\"others_pct\":${ot/n\/a/null},\"wal_mb\":$wal_mb,\"fpi_per_op\":${fpi_tx/nan/null},\"wal_write_us_per_op\":${RUN_WALW/nan/null},\"wal_sync_us_per_op\":${RUN_WALS/nan/null}"
 	RUN_NOTE="host: steal ${st}% iowait ${io}% others ${ot}%; $RUN_NOTE"
+	if [ -n "$cs0" ] && [ -n "$cs1" ]; then
+		read -r ce0 cd0 <<<"$cs0"
+		read -r ce1 cd1 <<<"$cs1"
+		RUN_CIPHER_ENC=$(awk -v b=$((ce1 - ce0)) -v n="$ops" 'BEGIN { if (n > 0) printf "%.1f", b / n / 1024; else print "nan" }')
+		RUN_CIPHER_DEC=$(awk -v b=$((cd1 - cd0)) -v n="$ops" 'BEGIN { if (n > 0) printf "%.1f", b / n / 1024; else print "nan" }')
+		RUN_NOTE+="; enciphered $RUN_CIPHER_ENC + deciphered $RUN_CIPHER_DEC KiB/op"
+		RUN_EXTRA+=",\"enciphered_kib_per_op\":${RUN_CIPHER_ENC/nan/null},\"deciphered_kib_per_op\":${RUN_CIPHER_DEC/nan/null}"
+	fi
 }
 
 if [ "$BENCH_SKIP_PGBENCH" != 1 ]; then
@@ -684,6 +703,12 @@ EOF
 		# makes a quick run slow); the measured runs are not comparable to a full run's.
 		for mode in enc plain; do server_start "$mode" "$DECODE_OPTS"; done
 	fi
+	# The page cipher's speed on this host, for the cipher floor of each workload: what
+	# the bytes the server ciphered per operation cost at that speed (hot caches, the
+	# most the cipher can do; part (b) below measures it properly).
+	read -r tag FLOOR_ENC FLOOR_DEC <<<"$("$PG_BINDIR/pg_cmk" bench-cipher --seconds 1 | grep '^page_cipher_mb_per_s ' || true)"
+	[ "${tag:-}" = page_cipher_mb_per_s ] || die "pg_cmk bench-cipher gave no speed"
+	log "page cipher (for the floors): encrypt $FLOOR_ENC MB/s, decrypt $FLOOR_DEC MB/s"
 	max_rounds=$BENCH_ROUNDS
 	[ "$BENCH_WRITE_ROUNDS" -le "$max_rounds" ] || max_rounds=$BENCH_WRITE_ROUNDS
 	for ((round = 1; round <= max_rounds; round++)); do
@@ -702,6 +727,10 @@ EOF
 				WALW[$mode,$w]="${WALW[$mode,$w]:-} $RUN_WALW"
 				WALS[$mode,$w]="${WALS[$mode,$w]:-} $RUN_WALS"
 				EXTRAS[$mode,$w]="${EXTRAS[$mode,$w]:-}${EXTRAS[$mode,$w]:+,}{$RUN_EXTRA}"
+				if [ "$mode" = enc ]; then
+					CIPHERED[enc,$w]="${CIPHERED[enc,$w]:-} $RUN_CIPHER_ENC"
+					CIPHERED[dec,$w]="${CIPHERED[dec,$w]:-} $RUN_CIPHER_DEC"
+				fi
 				printf '[%s] round %d/%d  %-12s %-5s %10.3f %-3s  server CPU %9s %-14s %s\n' \
 					"$(date +%H:%M:%S)" "$round" "$R" "$w" "$mode" "$RUN_VAL" "$(wl_unit "$w")" \
 					"$RUN_CPU" "$(wl_cpu_unit "$w")" "$RUN_NOTE"
@@ -784,6 +813,21 @@ EOF
 			add_summary "$(printf '%-21s   WAL per transaction (median): write encrypted %s, plaintext %s us; fsync encrypted %s, plaintext %s us (waits, in no CPU figure)' \
 				"" "$wwe" "$wwp" "$wse" "$wsp")"
 		fi
+		floor_json=""
+		if [ -n "${CIPHERED[enc,$w]:-}" ]; then
+			# The cipher floor: the bytes the encrypted server ciphered per operation at
+			# the page cipher's speed, against the server CPU it spent over plaintext.
+			read -r cme _ _ cmd <<<"$(stats "${CIPHERED[enc,$w]}" "${CIPHERED[dec,$w]}")"
+			read -r fl flr <<<"$(awk -v e="$cme" -v d="$cmd" -v se="$FLOOR_ENC" -v sd="$FLOOR_DEC" \
+				-v u="$cunit" -v p="$cp" 'BEGIN {
+					if (e == "nan" || d == "nan" || se <= 0 || sd <= 0) { print "nan nan"; exit }
+					f = (e / se + d / sd) * 1024 / 1e6; f *= (u == "us/tx") ? 1e6 : 1e3
+					printf "%.3f %s\n", f, (p > 0) ? sprintf("%.3f", p / (p + f)) : "nan" }')"
+			add_summary "$(printf '%-21s   cipher work per operation (median): enciphered %s KiB, deciphered %s KiB = %s %s at the page cipher'"'"'s %s / %s MB/s; server CPU over plaintext %s %s; CPU ratio the cipher alone allows %s' \
+				"" "$cme" "$cmd" "$fl" "$cunit" "$FLOOR_ENC" "$FLOOR_DEC" \
+				"$(awk -v a="$ce" -v b="$cp" 'BEGIN { printf "%.3f", a - b }')" "$cunit" "$flr")"
+			floor_json=",\"enciphered_kib_per_op\":${cme/nan/null},\"deciphered_kib_per_op\":${cmd/nan/null},\"cipher_floor_cpu\":${fl/nan/null},\"cipher_floor_cpu_ratio\":${flr/nan/null},\"page_cipher_mb_per_s\":[$FLOOR_ENC,$FLOOR_DEC]"
+		fi
 		conc_json=""
 		if [ -n "${CONC[$w]:-}" ]; then
 			# shellcheck disable=SC2086
@@ -794,7 +838,7 @@ EOF
 		fi
 		# shellcheck disable=SC2086
 		add_result "$w" "$(wl_label "$w")" "$t" "$m" "$lo" "$hi" "$v" \
-			"\"kind\":\"workload\",\"unit\":\"$unit\",\"cpu_unit\":\"$cunit\",\"rounds\":$(wl_rounds "$w"),\"per_round_ratios\":$(json_nums ${RATIOS[$w]}),\"encrypted\":$(json_nums ${VALS[enc,$w]}),\"plaintext\":$(json_nums ${VALS[plain,$w]}),\"cpu_encrypted\":$(json_nums ${CPUS[enc,$w]}),\"cpu_plaintext\":$(json_nums ${CPUS[plain,$w]}),\"cpu_ratios\":$(json_nums ${CPURAT[$w]}),\"runs_encrypted\":[${EXTRAS[enc,$w]}],\"runs_plaintext\":[${EXTRAS[plain,$w]}]$conc_json"
+			"\"kind\":\"workload\",\"unit\":\"$unit\",\"cpu_unit\":\"$cunit\",\"rounds\":$(wl_rounds "$w"),\"per_round_ratios\":$(json_nums ${RATIOS[$w]}),\"encrypted\":$(json_nums ${VALS[enc,$w]}),\"plaintext\":$(json_nums ${VALS[plain,$w]}),\"cpu_encrypted\":$(json_nums ${CPUS[enc,$w]}),\"cpu_plaintext\":$(json_nums ${CPUS[plain,$w]}),\"cpu_ratios\":$(json_nums ${CPURAT[$w]}),\"runs_encrypted\":[${EXTRAS[enc,$w]}],\"runs_plaintext\":[${EXTRAS[plain,$w]}]$floor_json$conc_json"
 	done
 fi
 

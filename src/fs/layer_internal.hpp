@@ -274,6 +274,9 @@ struct SharedRegion {
     // Writer sections of this server's key maps (KeyMap::set_change_counter): a
     // process looks at a key map file only when another changed one since.
     std::atomic<uint64_t> keymap_changes{0};
+    // Bytes the server's processes put through the page cipher (cmk::cipher_counts).
+    std::atomic<uint64_t> cipher_encrypted{0};
+    std::atomic<uint64_t> cipher_decrypted{0};
 };
 constexpr size_t kSharedRegionSize = (sizeof(SharedRegion) + 4095) & ~size_t(4095);
 

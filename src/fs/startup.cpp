@@ -130,6 +130,7 @@ void load_keys(State& s, const std::string& datadir, const std::string& keyring_
             s.walshared = &r->wal;
             s.keymap_changes = &r->keymap_changes;
             KeyMap::set_change_counter(s.keymap_changes);
+            set_cipher_count_totals(&r->cipher_encrypted, &r->cipher_decrypted);
         }
     }
     shared_write(s.keyring.kek_generation, s.kek.data());

@@ -1,8 +1,10 @@
-// The SQL functions that report key state: status() (the layer and its key), and
+// The SQL functions that report key state: status() (the layer and its key),
 // relation_keys() / relation_is_encrypted() (each file segment of a relation, its
-// class and its key). They read; they never change a key.
+// class and its key), and cipher_stats() (how much the page cipher has done). They
+// read; they never change a key.
 #include <cstring>
 
+#include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/fs/key_admin.hpp"
 #include "cmk_lakebase/keys/audit.hpp"
 #include "module.hpp"
@@ -25,6 +27,7 @@ extern "C" {
 PG_FUNCTION_INFO_V1(cmk_status);
 PG_FUNCTION_INFO_V1(cmk_relation_keys);
 PG_FUNCTION_INFO_V1(cmk_relation_is_encrypted);
+PG_FUNCTION_INFO_V1(cmk_cipher_stats);
 }
 
 namespace {
@@ -84,6 +87,31 @@ extern "C" Datum cmk_status(PG_FUNCTION_ARGS) {
     values[7] = CStringGetTextDatum(out.cluster_id);
     values[8] = CStringGetTextDatum(out.mode);
     values[9] = CStringGetTextDatum(out.datadir);
+    PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+// cipher_stats(): the bytes this server's processes have enciphered and deciphered
+// since it started (each process adds its count every cmk::kCipherCountBatch bytes).
+extern "C" Datum cmk_cipher_stats(PG_FUNCTION_ARGS) {
+    bool off = false;
+    cmk::CipherCounts c;
+    cmk::pg::call_cpp(nullptr, [&] {
+        if (cmk::fs::info().mode == cmk::fs::Mode::Off) {
+            off = true;
+            return;
+        }
+        c = cmk::cipher_counts();
+    });
+    if (off) layer_not_active(true);
+
+    TupleDesc tupdesc;
+    if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+        ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("return type must be a row type")));
+    Datum values[2];
+    bool nulls[2] = {false};
+    // bigint holds 8 EiB: the counts wrap only after that much cipher work.
+    values[0] = Int64GetDatum(int64(c.encrypted & INT64_MAX));
+    values[1] = Int64GetDatum(int64(c.decrypted & INT64_MAX));
     PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

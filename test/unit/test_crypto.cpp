@@ -1,11 +1,14 @@
 // Unit tests of the crypto core: published XTS and GCM vectors, the blob layout,
 // tamper detection, fingerprints, encodings and CRC32C.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <openssl/evp.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <set>
 
 #include "cmk_lakebase/base/crypto.hpp"
@@ -134,6 +137,63 @@ TEST(Xts, ShortFragmentIsEcbPadOfTweakWithFF) {
     std::vector<uint8_t> pt = random_bytes(15), ct(15);
     x.encrypt(unit, pt.data(), ct.data(), 15);
     for (size_t i = 0; i < 15; i++) EXPECT_EQ(ct[i], pt[i] ^ pad[i]);
+}
+
+// cipher_stats() (issue 20): every byte through the cipher is counted once, each
+// thread's count reaches the totals it was told within kCipherCountBatch bytes, a
+// refused call counts nothing, and a child of fork does not count its parent's bytes.
+TEST(Xts, CountsWhatItCiphersInTheTotalsNamed) {
+    SecureBytes key = random_key(kXtsKeySize);
+    XtsCipher x(key.data());
+    std::vector<uint8_t> page = random_bytes(kUnitSize), out(kUnitSize);
+    CipherCounts c0 = cipher_counts();
+    for (uint64_t u = 0; u < 3; u++) x.encrypt(u, page.data(), out.data(), kUnitSize);
+    x.encrypt(7, page.data(), out.data(), 15);
+    for (uint64_t u = 0; u < 2; u++) x.decrypt(u, page.data(), out.data(), kUnitSize);
+    uint8_t b[16] = {0};
+    EXPECT_THROW(x.encrypt(0, b, b, 0), CryptoError);
+    CipherCounts c1 = cipher_counts();
+    EXPECT_EQ(c1.encrypted - c0.encrypted, 3 * kUnitSize + 15);
+    EXPECT_EQ(c1.decrypted - c0.decrypted, 2 * kUnitSize);
+
+    std::atomic<uint64_t> enc{0}, dec{0};
+    set_cipher_count_totals(&enc, &dec);
+    uint64_t pending = cipher_counts().encrypted - enc.load();
+    ASSERT_LT(pending, kCipherCountBatch);
+    size_t units = kCipherCountBatch / kUnitSize;
+    for (uint64_t u = 0; u < units; u++) x.encrypt(u, page.data(), out.data(), kUnitSize);
+    EXPECT_GE(enc.load(), kCipherCountBatch);
+    EXPECT_EQ(cipher_counts().encrypted, pending + units * kUnitSize);
+    EXPECT_LT(cipher_counts().encrypted - enc.load(), kCipherCountBatch);
+    EXPECT_EQ(dec.load(), 0u);
+
+    x.encrypt(0, page.data(), out.data(), kUnitSize);  // some pending in this thread
+    ASSERT_GT(cipher_counts().encrypted, enc.load());
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) _exit(cipher_counts().encrypted == enc.load() ? 0 : 1);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child counted its parent's bytes";
+
+    // What a process has pending reaches the totals when it exits: here totals in
+    // memory the child shares with its parent.
+    void* shared = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(shared, MAP_FAILED);
+    auto* totals = new (shared) std::atomic<uint64_t>[2]{};
+    pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        set_cipher_count_totals(&totals[0], &totals[1]);
+        x.encrypt(1, page.data(), out.data(), kUnitSize);
+        x.decrypt(1, page.data(), out.data(), 100);
+        std::exit(0);  // atexit handlers run, as in a backend's proc_exit
+    }
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_EQ(totals[0].load(), kUnitSize);
+    EXPECT_EQ(totals[1].load(), 100u);
+    munmap(shared, 4096);
+    set_cipher_count_totals(nullptr, nullptr);
 }
 
 TEST(Xts, RejectsBadLengths) {

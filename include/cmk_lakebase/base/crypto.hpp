@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -79,6 +80,21 @@ private:
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };
+
+// What XtsCipher has enciphered and deciphered (bytes, units and fragments alike): a
+// count for operators and the benchmark (how much cipher work a workload made), never
+// used for a decision. Each thread counts on its own and adds its count to the totals
+// once it reaches kCipherCountBatch bytes, so a total lags by at most that much per
+// thread that ever ran the cipher. The totals are this process's own, or the ones
+// set_cipher_count_totals names (a server's processes share theirs in shared memory).
+struct CipherCounts {
+    uint64_t encrypted = 0;
+    uint64_t decrypted = 0;
+};
+constexpr uint64_t kCipherCountBatch = 256 * 1024;
+void set_cipher_count_totals(std::atomic<uint64_t>* encrypted, std::atomic<uint64_t>* decrypted);
+// The totals, plus what the calling thread has not added yet.
+CipherCounts cipher_counts();
 
 // AEAD (AES-256-GCM). Output blob = 12-byte nonce || ciphertext || 16-byte tag.
 // aad binds the blob to its context (e.g. the file identity of a DEK).

@@ -16,12 +16,12 @@
 #include <openssl/kdf.h>
 #include <openssl/params.h>
 #include <openssl/rand.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <pthread.h>
-
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -289,14 +289,56 @@ void xts_run(EVP_CIPHER_CTX* ctx, EVP_CIPHER_CTX* pad, int enc, uint64_t unit,
         fail("AES-256-XTS failed");
 }
 
+// cipher_counts(): this thread's bytes not yet added to the totals, and the totals.
+std::atomic<uint64_t> g_own_encrypted{0}, g_own_decrypted{0};
+std::atomic<std::atomic<uint64_t>*> g_total_encrypted{&g_own_encrypted}, g_total_decrypted{&g_own_decrypted};
+thread_local uint64_t t_pending_encrypted = 0, t_pending_decrypted = 0;
+
+void add_pending() {
+    g_total_encrypted.load(std::memory_order_relaxed)->fetch_add(t_pending_encrypted, std::memory_order_relaxed);
+    g_total_decrypted.load(std::memory_order_relaxed)->fetch_add(t_pending_decrypted, std::memory_order_relaxed);
+    t_pending_encrypted = t_pending_decrypted = 0;
+}
+
+void count_cipher(uint64_t& pending, const std::atomic<std::atomic<uint64_t>*>& total, size_t len) {
+    // A child of fork starts with its parent's pending count, which the parent adds
+    // itself: forget it there. A process that exits adds what its exiting thread has
+    // (a server's backends end with exit(), a tool returns from main).
+    static const bool hooked = (::pthread_atfork(nullptr, nullptr, [] {
+                                    t_pending_encrypted = 0;
+                                    t_pending_decrypted = 0;
+                                }) == 0) &&
+                               (std::atexit(add_pending) == 0);
+    (void)hooked;
+    pending += len;
+    if (pending >= kCipherCountBatch) {
+        total.load(std::memory_order_relaxed)->fetch_add(pending, std::memory_order_relaxed);
+        pending = 0;
+    }
+}
+
 }  // namespace
 
 void XtsCipher::encrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len) {
     xts_run(impl_->enc.get(), impl_->pad.get(), 1, unit, in, out, len);
+    count_cipher(t_pending_encrypted, g_total_encrypted, len);
 }
 
 void XtsCipher::decrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len) {
     xts_run(impl_->dec.get(), impl_->pad.get(), 0, unit, in, out, len);
+    count_cipher(t_pending_decrypted, g_total_decrypted, len);
+}
+
+void set_cipher_count_totals(std::atomic<uint64_t>* encrypted, std::atomic<uint64_t>* decrypted) {
+    g_total_encrypted.store(encrypted ? encrypted : &g_own_encrypted);
+    g_total_decrypted.store(decrypted ? decrypted : &g_own_decrypted);
+}
+
+CipherCounts cipher_counts() {
+    CipherCounts c;
+    c.encrypted = g_total_encrypted.load()->load(std::memory_order_relaxed) + t_pending_encrypted;
+    c.decrypted = g_total_decrypted.load()->load(std::memory_order_relaxed) + t_pending_decrypted;
+    return c;
 }
 
 // ---------------------------------------------------------------- AEAD
