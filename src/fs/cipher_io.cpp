@@ -84,6 +84,84 @@ void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t
     crypt_units(k, enc, buf, buf, first_unit, len);
 }
 
+namespace {
+
+// The last partly filled WAL page this thread wrote: PostgreSQL writes the partly
+// filled last page of the WAL again at every flush, each time with more records after
+// the same prefix. XTS enciphers every 16-byte block on its own (key, unit, block
+// position), so the blocks of the prefix that have not changed have the ciphertext they
+// had: only the page from its first changed block needs the cipher
+// (XtsCipher::encrypt_from). The copy is compared, never trusted: whatever another
+// process wrote since, a block whose plaintext equals the copy's has the copy's
+// ciphertext under the same key.
+//
+// The caller's page is PostgreSQL's WAL buffer, which other backends go on filling
+// past the flush point while it is written: it may change under us. So a page that is
+// kept is first copied (snap), and compared, enciphered and kept from that copy, so
+// that the plaintext kept is exactly what the kept ciphertext enciphers.
+struct WalPageCopy {
+    uint64_t key_serial = 0;  // FileKey::serial; 0: empty
+    uint64_t unit = 0;
+    alignas(64) uint8_t pt[U];
+    alignas(64) uint8_t ct[U];
+    alignas(64) uint8_t snap[U];
+};
+thread_local std::unique_ptr<WalPageCopy> tl_wal_page;
+
+// The number of leading 16-byte blocks a and b have in common (of U / 16).
+size_t same_blocks(const uint8_t* a, const uint8_t* b) {
+    size_t i = 0;
+    while (i + 256 <= U && std::memcmp(a + i, b + i, 256) == 0) i += 256;
+    while (i + 16 <= U && std::memcmp(a + i, b + i, 16) == 0) i += 16;
+    return i / 16;
+}
+
+}  // namespace
+
+// Encrypts whole WAL units from src into dst (not the same buffer) under a segment's
+// derived key, as crypt_units does, reusing the ciphertext of the unchanged blocks of
+// the partly filled page this thread wrote last.
+void crypt_wal_units(FileKey& k, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len) {
+    if (!tl_wal_page) tl_wal_page.reset(new (std::nothrow) WalPageCopy);
+    WalPageCopy* w = tl_wal_page.get();
+    if (!w || len % U || !k.wal_head || src == dst) return crypt_units(k, true, src, dst, first_unit, len);
+    std::lock_guard<std::mutex> g(k.mu);
+    for (size_t pos = 0; pos < len; pos += U) {
+        uint64_t u = first_unit + pos / U;
+        const uint8_t* p = src + pos;
+        uint8_t* q = dst + pos;
+        // Only the write's last page can be written again, and only while PostgreSQL
+        // has not filled it: the rest of a partly filled WAL page is zeros.
+        bool keep = false;
+        if (pos + U == len && u != 0) {
+            std::memcpy(w->snap, p, U);
+            p = w->snap;
+            keep = all_zero(p + U - 64, 64);
+        }
+        if (all_zero(p, U)) {
+            std::memset(q, 0, U);
+            continue;
+        }
+        if (u == 0) {
+            crypt_wal_head(k, true, p, q, U);
+            continue;
+        }
+        bool hit = w->key_serial == k.serial && w->unit == u;
+        size_t same = hit ? same_blocks(p, w->pt) : 0;
+        // A block of src compared equal may change before it is enciphered: the copy's
+        // ciphertext of the block is then what goes out, the block's value when compared.
+        if (same) std::memcpy(q, w->ct, same * 16);
+        if (same < U / 16) k.cipher.encrypt_from(u, same, p + same * 16, q + same * 16, U - same * 16);
+        if (keep) {
+            w->key_serial = 0;
+            std::memcpy(w->pt + same * 16, p + same * 16, U - same * 16);
+            std::memcpy(w->ct + same * 16, q + same * 16, U - same * 16);
+            w->unit = u;
+            w->key_serial = k.serial;
+        }
+    }
+}
+
 // ---- the whole-file lock --------------------------------------------------------------------
 
 void FileLock::lock(bool write) {
@@ -274,7 +352,10 @@ ssize_t enc_pwrite_chunk(FileCtx* c, FileKey& key, int fd, const uint8_t* buf, s
     if (keep_head && !load_unit(u0)) return -1;
     if (keep_tail && !(keep_head && u1 == u0) && !load_unit(u1)) return -1;
     if (off == span_start && end == span_end) {  // whole units (pages, WAL): no copy first
-        crypt_units(key, true, buf, b, u0, span_len);
+        if (key.wal_head)
+            crypt_wal_units(key, buf, b, u0, span_len);
+        else
+            crypt_units(key, true, buf, b, u0, span_len);
     } else {
         std::memcpy(b + (off - span_start), buf, len);
         crypt_units(key, true, b, u0, span_len);

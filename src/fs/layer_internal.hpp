@@ -150,12 +150,22 @@ constexpr size_t kChunk = 1 << 20;  // largest span encrypted per system call
 // fingerprint here: an HMAC per open was a third of what opening a file cost (SLRU
 // segments are opened for every page read); describe_file computes it when asked.
 struct FileKey {
-    explicit FileKey(const SecureBytes& k, size_t head = 0) : wal_head(head), cipher(k.data()) {}
+    explicit FileKey(const SecureBytes& k, size_t head = 0)
+        : wal_head(head), serial(next_serial()), cipher(k.data(), head != 0) {}
     // WAL segments under a derived key (file_keys.cpp, "WAL segment keys"): the first
     // wal_head bytes of unit 0 (PostgreSQL's long page header) stay plaintext, marked.
+    // Their cipher is seekable: a rewritten last page is encrypted from its first
+    // changed block (crypt_wal_units).
     const size_t wal_head;
+    const uint64_t serial;  // unique in the process: names this key in caches
     std::mutex mu;
     XtsCipher cipher;
+
+private:
+    static uint64_t next_serial() {
+        static std::atomic<uint64_t> n{0};
+        return ++n;
+    }
 };
 
 // The caches of a spill file's descriptor (spill_io.cpp).
@@ -463,6 +473,9 @@ inline bool all_zero(const uint8_t* p, size_t n) {
 // of zeros stays zeros.
 void crypt_units(FileKey& k, bool enc, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len);
 void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t len);
+// Encryption of whole units of a WAL segment (a FileKey with wal_head), src != dst: the
+// unchanged blocks of the page this thread wrote last keep their ciphertext.
+void crypt_wal_units(FileKey& k, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len);
 ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off);
 ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off);
 // Size change of an encrypted file: fix the unit that holds the (old or new) end.

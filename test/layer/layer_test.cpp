@@ -9,6 +9,7 @@
 // One file past the house's ~700 lines on purpose: every test shares the re-exec
 // harness and the raw-syscall readers at its top, and a test of the layer is read
 // next to the model it is checked against.
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <limits.h>
@@ -20,6 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -261,6 +263,126 @@ TEST(Layer, WalSegmentKeysFollowTheirPlace) {
     EXPECT_EQ(errno, EIO);
     ::close(fd);
     for (const std::string& f : {tl2, later, foreign}) ::unlink(f.c_str());
+}
+
+// What the preloaded layer has enciphered so far (its own cmk::cipher_counts, not the
+// copy of the core this binary links).
+cmk::CipherCounts layer_cipher_counts() {
+    static auto fn = [] {
+        void* h = dlopen(std::getenv("LD_PRELOAD"), RTLD_NOW | RTLD_NOLOAD);
+        return h ? reinterpret_cast<cmk::CipherCounts (*)()>(dlsym(h, "_ZN3cmk13cipher_countsEv")) : nullptr;
+    }();
+    return fn ? fn() : cmk::CipherCounts{};
+}
+
+// PostgreSQL writes the WAL's partly filled last page again at every flush, each time
+// with more records after the same prefix. Each write leaves on disk the page's XTS
+// ciphertext (read back through a fresh descriptor: decryption of the whole unit) and
+// only the page from its first changed block goes through the cipher; a page written
+// after another segment's partly filled page of the same number (another key) is
+// enciphered whole, one after a change inside the prefix from that change on.
+TEST(Layer, WalPageWrittenAgainEnciphersOnlyWhatChanged) {
+    ASSERT_NE(dlopen(std::getenv("LD_PRELOAD"), RTLD_NOW | RTLD_NOLOAD), nullptr);
+    mkdirs("pg_wal/x");
+    std::string s6 = P("pg_wal/000000010000000000000016"), s7 = P("pg_wal/000000010000000000000017");
+    int fd6 = ::open(s6.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600), fd7 = ::open(s7.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd6, 0);
+    ASSERT_GE(fd7, 0);
+    ASSERT_EQ(::pwrite(fd6, wal_unit0(1, 0x16).data(), 8192, 0), 8192);
+    ASSERT_EQ(::pwrite(fd7, wal_unit0(1, 0x17).data(), 8192, 0), 8192);
+    std::mt19937 rng(20);
+    std::vector<uint8_t> page(8192, 0), other(8192, 0);
+    std::fill(other.begin(), other.begin() + 4000, 'o');  // partly filled, as a WAL page
+    for (size_t i = 0; i < 24; i++) page[i] = uint8_t(1 + rng() % 255);
+    size_t fill = 24, prev_fill = 0;
+    bool fresh = true;  // the next write is enciphered whole
+    int partial = 0;
+    for (int i = 0; i < 80 && fill < 8192; i++) {
+        size_t n = std::min<size_t>(8192 - fill, 16 + rng() % 300);
+        for (size_t j = fill; j < fill + n; j++) page[j] = uint8_t(rng());
+        prev_fill = fill;
+        fill += n;
+        size_t first_change = prev_fill;
+        if (i % 10 == 9) {  // a byte inside what was written before changes
+            first_change = rng() % prev_fill;
+            page[first_change] ^= 0x5a;
+        }
+        uint64_t before = layer_cipher_counts().encrypted;
+        ASSERT_EQ(::pwrite(fd6, page.data(), 8192, 3 * 8192), 8192) << strerror(errno);
+        uint64_t enciphered = layer_cipher_counts().encrypted - before;
+        if (fresh) {
+            EXPECT_EQ(enciphered, 8192u) << "write " << i;
+        } else {
+            EXPECT_LE(enciphered, 8192 - 16 * (first_change / 16)) << "write " << i;
+            partial += enciphered < 8192;
+        }
+        fresh = false;
+        if (i % 7 == 6) {  // the same page number in another segment: another key
+            other[100 + i] ^= 1;
+            ASSERT_EQ(::pwrite(fd7, other.data(), 8192, 3 * 8192), 8192);
+            fresh = true;
+        }
+        int rfd = ::open(s6.c_str(), O_RDONLY);
+        std::vector<uint8_t> got(8192);
+        ASSERT_EQ(::pread(rfd, got.data(), 8192, 3 * 8192), 8192);
+        ::close(rfd);
+        ASSERT_EQ(got, page) << "write " << i;
+    }
+    EXPECT_GT(partial, 20) << "the rewritten page was enciphered whole every time";
+    std::vector<uint8_t> raw = raw_read(s6), got(8192);
+    EXPECT_FALSE(leaks(std::vector<uint8_t>(raw.begin() + 3 * 8192, raw.begin() + 4 * 8192), page));
+    ASSERT_EQ(::pread(fd7, got.data(), 8192, 3 * 8192), 8192);
+    EXPECT_EQ(got, other);
+    ::close(fd6);
+    ::close(fd7);
+    ::unlink(s6.c_str());
+    ::unlink(s7.c_str());
+}
+
+// PostgreSQL's WAL buffer goes on filling past the flush point while the page is
+// written: the page changes under the layer. Whatever it read, the copy it keeps must
+// be a plaintext and the ciphertext of that plaintext, or a later write that compares
+// equal to the copy would go out with ciphertext of other bytes. Here a thread changes
+// the tail of the page for as long as each write runs; then the page, still, is
+// written again and must read back exactly.
+TEST(Layer, WalPageChangingWhileWrittenStillReadsBackExactly) {
+    mkdirs("pg_wal/x");
+    std::string seg = P("pg_wal/000000010000000000000018");
+    int fd = ::open(seg.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pwrite(fd, wal_unit0(1, 0x18).data(), 8192, 0), 8192);
+    std::vector<uint8_t> page(8192, 0);
+    std::mt19937 rng(21);
+    for (size_t i = 0; i < 64; i++) page[i] = uint8_t(1 + rng() % 255);
+    std::atomic<int> phase{0};  // 1: change the page, 0: leave it, 2: end
+    std::atomic<bool> idle{true};
+    std::thread writer_of_records([&] {
+        uint32_t x = 12345u;
+        for (int ph; (ph = phase.load()) != 2;) {
+            if (ph == 0) {
+                idle = true;
+                continue;
+            }
+            idle = false;
+            x = x * 1103515245u + 12345u;
+            __atomic_store_n(&page[64 + (x >> 8) % 4000], uint8_t(x >> 24 | 1), __ATOMIC_RELAXED);
+        }
+    });
+    std::vector<uint8_t> got(8192);
+    for (int i = 0; i < 400; i++) {
+        phase = 1;
+        ASSERT_EQ(::pwrite(fd, page.data(), 8192, 2 * 8192), 8192);
+        phase = 0;
+        while (!idle.load()) {
+        }
+        ASSERT_EQ(::pwrite(fd, page.data(), 8192, 2 * 8192), 8192);
+        ASSERT_EQ(::pread(fd, got.data(), 8192, 2 * 8192), 8192);
+        ASSERT_EQ(got, page) << "write " << i;
+    }
+    phase = 2;
+    writer_of_records.join();
+    ::close(fd);
+    ::unlink(seg.c_str());
 }
 
 TEST(Layer, DurableFilesGetKeysThatDieWithThem) {

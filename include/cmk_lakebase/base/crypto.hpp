@@ -67,7 +67,9 @@ constexpr size_t kKekSize = 32;      // AES-256-GCM key-encryption key
 // Not thread-safe: one instance per thread or an external lock.
 class XtsCipher {
 public:
-    explicit XtsCipher(const uint8_t* key64);
+    // seekable: also keys the two AES-256-ECB contexts of the second key half that
+    // encrypt_from needs (WAL segment keys only: two more key schedules per key).
+    explicit XtsCipher(const uint8_t* key64, bool seekable = false);
     ~XtsCipher();
     XtsCipher(const XtsCipher&) = delete;
     XtsCipher& operator=(const XtsCipher&) = delete;
@@ -75,6 +77,14 @@ public:
     // in and out may be the same buffer; len >= 1 and <= 16 MiB.
     void encrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len);
     void decrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len);
+
+    // The tail of a unit: encrypts the len bytes that begin at 16-byte block `block` of
+    // unit `unit` (in and out point at that block) into exactly the bytes encrypt()
+    // gives there for the whole unit. XTS enciphers each block on its own under the
+    // tweak E_K2(unit) * alpha^block, so a tail can start with that tweak: the IV
+    // handed to OpenSSL is D_K2(E_K2(unit) * alpha^block). len >= 16; a seekable
+    // cipher only (throws CryptoError otherwise).
+    void encrypt_from(uint64_t unit, size_t block, const uint8_t* in, uint8_t* out, size_t len);
 
 private:
     struct Impl;

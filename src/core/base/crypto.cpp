@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -233,9 +234,10 @@ struct XtsCipher::Impl {
     CtxPtr enc;
     CtxPtr dec;
     CtxPtr pad;  // AES-256-ECB under the first XTS key half, for sub-block fragments
+    CtxPtr tweak_enc, tweak_dec;  // AES-256-ECB under the second half (seekable only)
 };
 
-XtsCipher::XtsCipher(const uint8_t* key64) : impl_(new Impl) {
+XtsCipher::XtsCipher(const uint8_t* key64, bool seekable) : impl_(new Impl) {
     // Fetched outside the scope: the process-wide algorithm objects need not be in
     // the arena. Inside it: the contexts and the provider contexts that newctx makes
     // in the first keyed EVP_CipherInit_ex2 (PROV_AES_XTS_CTX, PROV_AES_CTX: the key
@@ -253,6 +255,15 @@ XtsCipher::XtsCipher(const uint8_t* key64) : impl_(new Impl) {
     if (EVP_CipherInit_ex2(impl_->pad.get(), ecb, key64, nullptr, 1, nullptr) != 1)
         fail("cannot key AES-256-ECB");
     EVP_CIPHER_CTX_set_padding(impl_->pad.get(), 0);
+    if (seekable) {
+        impl_->tweak_enc = new_ctx();
+        impl_->tweak_dec = new_ctx();
+        if (EVP_CipherInit_ex2(impl_->tweak_enc.get(), ecb, key64 + 32, nullptr, 1, nullptr) != 1 ||
+            EVP_CipherInit_ex2(impl_->tweak_dec.get(), ecb, key64 + 32, nullptr, 0, nullptr) != 1)
+            fail("cannot key AES-256-ECB");
+        EVP_CIPHER_CTX_set_padding(impl_->tweak_enc.get(), 0);
+        EVP_CIPHER_CTX_set_padding(impl_->tweak_dec.get(), 0);
+    }
 }
 
 XtsCipher::~XtsCipher() = default;  // EVP_CIPHER_CTX_free cleanses the key schedules
@@ -327,6 +338,59 @@ void XtsCipher::encrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t l
 void XtsCipher::decrypt(uint64_t unit, const uint8_t* in, uint8_t* out, size_t len) {
     xts_run(impl_->dec.get(), impl_->pad.get(), 0, unit, in, out, len);
     count_cipher(t_pending_decrypted, g_total_decrypted, len);
+}
+
+namespace {
+// t * x^s in GF(2^128) modulo x^128 + x^7 + x^2 + x + 1, for 0 < s <= 56, on the
+// little-endian halves XTS uses: the s bits shifted out of the top come back
+// multiplied by 0x87, which for s <= 56 stays within the low half.
+void gf_shift(uint64_t& lo, uint64_t& hi, unsigned s) {
+    uint64_t out = hi >> (64 - s);
+    hi = (hi << s) | (lo >> (64 - s));
+    lo = (lo << s) ^ out ^ (out << 1) ^ (out << 2) ^ (out << 7);
+}
+}  // namespace
+
+void XtsCipher::encrypt_from(uint64_t unit, size_t block, const uint8_t* in, uint8_t* out, size_t len) {
+    if (block == 0) return encrypt(unit, in, out, len);
+    if (!impl_->tweak_enc) throw CryptoError("XTS cipher is not seekable");
+    if (len < 16 || len > kMaxXtsLen || block > kMaxXtsLen / 16) throw CryptoError("XTS length out of range");
+    uint8_t t[16] = {0};
+    for (int i = 0; i < 8; i++) t[i] = static_cast<uint8_t>(unit >> (8 * i));
+    int outl = 0;
+    if (EVP_EncryptUpdate(impl_->tweak_enc.get(), t, &outl, t, 16) != 1 || outl != 16) {
+        OPENSSL_cleanse(t, sizeof t);
+        fail("AES-256-ECB failed");
+    }
+    uint64_t lo = 0, hi = 0;  // the tweak's bytes are little-endian
+    for (int i = 7; i >= 0; i--) {
+        lo = (lo << 8) | t[i];
+        hi = (hi << 8) | t[8 + i];
+    }
+    for (size_t left = block; left > 0;) {
+        unsigned s = static_cast<unsigned>(std::min<size_t>(left, 56));
+        gf_shift(lo, hi, s);
+        left -= s;
+    }
+    for (int i = 0; i < 8; i++) {
+        t[i] = static_cast<uint8_t>(lo >> (8 * i));
+        t[8 + i] = static_cast<uint8_t>(hi >> (8 * i));
+    }
+    lo = hi = 0;
+    uint8_t iv[16];
+    if (EVP_DecryptUpdate(impl_->tweak_dec.get(), iv, &outl, t, 16) != 1 || outl != 16) {
+        OPENSSL_cleanse(t, sizeof t);
+        OPENSSL_cleanse(iv, sizeof iv);
+        fail("AES-256-ECB failed");
+    }
+    OPENSSL_cleanse(t, sizeof t);
+    bool ok = EVP_CipherInit_ex2(impl_->enc.get(), nullptr, nullptr, iv, 1, nullptr) == 1;
+    OPENSSL_cleanse(iv, sizeof iv);
+    if (!ok) fail("XTS re-init failed");
+    int n = 0;
+    if (EVP_CipherUpdate(impl_->enc.get(), out, &n, in, static_cast<int>(len)) != 1 || static_cast<size_t>(n) != len)
+        fail("AES-256-XTS failed");
+    count_cipher(t_pending_encrypted, g_total_encrypted, len);
 }
 
 void set_cipher_count_totals(std::atomic<uint64_t>* encrypted, std::atomic<uint64_t>* decrypted) {
