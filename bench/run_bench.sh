@@ -727,7 +727,7 @@ EOF
 				WALW[$mode,$w]="${WALW[$mode,$w]:-} $RUN_WALW"
 				WALS[$mode,$w]="${WALS[$mode,$w]:-} $RUN_WALS"
 				EXTRAS[$mode,$w]="${EXTRAS[$mode,$w]:-}${EXTRAS[$mode,$w]:+,}{$RUN_EXTRA}"
-				if [ "$mode" = enc ]; then
+				if [ "$mode" = enc ] && [ "$RUN_CIPHER_ENC" != nan ]; then
 					CIPHERED[enc,$w]="${CIPHERED[enc,$w]:-} $RUN_CIPHER_ENC"
 					CIPHERED[dec,$w]="${CIPHERED[dec,$w]:-} $RUN_CIPHER_DEC"
 				fi
