@@ -60,7 +60,8 @@ void* self_sym(const char* name) {
 }
 
 const std::vector<std::pair<const char*, bool>>& hooked_names() {
-    // Calls the postgres executable makes that move file bytes or file identity.
+    // Calls the postgres executable makes that move file bytes or file identity, and
+    // chdir/fchdir (relative paths are resolved against a kept working directory).
     // "required": without a slot for it the layer cannot see PostgreSQL's data I/O.
     // fopen/fileno: AllocateFile's streams over encrypted files (stdio.cpp).
     static const std::vector<std::pair<const char*, bool>> names = {
@@ -74,7 +75,7 @@ const std::vector<std::pair<const char*, bool>>& hooked_names() {
         {"unlinkat", false},    {"truncate", false},      {"ftruncate", true}, {"fallocate", false},
         {"posix_fallocate", false}, {"copy_file_range", false}, {"dup", false}, {"dup2", false},
         {"dup3", false},        {"fcntl", false},         {"mmap", false},     {"fopen", false},
-        {"fopen64", false},     {"fileno", false},
+        {"fopen64", false},     {"fileno", false},        {"chdir", false},    {"fchdir", false},
     };
     return names;
 }

@@ -147,6 +147,23 @@ CMK_EXPORT int linkat(int olddirfd, const char* from, int newdirfd, const char* 
 CMK_EXPORT int unlink(const char* path) { return op_unlinkat(AT_FDCWD, path, 0); }
 CMK_EXPORT int unlinkat(int dirfd, const char* path, int flags) { return op_unlinkat(dirfd, path, flags); }
 
+// Not file I/O, but the layer resolves relative paths against the working directory
+// and a server keeps it (paths.cpp, absolute_of).
+CMK_EXPORT int chdir(const char* path) {
+    int r = real().chdir(path);
+    int e = errno;
+    note_cwd_change();
+    errno = e;
+    return r;
+}
+CMK_EXPORT int fchdir(int fd) {
+    int r = real().fchdir(fd);
+    int e = errno;
+    note_cwd_change();
+    errno = e;
+    return r;
+}
+
 CMK_EXPORT int truncate(const char* path, off_t len) { return op_truncate(path, len); }
 CMK_EXPORT int truncate64(const char* path, off_t len) { return op_truncate(path, len); }
 CMK_EXPORT int ftruncate(int fd, off_t len) { return op_ftruncate(fd, len); }

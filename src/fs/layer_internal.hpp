@@ -86,6 +86,8 @@ struct Real {
     void* (*mmap)(void*, size_t, int, int, int, off_t);
     ssize_t (*copy_file_range)(int, off_t*, int, off_t*, size_t, unsigned);
     off_t (*lseek)(int, off_t, int);
+    int (*chdir)(const char*);
+    int (*fchdir)(int);
 };
 const Real& real();
 
@@ -391,6 +393,8 @@ struct Resolved {
 std::string real_path(const std::string& p);  // realpath(), "" if it fails
 void env_once();                              // reads CMK_LAKEBASE_PGDATA / _KEYRING_DIR once
 std::string absolute_of(int dirfd, const char* path);
+// A chdir()/fchdir() went through the layer: the kept working directory is stale.
+void note_cwd_change();
 // Where a path lies relative to the data directory (or a source directory), and its
 // class. nullopt: outside.
 std::optional<Resolved> resolve(int dirfd, const char* path);

@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <atomic>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -81,13 +82,50 @@ void refresh_tablespaces(const std::string& datadir) {
 
 }  // namespace
 
+namespace {
+
+// The working directory as this thread last read it, and the count of chdir()/fchdir()
+// calls through the layer at that moment (note_cwd_change). Trusted only in a server
+// (Mode::Got): PostgreSQL changes to its data directory before the layer is installed
+// and never again, and the server's own and its modules' chdir slots are the layer's.
+// Tools (preloaded) may change directory in ways the layer cannot see (glibc's nftw
+// with FTW_CHDIR calls it internally): they ask every time.
+std::atomic<uint64_t> g_cwd_changes{0};
+struct CwdSeen {
+    uint64_t changes = ~uint64_t(0);
+    std::string dir;
+};
+thread_local CwdSeen tl_cwd;
+
+bool read_cwd(std::string& out) {
+    char buf[PATH_MAX];
+    if (!::getcwd(buf, sizeof buf)) return false;
+    out = buf;
+    return true;
+}
+
+}  // namespace
+
+void note_cwd_change() { g_cwd_changes.fetch_add(1, std::memory_order_acq_rel); }
+
 std::string absolute_of(int dirfd, const char* path) {
     if (path[0] == '/') return normalize_path(path);
     std::string base;
     if (dirfd == AT_FDCWD) {
-        char buf[PATH_MAX];
-        if (!::getcwd(buf, sizeof buf)) return "";
-        base = buf;
+        if (st().mode.load(std::memory_order_acquire) == Mode::Got) {
+            // Read the count before the directory: a change in between is seen next time.
+            uint64_t n = g_cwd_changes.load(std::memory_order_acquire);
+            if (tl_cwd.changes != n) {
+                if (!read_cwd(tl_cwd.dir)) {
+                    tl_cwd.changes = ~uint64_t(0);
+                    return "";
+                }
+                tl_cwd.changes = n;
+            }
+            base = tl_cwd.dir;
+        } else if (!read_cwd(base)) {
+            return "";
+        }
     } else {
         char link[64], buf[PATH_MAX];
         snprintf(link, sizeof link, "/proc/self/fd/%d", dirfd);

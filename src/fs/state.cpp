@@ -56,6 +56,8 @@ const Real& real() {
         CMK_RESOLVE(mmap, "mmap");
         CMK_RESOLVE(copy_file_range, "copy_file_range");
         CMK_RESOLVE(lseek, "lseek");
+        CMK_RESOLVE(chdir, "chdir");
+        CMK_RESOLVE(fchdir, "fchdir");
 #undef CMK_RESOLVE
         return x;
     }();

@@ -33,6 +33,35 @@ protected:
 
     std::unique_ptr<KeyMap> open(uint32_t gen = 1) { return std::make_unique<KeyMap>(dir, kek, cluster, gen); }
     std::string path() const { return dir + "/keymap"; }
+    // A change counter in MAP_SHARED memory (as a server's processes share theirs),
+    // named to KeyMap for this process and the ones it forks.
+    std::atomic<uint64_t>* shared_counter() {
+        void* mem = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED) return nullptr;
+        auto* c = new (mem) std::atomic<uint64_t>(0);
+        KeyMap::set_change_counter(c);
+        return c;
+    }
+    void drop_counter(std::atomic<uint64_t>* c) {
+        KeyMap::set_change_counter(nullptr);
+        munmap(c, 4096);
+    }
+    // Another process creates identity's key (counted, if a counter is set): true when it did.
+    bool create_in_child(const std::string& identity) {
+        pid_t pid = fork();
+        if (pid < 0) return false;
+        if (pid == 0) {
+            int rc = 0;
+            try {
+                KeyMap(dir, kek, cluster, 1).create(identity, FileClass::Relation);
+            } catch (...) {
+                rc = 1;
+            }
+            _exit(rc);
+        }
+        int status = 0;
+        return waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
     std::string bytes() const { return cmk_test::slurp(path()); }
     void write_bytes(const std::string& b) const {
         // Rewrite in place (same inode), as damage on disk would look.
@@ -291,28 +320,13 @@ TEST_F(KeyMapTest, ForkedProcessesAppendConcurrently) {
 // without counting is not seen until the next counted one. Processes share the counter
 // through MAP_SHARED memory, as a server's do through its shared region.
 TEST_F(KeyMapTest, ChangeCounterSkipsLooksUntilAWriterCounts) {
-    void* mem = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    ASSERT_NE(mem, MAP_FAILED);
-    auto* counter = new (mem) std::atomic<uint64_t>(0);
-    KeyMap::set_change_counter(counter);
+    std::atomic<uint64_t>* counter = shared_counter();
+    ASSERT_NE(counter, nullptr);
     auto reader = open();
     reader->skip_unchanged(true);
     EXPECT_FALSE(reader->contains("base/5/1"));
     // Another process's create counts: seen at once.
-    pid_t pid = fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-        int rc = 0;
-        try {
-            KeyMap(dir, kek, cluster, 1).create("base/5/1", FileClass::Relation);
-        } catch (...) {
-            rc = 1;
-        }
-        _exit(rc);
-    }
-    int status = 0;
-    ASSERT_EQ(waitpid(pid, &status, 0), pid);
-    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    ASSERT_TRUE(create_in_child("base/5/1"));
     EXPECT_EQ(counter->load(), 1u) << "a writer section counts once";
     EXPECT_TRUE(reader->contains("base/5/1")) << "a counted change must be seen";
     // A change made without counting (no counter set in the writer) is not looked for...
@@ -330,7 +344,43 @@ TEST_F(KeyMapTest, ChangeCounterSkipsLooksUntilAWriterCounts) {
     KeyMap::set_change_counter(nullptr);
     open()->remove("base/5/1");
     EXPECT_FALSE(reader->contains("base/5/1"));
-    munmap(mem, 4096);
+    drop_counter(counter);
+}
+
+// A server map's own writer section (create, remove) leaves it holding everything the
+// file does: the next look needs no stat of the file for that change, while what
+// another counted writer did before the section is in memory too, and a section that
+// failed before its append was applied makes the next look read the file again.
+TEST_F(KeyMapTest, OwnAppendNeedsNoLookAtTheFileAfterwards) {
+    std::atomic<uint64_t>* counter = shared_counter();
+    ASSERT_NE(counter, nullptr);
+    auto writer = open();
+    writer->skip_unchanged(true);
+    EXPECT_FALSE(writer->contains("base/5/1"));
+    ASSERT_TRUE(create_in_child("base/5/1"));
+    SecureBytes k2 = writer->create("base/5/2", FileClass::Relation);
+    EXPECT_EQ(counter->load(), 2u);
+    // A change nobody counts, made after our section: not looked for.
+    KeyMap::set_change_counter(nullptr);
+    open()->create("base/5/3", FileClass::Relation);
+    KeyMap::set_change_counter(counter);
+    EXPECT_FALSE(writer->contains("base/5/3")) << "the writer's own change made it look at the file again";
+    EXPECT_TRUE(writer->contains("base/5/1")) << "a change counted before our section was lost";
+    auto got = writer->get("base/5/2");
+    ASSERT_TRUE(got.has_value());
+    EXPECT_EQ(hex_encode(got->data(), 64), hex_encode(k2.data(), 64));
+    // Applied in memory exactly as read: a fresh map of the file agrees, and a removal
+    // (the DEL and the shred of its ADD) applies alike.
+    writer->remove("base/5/2");
+    EXPECT_FALSE(writer->contains("base/5/2"));
+    EXPECT_FALSE(open()->contains("base/5/2"));
+    EXPECT_TRUE(writer->removed("base/5/2"));
+    // A section that fails after writing (no fsync) leaves the next look to the file.
+    KeyMap::set_crash_point("append-fsync");
+    EXPECT_THROW(writer->create("base/5/4", FileClass::Relation), KeyMapCrash);
+    KeyMap::set_crash_point("");
+    EXPECT_TRUE(writer->contains("base/5/3")) << "a failed section was taken as applied";
+    drop_counter(counter);
 }
 
 TEST_F(KeyMapTest, TornTailIgnoredThenRepaired) {

@@ -179,7 +179,8 @@ private:
     };
     SecureBytes unwrap_locked(const std::string& identity, const Entry& e);
     SecureBytes create_impl(const std::string& identity, FileClass cls, bool keep_existing);
-    void load_locked(bool full);
+    void load_locked(bool full, const std::vector<uint8_t>* appended = nullptr);
+    void apply_locked(const uint8_t* data, size_t n, const std::string& path);
     void append_locked(const std::vector<uint8_t>& rec);
     void write_full_locked(const std::string& path, const SecureBytes& kek, uint32_t gen,
                            const std::unordered_map<std::string, Entry>& entries,
@@ -198,6 +199,7 @@ private:
     std::vector<Pending> pending_;             // dead ADDs to shred in the next append
     size_t dead_records_ = 0;
     uint64_t read_offset_ = 0;
+    uint64_t file_size_ = 0;  // the file's size at the last load_locked (or own append)
     uint64_t file_ino_ = 0;
     int fd_ = -1;
     int lock_fd_ = -1;
@@ -205,7 +207,8 @@ private:
     bool skip_unchanged_ = false;  // skip_unchanged
     uint64_t seen_changes_ = 0;    // the change counter at the last look at the file
     bool seen_valid_ = false;
-    static void note_change();     // a writer section ends
+    bool clean_write_ = false;     // this writer section's append is applied in memory
+    static uint64_t note_change();  // a writer section ends: the counter's new value (0: none)
     KekResolver resolver_;
     std::recursive_mutex mu_;
 };

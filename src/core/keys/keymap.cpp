@@ -121,9 +121,19 @@ class HeldLock {
 public:
     HeldLock(KeyMap& km, const std::string& dir, int op) : km_(km), exclusive_(op == LOCK_EX) {
         if (!km.ex_held_) lock_.emplace(dir, op);
+        if (exclusive_) km_.clean_write_ = false;
     }
     ~HeldLock() {
-        if (lock_ && exclusive_) km_.note_change();
+        if (!lock_ || !exclusive_) return;
+        uint64_t now = km_.note_change();
+        // A writer section that ended with its own append applied (append_locked) has
+        // everything the file holds in memory: every other writer of this file held
+        // the lock before us and counted its change before letting it go. Its own
+        // change need not make the next refresh() look at the file again.
+        if (km_.clean_write_ && now != 0 && km_.skip_unchanged_) {
+            km_.seen_changes_ = now;
+            km_.seen_valid_ = true;
+        }
     }
     HeldLock(const HeldLock&) = delete;
     HeldLock& operator=(const HeldLock&) = delete;
@@ -357,8 +367,15 @@ KeyMap::~KeyMap() {
 
 // Caller holds mu_ and a flock. Switches to a replaced file (compaction/rewrap by
 // any process), then reads the header (full) and every record not yet seen.
-void KeyMap::load_locked(bool full) {
+// appended: the caller's own append, durable, under LOCK_EX: the file is what was read
+// before plus these bytes, applied without looking at the file again.
+void KeyMap::load_locked(bool full, const std::vector<uint8_t>* appended) {
     std::string path = map_path(dir_);
+    if (appended) {
+        file_size_ = read_offset_ + appended->size();
+        apply_locked(appended->data(), appended->size(), path);
+        return;
+    }
     struct stat ps;
     if (::stat(path.c_str(), &ps) != 0) throw KeyMapError("key map \"" + path + "\" is missing: " + errno_text());
     if (static_cast<uint64_t>(ps.st_ino) != file_ino_) {
@@ -377,6 +394,7 @@ void KeyMap::load_locked(bool full) {
     struct stat st;
     if (::fstat(fd_, &st) != 0) throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
     uint64_t size = static_cast<uint64_t>(st.st_size);
+    file_size_ = size;
     if (full) {
         uint8_t h[kHeaderSize];
         ssize_t r = sys::pread_full(fd_, h, sizeof h, 0);
@@ -408,9 +426,15 @@ void KeyMap::load_locked(bool full) {
     ssize_t r = sys::pread_full(fd_, buf.data(), buf.size(), static_cast<off_t>(read_offset_));
     if (r < 0) throw KeyMapError("could not read key map \"" + path + "\": " + errno_text());
     buf.resize(static_cast<size_t>(r));
+    apply_locked(buf.data(), buf.size(), path);
+}
+
+// Caller holds mu_ and a flock: the n bytes of the file at read_offset_, parsed and
+// applied to the in-memory map; read_offset_ moves past the records they hold.
+void KeyMap::apply_locked(const uint8_t* data, size_t n, const std::string& path) {
     // Parse everything first so that damage leaves the in-memory map as it was.
     std::vector<Record> recs;
-    size_t used = parse_records(buf.data(), buf.size(), read_offset_, path,
+    size_t used = parse_records(data, n, read_offset_, path,
                                 [&](Record& rec) { recs.push_back(std::move(rec)); });
     // An ADD superseded by a later record (a DEL, or an ADD replacing it) is dead; if
     // its sealed DEK is still in the file, it waits in pending_ for the in-place shred.
@@ -473,13 +497,13 @@ void KeyMap::load_locked(bool full) {
 // appends rec and makes it durable before applying it in memory.
 void KeyMap::append_locked(const std::vector<uint8_t>& rec) {
     std::string path = map_path(dir_);
-    load_locked(false);
-    struct stat st;
-    if (::fstat(fd_, &st) != 0) throw KeyMapError("could not stat key map \"" + path + "\": " + errno_text());
-    if (static_cast<uint64_t>(st.st_size) > read_offset_) {
+    // Every caller has just called load_locked under this LOCK_EX: file_size_ is the
+    // file's size now, and no other writer can have moved it since.
+    if (file_size_ > read_offset_) {
         // A torn record from a crashed writer: cut it so the log stays parseable.
         if (sys::ftruncate(fd_, static_cast<off_t>(read_offset_)) != 0 || ::fsync(fd_) != 0)
             throw KeyMapError("could not repair key map \"" + path + "\": " + errno_text());
+        file_size_ = read_offset_;
     }
     {
         std::lock_guard<std::mutex> g(g_crash_mu);
@@ -512,11 +536,12 @@ void KeyMap::append_locked(const std::vector<uint8_t>& rec) {
         (void)sys::ftruncate(fd_, static_cast<off_t>(read_offset_));
         throw KeyMapError("could not fsync key map \"" + path + "\": " + e);
     }
-    load_locked(false);  // applies what we just wrote, through the same parser as everyone
+    load_locked(false, &rec);  // applies what we just wrote, through the same parser as everyone
     std::vector<Pending> left;
     for (Pending& pd : pending_)
         if (!shredded.count(pd.off)) left.push_back(std::move(pd));
     pending_.swap(left);
+    clean_write_ = true;
 }
 
 // Caller holds mu_ and LOCK_EX, inside an append, before its fsync. Overwrites, in
@@ -665,8 +690,10 @@ void KeyMap::skip_unchanged(bool on) {
 // old count looked at the file before this section changed it (or finds the change
 // complete), and one that finds the new count looks again, waiting for the lock if the
 // change is still in flight.
-void KeyMap::note_change() {
-    if (std::atomic<uint64_t>* c = g_changes.load(std::memory_order_relaxed)) c->fetch_add(1, std::memory_order_acq_rel);
+uint64_t KeyMap::note_change() {
+    if (std::atomic<uint64_t>* c = g_changes.load(std::memory_order_relaxed))
+        return c->fetch_add(1, std::memory_order_acq_rel) + 1;
+    return 0;
 }
 
 void KeyMap::refresh() {
