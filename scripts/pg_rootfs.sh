@@ -100,7 +100,10 @@ mirror=${mirror:-http://deb.debian.org/debian}
 # what the matrix's TAP files use there: IPC::Run and prove, ps, nm (TAP 090), and the
 # one KMS peer of the matrix, the loopback Vault of TAP 062 (python3-cryptography, and
 # python3-hvac for its fidelity check; openssl for the throwaway CA; curl, with which
-# the test drives the peer). The other
+# the test drives the peer), and Google's own client for TAP 105, the fidelity check of
+# the loopback Cloud KMS/STS/IAM Credentials peer (python3-google-auth: Debian 12's 1.5.1
+# has neither impersonated nor external_account credentials, Debian 13's 2.28 and sid's
+# both; python3-jwt for the peer's own token checks). The other
 # providers' peers run on the host's 15 only: PyKMIP on Debian 13+'s Python answers a
 # Revoke or Create after 30 s or not at all, which fails 060's kill-latency checks
 # there (our server is not involved).
@@ -111,6 +114,7 @@ packages=(
 	libssl-dev libcurl4-openssl-dev rapidjson-dev
 	libipc-run-perl perl procps binutils
 	python3 python3-cryptography python3-hvac openssl curl
+	python3-google-auth python3-requests python3-jwt
 	xz-utils bzip2 # scripts/pg_upstream_regress.sh: the Sources index, the source tarball
 	xfsprogs       # test/run_all.sh: XFS with reflinks on a loop device for TAP 096's --clone
 )

@@ -30,10 +30,13 @@ fi
 # What the matrix runs on every version besides pg_regress: the tools, crash recovery,
 # the marker scan, the watchdog (kill switch) and rotation on the local provider; one
 # KMS provider end to end (062: Vault Transit against the loopback Vault; 060 KMIP runs on 15 only, see pg_rootfs.sh); 090 the version's own
-# I/O (vectored I/O, fallocate, io_method); 089 incremental backups (17+).
+# I/O (vectored I/O, fallocate, io_method); 089 incremental backups (17+); the Google
+# identity routes (102 impersonation, 104 workload identity federation) and 105, their
+# peer checked by Google's own client (google-auth 2.x exists from Debian 13 on only).
 default_tests="test/t/020_tools.pl test/t/030_crash_recovery.pl test/t/040_marker_scan.pl
 test/t/050_watchdog.pl test/t/062_vault.pl test/t/070_rotation.pl test/t/087_basebackup.pl test/t/089_incremental.pl test/t/090_versions.pl
-test/t/043_extension_files.pl test/t/088_encrypt.pl test/t/096_upgrade.pl"
+test/t/043_extension_files.pl test/t/088_encrypt.pl test/t/096_upgrade.pl
+test/t/102_gcp_impersonation.pl test/t/104_gcp_workload_identity.pl test/t/105_gcp_google_auth.pl"
 tests=${CMK_MATRIX_TESTS:-$default_tests}
 
 t0=$(date +%s)

@@ -6,7 +6,9 @@ server's token endpoint.
 
 The token endpoint verifies every assertion with PyJWT (python3-jwt; independent of
 the C++ signer): RS256 signature under the service account's public key, kid, iss,
-aud = this token endpoint, scope cloudkms, iat/exp within an hour. Every KMS request
+aud = https://oauth2.googleapis.com/token (Google's documented value for every access
+token request, whatever endpoint token_uri names; google-auth sends it too), scope
+cloudkms, cloud-platform or iam, iat/exp within an hour. Every KMS request
 must carry a bearer token this server issued and that has not expired. Real crypto
 (AES-256-GCM per key version, with the request's additional authenticated data);
 CRC32C integrity fields are checked and returned like Cloud KMS does.
@@ -30,7 +32,8 @@ With --pool-provider AUDIENCE the server also serves Google's Security Token Ser
 POST /v1/token (workload identity federation, RFC 8693 token exchange as STS v1 takes
 it): form-encoded (application/x-www-form-urlencoded, no Authorization header) with
 grant_type token-exchange, audience = AUDIENCE (else 400 invalid_target, Google's
-words for a pool or provider that does not exist), scope cloud-platform,
+words for a pool or provider that does not exist), a Google scope (cloud-platform,
+iam or cloudkms; the token carries the scopes asked),
 requested_token_type access_token, subject_token_type jwt or id_token, and a
 subject_token that is either an RS256 JWT of this server's own OIDC issuer (written by
 control write_subject: iss, aud = https:AUDIENCE-without-the-leading-//, sub, exp
@@ -44,13 +47,13 @@ workload_identity_user on|off: roles/iam.workloadIdentityUser). Controls:
   provider off|on (disabled provider: 400 invalid_grant) | sts_ttl seconds |
   write_subject path [sub] [ttl] | opaque_subject value | stats (sts_exchanges,
   sts_refused)
-Python's google-auth on Debian 12 (1.5.1) has no external_account credentials, so
-this endpoint's fidelity rests on Google's published STS reference, not on an
-independent client.
+Google's own client checks this endpoint: test/kms/gcp_google_auth.py (TAP 105)
+runs google-auth 2.x's identity_pool credentials against it (Debian 13+; Debian 12's
+1.5.1 has no external_account credentials).
 
 With --impersonate EMAIL the server also serves IAM Credentials
 POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken: the caller's bearer
-token must be one this server issued with scope cloud-platform, the binding must be on
+token must be one this server issued with scope cloud-platform or iam, the binding must be on
 (else 403 PERMISSION_DENIED iam.serviceAccounts.getAccessToken), the body must ask for
 scope cloudkms and a lifetime "Ns" of at most 43200 s; the answer is
 {"accessToken", "expireTime"}. The keys then admit only tokens of EMAIL (the key's IAM
@@ -78,6 +81,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 KEY_RE = re.compile(r"projects/([^/]+)/locations/([^/]+)/keyRings/([^/]+)/cryptoKeys/([^/:]+)")
 SCOPE = "https://www.googleapis.com/auth/cloudkms"
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
+# generateAccessToken takes a token of either scope (IAM Credentials REST reference);
+# google-auth's impersonated credentials ask for the narrower iam scope.
+IAM_SCOPE = "https://www.googleapis.com/auth/iam"
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
 
@@ -238,7 +245,9 @@ class Kms:
         if isinstance(tok, bytes):
             tok = tok.decode()
         with open(path + ".tmp", "w") as f:
-            f.write(tok + "\n")
+            # No newline after it, as Kubernetes projects a token: google-auth's "text"
+            # format sends the file's bytes as they are.
+            f.write(tok)
         os.rename(path + ".tmp", path)
 
     def _sts(self, headers, body):
@@ -260,8 +269,11 @@ class Kms:
             return refuse(400, "unsupported_grant_type", "grant_type")
         if one.get("requested_token_type") != "urn:ietf:params:oauth:token-type:access_token":
             return refuse(400, "invalid_request", "requested_token_type")
-        if CLOUD_PLATFORM not in one.get("scope", "").split():
-            return refuse(400, "invalid_scope", "scope must include cloud-platform")
+        # Any Google scope (STS v1 reference); the token carries what was asked:
+        # google-auth's federated source for impersonation asks for iam only.
+        asked = one.get("scope", "").split()
+        if not {CLOUD_PLATFORM, IAM_SCOPE, SCOPE} & set(asked):
+            return refuse(400, "invalid_scope", "scope must name a Google OAuth 2.0 scope")
         if one.get("subject_token_type") not in ("urn:ietf:params:oauth:token-type:jwt",
                                                  "urn:ietf:params:oauth:token-type:id_token"):
             return refuse(400, "invalid_request", "subject_token_type")
@@ -285,7 +297,7 @@ class Kms:
         self.sts_exchanges += 1
         pool = self.pool_provider[len("//iam.googleapis.com/"):].split("/providers/")[0]
         principal = "principal://iam.googleapis.com/%s/subject/%s" % (pool, sub)
-        tok = self._issue(owner=principal, scopes=[CLOUD_PLATFORM], ttl=self.sts_ttl)
+        tok = self._issue(owner=principal, scopes=asked, ttl=self.sts_ttl)
         return 200, {"access_token": tok, "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
                      "token_type": "Bearer", "expires_in": self.sts_ttl}, {}
 
@@ -295,7 +307,7 @@ class Kms:
         if self.tokens.get(tok, 0) < time.time():
             return gerr(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
         owner, scopes = self.token_owner.get(tok, ("", set()))
-        if CLOUD_PLATFORM not in scopes:
+        if CLOUD_PLATFORM not in scopes and IAM_SCOPE not in scopes:
             return gerr(403, "PERMISSION_DENIED", "Request had insufficient authentication scopes.")
         if email != self.impersonate:
             return gerr(404, "NOT_FOUND", "Not found; Gaia id not found for email %s" % email)
@@ -317,7 +329,12 @@ class Kms:
         m = re.fullmatch(r"(\d+)s", str(req.get("lifetime", "3600s")))
         if not m or not 1 <= int(m.group(1)) <= 43200:
             return gerr(400, "INVALID_ARGUMENT", "The lifetime must be between 1s and 43200s.")
-        for d in req.get("delegates", []):
+        # google-auth sends "delegates": null without a chain (JSON null for an empty
+        # repeated field, as proto3 JSON reads it).
+        delegates = req.get("delegates") or []
+        if not isinstance(delegates, list):
+            return gerr(400, "INVALID_ARGUMENT", "Invalid value at 'delegates'.")
+        for d in delegates:
             if not re.fullmatch(r"projects/-/serviceAccounts/[^/]+@[^/]+", d):
                 return gerr(400, "INVALID_ARGUMENT", "Invalid form of account ID %s." % d)
         life = self.impersonated_ttl or int(m.group(1))
@@ -337,7 +354,7 @@ class Kms:
         assertion = form.get("assertion", [""])[0]
         if self.sa_revoked:
             return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}, {}
-        aud = "http://127.0.0.1:%d/token" % self.port
+        aud = GOOGLE_TOKEN_AUDIENCE
         try:
             hdr = jwt.get_unverified_header(assertion)
             claims = jwt.decode(assertion, self.sa_public, algorithms=["RS256"], audience=aud,
@@ -349,7 +366,7 @@ class Kms:
         if claims["iss"] != self.sa_email:
             return 400, {"error": "invalid_grant", "error_description": "Invalid issuer"}, {}
         scopes = claims.get("scope", "").split()
-        if SCOPE not in scopes and CLOUD_PLATFORM not in scopes:
+        if not {SCOPE, CLOUD_PLATFORM, IAM_SCOPE} & set(scopes):
             return 400, {"error": "invalid_scope", "error_description": "scope"}, {}
         if claims["exp"] - claims["iat"] > 3600 or abs(claims["iat"] - time.time()) > 300:
             return 400, {"error": "invalid_grant", "error_description":

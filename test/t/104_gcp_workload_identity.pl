@@ -11,11 +11,11 @@
 # start with nothing lost. No subject token file: an outage, not a revocation. Bad
 # external_account files fail with one line naming the field.
 #
-# Fidelity: Debian 12's python3-google-auth (1.5.1) has no external_account
-# credentials, so no independent Google client checks this peer; its STS request
-# checks follow Google's published STS v1 reference, as the unit test
-# GcpWorkloadIdentity.StsRequestAgainstThePublishedExample does for the request the
-# provider builds.
+# Fidelity: TAP 105 runs Google's own client (google-auth's identity_pool
+# credentials) against this peer's STS, in the 17/18 matrix (Debian 12's google-auth
+# 1.5.1 has no external_account credentials); the unit test
+# GcpWorkloadIdentity.StsRequestAgainstThePublishedExample checks the request the
+# provider builds against Google's published STS v1 example.
 
 use strict;
 use warnings;

@@ -25,6 +25,11 @@ using kit::config_error;
 constexpr const char* kScope = "https://www.googleapis.com/auth/cloudkms";
 constexpr const char* kCloudPlatform = "https://www.googleapis.com/auth/cloud-platform";
 constexpr const char* kIamEndpoint = "https://iamcredentials.googleapis.com";
+// The "aud" of a service account's JWT bearer grant: Google documents it as always this
+// URL for an access token request, whatever endpoint the key file's token_uri names (a
+// private endpoint, a test peer), and google-auth sends it so; the token endpoint
+// refuses any other audience.
+constexpr const char* kTokenAudience = "https://oauth2.googleapis.com/token";
 constexpr const char* kDefaultMetadataHost = "metadata.google.internal";
 
 // A service-account key file's fields. private_key is wiped with the object.
@@ -588,7 +593,7 @@ kit::Secret Identity::fetch_base(long* life_s, const std::string& where, const c
         jwt::JsonObject claims;
         claims.set("iss", sa.client_email)
             .set("scope", scope)
-            .set("aud", sa.token_uri)
+            .set("aud", kTokenAudience)
             .set("iat", static_cast<int64_t>(t))
             .set("exp", static_cast<int64_t>(t) + 3600);
         std::vector<std::pair<std::string, std::string>> extra;
