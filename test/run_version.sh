@@ -30,7 +30,8 @@ fi
 # What the matrix runs on every version besides pg_regress: the tools, crash recovery,
 # the marker scan, the watchdog (kill switch) and rotation on the local provider; one
 # KMS provider end to end (062: Vault Transit against the loopback Vault; 060 KMIP runs on 15 only, see pg_rootfs.sh); 090 the version's own
-# I/O (vectored I/O, fallocate, io_method); 089 incremental backups (17+).
+# I/O (vectored I/O, fallocate, io_method); 089 incremental backups (17+). The hung
+# provider tests (051 a KMS, 053 a local key store on FUSE) run on 15 only.
 default_tests="test/t/020_tools.pl test/t/030_crash_recovery.pl test/t/040_marker_scan.pl
 test/t/050_watchdog.pl test/t/062_vault.pl test/t/070_rotation.pl test/t/087_basebackup.pl test/t/089_incremental.pl test/t/090_versions.pl
 test/t/043_extension_files.pl test/t/088_encrypt.pl test/t/096_upgrade.pl"
