@@ -45,6 +45,9 @@ packages=(
 	# of the alternatives patroni depends on, so it is named here)
 	patroni etcd-server python3-etcd
 	gdb  # 052_core_dumps: gcore of a backend and of a tool under the layer
+	# 053_local_store_hang: a local key store on a FUSE file system that can hang
+	# (test/kms/hang_fs.py; python3-fuse is libfuse2's binding, fuse3 brings fusermount3)
+	python3-fuse fuse3
 	clang-14 libfuzzer-14-dev  # make fuzz / test/run_fuzz.sh: libFuzzer targets (fuzz/)
 )
 

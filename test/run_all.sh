@@ -270,6 +270,79 @@ else
 	tap_files=(test/t/*.pl)
 fi
 
+# Mounts made as root for a TAP file, undone on any exit (cleanup_mounts, also called
+# after the TAP files).
+reflink_mounted=0
+hang_pid=
+hang_dir=
+cleanup_mounts() {
+	if [ "$reflink_mounted" -eq 1 ]; then
+		umount "$scratch/reflink" 2>/dev/null || true
+		rm -f "$scratch/reflink.img"
+		reflink_mounted=0
+	fi
+	if [ -n "$hang_dir" ]; then
+		local d=$hang_dir p=$hang_pid
+		hang_dir= # once only, even if a step below fails
+		hang_pid=
+		rm -f "$d/control/hang" # release anything held, then stop it (SIGTERM unmounts)
+		if [ -n "$p" ] && kill "$p" 2>/dev/null; then
+			for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+			kill -9 "$p" 2>/dev/null || true
+		fi
+		# /proc/mounts, not mountpoint(1): a mount whose daemon died fails its stat
+		if grep -qF " $d/mnt " /proc/mounts; then
+			fusermount3 -u -z "$d/mnt" 2>/dev/null || umount -l "$d/mnt" || true
+		fi
+		if ! grep -qF " $d/mnt " /proc/mounts; then
+			rm -rf "$d" || true
+		fi
+	fi
+}
+trap cleanup_mounts EXIT
+
+# A FUSE file system that can hang for TAP 053 (a local key store on a hung NFS mount,
+# test/kms/hang_fs.py): mounted as root (here /dev/fuse is root's only) with
+# allow_other, its backing directory, mount point and control directory owned by the
+# test user, outside the scratch directory (so that no find or rm walks a held mount).
+# If it cannot be mounted, 053 skips with the reason given in CMK_TEST_HANG_FS_SKIP.
+if printf '%s\n' "${tap_files[@]}" | grep -q 053_local_store_hang; then
+	hang_why=
+	if [ "$is_root" -ne 1 ]; then
+		hang_why="run_all.sh is not root (only root mounts FUSE here)"
+	elif [ ! -c /dev/fuse ]; then
+		hang_why="no /dev/fuse (FUSE module missing?)"
+	elif ! /usr/bin/python3 -c 'import fuse' 2>/dev/null; then
+		hang_why="python3-fuse is not installed (scripts/install_deps.sh)"
+	else
+		hang_dir=$(mktemp -d /tmp/cmk_hang_fs.XXXXXX)
+		chmod 755 "$hang_dir"
+		mkdir -m 700 "$hang_dir/backing" "$hang_dir/mnt" "$hang_dir/control"
+		chown "$test_user": "$hang_dir/backing" "$hang_dir/mnt" "$hang_dir/control"
+		/usr/bin/python3 "$root/test/kms/hang_fs.py" --backing "$hang_dir/backing" \
+			--mountpoint "$hang_dir/mnt" --control "$hang_dir/control/hang" \
+			--lifetime $((tap_timeout + 300)) --log "$logdir/hang_fs.log" \
+			>"$logdir/hang_fs.out" 2>&1 </dev/null &
+		hang_pid=$!
+		for _ in $(seq 100); do
+			mountpoint -q "$hang_dir/mnt" && break
+			kill -0 "$hang_pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if ! mountpoint -q "$hang_dir/mnt"; then
+			hang_why="FUSE could not be mounted: $(tr '\n' ' ' <"$logdir/hang_fs.out" | cut -c1-200)"
+			cleanup_mounts
+		fi
+	fi
+	if [ -z "$hang_why" ]; then
+		echo "== a FUSE file system that can hang for TAP 053 at $hang_dir/mnt (test/kms/hang_fs.py)"
+		test_env+=(CMK_TEST_HANG_FS="$hang_dir/mnt" CMK_TEST_HANG_CONTROL="$hang_dir/control/hang")
+	else
+		echo "== no FUSE file system for TAP 053: $hang_why"
+		test_env+=(CMK_TEST_HANG_FS_SKIP="$hang_why")
+	fi
+fi
+
 # A filesystem with reflinks for TAP 096's pg_cmk upgrade --clone (the scratch
 # filesystem, ext4, has none): XFS on a loop device, made as root only when 096 runs on
 # a version newer than 15, unmounted on exit. Inside a version's root filesystem
@@ -279,7 +352,7 @@ if [ "$is_root" -eq 1 ] && [ "$pg_version" != 15 ] && printf '%s\n' "${tap_files
 	if command -v mkfs.xfs >/dev/null && mkdir -p "$scratch/reflink" &&
 		truncate -s 4G "$scratch/reflink.img" && mkfs.xfs -q -m reflink=1 "$scratch/reflink.img" &&
 		mount -o loop "$scratch/reflink.img" "$scratch/reflink" 2>"$logdir/reflink_mount.log"; then
-		trap 'umount "$scratch/reflink" 2>/dev/null || true' EXIT
+		reflink_mounted=1
 		chown postgres: "$scratch/reflink"
 		test_env+=(CMK_TEST_REFLINK_DIR="$scratch/reflink")
 		echo "== a filesystem with reflinks for TAP 096: XFS on a loop device at $scratch/reflink"
@@ -320,10 +393,7 @@ for f in "${tap_files[@]}"; do
 	fi
 	record "TAP $name" "$passed" "$failed" "exit $tap_rc, $(($(date +%s) - t0))s"
 done
-if mountpoint -q "$scratch/reflink" 2>/dev/null; then
-	umount "$scratch/reflink" || true
-	rm -f "$scratch/reflink.img"
-fi
+cleanup_mounts
 
 # --- 6. the other major versions, each in a Debian root filesystem of its own
 # They run side by side (CMK_VERSION_JOBS, default 2): most of a matrix run is TAP

@@ -33,6 +33,7 @@ fi
 # I/O (vectored I/O, fallocate, io_method); 089 incremental backups (17+); the Google
 # identity routes (102 impersonation, 104 workload identity federation) and 105, their
 # peer checked by Google's own client (google-auth 2.x exists from Debian 13 on only).
+# The hung provider tests (051 a KMS, 053 a local key store on FUSE) run on 15 only.
 default_tests="test/t/020_tools.pl test/t/030_crash_recovery.pl test/t/040_marker_scan.pl
 test/t/050_watchdog.pl test/t/062_vault.pl test/t/070_rotation.pl test/t/087_basebackup.pl test/t/089_incremental.pl test/t/090_versions.pl
 test/t/043_extension_files.pl test/t/088_encrypt.pl test/t/096_upgrade.pl
