@@ -164,8 +164,8 @@ KeyOptions parse_key_options(const std::string& cmdname, const ParsedArgs& a) {
             throw UsageError(cmdname, "--kms-option wants KEY=VALUE, got \"" + o.second + "\"");
         kms_options[o.second.substr(0, eq)] = o.second.substr(eq + 1);
     }
-    if (local && !kms_options.empty())
-        throw UsageError(cmdname, "the local provider takes no --kms-option (its key store is --key-store)");
+    if (local && kms_options.count("key_store"))
+        throw UsageError(cmdname, "the local provider's key store is --key-store, not --kms-option key_store");
     if (!local && (a.has("key-store") || a.has("create-key")))
         throw UsageError(cmdname, "--key-store and --create-key are for the local provider only");
     if (!local && !a.has("key-id"))
@@ -212,7 +212,8 @@ NewKeyring new_keyring(const KeyOptions& ko) {
             ks.create(nk.key_id);
             nk.created_key = true;
         }
-        cfg = KeyConfig{"local", nk.key_id, {{"key_store", ko.store}}};
+        cfg = KeyConfig{"local", nk.key_id, ko.kms_options};  // timeout_ms, checked by make_provider
+        cfg.options["key_store"] = ko.store;
     }
     // make_provider validates the configuration (one line naming the bad field); the
     // wrap is the first KMS call and proves the key is usable.

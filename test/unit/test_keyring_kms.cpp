@@ -99,6 +99,17 @@ TEST_F(LocalKmsTest, MakeProviderValidatesConfig) {
     c.key_id = "../etc/passwd";
     EXPECT_EQ(kind_of([&] { make_provider(c); }), KmsErrorKind::Config);
     EXPECT_NE(last_msg.find("key_id"), std::string::npos) << last_msg;
+    // timeout_ms: the deadline of every key-file read (a store on a hung mount)
+    for (const char* bad : {"99", "600001", "10s", "-5"}) {
+        c = cfg;
+        c.options["timeout_ms"] = bad;
+        EXPECT_EQ(kind_of([&] { make_provider(c); }), KmsErrorKind::Config) << bad;
+        EXPECT_EQ(last_msg.rfind("timeout_ms", 0), 0u) << last_msg;
+    }
+    c = cfg;
+    c.options["timeout_ms"] = "2000";
+    EXPECT_EQ(make_provider(c)->status().health, KeyHealth::Ok);
+    c = cfg;
     c.provider = "nonsense";
     EXPECT_EQ(kind_of([&] { make_provider(c); }), KmsErrorKind::Config);
     EXPECT_NE(last_msg.find("unknown key provider \"nonsense\" (known: local, aws, azure, gcp, vault, kmip)"),

@@ -84,8 +84,12 @@ std::unique_ptr<KeyProvider> make_provider(const KeyConfig& cfg);
 // deleted (deleted destroys the key material: irreversible).
 class LocalKeyStore {
 public:
-    explicit LocalKeyStore(std::string dir);  // does not create
+    // Does not create. Every read of a key file (state, rotate, the provider's calls)
+    // gives up after timeout_ms with KmsError Unavailable: a store on a hung mount.
+    explicit LocalKeyStore(std::string dir, long timeout_ms = kLocalTimeoutMs);
+    static constexpr long kLocalTimeoutMs = 10000;
     const std::string& dir() const { return dir_; }
+    long timeout_ms() const { return timeout_ms_; }
     static bool valid_key_id(const std::string& id);  // [A-Za-z0-9._-]{1,128}, not "." / ".."
     void ensure_dir();                           // mkdir -p with 0700
     void create(const std::string& key_id);      // throws KmsError Config if it exists
@@ -101,6 +105,7 @@ public:
 
 private:
     std::string dir_;
+    long timeout_ms_;
 };
 
 // Default local key store: $CMK_LAKEBASE_KEY_STORE, else $HOME/.cmk_lakebase/keys.

@@ -12,6 +12,8 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <openssl/crypto.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,14 +22,21 @@
 #include <rapidjson/writer.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <ctime>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 #include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"  // now_iso8601
 #include "cmk_lakebase/kms/provider.hpp"
-#include "cmk_lakebase/base/sys.hpp"
+#include "kit.hpp"
 
 namespace cmk {
 namespace {
@@ -76,7 +85,7 @@ KmsError unavailable(const std::string& m) { return KmsError(KmsErrorKind::Unava
 
 // ---------------------------------------------------------------- LocalKeyStore
 
-LocalKeyStore::LocalKeyStore(std::string dir) : dir_(std::move(dir)) {
+LocalKeyStore::LocalKeyStore(std::string dir, long timeout_ms) : dir_(std::move(dir)), timeout_ms_(timeout_ms) {
     while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
 }
 
@@ -217,8 +226,7 @@ std::string serialize_key_file(const KeyFile& kf) {
 // Reads and parses <dir>/<id>.key with the checks every use needs: a private key
 // store and a private key file. Errors are classified for the watchdog: missing
 // store = Unavailable, missing key = Revoked, bad permissions or syntax = Config.
-KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
-    if (!LocalKeyStore::valid_key_id(key_id)) throw config_error("key_id: invalid key id \"" + key_id + "\"");
+KeyFile load_key_now(const LocalKeyStore& ks, const std::string& key_id) {
     check_store_dir(ks.dir());
     std::string path = ks.key_path(key_id);
     // O_NONBLOCK: a FIFO put in the key file's place must not block the open (it is
@@ -270,6 +278,81 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
     if (kf.key_id != key_id)
         throw config_error("key file \"" + path + "\" is damaged: it holds key \"" + kf.key_id + "\"");
     return kf;
+}
+
+// load_key_now with the store's deadline (issue 18). A key store on a hung mount (an
+// NFS server gone, a FUSE daemon that stopped answering) blocks stat, open and read
+// for as long as it hangs: in pg_cmk status, in a tool under pg_cmk exec, in the
+// postmaster at start, where nothing else would ever end the wait. The read runs on a
+// thread of its own with every signal blocked (in a server process they belong to its
+// main thread; the new thread inherits the mask); past timeout_ms the caller gets
+// Unavailable and the thread is left behind: it holds its own references to what it
+// needs, and the key material it may still read is wiped when its slot goes (the
+// key versions are SecureBytes). Threads left behind are bounded per process
+// (kMaxStuckReaders): past that a read fails at once, so a store hung for days under
+// a watchdog that retries every few seconds cannot pile up threads (RLIMIT_NPROC counts
+// them against the cluster's OS user, and the postmaster forks under the same limit).
+constexpr int kMaxStuckReaders = 4;
+std::atomic<int> g_stuck_readers{0};
+
+KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
+    if (!LocalKeyStore::valid_key_id(key_id)) throw config_error("key_id: invalid key id \"" + key_id + "\"");
+    if (g_stuck_readers.load() >= kMaxStuckReaders)
+        throw unavailable("the local key store \"" + ks.dir() + "\" has not answered " +
+                          std::to_string(kMaxStuckReaders) + " earlier reads, still waiting: a hung mount?");
+    struct Slot {
+        std::mutex mu;
+        std::condition_variable cv;
+        bool done = false;
+        bool abandoned = false;
+        std::optional<KeyFile> kf;
+        std::exception_ptr err;
+    };
+    auto slot = std::make_shared<Slot>();
+    auto store = std::make_shared<const LocalKeyStore>(ks);
+    auto run = [slot, store, key_id] {
+        std::optional<KeyFile> kf;
+        std::exception_ptr err;
+        try {
+            kf.emplace(load_key_now(*store, key_id));
+        } catch (...) {
+            err = std::current_exception();
+        }
+        std::lock_guard<std::mutex> g(slot->mu);
+        if (slot->abandoned) {
+            g_stuck_readers.fetch_sub(1);
+            return;  // kf (its SecureBytes wiped) goes with this frame
+        }
+        slot->kf = std::move(kf);
+        slot->err = err;
+        slot->done = true;
+        slot->cv.notify_all();
+    };
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    std::thread reader;
+    try {
+        reader = std::thread(run);
+    } catch (const std::system_error& e) {
+        pthread_sigmask(SIG_SETMASK, &old, nullptr);
+        throw unavailable("could not start a thread to read the local key store \"" + ks.dir() + "\": " + e.what());
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    std::unique_lock<std::mutex> l(slot->mu);
+    if (!slot->cv.wait_for(l, std::chrono::milliseconds(ks.timeout_ms()), [&] { return slot->done; })) {
+        slot->abandoned = true;
+        g_stuck_readers.fetch_add(1);
+        l.unlock();
+        reader.detach();
+        throw unavailable("the local key store \"" + ks.dir() + "\" did not answer within " +
+                          std::to_string(ks.timeout_ms()) + " ms (option timeout_ms) reading key " + key_id +
+                          ": a hung mount?");
+    }
+    l.unlock();
+    reader.join();
+    if (slot->err) std::rethrow_exception(slot->err);
+    return std::move(*slot->kf);
 }
 
 void store_key(const LocalKeyStore& ks, const KeyFile& kf) {
@@ -367,8 +450,8 @@ namespace {
 
 class LocalProvider : public KeyProvider {
 public:
-    explicit LocalProvider(KeyConfig cfg)
-        : cfg_(std::move(cfg)), store_(cfg_.options.at("key_store")) {}
+    LocalProvider(KeyConfig cfg, long timeout_ms)
+        : cfg_(std::move(cfg)), store_(cfg_.options.at("key_store"), timeout_ms) {}
 
     std::string name() const override { return "local"; }
     const KeyConfig& config() const override { return cfg_; }
@@ -468,7 +551,10 @@ std::unique_ptr<KeyProvider> make_local_provider(const KeyConfig& cfg) {
         throw config_error("key_store: must be an absolute path, got \"" + it->second + "\"");
     if (!LocalKeyStore::valid_key_id(cfg.key_id))
         throw config_error("key_id: invalid key id \"" + cfg.key_id + "\" (use 1 to 128 of A-Z a-z 0-9 . _ -)");
-    return std::make_unique<LocalProvider>(cfg);
+    // Other options are ignored, as they always were for this provider (a configuration
+    // an earlier version accepted must still start).
+    long timeout_ms = kit::int_option(cfg, "timeout_ms", LocalKeyStore::kLocalTimeoutMs, 100, 600000, "milliseconds");
+    return std::make_unique<LocalProvider>(cfg, timeout_ms);
 }
 
 }  // namespace cmk
