@@ -30,7 +30,6 @@
 #include <ctime>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <thread>
 
 #include "cmk_lakebase/base/json.hpp"
@@ -171,8 +170,10 @@ KeyFile parse_key_file(std::string& text, const std::string& path) {
         if (!ver || !ver->IsUint() || !mat || !mat->IsString())
             throw damaged("field \"versions\" has an invalid entry");
         std::vector<uint8_t> raw;
+        std::string b64(mat->GetString(), mat->GetStringLength());
+        Scrub b64_scrub{b64};  // the key, base64-encoded
         try {
-            raw = base64_decode(std::string(mat->GetString(), mat->GetStringLength()));
+            raw = base64_decode(b64);
         } catch (const CryptoError&) {
             throw damaged("field \"versions[].material\" is not base64");
         }
@@ -223,10 +224,12 @@ std::string serialize_key_file(const KeyFile& kf) {
     return out;
 }
 
-// Reads and parses <dir>/<id>.key with the checks every use needs: a private key
-// store and a private key file. Errors are classified for the watchdog: missing
-// store = Unavailable, missing key = Revoked, bad permissions or syntax = Config.
-KeyFile load_key_now(const LocalKeyStore& ks, const std::string& key_id) {
+// Reads <dir>/<id>.key into `text` (the caller scrubs it) with the checks every use
+// needs: a private key store and a private key file. Errors are classified for the
+// watchdog: missing store = Unavailable, missing key = Revoked, bad permissions or
+// size = Config. Only file bytes pass through here (base64, never the raw key: this
+// runs on load_key's reader thread, whose stack and heap nobody overwrites after it).
+void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::string& text) {
     check_store_dir(ks.dir());
     std::string path = ks.key_path(key_id);
     // O_NONBLOCK: a FIFO put in the key file's place must not block the open (it is
@@ -253,8 +256,8 @@ KeyFile load_key_now(const LocalKeyStore& ks, const std::string& key_id) {
         throw config_error("key file \"" + path + "\" is accessible by group or others (mode " +
                            mode_str(st.st_mode) + "); run: chmod 600 " + path);
     }
-    std::string text;
-    Scrub scrub{text};
+    // Room for the whole file at once: a string that grows leaves copies behind.
+    text.reserve(static_cast<size_t>(std::min<off_t>(std::max<off_t>(st.st_size, 0), 1 << 20)) + 4096);
     char buf[4096];
     for (;;) {
         ssize_t r = sys::read(fd, buf, sizeof buf);
@@ -266,29 +269,28 @@ KeyFile load_key_now(const LocalKeyStore& ks, const std::string& key_id) {
             throw unavailable("could not read key file \"" + path + "\": " + std::strerror(e));
         }
         if (r == 0) break;
-        text.append(buf, static_cast<size_t>(r));
-        if (text.size() > (1 << 20)) {
+        if (text.size() + static_cast<size_t>(r) > (1 << 20)) {
+            OPENSSL_cleanse(buf, sizeof buf);
             sys::close(fd);
             throw config_error("key file \"" + path + "\" is damaged: too large");
         }
+        text.append(buf, static_cast<size_t>(r));
     }
     OPENSSL_cleanse(buf, sizeof buf);
     sys::close(fd);
-    KeyFile kf = parse_key_file(text, path);
-    if (kf.key_id != key_id)
-        throw config_error("key file \"" + path + "\" is damaged: it holds key \"" + kf.key_id + "\"");
-    return kf;
 }
 
-// load_key_now with the store's deadline (issue 18). A key store on a hung mount (an
+// Reads (read_key_text) with the store's deadline, then parses (issue 18). A key store on a hung mount (an
 // NFS server gone, a FUSE daemon that stopped answering) blocks stat, open and read
 // for as long as it hangs: in pg_cmk status, in a tool under pg_cmk exec, in the
 // postmaster at start, where nothing else would ever end the wait. The read runs on a
 // thread of its own with every signal blocked (in a server process they belong to its
 // main thread; the new thread inherits the mask); past timeout_ms the caller gets
 // Unavailable and the thread is left behind: it holds its own references to what it
-// needs, and the key material it may still read is wiped when its slot goes (the
-// key versions are SecureBytes). Threads left behind are bounded per process
+// needs, and the file text it may still read is wiped when its slot goes. The parse
+// (where the raw key appears, on its way into SecureBytes) stays on the caller's
+// thread: TAP 052 found the raw CMK left on a reader thread's stack that parsed.
+// Threads left behind are bounded per process
 // (kMaxStuckReaders): past that a read fails at once, so a store hung for days under
 // a watchdog that retries every few seconds cannot pile up threads (RLIMIT_NPROC counts
 // them against the cluster's OS user, and the postmaster forks under the same limit).
@@ -305,25 +307,29 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
         std::condition_variable cv;
         bool done = false;
         bool abandoned = false;
-        std::optional<KeyFile> kf;
+        std::string text;
         std::exception_ptr err;
+        ~Slot() {
+            if (!text.empty()) OPENSSL_cleanse(&text[0], text.size());
+        }
     };
     auto slot = std::make_shared<Slot>();
     auto store = std::make_shared<const LocalKeyStore>(ks);
     auto run = [slot, store, key_id] {
-        std::optional<KeyFile> kf;
+        std::string text;
+        Scrub scrub{text};
         std::exception_ptr err;
         try {
-            kf.emplace(load_key_now(*store, key_id));
+            read_key_text(*store, key_id, text);
         } catch (...) {
             err = std::current_exception();
         }
         std::lock_guard<std::mutex> g(slot->mu);
         if (slot->abandoned) {
             g_stuck_readers.fetch_sub(1);
-            return;  // kf (its SecureBytes wiped) goes with this frame
+            return;  // the text is scrubbed with this frame
         }
-        slot->kf = std::move(kf);
+        slot->text.swap(text);  // no copy: the buffer changes hands
         slot->err = err;
         slot->done = true;
         slot->cv.notify_all();
@@ -352,7 +358,11 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
     l.unlock();
     reader.join();
     if (slot->err) std::rethrow_exception(slot->err);
-    return std::move(*slot->kf);
+    std::string path = ks.key_path(key_id);
+    KeyFile kf = parse_key_file(slot->text, path);  // the slot scrubs the text
+    if (kf.key_id != key_id)
+        throw config_error("key file \"" + path + "\" is damaged: it holds key \"" + kf.key_id + "\"");
+    return kf;
 }
 
 void store_key(const LocalKeyStore& ks, const KeyFile& kf) {
