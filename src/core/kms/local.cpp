@@ -280,20 +280,21 @@ void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::stri
     sys::close(fd);
 }
 
-// Reads (read_key_text) with the store's deadline, then parses (issue 18). A key store on a hung mount (an
-// NFS server gone, a FUSE daemon that stopped answering) blocks stat, open and read
-// for as long as it hangs: in pg_cmk status, in a tool under pg_cmk exec, in the
-// postmaster at start, where nothing else would ever end the wait. The read runs on a
-// thread of its own with every signal blocked (in a server process they belong to its
-// main thread; the new thread inherits the mask); past timeout_ms the caller gets
-// Unavailable and the thread is left behind: it holds its own references to what it
-// needs, and the file text it may still read is wiped when its slot goes. The parse
-// (where the raw key appears, on its way into SecureBytes) stays on the caller's
-// thread: TAP 052 found the raw CMK left on a reader thread's stack that parsed.
-// Threads left behind are bounded per process
-// (kMaxStuckReaders): past that a read fails at once, so a store hung for days under
-// a watchdog that retries every few seconds cannot pile up threads (RLIMIT_NPROC counts
-// them against the cluster's OS user, and the postmaster forks under the same limit).
+// Reads (read_key_text) with the store's deadline, then parses (issue 18). A key
+// store on a hung mount (an NFS server gone, a FUSE daemon that stopped answering)
+// blocks stat, open and read for as long as it hangs: in pg_cmk status, in a tool
+// under pg_cmk exec, in the postmaster at start, where nothing else would ever end the
+// wait. The read runs on a thread of its own with every signal blocked (in a server
+// process they belong to its main thread; the new thread inherits the mask); past
+// timeout_ms the caller gets Unavailable and the thread is left behind: it holds its
+// own references to what it needs, and the file text it may still read is wiped when
+// its slot goes. The parse (where the raw key appears, on its way into SecureBytes)
+// stays on the caller's thread: TAP 052 found the raw CMK left on the stack of a
+// reader thread that parsed (glibc keeps a finished thread's stack as it was). Threads
+// left behind are bounded per process (kMaxStuckReaders): past that a read fails at
+// once, so a store hung for days under a watchdog that retries every few seconds
+// cannot pile up threads (RLIMIT_NPROC counts them against the cluster's OS user, and
+// the postmaster forks under the same limit).
 constexpr int kMaxStuckReaders = 4;
 std::atomic<int> g_stuck_readers{0};
 
