@@ -166,6 +166,11 @@ KeyOptions parse_key_options(const std::string& cmdname, const ParsedArgs& a) {
     }
     if (local && kms_options.count("key_store"))
         throw UsageError(cmdname, "the local provider's key store is --key-store, not --kms-option key_store");
+    // The server ignores other options of a stored local configuration (an old one must
+    // start); a new one takes only what the provider reads, so a typo fails here.
+    for (const auto& o : kms_options)
+        if (local && o.first != "timeout_ms")
+            throw UsageError(cmdname, o.first + ": unknown option of the local provider (known: timeout_ms)");
     if (!local && (a.has("key-store") || a.has("create-key")))
         throw UsageError(cmdname, "--key-store and --create-key are for the local provider only");
     if (!local && !a.has("key-id"))
@@ -189,6 +194,10 @@ NewKeyring new_keyring(const KeyOptions& ko) {
     nk.key_id = ko.key_id;
     KeyConfig cfg{ko.provider_name, ko.key_id, ko.kms_options};
     if (ko.local) {
+        // Options first (timeout_ms's range): a bad one must not leave a new key behind.
+        KeyConfig check{"local", "options-check", ko.kms_options};
+        check.options["key_store"] = ko.store;
+        make_provider(check);
         LocalKeyStore ks(ko.store);
         ks.ensure_dir();
         if (!nk.key_id.empty()) {

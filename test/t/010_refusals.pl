@@ -223,5 +223,21 @@ $plain->adjust_conf('postgresql.conf', 'shared_preload_libraries', "''");
 ($started, $log) = try_start($plain);
 ok($started, 'plaintext cluster without the module: starts again') or diag($log);
 
+# The local provider's options at configuration time: one line naming the field, and
+# nothing created (no cluster, no key store, no key).
+{
+	my $base = PostgreSQL::Test::Utils::tempdir('local_opts');
+	for my $case ([ 'timout_ms=5000', 2, qr/\Apg_cmk: error: timout_ms: unknown option of the local provider/ ],
+		[ 'timeout_ms=5', 1, qr/\Apg_cmk: error: timeout_ms: "5" is not a number of milliseconds from 100 to 600000\n\z/ ])
+	{
+		my ($opt, $want_rc, $want_err) = @$case;
+		my ($rc, $out, $err) = pg_cmk('initdb', '-D', "$base/data", '--key-store', "$base/keys",
+			'--kms-option', $opt, '--', '-U', 'postgres');
+		is($rc, $want_rc, "local provider, --kms-option $opt: pg_cmk initdb exits $want_rc");
+		like($err, $want_err, "... naming the field");
+		ok(!-e "$base/data" && !-e "$base/keys", '... and creates nothing');
+	}
+}
+
 $node->stop;
 done_testing();

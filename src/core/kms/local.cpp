@@ -309,10 +309,8 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
         bool done = false;
         bool abandoned = false;
         std::string text;
+        Scrub scrub{text};  // the file's text, wiped with the slot
         std::exception_ptr err;
-        ~Slot() {
-            if (!text.empty()) OPENSSL_cleanse(&text[0], text.size());
-        }
     };
     auto slot = std::make_shared<Slot>();
     auto store = std::make_shared<const LocalKeyStore>(ks);
