@@ -147,6 +147,16 @@ ssize_t op_pwrite(int fd, const void* buf, size_t n, off_t off) {
     return enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, off);
 }
 
+namespace {
+// Where a write() at the descriptor's offset goes: the end for O_APPEND (a spill file's
+// end is known here: its last unit may still be in memory), else the offset.
+off_t write_position(FileCtx* c, int fd) {
+    return !c->append                     ? real().lseek(fd, 0, SEEK_CUR)
+           : c->cls == FileClass::Spill ? off_t(c->known_size.load())
+                                        : off_t(file_size(fd));
+}
+}  // namespace
+
 ssize_t op_read(int fd, void* buf, size_t n) {
     FileCtx* c = ctx_get(fd);
     if (!c) return real().read(fd, buf, n);
@@ -160,53 +170,33 @@ ssize_t op_read(int fd, void* buf, size_t n) {
 ssize_t op_write(int fd, const void* buf, size_t n) {
     FileCtx* c = ctx_get(fd);
     if (!c) return real().write(fd, buf, n);
-    // A spill file's end is known here (its last unit may still be in memory).
-    off_t cur = !c->append                 ? real().lseek(fd, 0, SEEK_CUR)
-                : c->cls == FileClass::Spill ? off_t(c->known_size.load())
-                                           : off_t(file_size(fd));
+    off_t cur = write_position(c, fd);
     if (cur < 0) return -1;
     ssize_t r = enc_pwrite(c, fd, static_cast<const uint8_t*>(buf), n, cur);
     if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
     return r;
 }
 
-namespace {
-size_t iov_total(const struct iovec* iov, int cnt) {
-    size_t t = 0;
-    for (int i = 0; i < cnt; i++) t += iov[i].iov_len;
-    return t;
-}
-}  // namespace
-
+// off < 0: readv/writev (and preadv2/pwritev2 with -1), at the descriptor's offset.
 ssize_t op_preadv(int fd, const struct iovec* iov, int cnt, off_t off) {
     FileCtx* c = ctx_get(fd);
     if (!c) return off < 0 ? real().readv(fd, iov, cnt) : real().preadv(fd, iov, cnt, off);
-    size_t total = iov_total(iov, cnt);
-    std::vector<uint8_t> tmp(total);
-    ssize_t r = off < 0 ? op_read(fd, tmp.data(), total) : enc_pread(c, fd, tmp.data(), total, off);
-    if (r <= 0) return r;
-    size_t pos = 0;
-    for (int i = 0; i < cnt && pos < size_t(r); i++) {
-        size_t k = std::min(iov[i].iov_len, size_t(r) - pos);
-        std::memcpy(iov[i].iov_base, tmp.data() + pos, k);
-        pos += k;
-    }
-    std::fill(tmp.begin(), tmp.end(), 0);
+    if (off >= 0) return enc_preadv(c, fd, iov, cnt, off);
+    off_t cur = real().lseek(fd, 0, SEEK_CUR);
+    if (cur < 0) return -1;
+    ssize_t r = enc_preadv(c, fd, iov, cnt, cur);
+    if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
     return r;
 }
 
 ssize_t op_pwritev(int fd, const struct iovec* iov, int cnt, off_t off) {
     FileCtx* c = ctx_get(fd);
     if (!c) return off < 0 ? real().writev(fd, iov, cnt) : real().pwritev(fd, iov, cnt, off);
-    size_t total = iov_total(iov, cnt);
-    std::vector<uint8_t> tmp(total);
-    size_t pos = 0;
-    for (int i = 0; i < cnt; i++) {
-        std::memcpy(tmp.data() + pos, iov[i].iov_base, iov[i].iov_len);
-        pos += iov[i].iov_len;
-    }
-    ssize_t r = off < 0 ? op_write(fd, tmp.data(), total) : enc_pwrite(c, fd, tmp.data(), total, off);
-    std::fill(tmp.begin(), tmp.end(), 0);
+    if (off >= 0) return enc_pwritev(c, fd, iov, cnt, off);
+    off_t cur = write_position(c, fd);
+    if (cur < 0) return -1;
+    ssize_t r = enc_pwritev(c, fd, iov, cnt, cur);
+    if (r > 0) real().lseek(fd, cur + r, SEEK_SET);
     return r;
 }
 

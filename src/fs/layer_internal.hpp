@@ -482,6 +482,10 @@ void crypt_units(FileKey& k, bool enc, uint8_t* buf, uint64_t first_unit, size_t
 void crypt_wal_units(FileKey& k, const uint8_t* src, uint8_t* dst, uint64_t first_unit, size_t len);
 ssize_t enc_pread(FileCtx* c, int fd, uint8_t* buf, size_t len, off_t off);
 ssize_t enc_pwrite(FileCtx* c, int fd, const uint8_t* buf, size_t len, off_t off);
+// Vectored reads and writes at off >= 0: whole units straight from and into the
+// caller's buffers, anything else through one temporary buffer.
+ssize_t enc_preadv(FileCtx* c, int fd, const struct iovec* iov, int cnt, off_t off);
+ssize_t enc_pwritev(FileCtx* c, int fd, const struct iovec* iov, int cnt, off_t off);
 // Size change of an encrypted file: fix the unit that holds the (old or new) end.
 int enc_resize(FileCtx* c, int fd, int64_t new_size);
 int64_t file_size(int fd);

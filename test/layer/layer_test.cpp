@@ -18,6 +18,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -104,6 +105,22 @@ void mkdirs(const std::string& rel) {
     }
 }
 
+// Splits [0, len) into 1-6 pieces for preadv/pwritev: whole 8 KiB units when units
+// (PostgreSQL 17+'s vectored page I/O), anywhere otherwise (a piece may be empty).
+std::vector<std::pair<size_t, size_t>> pieces(std::mt19937& rng, size_t len, bool units) {
+    std::vector<size_t> cuts = {0, len};
+    int n = int(rng() % 6);
+    for (int i = 0; i < n; i++) {
+        size_t at = len ? rng() % (len + 1) : 0;
+        if (units) at -= at % 8192;
+        cuts.push_back(at);
+    }
+    std::sort(cuts.begin(), cuts.end());
+    std::vector<std::pair<size_t, size_t>> out;
+    for (size_t i = 0; i + 1 < cuts.size(); i++) out.push_back({cuts[i], cuts[i + 1] - cuts[i]});
+    return out;
+}
+
 // Random operations against an in-memory model.
 // keep_head: the file's first keep_head bytes are only ever written as zeros (a WAL
 // segment's long page header is PostgreSQL's, not random bytes, and stays plaintext).
@@ -116,7 +133,7 @@ void model_test(const std::string& rel, unsigned seed, int ops, size_t keep_head
     ASSERT_GE(fd, 0) << strerror(errno);
     std::vector<uint8_t> model;
     for (int i = 0; i < ops; i++) {
-        int op = int(rng() % 10);
+        int op = int(rng() % 12);
         if (op <= 3) {  // pwrite at a random (often unaligned) place
             size_t off = rng() % 70000, len = 1 + rng() % 20000;
             if (rng() % 3 == 0) off = (off / 8192) * 8192, len = 8192 * (1 + rng() % 3);
@@ -153,6 +170,55 @@ void model_test(const std::string& rel, unsigned seed, int ops, size_t keep_head
             size_t expect = off >= model.size() ? 0 : std::min(len, model.size() - off);
             ASSERT_EQ(n, ssize_t(expect));
             ASSERT_EQ(0, std::memcmp(got.data(), model.data() + off, expect));
+        } else if (op == 10) {  // pwritev from separate buffers (pwritev2 or writev at times)
+            bool units = rng() % 2;
+            size_t off = rng() % 70000, len = 1 + rng() % 40000;
+            if (units) off -= off % 8192, len = 8192 * (1 + rng() % 5);
+            auto d = random_bytes(rng, len);
+            for (size_t p = off; p < keep_head && p < off + len; p++) d[p - off] = 0;
+            auto ps = pieces(rng, len, units);
+            std::vector<std::vector<uint8_t>> bufs;
+            std::vector<struct iovec> iov;
+            for (auto& [at, n] : ps) bufs.emplace_back(d.begin() + at, d.begin() + at + n);
+            for (auto& b : bufs) iov.push_back({b.data(), b.size()});
+            int how = int(rng() % 3);
+            ssize_t w;
+            if (how == 2) {
+                ASSERT_EQ(::lseek(fd, off, SEEK_SET), off_t(off));
+                w = ::writev(fd, iov.data(), int(iov.size()));
+                ASSERT_EQ(::lseek(fd, 0, SEEK_CUR), off_t(off + len));
+            } else {
+                w = how ? ::pwritev2(fd, iov.data(), int(iov.size()), off, 0) : ::pwritev(fd, iov.data(), int(iov.size()), off);
+            }
+            ASSERT_EQ(w, ssize_t(len)) << "op " << i << " " << strerror(errno);
+            if (model.size() < off + len) model.resize(off + len, 0);
+            std::memcpy(model.data() + off, d.data(), len);
+        } else if (op == 11) {  // preadv into separate buffers, possibly past the end
+            bool units = rng() % 2;
+            size_t off = rng() % 80000, len = 1 + rng() % 40000;
+            if (units) off -= off % 8192, len = 8192 * (1 + rng() % 5);
+            auto ps = pieces(rng, len, units);
+            std::vector<std::vector<uint8_t>> bufs;
+            std::vector<struct iovec> iov;
+            for (auto& [at, n] : ps) bufs.emplace_back(n, uint8_t(0xEE));
+            for (auto& b : bufs) iov.push_back({b.data(), b.size()});
+            int how = int(rng() % 3);
+            ssize_t n;
+            if (how == 2) {
+                ASSERT_EQ(::lseek(fd, off, SEEK_SET), off_t(off));
+                n = ::readv(fd, iov.data(), int(iov.size()));
+            } else {
+                n = how ? ::preadv2(fd, iov.data(), int(iov.size()), off, 0) : ::preadv(fd, iov.data(), int(iov.size()), off);
+            }
+            size_t expect = off >= model.size() ? 0 : std::min(len, model.size() - off);
+            ASSERT_EQ(n, ssize_t(expect)) << "op " << i;
+            if (how == 2) {
+                ASSERT_EQ(::lseek(fd, 0, SEEK_CUR), off_t(off + expect));
+            }
+            std::vector<uint8_t> got;
+            for (auto& b : bufs) got.insert(got.end(), b.begin(), b.end());
+            ASSERT_EQ(0, std::memcmp(got.data(), model.data() + off, expect)) << "op " << i << " off " << off;
+            for (size_t p = expect; p < len; p++) ASSERT_EQ(got[p], 0xEE) << "past the end, op " << i;
         } else {  // reopen: state must come from the key map / inode, not the descriptor
             ASSERT_EQ(::close(fd), 0);
             fd = ::open(path.c_str(), O_RDWR);
