@@ -11,7 +11,9 @@
 #      checksums on in both) and the same settings, alternated: each round runs every
 #      workload once per mode, the order flipping every round, each run on a freshly
 #      started server whose files were read into the OS page cache first, after a
-#      CHECKPOINT and a `sync`. Beside the wall-clock result each run records the CPU
+#      CHECKPOINT and a `sync`; pgbench runs do the same work in both modes (a fixed
+#      number of transactions per client, sized by the first warm-up, with the round's
+#      random seed: pgbench_warmup). Beside the wall-clock result each run records the CPU
 #      time of the server's own processes (postmaster and all its children, from /proc)
 #      per operation, what the rest of the host did meanwhile (steal, iowait, other
 #      processes) and the WAL write and fsync time. Each workload's verdict is on the
@@ -387,20 +389,51 @@ psql_run() { # mode, then psql arguments (-c SQL / -f FILE ...); output discarde
 		{ echo "$out" >&2; die "psql ($mode) failed: $*"; }
 }
 
-run_pgbench() { # mode workload seconds clients jobs -> prints tps; transactions to $WORK/pgbench_tx.MODE
-	local mode=$1 workload=$2 secs=$3 clients=$4 jobs=$5 args=() out
+# With a transaction count (per client) and a seed: exactly that work, the same in both
+# modes (see pgbench_warmup); without: for `seconds`.
+run_pgbench() { # mode workload seconds clients jobs [transactions seed] -> prints tps; transactions to $WORK/pgbench_tx.MODE
+	local mode=$1 workload=$2 secs=$3 clients=$4 jobs=$5 txns=${6:-} seed=${7:-} args=() out
 	case $workload in
 	select) args+=(-S) ;;
 	fpw_c*) args+=(-N) ;;
 	esac
+	if [ -n "$txns" ]; then args+=(-t "$txns" "--random-seed=$seed"); else args+=(-T "$secs"); fi
 	# shellcheck disable=SC2046
 	out=$(as_pg "$PG_BINDIR/pgbench" $(pg_conn "$mode") -n -M "$BENCH_PROTOCOL" \
-		-c "$clients" -j "$jobs" -T "$secs" "${args[@]}" postgres 2>&1) ||
+		-c "$clients" -j "$jobs" "${args[@]}" postgres 2>&1) ||
 		{ echo "$out" >&2; die "pgbench ($mode, $workload) failed"; }
 	echo "$out" | awk '/^number of transactions actually processed: / { print $6 > "/dev/stderr" }
 		/^tps = / { print $3; exit }' 2>"$WORK/pgbench_tx.$mode"
 }
 fpw_jobs() { local c=$1 j=$BENCH_JOBS; [ "$j" -le "$c" ] || j=$c; echo "$j"; }
+
+# The same work in both modes. A pgbench run for a fixed time lets the faster cluster do
+# more transactions, and its later transactions are cheaper ones: right after the
+# CHECKPOINT before each run, the first change to each page writes a full-page image,
+# so full-page images per transaction fall as a run goes on, and the slower mode was
+# charged more of them per transaction (PG 18, 7 December: TPC-B 0.86/0.84/0.79 images
+# per transaction encrypted against 0.82/0.77/0.77), which made it slower still; a
+# select-only run after TPC-B prunes and sets hint bits (with their images) in the pages
+# it reads, the same feedback. So the first warm-up of a workload (round 1, the first
+# mode) runs for BENCH_WARMUP seconds and sizes every later run from its rate: each
+# warm-up and each measured run, in both modes, does exactly the transactions per client
+# that take about BENCH_WARMUP or BENCH_SECONDS seconds at that rate, with the random
+# seed of its round, so both clusters run the same transactions on the same accounts.
+# Without warm-up (BENCH_WARMUP=0, the quick smoke) the runs are timed.
+declare -A TXN_WARM TXN_RUN
+pgbench_warmup() { # mode workload clients jobs seconds-of-the-measured-run
+	local mode=$1 w=$2 clients=$3 jobs=$4 secs=$5 tps
+	[ "$BENCH_WARMUP" -gt 0 ] || return 0
+	if [ -z "${TXN_RUN[$w]:-}" ]; then
+		tps=$(run_pgbench "$mode" "$w" "$BENCH_WARMUP" "$clients" "$jobs")
+		[ -n "$tps" ] || die "no tps in the warm-up's pgbench output ($mode, $w)"
+		TXN_WARM[$w]=$(awk -v t="$tps" -v s="$BENCH_WARMUP" -v c="$clients" 'BEGIN { n = int(t * s / c); print (n > 0 ? n : 1) }')
+		TXN_RUN[$w]=$(awk -v t="$tps" -v s="$secs" -v c="$clients" 'BEGIN { n = int(t * s / c); print (n > 0 ? n : 1) }')
+		log "$w: $tps tps in the first warm-up: every later run does ${TXN_RUN[$w]} transactions per client (warm-ups ${TXN_WARM[$w]})"
+	else
+		run_pgbench "$mode" "$w" "$BENCH_WARMUP" "$clients" "$jobs" "${TXN_WARM[$w]}" "$((2 * round))" >/dev/null
+	fi
+}
 
 # Files the timed SQL runs from (written once; read by psql as the postgres user).
 write_sql_files() {
@@ -510,17 +543,13 @@ run_one() { # mode workload
 		# in the OS page cache: otherwise its writeback lands in this run's fsyncs, and
 		# whichever mode runs second in a round pays for the first.
 		sync
-		if [ "$BENCH_WARMUP" -gt 0 ]; then
-			run_pgbench "$mode" "$w" "$BENCH_WARMUP" "$clients" "$jobs" >/dev/null
-		fi
+		pgbench_warmup "$mode" "$w" "$clients" "$jobs" "$secs"
 		;;
 	fpw_c*)
 		# Warm up first, then the CHECKPOINT: the measured run starts with every page
 		# clean and its first change to each page after the checkpoint writes a
 		# full-page image into the WAL.
-		if [ "$BENCH_WARMUP" -gt 0 ]; then
-			run_pgbench "$mode" "$w" "$BENCH_WARMUP" "$clients" "$jobs" >/dev/null
-		fi
+		pgbench_warmup "$mode" "$w" "$clients" "$jobs" "$secs"
 		psql_q "$mode" "CHECKPOINT" >/dev/null
 		sync
 		;;
@@ -537,7 +566,7 @@ run_one() { # mode workload
 	disk0=$(disk_reads)
 	case $w in
 	tpcb | select | fpw_c*)
-		RUN_VAL=$(run_pgbench "$mode" "$w" "$secs" "$clients" "$jobs")
+		RUN_VAL=$(run_pgbench "$mode" "$w" "$secs" "$clients" "$jobs" "${TXN_RUN[$w]:-}" "$((2 * round + 1))")
 		[ -n "$RUN_VAL" ] || die "no tps in pgbench output ($mode, $w)"
 		ops=$(<"$WORK/pgbench_tx.$mode")
 		;;
@@ -838,7 +867,7 @@ EOF
 		fi
 		# shellcheck disable=SC2086
 		add_result "$w" "$(wl_label "$w")" "$t" "$m" "$lo" "$hi" "$v" \
-			"\"kind\":\"workload\",\"unit\":\"$unit\",\"cpu_unit\":\"$cunit\",\"rounds\":$(wl_rounds "$w"),\"per_round_ratios\":$(json_nums ${RATIOS[$w]}),\"encrypted\":$(json_nums ${VALS[enc,$w]}),\"plaintext\":$(json_nums ${VALS[plain,$w]}),\"cpu_encrypted\":$(json_nums ${CPUS[enc,$w]}),\"cpu_plaintext\":$(json_nums ${CPUS[plain,$w]}),\"cpu_ratios\":$(json_nums ${CPURAT[$w]}),\"runs_encrypted\":[${EXTRAS[enc,$w]}],\"runs_plaintext\":[${EXTRAS[plain,$w]}]$floor_json$conc_json"
+			"\"kind\":\"workload\",\"unit\":\"$unit\",\"cpu_unit\":\"$cunit\",\"rounds\":$(wl_rounds "$w"),\"per_round_ratios\":$(json_nums ${RATIOS[$w]}),\"encrypted\":$(json_nums ${VALS[enc,$w]}),\"plaintext\":$(json_nums ${VALS[plain,$w]}),\"cpu_encrypted\":$(json_nums ${CPUS[enc,$w]}),\"cpu_plaintext\":$(json_nums ${CPUS[plain,$w]}),\"cpu_ratios\":$(json_nums ${CPURAT[$w]}),\"transactions_per_client\":${TXN_RUN[$w]:-null},\"runs_encrypted\":[${EXTRAS[enc,$w]}],\"runs_plaintext\":[${EXTRAS[plain,$w]}]$floor_json$conc_json"
 	done
 fi
 
