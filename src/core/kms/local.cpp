@@ -12,9 +12,13 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <openssl/crypto.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/single_threaded.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <rapidjson/document.h>
@@ -31,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"  // now_iso8601
@@ -228,7 +233,8 @@ std::string serialize_key_file(const KeyFile& kf) {
 // needs: a private key store and a private key file. Errors are classified for the
 // watchdog: missing store = Unavailable, missing key = Revoked, bad permissions or
 // size = Config. Only file bytes pass through here (base64, never the raw key: this
-// runs on load_key's reader thread, whose stack and heap nobody overwrites after it).
+// runs on load_key's reader thread, whose stack and heap nobody overwrites after it, or
+// in its reader process).
 void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::string& text) {
     check_store_dir(ks.dir());
     std::string path = ks.key_path(key_id);
@@ -280,7 +286,8 @@ void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::stri
     sys::close(fd);
 }
 
-// Reads (read_key_text) with the store's deadline, then parses (issue 18). A key
+// Reads (read_key_text) with the store's deadline, then parses (issue 18); in a process
+// with one thread the read runs in a process instead (read_key_text_in_process). A key
 // store on a hung mount (an NFS server gone, a FUSE daemon that stopped answering)
 // blocks stat, open and read for as long as it hangs: in pg_cmk status, in a tool
 // under pg_cmk exec, in the postmaster at start, where nothing else would ever end the
@@ -297,12 +304,173 @@ void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::stri
 // the postmaster forks under the same limit).
 constexpr int kMaxStuckReaders = 4;
 std::atomic<int> g_stuck_readers{0};
+// Reader processes (read_key_text_in_process) left past their deadline, until they are
+// gone: they count against the same bound.
+std::mutex g_abandoned_mu;
+std::vector<pid_t> g_abandoned;
+
+int stuck_readers() {
+    std::lock_guard<std::mutex> g(g_abandoned_mu);
+    g_abandoned.erase(std::remove_if(g_abandoned.begin(), g_abandoned.end(),
+                                     [](pid_t pid) { return !sys::process_exists(pid); }),
+                      g_abandoned.end());
+    return g_stuck_readers.load() + static_cast<int>(g_abandoned.size());
+}
+
+KmsError late(const LocalKeyStore& ks, const std::string& key_id) {
+    return unavailable("the local key store \"" + ks.dir() + "\" did not answer within " +
+                       std::to_string(ks.timeout_ms()) + " ms (option timeout_ms) reading key " + key_id +
+                       ": a hung mount?");
+}
+
+// A process that has only one thread reads in a process instead. glibc marks a process
+// that ever started a thread as multi-threaded for good, and every process it forks
+// after: each cancellable system call (pread, send, recv, ...) then takes glibc's
+// cancellation path. The postmaster forks every server process, so one reader thread
+// at its start made every backend's system calls dearer: select-only on PG 18 (glibc
+// 2.41) spent 0.48 us of 23 per transaction more in libc's system call stubs
+// (bench/README.md, 7 December 15:10). The reader is a grandchild (fork, fork, the
+// middle one exits at once and is reaped here): it is never a child of the caller, so
+// the postmaster's reaper never sees a process it did not start, even one left hung on
+// a dead mount. It blocks every signal (the handlers are the caller's), is not
+// dumpable, and sends its pid, then 'K' and the file's bytes, or 'E', the error's kind
+// and its message, over a pipe the caller reads with the deadline; past it the
+// grandchild is killed (a killable wait, as NFS and FUSE have, ends) and left to init.
+void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id, std::string& text) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0)
+        throw unavailable(std::string("could not create a pipe to read the local key store: ") + std::strerror(errno));
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &old);
+    pid_t mid = ::fork();
+    if (mid == 0) {
+        ::close(p[0]);
+        pid_t reader = ::fork();
+        if (reader != 0) ::_exit(reader > 0 ? 0 : 1);
+        ::prctl(PR_SET_DUMPABLE, 0);
+        const pid_t me = ::getpid();  // first, so that a read that hangs can be killed
+        if (sys::write_full(p[1], &me, sizeof me) != 0) ::_exit(1);
+        int rc = 0;
+        {
+            std::string t;
+            Scrub scrub{t};
+            std::string msg;
+            char tag = 'K';
+            try {
+                read_key_text(ks, key_id, t);
+            } catch (const KmsError& e) {
+                tag = 'E';
+                msg = std::string(1, static_cast<char>(e.kind)) + e.what();
+            } catch (const std::exception& e) {
+                tag = 'E';
+                msg = std::string(1, static_cast<char>(KmsErrorKind::Unavailable)) + e.what();
+            }
+            const std::string& body = tag == 'K' ? t : msg;
+            if (sys::write_full(p[1], &tag, 1) != 0 || sys::write_full(p[1], body.data(), body.size()) != 0) rc = 1;
+        }
+        ::_exit(rc);
+    }
+    const int fork_errno = errno;
+    sigprocmask(SIG_SETMASK, &old, nullptr);
+    ::close(p[1]);
+    if (mid < 0) {
+        ::close(p[0]);
+        throw unavailable("could not start a process to read the local key store \"" + ks.dir() +
+                          "\": " + std::strerror(fork_errno));
+    }
+    int status = 0;
+    while (::waitpid(mid, &status, 0) < 0 && errno == EINTR) {
+    }
+    // Everything the reader sends, bounded: its pid, a tag, at most a whole key file.
+    constexpr size_t kMax = sizeof(pid_t) + 1 + (size_t(1) << 20);
+    std::string got;
+    Scrub scrub{got};
+    got.reserve(kMax);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ks.timeout_ms());
+    char buf[4096];
+    bool timed_out = false, failed = false;
+    for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+            timed_out = true;
+            break;
+        }
+        struct pollfd pf = {p[0], POLLIN, 0};
+        int r = ::poll(&pf, 1, static_cast<int>(std::min<long long>(left.count(), 1 << 30)));
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            failed = true;
+            break;
+        }
+        if (r == 0) continue;  // the deadline is checked above
+        ssize_t n = ::read(p[0], buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            failed = n < 0;
+            break;
+        }
+        if (got.size() + static_cast<size_t>(n) > kMax) {
+            failed = true;
+            break;
+        }
+        got.append(buf, static_cast<size_t>(n));
+    }
+    OPENSSL_cleanse(buf, sizeof buf);
+    ::close(p[0]);
+    if (timed_out || failed) {
+        if (got.size() >= sizeof(pid_t)) {
+            pid_t reader;
+            std::memcpy(&reader, got.data(), sizeof reader);
+            if (reader > 1) ::kill(reader, SIGKILL);
+        }
+        if (timed_out) {
+            if (got.size() >= sizeof(pid_t)) {
+                pid_t reader;
+                std::memcpy(&reader, got.data(), sizeof reader);
+                std::lock_guard<std::mutex> g(g_abandoned_mu);
+                g_abandoned.push_back(reader);  // until it is gone
+            }
+            throw late(ks, key_id);
+        }
+    }
+    if (failed || got.size() < sizeof(pid_t) + 1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
+    const char tag = got[sizeof(pid_t)];
+    if (tag == 'K') {
+        text.reserve(got.size());
+        text.assign(got, sizeof(pid_t) + 1, std::string::npos);
+        return;
+    }
+    if (tag != 'E' || got.size() < sizeof(pid_t) + 2)
+        throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
+    const auto kind = static_cast<KmsErrorKind>(got[sizeof(pid_t) + 1]);
+    std::string msg = got.substr(sizeof(pid_t) + 2);
+    switch (kind) {
+        case KmsErrorKind::Config:
+        case KmsErrorKind::Revoked:
+        case KmsErrorKind::Unavailable:
+            throw KmsError(kind, msg);
+        default:
+            throw unavailable(msg);
+    }
+}
 
 KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
     if (!LocalKeyStore::valid_key_id(key_id)) throw config_error("key_id: invalid key id \"" + key_id + "\"");
-    if (g_stuck_readers.load() >= kMaxStuckReaders)
+    if (stuck_readers() >= kMaxStuckReaders)
         throw unavailable("the local key store \"" + ks.dir() + "\" has not answered " +
                           std::to_string(kMaxStuckReaders) + " earlier reads, still waiting: a hung mount?");
+    if (__libc_single_threaded) {
+        std::string text;
+        Scrub scrub{text};
+        read_key_text_in_process(ks, key_id, text);
+        std::string path = ks.key_path(key_id);
+        KeyFile kf = parse_key_file(text, path);
+        if (kf.key_id != key_id)
+            throw config_error("key file \"" + path + "\" is damaged: it holds key \"" + kf.key_id + "\"");
+        return kf;
+    }
     struct Slot {
         std::mutex mu;
         std::condition_variable cv;
@@ -350,9 +518,7 @@ KeyFile load_key(const LocalKeyStore& ks, const std::string& key_id) {
         g_stuck_readers.fetch_add(1);
         l.unlock();
         reader.detach();
-        throw unavailable("the local key store \"" + ks.dir() + "\" did not answer within " +
-                          std::to_string(ks.timeout_ms()) + " ms (option timeout_ms) reading key " + key_id +
-                          ": a hung mount?");
+        throw late(ks, key_id);
     }
     l.unlock();
     reader.join();
