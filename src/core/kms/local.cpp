@@ -18,6 +18,7 @@
 #include <sys/prctl.h>
 #include <sys/single_threaded.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -304,15 +305,19 @@ void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::stri
 // the postmaster forks under the same limit).
 constexpr int kMaxStuckReaders = 4;
 std::atomic<int> g_stuck_readers{0};
-// Reader processes (read_key_text_in_process) left past their deadline, until they are
-// gone: they count against the same bound.
+// Reader processes (read_key_text_in_process) killed but not yet gone (a wait that is
+// not killable), until they are reaped: they count against the same bound.
 std::mutex g_abandoned_mu;
 std::vector<pid_t> g_abandoned;
 
 int stuck_readers() {
     std::lock_guard<std::mutex> g(g_abandoned_mu);
     g_abandoned.erase(std::remove_if(g_abandoned.begin(), g_abandoned.end(),
-                                     [](pid_t pid) { return !sys::process_exists(pid); }),
+                                     [](pid_t pid) {
+                                         int st;
+                                         pid_t w = ::waitpid(pid, &st, WNOHANG | __WALL);
+                                         return w == pid || (w < 0 && errno == ECHILD);
+                                     }),
                       g_abandoned.end());
     return g_stuck_readers.load() + static_cast<int>(g_abandoned.size());
 }
@@ -328,14 +333,15 @@ KmsError late(const LocalKeyStore& ks, const std::string& key_id) {
 // after: each cancellable system call (pread, send, recv, ...) then takes glibc's
 // cancellation path. The postmaster forks every server process, so one reader thread
 // at its start made every backend's system calls dearer: select-only on PG 18 (glibc
-// 2.41) spent 0.48 us of 23 per transaction more in libc's system call stubs
-// (bench/README.md, 7 December 15:10). The reader is a grandchild (fork, fork, the
-// middle one exits at once and is reaped here): it is never a child of the caller, so
-// the postmaster's reaper never sees a process it did not start, even one left hung on
-// a dead mount. It blocks every signal (the handlers are the caller's), is not
-// dumpable, and sends its pid, then 'K' and the file's bytes, or 'E', the error's kind
-// and its message, over a pipe the caller reads with the deadline; past it the
-// grandchild is killed (a killable wait, as NFS and FUSE have, ends) and left to init.
+// 2.41) spent 0.86 us per transaction in libc's system call stub against 0.38
+// plaintext (bench/README.md, 7 December). The reader is a "clone child" (clone with
+// no exit signal, reaped with __WALL): its end sends no SIGCHLD and waitpid(-1) does
+// not see it, so neither the postmaster's reaper nor a tool that watches its own
+// children (pg_basebackup takes any SIGCHLD for the end of its WAL streamer) ever
+// meets a process it did not start. It blocks every signal (the handlers are the
+// caller's), is not dumpable, and sends 'K' and the file's bytes, or 'E', the error's
+// kind and its message, over a pipe the caller reads with the deadline; past it the
+// reader is killed (a killable wait, as NFS and FUSE have, ends) and reaped later.
 void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id, std::string& text) {
     int p[2];
     if (::pipe2(p, O_CLOEXEC) != 0)
@@ -343,14 +349,11 @@ void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id
     sigset_t all, old;
     sigfillset(&all);
     sigprocmask(SIG_SETMASK, &all, &old);
-    pid_t mid = ::fork();
-    if (mid == 0) {
+    // fork() without an exit signal: the copy of this (single-threaded) process runs on.
+    const pid_t pid = static_cast<pid_t>(::syscall(SYS_clone, 0UL, nullptr, nullptr, nullptr, nullptr));
+    if (pid == 0) {
         ::close(p[0]);
-        pid_t reader = ::fork();
-        if (reader != 0) ::_exit(reader > 0 ? 0 : 1);
         ::prctl(PR_SET_DUMPABLE, 0);
-        const pid_t me = ::getpid();  // first, so that a read that hangs can be killed
-        if (sys::write_full(p[1], &me, sizeof me) != 0) ::_exit(1);
         int rc = 0;
         {
             std::string t;
@@ -371,19 +374,16 @@ void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id
         }
         ::_exit(rc);
     }
-    const int fork_errno = errno;
+    const int clone_errno = errno;
     sigprocmask(SIG_SETMASK, &old, nullptr);
     ::close(p[1]);
-    if (mid < 0) {
+    if (pid < 0) {
         ::close(p[0]);
         throw unavailable("could not start a process to read the local key store \"" + ks.dir() +
-                          "\": " + std::strerror(fork_errno));
+                          "\": " + std::strerror(clone_errno));
     }
-    int status = 0;
-    while (::waitpid(mid, &status, 0) < 0 && errno == EINTR) {
-    }
-    // Everything the reader sends, bounded: its pid, a tag, at most a whole key file.
-    constexpr size_t kMax = sizeof(pid_t) + 1 + (size_t(1) << 20);
+    // Everything the reader sends, bounded: a tag, at most a whole key file.
+    constexpr size_t kMax = 1 + (size_t(1) << 20);
     std::string got;
     Scrub scrub{got};
     got.reserve(kMax);
@@ -418,34 +418,27 @@ void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id
     }
     OPENSSL_cleanse(buf, sizeof buf);
     ::close(p[0]);
-    if (timed_out || failed) {
-        if (got.size() >= sizeof(pid_t)) {
-            pid_t reader;
-            std::memcpy(&reader, got.data(), sizeof reader);
-            if (reader > 1) ::kill(reader, SIGKILL);
-        }
-        if (timed_out) {
-            if (got.size() >= sizeof(pid_t)) {
-                pid_t reader;
-                std::memcpy(&reader, got.data(), sizeof reader);
-                std::lock_guard<std::mutex> g(g_abandoned_mu);
-                g_abandoned.push_back(reader);  // until it is gone
-            }
-            throw late(ks, key_id);
-        }
+    if (timed_out || failed) ::kill(pid, SIGKILL);
+    int status = 0;
+    pid_t w;
+    while ((w = ::waitpid(pid, &status, (timed_out ? WNOHANG : 0) | __WALL)) < 0 && errno == EINTR) {
     }
-    if (failed || got.size() < sizeof(pid_t) + 1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    if (w != pid) {  // killed, not gone yet (a wait that is not killable): reaped later
+        std::lock_guard<std::mutex> g(g_abandoned_mu);
+        g_abandoned.push_back(pid);
+    }
+    if (timed_out) throw late(ks, key_id);
+    if (failed || got.empty() || w != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
         throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
-    const char tag = got[sizeof(pid_t)];
-    if (tag == 'K') {
+    if (got[0] == 'K') {
         text.reserve(got.size());
-        text.assign(got, sizeof(pid_t) + 1, std::string::npos);
+        text.assign(got, 1, std::string::npos);
         return;
     }
-    if (tag != 'E' || got.size() < sizeof(pid_t) + 2)
+    if (got[0] != 'E' || got.size() < 2)
         throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
-    const auto kind = static_cast<KmsErrorKind>(got[sizeof(pid_t) + 1]);
-    std::string msg = got.substr(sizeof(pid_t) + 2);
+    const auto kind = static_cast<KmsErrorKind>(got[1]);
+    std::string msg = got.substr(2);
     switch (kind) {
         case KmsErrorKind::Config:
         case KmsErrorKind::Revoked:
