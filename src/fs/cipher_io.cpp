@@ -93,8 +93,9 @@ struct Src {
             if (iov[i].iov_len && !all_zero(piece(i), iov[i].iov_len)) return false;
         return true;
     }
-    void gather(uint8_t* dst) const {
-        for (int i = 0; i < cnt; dst += iov[i].iov_len, i++) std::memcpy(dst, piece(i), iov[i].iov_len);
+    void gather(uint8_t* dst) const {  // an empty piece may have no buffer at all
+        for (int i = 0; i < cnt; dst += iov[i].iov_len, i++)
+            if (iov[i].iov_len) std::memcpy(dst, piece(i), iov[i].iov_len);
     }
     bool pieces_are_units() const {
         for (int i = 0; i < cnt; i++)
@@ -647,7 +648,7 @@ ssize_t enc_preadv(FileCtx* c, int fd, const struct iovec* iov, int cnt, off_t o
     size_t pos = 0;
     for (int i = 0; i < cnt && pos < size_t(r); i++) {
         size_t k = std::min(iov[i].iov_len, size_t(r) - pos);
-        std::memcpy(iov[i].iov_base, g.p + pos, k);
+        if (k) std::memcpy(iov[i].iov_base, g.p + pos, k);
         pos += k;
     }
     return r;

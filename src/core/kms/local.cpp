@@ -418,17 +418,23 @@ void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id
     }
     OPENSSL_cleanse(buf, sizeof buf);
     ::close(p[0]);
-    if (timed_out || failed) ::kill(pid, SIGKILL);
+    // A reader cut short is killed and never waited for: its wait may not be killable.
+    // One that closed the pipe is ending and is waited for.
+    const bool cut = timed_out || failed;
+    if (cut) ::kill(pid, SIGKILL);
     int status = 0;
     pid_t w;
-    while ((w = ::waitpid(pid, &status, (timed_out ? WNOHANG : 0) | __WALL)) < 0 && errno == EINTR) {
+    while ((w = ::waitpid(pid, &status, (cut ? WNOHANG : 0) | __WALL)) < 0 && errno == EINTR) {
     }
-    if (w != pid) {  // killed, not gone yet (a wait that is not killable): reaped later
+    if (w != pid && !(w < 0 && errno == ECHILD)) {  // not gone yet: reaped later
         std::lock_guard<std::mutex> g(g_abandoned_mu);
         g_abandoned.push_back(pid);
     }
     if (timed_out) throw late(ks, key_id);
-    if (failed || got.empty() || w != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    // Its exit status says whether it sent everything (reaped by someone else: the
+    // payload alone, whose parse refuses a cut file).
+    const bool sent_all = w != pid || (WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    if (failed || got.empty() || !sent_all)
         throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
     if (got[0] == 'K') {
         text.reserve(got.size());
