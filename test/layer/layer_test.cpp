@@ -121,6 +121,12 @@ std::vector<std::pair<size_t, size_t>> pieces(std::mt19937& rng, size_t len, boo
     return out;
 }
 
+std::vector<struct iovec> iovecs(std::vector<std::vector<uint8_t>>& bufs) {
+    std::vector<struct iovec> iov;
+    for (auto& b : bufs) iov.push_back({b.data(), b.size()});
+    return iov;
+}
+
 // Random operations against an in-memory model.
 // keep_head: the file's first keep_head bytes are only ever written as zeros (a WAL
 // segment's long page header is PostgreSQL's, not random bytes, and stays plaintext).
@@ -178,9 +184,8 @@ void model_test(const std::string& rel, unsigned seed, int ops, size_t keep_head
             for (size_t p = off; p < keep_head && p < off + len; p++) d[p - off] = 0;
             auto ps = pieces(rng, len, units);
             std::vector<std::vector<uint8_t>> bufs;
-            std::vector<struct iovec> iov;
             for (auto& [at, n] : ps) bufs.emplace_back(d.begin() + at, d.begin() + at + n);
-            for (auto& b : bufs) iov.push_back({b.data(), b.size()});
+            std::vector<struct iovec> iov = iovecs(bufs);
             int how = int(rng() % 3);
             ssize_t w;
             if (how == 2) {
@@ -199,9 +204,8 @@ void model_test(const std::string& rel, unsigned seed, int ops, size_t keep_head
             if (units) off -= off % 8192, len = 8192 * (1 + rng() % 5);
             auto ps = pieces(rng, len, units);
             std::vector<std::vector<uint8_t>> bufs;
-            std::vector<struct iovec> iov;
             for (auto& [at, n] : ps) bufs.emplace_back(n, uint8_t(0xEE));
-            for (auto& b : bufs) iov.push_back({b.data(), b.size()});
+            std::vector<struct iovec> iov = iovecs(bufs);
             int how = int(rng() % 3);
             ssize_t n;
             if (how == 2) {

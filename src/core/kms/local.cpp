@@ -333,7 +333,7 @@ KmsError late(const LocalKeyStore& ks, const std::string& key_id) {
 // after: each cancellable system call (pread, send, recv, ...) then takes glibc's
 // cancellation path. The postmaster forks every server process, so one reader thread
 // at its start made every backend's system calls dearer: select-only on PG 18 (glibc
-// 2.41) spent 0.86 us per transaction in libc's system call stub against 0.38
+// 2.41) spent 0.86 us per transaction in libc's system-call wrappers against 0.38
 // plaintext (bench/README.md, 7 December). The reader is a "clone child" (clone with
 // no exit signal, reaped with __WALL): its end sends no SIGCHLD and waitpid(-1) does
 // not see it, so neither the postmaster's reaper nor a tool that watches its own
