@@ -155,7 +155,7 @@ ProbeResult probe_key() {
         r.request_id = ks.request_id;
         if (ks.health != KeyHealth::Ok) {
             r.health = ks.health;
-            r.detail = ks.state.empty() ? ks.detail : ks.state + ": " + ks.detail;
+            r.detail = status_detail(ks);
         } else {
             SecureBytes k = prov->unwrap(wrapped);
             if (k.size() != kek.size() || !ct_equal(k.data(), kek.data(), k.size())) {

@@ -299,7 +299,7 @@ std::vector<DbProbe> probe_databases() {
             pr.request_id = ks.request_id;
             if (ks.health != KeyHealth::Ok) {
                 pr.health = ks.health;
-                pr.detail = ks.state.empty() ? ks.detail : ks.state + ": " + ks.detail;
+                pr.detail = status_detail(ks);
             } else if (kek) {
                 SecureBytes u = prov->unwrap(wrapped);
                 if (u.size() != kek->size() || !ct_equal(u.data(), kek->data(), u.size())) {

@@ -559,6 +559,9 @@ ssize_t map_read(FileCtx* c, FileKey& key, int fd, uint8_t* buf, size_t len, off
 // ---- start-up and key administration (startup.cpp, cluster_keys.cpp) --------------------------
 
 std::unique_ptr<KeyProvider> audited(const KeyConfig& cfg, const std::string& name);
+// What a provider's status that is not ok says: "state: detail", or the detail alone
+// when the state only repeats the health ("unavailable") or is empty.
+std::string status_detail(const KeyStatus& ks);
 void stamp_keyring(State& s);
 // Loads keyring, unwraps the KEK, opens the key map. Throws LayerError.
 void load_keys(State& s, const std::string& datadir, const std::string& keyring_dir);

@@ -50,6 +50,10 @@ std::string kms_hint(KmsErrorKind k, const KeyConfig& cfg) {
 
 }  // namespace
 
+std::string status_detail(const KeyStatus& ks) {
+    return ks.state.empty() || ks.state == "unavailable" ? ks.detail : ks.state + ": " + ks.detail;
+}
+
 std::unique_ptr<KeyProvider> audited(const KeyConfig& cfg, const std::string& name) {
     return audit::audited_provider(make_provider(cfg), name, st().aggregate_probes);
 }

@@ -55,6 +55,8 @@ our @EXPORT = qw(
   product_installed
   postmaster_pid
   pid_alive
+  single_threaded
+  loopback_name
 );
 
 # The server's bindir must come first in PATH (pg_ctl, initdb, pg_cmk, ...): PG_BINDIR
@@ -518,6 +520,47 @@ sub pid_alive
 	return 0 unless defined $stat;
 	$stat =~ s/^.*\)\s+//s;
 	return (split /\s+/, $stat)[0] ne 'Z';
+}
+
+=item single_threaded($pid)
+
+glibc's C<__libc_single_threaded> in process $pid, read with gdb: 1 while the process
+never started a thread, 0 after (for good, and in every process it forks after), or
+"gdb: ..." when gdb could not read it. A process that ever had a second thread takes
+glibc's slower cancellation path on each cancellable system call.
+
+=cut
+
+sub single_threaded
+{
+	my ($pid) = @_;
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ 'gdb', '-p', $pid, '-batch', '-ex', 'print (int)(char)__libc_single_threaded' ],
+		'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(120));
+	return $out =~ /^\$1 = (\d+)$/m ? $1 : "gdb: $err";
+}
+
+=item loopback_name()
+
+This machine's host name when it resolves to 127.0.0.1 only (a name that is not
+C<localhost>, which libcurl answers without resolving), else undef.
+
+=cut
+
+sub loopback_name
+{
+	require Socket;
+	require Sys::Hostname;
+	my $name = eval { Sys::Hostname::hostname() };
+	return undef if !defined $name || $name eq '' || lc($name) eq 'localhost';
+	my ($err, @res) = Socket::getaddrinfo($name, '', { family => Socket::AF_INET(), socktype => Socket::SOCK_STREAM() });
+	return undef if $err || !@res;
+	for my $r (@res)
+	{
+		my (undef, $addr) = Socket::unpack_sockaddr_in($r->{addr});
+		return undef unless Socket::inet_ntoa($addr) eq '127.0.0.1';
+	}
+	return $name;
 }
 
 =back

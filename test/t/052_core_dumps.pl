@@ -151,14 +151,6 @@ ok(defined $bpid, 'a client backend scanned the encrypted table') or diag($berr)
 # that ever started a thread as multi-threaded for good (its children too), and each
 # cancellable system call then takes glibc's slower cancellation path. The key read at
 # start with its deadline runs in a reader process, not a thread (src/core/kms/local.cpp).
-sub single_threaded
-{
-	my ($p) = @_;
-	my ($out, $err) = ('', '');
-	IPC::Run::run([ 'gdb', '-p', $p, '-batch', '-ex', 'print (int)(char)__libc_single_threaded' ],
-		'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(120));
-	return $out =~ /^\$1 = (\d+)$/m ? $1 : "gdb: $err";
-}
 my ($pm_pid) = split /\n/, slurp_file("$pgdata/postmaster.pid");
 is(single_threaded($pm_pid), 1, 'the postmaster is single-threaded (glibc\'s __libc_single_threaded)');
 is(single_threaded($bpid // 0), 1, '... and so is a backend it forked');

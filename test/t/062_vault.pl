@@ -29,9 +29,11 @@ my $secret = write_secret_file("$dir/secret_id", 'secret-' . int(rand(1e12)));
 my $role_val   = PostgreSQL::Test::Utils::slurp_file($role)   =~ s/\s+$//r;
 my $secret_val = PostgreSQL::Test::Utils::slurp_file($secret) =~ s/\s+$//r;
 
-# A throwaway TLS identity for 127.0.0.1 (self-signed, used as the CA).
+# A throwaway TLS identity for 127.0.0.1 (self-signed, used as the CA), and for this
+# machine's name when it resolves to 127.0.0.1 (the host-name start below).
+my $name = loopback_name();
 system_or_bail('openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
-	'-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+	'-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1' . (defined $name ? ",DNS:$name" : ''),
 	'-keyout', "$dir/tls.key", '-out', "$dir/ca.pem");
 
 my $peer = start_kms_peer('vault_server.py', '--token-file', $token, '--key', 'cmk-vault',
@@ -175,6 +177,36 @@ is($rc, 0, 'AppRole: pg_cmk status ok');
 kms_control($peer, action => 'expire_secret_id');
 ($rc) = pg_cmk('status', '-D', $node2->data_dir);
 is($rc, 3, 'AppRole: an expired secret id is revoked (exit 3)');
+
+# --- an endpoint named by host name: the postmaster keeps one thread ----------------
+# libcurl (Debian's: the threaded resolver) would resolve the name on a thread while the
+# postmaster unwraps the KEK, and glibc would treat the postmaster and every process it
+# forks as multi-threaded for good (dearer system calls); the name is resolved in a
+# child process instead (src/core/kms/http.cpp, resolve_entry).
+SKIP:
+{
+	skip 'this machine\'s host name does not resolve to 127.0.0.1', 4 unless defined $name;
+	skip 'gdb is not installed', 4 unless grep { -x "$_/gdb" } split /:/, $ENV{PATH};
+	my $node3 = new_encrypted_node('vault_by_name', provider => 'vault', key_id => 'cmk-vault',
+		kms_options => { %opts, addr => "https://$name:$peer->{port}" });
+	# gdb attaches as the server's OS user: only to a dumpable server.
+	$node3->append_conf('postgresql.conf', "cmk_lakebase.allow_core_dumps = on\n");
+	$node3->start;
+	is($node3->safe_psql('postgres', 'SELECT 1'), '1', "a cluster whose Vault is https://$name:port starts");
+	my $bout = '';
+	my $bh = IPC::Run::start([ 'psql', '-XAtq', '-h', $node3->host, '-p', $node3->port, '-d', 'postgres',
+			'-c', 'SELECT pg_backend_pid()', '-c', 'SELECT pg_sleep(30)' ], '>', \$bout);
+	IPC::Run::pump($bh) until $bout =~ /^(\d+)$/m || !$bh->pumpable;
+	my $bpid = $1;
+	is(single_threaded(postmaster_pid($node3)), 1,
+		'the postmaster that unwrapped its KEK through a host name has one thread (__libc_single_threaded)');
+	is(single_threaded($bpid // 0), 1, '... and so has a backend it forked');
+	$bh->kill_kill;
+	my $by_name = grep { $_->{path} =~ m{^/v1/transit/decrypt/cmk-vault} && ($_->{headers}{host} // '') eq "$name:$peer->{port}" }
+	  @{ kms_control($peer, action => 'requests')->{requests} };
+	ok($by_name > 0, "the unwraps went to $name (Host header)");
+	$node3->stop;
+}
 
 # --- the key deleted: revoked -------------------------------------------------------
 kms_control($peer, action => 'delete_key', name => 'cmk-vault');

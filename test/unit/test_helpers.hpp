@@ -13,6 +13,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cmk_test {
@@ -32,6 +33,34 @@ inline std::vector<uint8_t> unhex(const std::string& h) {
     }
     return out;
 }
+
+// Sets environment variables for one test and restores them after.
+class EnvGuard {
+public:
+    void set(const char* name, const std::string& value) {
+        save(name);
+        ::setenv(name, value.c_str(), 1);
+    }
+    void unset(const char* name) {
+        save(name);
+        ::unsetenv(name);
+    }
+    ~EnvGuard() {
+        for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+            if (it->second.first)
+                ::setenv(it->first.c_str(), it->second.second.c_str(), 1);
+            else
+                ::unsetenv(it->first.c_str());
+        }
+    }
+
+private:
+    void save(const char* name) {
+        const char* v = std::getenv(name);
+        saved_.emplace_back(name, std::make_pair(v != nullptr, v ? std::string(v) : std::string()));
+    }
+    std::vector<std::pair<std::string, std::pair<bool, std::string>>> saved_;
+};
 
 // A private temporary directory, removed with everything in it at scope exit.
 class TempDir {

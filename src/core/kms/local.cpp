@@ -12,14 +12,10 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <openssl/crypto.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/single_threaded.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <rapidjson/document.h>
@@ -38,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "cmk_lakebase/base/child.hpp"
 #include "cmk_lakebase/base/json.hpp"
 #include "cmk_lakebase/base/sys.hpp"  // now_iso8601
 #include "cmk_lakebase/kms/provider.hpp"
@@ -305,22 +302,7 @@ void read_key_text(const LocalKeyStore& ks, const std::string& key_id, std::stri
 // the postmaster forks under the same limit).
 constexpr int kMaxStuckReaders = 4;
 std::atomic<int> g_stuck_readers{0};
-// Reader processes (read_key_text_in_process) killed but not yet gone (a wait that is
-// not killable), until they are reaped: they count against the same bound.
-std::mutex g_abandoned_mu;
-std::vector<pid_t> g_abandoned;
-
-int stuck_readers() {
-    std::lock_guard<std::mutex> g(g_abandoned_mu);
-    g_abandoned.erase(std::remove_if(g_abandoned.begin(), g_abandoned.end(),
-                                     [](pid_t pid) {
-                                         int st;
-                                         pid_t w = ::waitpid(pid, &st, WNOHANG | __WALL);
-                                         return w == pid || (w < 0 && errno == ECHILD);
-                                     }),
-                      g_abandoned.end());
-    return g_stuck_readers.load() + static_cast<int>(g_abandoned.size());
-}
+int stuck_readers() { return g_stuck_readers.load() + sys::children_left_behind(); }
 
 KmsError late(const LocalKeyStore& ks, const std::string& key_id) {
     return unavailable("the local key store \"" + ks.dir() + "\" did not answer within " +
@@ -328,120 +310,51 @@ KmsError late(const LocalKeyStore& ks, const std::string& key_id) {
                        ": a hung mount?");
 }
 
-// A process that has only one thread reads in a process instead. glibc marks a process
-// that ever started a thread as multi-threaded for good, and every process it forks
-// after: each cancellable system call (pread, send, recv, ...) then takes glibc's
-// cancellation path. The postmaster forks every server process, so one reader thread
-// at its start made every backend's system calls dearer: select-only on PG 18 (glibc
-// 2.41) spent 0.86 us per transaction in libc's system-call wrappers against 0.38
-// plaintext (bench/README.md, 7 December). The reader is a "clone child" (clone with
-// no exit signal, reaped with __WALL): its end sends no SIGCHLD and waitpid(-1) does
-// not see it, so neither the postmaster's reaper nor a tool that watches its own
-// children (pg_basebackup takes any SIGCHLD for the end of its WAL streamer) ever
-// meets a process it did not start. It blocks every signal (the handlers are the
-// caller's), is not dumpable, and sends 'K' and the file's bytes, or 'E', the error's
-// kind and its message, over a pipe the caller reads with the deadline; past it the
-// reader is killed (a killable wait, as NFS and FUSE have, ends) and reaped later.
+// A process that has only one thread reads in a process instead (sys::run_in_child):
+// a reader thread would mark it multi-threaded for good, and the postmaster forks every
+// server process (child.hpp). The reader sends 'K' and the file's bytes, or 'E', the
+// error's kind and its message; past the deadline it is killed (a killable wait, as NFS
+// and FUSE have, ends) and counts against kMaxStuckReaders until it is reaped.
 void read_key_text_in_process(const LocalKeyStore& ks, const std::string& key_id, std::string& text) {
-    int p[2];
-    if (::pipe2(p, O_CLOEXEC) != 0)
-        throw unavailable(std::string("could not create a pipe to read the local key store: ") + std::strerror(errno));
-    sigset_t all, old;
-    sigfillset(&all);
-    sigprocmask(SIG_SETMASK, &all, &old);
-    // fork() without an exit signal: the copy of this (single-threaded) process runs on.
-    const pid_t pid = static_cast<pid_t>(::syscall(SYS_clone, 0UL, nullptr, nullptr, nullptr, nullptr));
-    if (pid == 0) {
-        ::close(p[0]);
-        ::prctl(PR_SET_DUMPABLE, 0);
-        int rc = 0;
-        {
-            std::string t;
-            Scrub scrub{t};
-            std::string msg;
-            char tag = 'K';
-            try {
-                read_key_text(ks, key_id, t);
-            } catch (const KmsError& e) {
-                tag = 'E';
-                msg = std::string(1, static_cast<char>(e.kind)) + e.what();
-            } catch (const std::exception& e) {
-                tag = 'E';
-                msg = std::string(1, static_cast<char>(KmsErrorKind::Unavailable)) + e.what();
-            }
-            const std::string& body = tag == 'K' ? t : msg;
-            if (sys::write_full(p[1], &tag, 1) != 0 || sys::write_full(p[1], body.data(), body.size()) != 0) rc = 1;
+    auto work = [&ks, &key_id](int fd) {
+        std::string t;
+        Scrub scrub{t};
+        std::string msg;
+        char tag = 'K';
+        try {
+            read_key_text(ks, key_id, t);
+        } catch (const KmsError& e) {
+            tag = 'E';
+            msg = std::string(1, static_cast<char>(e.kind)) + e.what();
+        } catch (const std::exception& e) {
+            tag = 'E';
+            msg = std::string(1, static_cast<char>(KmsErrorKind::Unavailable)) + e.what();
         }
-        ::_exit(rc);
-    }
-    const int clone_errno = errno;
-    sigprocmask(SIG_SETMASK, &old, nullptr);
-    ::close(p[1]);
-    if (pid < 0) {
-        ::close(p[0]);
-        throw unavailable("could not start a process to read the local key store \"" + ks.dir() +
-                          "\": " + std::strerror(clone_errno));
-    }
+        const std::string& body = tag == 'K' ? t : msg;
+        return sys::write_full(fd, &tag, 1) != 0 || sys::write_full(fd, body.data(), body.size()) != 0 ? 1 : 0;
+    };
     // Everything the reader sends, bounded: a tag, at most a whole key file.
     constexpr size_t kMax = 1 + (size_t(1) << 20);
     std::string got;
     Scrub scrub{got};
-    got.reserve(kMax);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ks.timeout_ms());
-    char buf[4096];
-    bool timed_out = false, failed = false;
-    for (;;) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-        if (left.count() <= 0) {
-            timed_out = true;
+    const sys::ChildRun run = sys::run_in_child(work, ks.timeout_ms(), kMax, got);
+    switch (run.outcome) {
+        case sys::ChildRun::Outcome::NotStarted:
+            throw unavailable("could not start a process to read the local key store \"" + ks.dir() +
+                              "\": " + std::strerror(run.error));
+        case sys::ChildRun::Outcome::TimedOut:
+            throw late(ks, key_id);
+        case sys::ChildRun::Outcome::Failed:
+            throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
+        case sys::ChildRun::Outcome::Done:
             break;
-        }
-        struct pollfd pf = {p[0], POLLIN, 0};
-        int r = ::poll(&pf, 1, static_cast<int>(std::min<long long>(left.count(), 1 << 30)));
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) {
-            failed = true;
-            break;
-        }
-        if (r == 0) continue;  // the deadline is checked above
-        ssize_t n = ::read(p[0], buf, sizeof buf);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {
-            failed = n < 0;
-            break;
-        }
-        if (got.size() + static_cast<size_t>(n) > kMax) {
-            failed = true;
-            break;
-        }
-        got.append(buf, static_cast<size_t>(n));
     }
-    OPENSSL_cleanse(buf, sizeof buf);
-    ::close(p[0]);
-    // A reader cut short is killed and never waited for: its wait may not be killable.
-    // One that closed the pipe is ending and is waited for.
-    const bool cut = timed_out || failed;
-    if (cut) ::kill(pid, SIGKILL);
-    int status = 0;
-    pid_t w;
-    while ((w = ::waitpid(pid, &status, (cut ? WNOHANG : 0) | __WALL)) < 0 && errno == EINTR) {
-    }
-    if (w != pid && !(w < 0 && errno == ECHILD)) {  // not gone yet: reaped later
-        std::lock_guard<std::mutex> g(g_abandoned_mu);
-        g_abandoned.push_back(pid);
-    }
-    if (timed_out) throw late(ks, key_id);
-    // Its exit status says whether it sent everything (reaped by someone else: the
-    // payload alone, whose parse refuses a cut file).
-    const bool sent_all = w != pid || (WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    if (failed || got.empty() || !sent_all)
-        throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
-    if (got[0] == 'K') {
+    if (!got.empty() && got[0] == 'K') {
         text.reserve(got.size());
         text.assign(got, 1, std::string::npos);
         return;
     }
-    if (got[0] != 'E' || got.size() < 2)
+    if (got.size() < 2 || got[0] != 'E')
         throw unavailable("reading the local key store \"" + ks.dir() + "\" failed in its reader process");
     const auto kind = static_cast<KmsErrorKind>(got[1]);
     std::string msg = got.substr(2);
