@@ -187,6 +187,24 @@ start_kmip();
 		map({ ('--kms-option', $_) } kmip_options()), '--', '-A', 'trust');
 	isnt($rc, 0, 'initdb with an unknown key id fails');
 	like($err, qr/Item Not Found/, 'the error says what the KMIP server answered');
+
+	# A host name: resolved in a child process within the connect timeout (pg_cmk has
+	# one thread; src/core/kms/kmip.cpp, addresses()).
+	my $t0 = time;
+	($rc, $out, $err) = pg_cmk('initdb', '-D', $dir, '--provider', 'kmip', '--key-id', $uid,
+		map({ ('--kms-option', $_) } kmip_options(host => 'no-such-host.invalid', timeout_ms => 2000)),
+		'--', '-A', 'trust');
+	my $took = time - $t0;
+	isnt($rc, 0, 'initdb with a host name that does not resolve fails');
+	like($err, qr/could not resolve host no-such-host\.invalid: /, 'the error names the host that did not resolve');
+	cmp_ok($took, '<', 15, "... within the timeout (${took}s)");
+	ok(!-e "$dir/PG_VERSION", 'no cluster was created');
+	my $named = "$dir.localhost";
+	($rc, $out, $err) = pg_cmk('initdb', '-D', $named, '--provider', 'kmip', '--key-id', $uid,
+		map({ ('--kms-option', $_) } kmip_options(host => 'localhost')), '--', '-A', 'trust', '-N');
+	is($rc, 0, 'initdb through host localhost (resolved in a child process) succeeds') or diag($err);
+	($rc, $out, $err) = pg_cmk('status', '-D', $named);
+	is($rc, 0, 'pg_cmk status through host localhost: ok') or diag($out, $err);
 }
 
 # --- 2..4. one cluster through its life -------------------------------------------------

@@ -157,6 +157,13 @@ TEST(RunInChild, FailsOnAnExitStatusAThrowOrAnAnswerPastItsBound) {
 
 // ------------------------------------------------------------------ resolve_entry
 
+TEST(ResolveEntry, NumericHosts) {
+    for (const char* h : {"127.0.0.1", "10.1.2.3", "::1", "[::1]", "[2001:db8::1]", "2001:db8::1"})
+        EXPECT_TRUE(cmk::kit::numeric_host(h)) << h;
+    for (const char* h : {"localhost", "kms.example.com", "127.1", "[127.0.0.1]", "[::1", "", "1.2.3.4:80"})
+        EXPECT_FALSE(cmk::kit::numeric_host(h)) << h;
+}
+
 TEST(ResolveEntry, NothingToResolveForAnAddressLiteralOrBehindAProxy) {
     EXPECT_EQ(cmk::http::resolve_entry("https://127.0.0.1:8200/v1/transit", 1000), "");
     EXPECT_EQ(cmk::http::resolve_entry("http://[::1]:8080/", 1000), "");

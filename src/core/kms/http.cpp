@@ -2,29 +2,20 @@
 // switched off; CURLOPT_NOSIGNAL because this runs in the postmaster and in background
 // workers whose signal handlers PostgreSQL owns. In a process with one thread a host
 // name is resolved in a child process and handed to libcurl (resolve_entry), so that
-// its threaded resolver never starts a thread there (child.hpp says why that matters).
+// its threaded resolver never starts a thread there (kit::resolve_in_child; child.hpp
+// says why that matters).
 #include "http.hpp"
 
-#include <arpa/inet.h>
 #include <curl/curl.h>
-#include <netdb.h>
-#include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <sys/single_threaded.h>
-#include <sys/socket.h>
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <mutex>
-#include <stdexcept>
-
-#include "cmk_lakebase/base/child.hpp"
-#include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::http {
 namespace {
@@ -100,14 +91,6 @@ bool url_host_port(const std::string& url, std::string& host, std::string& port)
     return true;
 }
 
-// A numeric address as CURLOPT_RESOLVE takes it (IPv6 in brackets); false for anything else.
-bool numeric_address(const std::string& a) {
-    unsigned char buf[sizeof(struct in6_addr)];
-    if (a.size() > 2 && a.front() == '[' && a.back() == ']')
-        return ::inet_pton(AF_INET6, a.substr(1, a.size() - 2).c_str(), buf) == 1;
-    return ::inet_pton(AF_INET, a.c_str(), buf) == 1;
-}
-
 // Whether the environment gives libcurl a proxy: the proxy then resolves the KMS's
 // name (or libcurl resolves the proxy's), not us.
 bool proxy_in_environment() {
@@ -116,36 +99,6 @@ bool proxy_in_environment() {
         if (e && *e) return true;
     }
     return false;
-}
-
-constexpr size_t kMaxAddresses = 16;
-constexpr size_t kMaxResolveAnswer = 4096;
-constexpr int kMaxResolversLeft = 4;
-
-// getaddrinfo, as libcurl's own resolver asks it: any family, stream sockets.
-std::vector<std::string> system_resolve(const std::string& host, const std::string& port) {
-    struct addrinfo hints;
-    std::memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    struct addrinfo* res = nullptr;
-    int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
-    if (rc != 0) throw std::runtime_error(rc == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(rc));
-    std::unique_ptr<struct addrinfo, decltype(&::freeaddrinfo)> hold(res, ::freeaddrinfo);
-    std::vector<std::string> out;
-    for (const struct addrinfo* a = res; a && out.size() < kMaxAddresses; a = a->ai_next) {
-        char text[INET6_ADDRSTRLEN];
-        std::string t;
-        if (a->ai_family == AF_INET &&
-            ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr, text, sizeof text))
-            t = text;
-        else if (a->ai_family == AF_INET6 &&
-                 ::inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr, text,
-                             sizeof text))
-            t = "[" + std::string(text) + "]";
-        if (!t.empty() && std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
-    }
-    return out;
 }
 
 }  // namespace
@@ -157,50 +110,11 @@ std::string Response::header(const std::string& lower_name) const {
 
 std::string resolve_entry(const std::string& url, long timeout_ms, const Resolver& resolver) {
     std::string host, port;
-    if (!url_host_port(url, host, port) || host.empty() || host.front() == '[' || numeric_address(host) ||
-        proxy_in_environment())
+    if (!url_host_port(url, host, port) || host.empty() || kit::numeric_host(host) || proxy_in_environment())
         return "";
-    auto fail = [&host](const std::string& why) { return unavailable("could not resolve host " + host + ": " + why); };
-    if (sys::children_left_behind() >= kMaxResolversLeft)
-        throw fail(std::to_string(kMaxResolversLeft) + " earlier resolutions have not ended");
-    const Resolver& resolve = resolver ? resolver : Resolver(system_resolve);
-    // The child sends 'A' and the addresses, comma-separated, or 'E' and the reason.
-    auto work = [&](int fd) {
-        std::string msg;
-        try {
-            std::vector<std::string> addrs = resolve(host, port);
-            if (addrs.empty()) throw std::runtime_error("no address");
-            msg = "A";
-            for (size_t i = 0; i < addrs.size() && i < kMaxAddresses; ++i) msg += (i ? "," : "") + addrs[i];
-        } catch (const std::exception& e) {
-            msg = std::string("E") + e.what();
-        }
-        return sys::write_full(fd, msg.data(), std::min(msg.size(), kMaxResolveAnswer)) == 0 ? 0 : 1;
-    };
-    std::string got;
-    const sys::ChildRun run = sys::run_in_child(work, timeout_ms, kMaxResolveAnswer, got);
-    switch (run.outcome) {
-        case sys::ChildRun::Outcome::NotStarted:
-            throw fail(std::string("could not start a process to resolve it: ") + std::strerror(run.error));
-        case sys::ChildRun::Outcome::TimedOut:
-            throw fail("no answer within " + std::to_string(timeout_ms) + " ms");
-        case sys::ChildRun::Outcome::Failed:
-            throw fail("its resolver process failed");
-        case sys::ChildRun::Outcome::Done:
-            break;
-    }
-    if (!got.empty() && got[0] == 'E') throw fail(got.substr(1));
-    if (got.size() < 2 || got[0] != 'A') throw fail("its resolver process failed");
-    // Only numeric addresses reach libcurl's option.
-    std::string list = got.substr(1);
-    size_t start = 0, n = 0;
-    for (;;) {
-        size_t comma = list.find(',', start);
-        std::string a = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-        if (!numeric_address(a) || ++n > kMaxAddresses) throw fail("its resolver process answered \"" + a + "\"");
-        if (comma == std::string::npos) break;
-        start = comma + 1;
-    }
+    std::string list;
+    for (const std::string& a : kit::resolve_in_child(host, port, timeout_ms, resolver))
+        list += (list.empty() ? "" : ",") + a;
     return host + ":" + port + ":" + list;
 }
 

@@ -44,18 +44,14 @@ struct Response {
 // own; elsewhere libcurl resolves it (Debian's libcurl: on a thread).
 Response perform(const Request& req);
 
-// Runs in resolve_entry's child: the addresses of host for port, numeric (IPv6 in
-// brackets); throws std::runtime_error with the reason when there are none.
-using Resolver = std::function<std::vector<std::string>(const std::string& host, const std::string& port)>;
+using kit::Resolver;
 
-// The CURLOPT_RESOLVE entry ("host:port:addr[,addr...]", at most 16 addresses) for the
-// URL's host name, resolved (getaddrinfo, or `resolver`) in a child process
-// (sys::run_in_child) so that libcurl's threaded resolver never starts a thread in this
-// process. "" when there is nothing to resolve here: the host is an IP literal, the URL
-// does not parse (libcurl reports it), or a proxy is set in the environment (libcurl
-// resolves the proxy's name). Throws KmsError Unavailable naming the host when it does
-// not resolve, when the child has not answered within timeout_ms (it is killed), or
-// when 4 such children have not ended yet. Only for a process with one thread.
+// The CURLOPT_RESOLVE entry ("host:port:addr[,addr...]") for the URL's host name,
+// resolved by kit::resolve_in_child (in a child process, within timeout_ms; its errors)
+// so that libcurl's threaded resolver never starts a thread in this process. "" when
+// there is nothing to resolve here: the host is an IP literal, the URL does not parse
+// (libcurl reports it), or a proxy is set in the environment (libcurl resolves the
+// proxy's name). Only for a process with one thread.
 std::string resolve_entry(const std::string& url, long timeout_ms, const Resolver& resolver = nullptr);
 
 struct RetryPolicy {

@@ -5,6 +5,7 @@
 #include "kit.hpp"
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
@@ -22,9 +23,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <memory>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
+#include "cmk_lakebase/base/child.hpp"
 #include "cmk_lakebase/base/sys.hpp"
 
 namespace cmk::kit {
@@ -245,6 +249,99 @@ bool loopback_authority(const std::string& a) {
     // A literal only: a DNS name that merely starts with "127." may resolve anywhere.
     in_addr addr{};
     return inet_pton(AF_INET, host.c_str(), &addr) == 1 && (ntohl(addr.s_addr) >> 24) == 127;
+}
+
+bool numeric_host(const std::string& host) {
+    unsigned char buf[sizeof(struct in6_addr)];
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+        return ::inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), buf) == 1;
+    return ::inet_pton(AF_INET, host.c_str(), buf) == 1 || ::inet_pton(AF_INET6, host.c_str(), buf) == 1;
+}
+
+namespace {
+
+constexpr size_t kMaxAddresses = 16;
+constexpr size_t kMaxResolveAnswer = 4096;
+constexpr int kMaxResolversLeft = 4;
+
+// An address as resolve_in_child hands it on: IPv4, or IPv6 in brackets.
+bool address_entry(const std::string& a) {
+    return !a.empty() && (a.front() == '[' || a.find(':') == std::string::npos) && numeric_host(a);
+}
+
+// getaddrinfo, as libcurl's own resolver asks it: any family, stream sockets.
+std::vector<std::string> system_resolve(const std::string& host, const std::string& port) {
+    struct addrinfo hints;
+    std::memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    struct addrinfo* res = nullptr;
+    int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
+    if (rc != 0) throw std::runtime_error(rc == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(rc));
+    std::unique_ptr<struct addrinfo, decltype(&::freeaddrinfo)> hold(res, ::freeaddrinfo);
+    std::vector<std::string> out;
+    for (const struct addrinfo* a = res; a && out.size() < kMaxAddresses; a = a->ai_next) {
+        char text[INET6_ADDRSTRLEN];
+        std::string t;
+        if (a->ai_family == AF_INET &&
+            ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr, text, sizeof text))
+            t = text;
+        else if (a->ai_family == AF_INET6 &&
+                 ::inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr, text,
+                             sizeof text))
+            t = "[" + std::string(text) + "]";
+        if (!t.empty() && std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+    }
+    return out;
+}
+
+}  // namespace
+
+std::vector<std::string> resolve_in_child(const std::string& host, const std::string& port, long timeout_ms,
+                                          const Resolver& resolver) {
+    auto fail = [&host](const std::string& why) { return unavailable("could not resolve host " + host + ": " + why); };
+    if (sys::children_left_behind() >= kMaxResolversLeft)
+        throw fail(std::to_string(kMaxResolversLeft) + " earlier resolutions have not ended");
+    const Resolver& resolve = resolver ? resolver : Resolver(system_resolve);
+    // The child sends 'A' and the addresses, comma-separated, or 'E' and the reason.
+    auto work = [&](int fd) {
+        std::string msg;
+        try {
+            std::vector<std::string> addrs = resolve(host, port);
+            if (addrs.empty()) throw std::runtime_error("no address");
+            msg = "A";
+            for (size_t i = 0; i < addrs.size() && i < kMaxAddresses; ++i) msg += (i ? "," : "") + addrs[i];
+        } catch (const std::exception& e) {
+            msg = std::string("E") + e.what();
+        }
+        return sys::write_full(fd, msg.data(), std::min(msg.size(), kMaxResolveAnswer)) == 0 ? 0 : 1;
+    };
+    std::string got;
+    const sys::ChildRun run = sys::run_in_child(work, timeout_ms, kMaxResolveAnswer, got);
+    switch (run.outcome) {
+        case sys::ChildRun::Outcome::NotStarted:
+            throw fail(std::string("could not start a process to resolve it: ") + std::strerror(run.error));
+        case sys::ChildRun::Outcome::TimedOut:
+            throw fail("no answer within " + std::to_string(timeout_ms) + " ms");
+        case sys::ChildRun::Outcome::Failed:
+            throw fail("its resolver process failed");
+        case sys::ChildRun::Outcome::Done:
+            break;
+    }
+    if (!got.empty() && got[0] == 'E') throw fail(got.substr(1));
+    if (got.size() < 2 || got[0] != 'A') throw fail("its resolver process failed");
+    // Only numeric addresses are handed on (they reach libcurl's options and connect()).
+    std::vector<std::string> out;
+    size_t start = 1;
+    for (;;) {
+        size_t comma = got.find(',', start);
+        std::string a = got.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        if (!address_entry(a) || out.size() >= kMaxAddresses) throw fail("its resolver process answered \"" + a + "\"");
+        out.push_back(a);
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+    }
+    return out;
 }
 
 bool https_or_loopback(const std::string& url) {

@@ -22,6 +22,7 @@
 #include <random>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cmk_lakebase/base/crypto.hpp"
 #include "cmk_lakebase/kms/provider.hpp"
@@ -135,6 +136,25 @@ bool loopback_authority(const std::string& authority);
 
 // True for https://... and for http:// to a loopback authority (loopback_authority).
 bool https_or_loopback(const std::string& url);
+
+// ---- host names -------------------------------------------------------------------
+
+// Whether host is a numeric IPv4 or IPv6 address (IPv6 with or without brackets).
+bool numeric_host(const std::string& host);
+
+// Runs in resolve_in_child's child: the numeric addresses of host for port (IPv6 in
+// brackets); throws std::runtime_error with the reason when there are none.
+using Resolver = std::function<std::vector<std::string>(const std::string& host, const std::string& port)>;
+
+// The addresses of host for port (numeric, IPv6 in brackets, at most 16), resolved by
+// getaddrinfo (or `resolver`) in a child process (sys::run_in_child) within timeout_ms:
+// a process with one thread keeps one (no resolver thread), and a resolver that does not
+// answer costs at most timeout_ms (the child is killed). Throws KmsError Unavailable
+// "could not resolve host HOST: why" when the name does not resolve, the child does not
+// answer in time, answers anything but numeric addresses, or when 4 children killed
+// earlier have not ended yet. Only for a process with one thread.
+std::vector<std::string> resolve_in_child(const std::string& host, const std::string& port, long timeout_ms,
+                                          const Resolver& resolver = nullptr);
 
 // ---------------------------------------------------------------- timeouts, retries
 // One name and one default each. Providers whose documented option names or defaults

@@ -31,13 +31,16 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
+#include <sys/single_threaded.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "kit.hpp"
 #include "kmip.hpp"
@@ -217,50 +220,72 @@ private:
         }
     }
 
+    // The addresses to try. In a process with one thread a host name is resolved in a
+    // child process within the connect timeout (kit::resolve_in_child): a DNS server that
+    // does not answer cannot hold the postmaster's start or pg_cmk past it. Elsewhere
+    // (the watchdog's probe threads) the system resolver answers in its own time.
+    std::vector<std::string> addresses(Clock::time_point until) {
+        if (!__libc_single_threaded || kit::numeric_host(s_.host)) return {s_.host};
+        try {
+            std::vector<std::string> out = kit::resolve_in_child(s_.host, s_.port, std::max(1, remaining_ms(until)));
+            for (std::string& a : out)
+                if (a.front() == '[') a = a.substr(1, a.size() - 2);
+            return out;
+        } catch (const KmsError& e) {
+            fail(e.what(), true);
+        }
+        return {};
+    }
+
     void connect_tcp() {
-        struct addrinfo hints {};
-        hints.ai_family = AF_UNSPEC;
-        hints.ai_socktype = SOCK_STREAM;
-        hints.ai_flags = AI_NUMERICSERV;
-        struct addrinfo* res = nullptr;
-        int g = ::getaddrinfo(s_.host.c_str(), s_.port.c_str(), &hints, &res);
-        if (g != 0) fail(std::string("cannot resolve host: ") + gai_strerror(g), true);
-        std::unique_ptr<struct addrinfo, void (*)(struct addrinfo*)> guard(res, ::freeaddrinfo);
         Clock::time_point until = Clock::now() + std::chrono::milliseconds(s_.timing.connect_timeout_ms);
         if (until > deadline_) until = deadline_;
+        std::vector<std::unique_ptr<struct addrinfo, void (*)(struct addrinfo*)>> lists;
+        for (const std::string& host : addresses(until)) {
+            struct addrinfo hints {};
+            hints.ai_family = AF_UNSPEC;
+            hints.ai_socktype = SOCK_STREAM;
+            hints.ai_flags = AI_NUMERICSERV | (host == s_.host ? 0 : AI_NUMERICHOST);
+            struct addrinfo* res = nullptr;
+            int g = ::getaddrinfo(host.c_str(), s_.port.c_str(), &hints, &res);
+            if (g != 0) fail(std::string("cannot resolve host: ") + gai_strerror(g), true);
+            lists.emplace_back(res, ::freeaddrinfo);
+        }
         std::string last = "no address";
-        for (struct addrinfo* ai = res; ai; ai = ai->ai_next) {
-            Fd fd;
-            fd.fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
-            if (fd.fd < 0) {
-                last = std::string("socket: ") + std::strerror(errno);
-                continue;
-            }
-            int r = ::connect(fd.fd, ai->ai_addr, ai->ai_addrlen);
-            if (r != 0 && errno != EINPROGRESS) {
-                last = std::string("connect: ") + std::strerror(errno);
-                continue;
-            }
-            if (r != 0) {
-                std::swap(fd_.fd, fd.fd);
-                bool ready = wait_for(POLLOUT, until);
-                std::swap(fd_.fd, fd.fd);
-                if (!ready) {
-                    last = "connect timed out after " + std::to_string(s_.timing.connect_timeout_ms) + " ms";
+        for (const auto& list : lists) {
+            for (struct addrinfo* ai = list.get(); ai; ai = ai->ai_next) {
+                Fd fd;
+                fd.fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+                if (fd.fd < 0) {
+                    last = std::string("socket: ") + std::strerror(errno);
                     continue;
                 }
-                int err = 0;
-                socklen_t len = sizeof err;
-                ::getsockopt(fd.fd, SOL_SOCKET, SO_ERROR, &err, &len);
-                if (err != 0) {
-                    last = std::string("connect: ") + std::strerror(err);
+                int r = ::connect(fd.fd, ai->ai_addr, ai->ai_addrlen);
+                if (r != 0 && errno != EINPROGRESS) {
+                    last = std::string("connect: ") + std::strerror(errno);
                     continue;
                 }
+                if (r != 0) {
+                    std::swap(fd_.fd, fd.fd);
+                    bool ready = wait_for(POLLOUT, until);
+                    std::swap(fd_.fd, fd.fd);
+                    if (!ready) {
+                        last = "connect timed out after " + std::to_string(s_.timing.connect_timeout_ms) + " ms";
+                        continue;
+                    }
+                    int err = 0;
+                    socklen_t len = sizeof err;
+                    ::getsockopt(fd.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+                    if (err != 0) {
+                        last = std::string("connect: ") + std::strerror(err);
+                        continue;
+                    }
+                }
+                int one = 1;
+                ::setsockopt(fd.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                std::swap(fd_.fd, fd.fd);
+                return;
             }
-            int one = 1;
-            ::setsockopt(fd.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-            std::swap(fd_.fd, fd.fd);
-            return;
         }
         fail(last, true);
     }
