@@ -1,6 +1,6 @@
 // Work in a child process under a deadline (sys::run_in_child), and the host name
 // resolution built on it that keeps a process with one thread from getting a second
-// one from libcurl's threaded resolver (http::resolve_entry, http::perform).
+// one from libcurl's threaded resolver (http::resolve_entries, http::perform).
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <netdb.h>
@@ -61,6 +61,11 @@ int put(int fd, const std::string& s) { return cmk::sys::write_full(fd, s.data()
 int left_behind_after_a_while() {
     for (int i = 0; i < 100 && cmk::sys::children_left_behind() > 0; ++i) usleep(20000);
     return cmk::sys::children_left_behind();
+}
+
+void unset_proxies(cmk_test::EnvGuard& env) {
+    for (const char* v : {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"})
+        env.unset(v);
 }
 
 cmk::KmsError error_of(const std::function<void()>& f) {
@@ -155,7 +160,7 @@ TEST(RunInChild, FailsOnAnExitStatusAThrowOrAnAnswerPastItsBound) {
     EXPECT_EQ(left_behind_after_a_while(), 0);
 }
 
-// ------------------------------------------------------------------ resolve_entry
+// ------------------------------------------------------------------ resolve_entries
 
 TEST(ResolveEntry, NumericHosts) {
     for (const char* h : {"127.0.0.1", "10.1.2.3", "::1", "[::1]", "[2001:db8::1]", "2001:db8::1"})
@@ -164,46 +169,81 @@ TEST(ResolveEntry, NumericHosts) {
         EXPECT_FALSE(cmk::kit::numeric_host(h)) << h;
 }
 
-TEST(ResolveEntry, NothingToResolveForAnAddressLiteralOrBehindAProxy) {
-    EXPECT_EQ(cmk::http::resolve_entry("https://127.0.0.1:8200/v1/transit", 1000), "");
-    EXPECT_EQ(cmk::http::resolve_entry("http://[::1]:8080/", 1000), "");
-    EXPECT_EQ(cmk::http::resolve_entry("not a url", 1000), "");
+TEST(ResolveEntry, NothingToResolveForAnAddressLiteral) {
     cmk_test::EnvGuard env;
+    unset_proxies(env);
+    EXPECT_TRUE(cmk::http::resolve_entries("https://127.0.0.1:8200/v1/transit", 1000).empty());
+    EXPECT_TRUE(cmk::http::resolve_entries("http://[::1]:8080/", 1000).empty());
+    EXPECT_TRUE(cmk::http::resolve_entries("not a url", 1000).empty());
+}
+
+// Behind a proxy libcurl looks up the proxy's name (and, where no_proxy sends it
+// around the proxy, the URL's): both get entries; a name that does not resolve here is
+// left to the proxy.
+TEST(ResolveEntry, BehindAProxyTheProxysNameToo) {
+    REQUIRE_ONE_THREAD();
+    cmk_test::EnvGuard env;
+    unset_proxies(env);
+    auto addr_of = [](const std::string& host, const std::string& port) -> std::vector<std::string> {
+        if (host == "kms.example.com") return {"10.0.0.1"};
+        if (host == "proxy.corp") return {"10.9.9." + std::to_string(std::stoi(port) % 256)};
+        throw std::runtime_error("Name or service not known");
+    };
+    env.set("https_proxy", "http://proxy.corp");
+    EXPECT_EQ(cmk::http::resolve_entries("https://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"kms.example.com:443:10.0.0.1", "proxy.corp:1080:10.9.9.56"}));
+    env.set("https_proxy", "https://proxy.corp");
+    EXPECT_EQ(cmk::http::resolve_entries("https://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"kms.example.com:443:10.0.0.1", "proxy.corp:443:10.9.9.187"}));
+    env.set("https_proxy", "proxy.corp:3128");
+    EXPECT_EQ(cmk::http::resolve_entries("https://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"kms.example.com:443:10.0.0.1", "proxy.corp:3128:10.9.9.56"}));
+    // The URL's name does not resolve here: no error behind a proxy, no entry for it.
+    EXPECT_EQ(cmk::http::resolve_entries("https://only.behind.proxy/", 2000, addr_of),
+              (std::vector<std::string>{"proxy.corp:3128:10.9.9.56"}));
+    // A proxy given by address needs no entry; neither does one of another scheme.
     env.set("https_proxy", "http://127.0.0.1:3128");
-    int calls = 0;
-    EXPECT_EQ(cmk::http::resolve_entry("https://kms.example.com/", 1000,
-                                       [&calls](const std::string&, const std::string&) {
-                                           ++calls;
-                                           return std::vector<std::string>{"10.0.0.1"};
-                                       }),
-              "");
-    EXPECT_EQ(calls, 0);
+    env.set("http_proxy", "http://proxy.corp:8080");
+    EXPECT_EQ(cmk::http::resolve_entries("https://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"kms.example.com:443:10.0.0.1"}));
+    EXPECT_EQ(cmk::http::resolve_entries("http://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"kms.example.com:80:10.0.0.1", "proxy.corp:8080:10.9.9.144"}));
+    env.unset("https_proxy");
+    env.unset("http_proxy");
+    env.set("HTTP_PROXY", "http://proxy.corp:8080");  // libcurl ignores it (httpoxy)
+    env.set("ALL_PROXY", "socks5://proxy.corp:1081");
+    EXPECT_EQ(cmk::http::resolve_entries("http://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"kms.example.com:80:10.0.0.1", "proxy.corp:1081:10.9.9.57"}));
+    EXPECT_EQ(left_behind_after_a_while(), 0);
 }
 
 TEST(ResolveEntry, ANameBecomesAnEntryForItsPort) {
     REQUIRE_ONE_THREAD();
     cmk_test::EnvGuard env;
-    for (const char* v : {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"})
-        env.unset(v);
-    std::string e = cmk::http::resolve_entry("https://localhost:8200/v1/x", 2000);
+    unset_proxies(env);
+    auto one = [](const std::string& url, const cmk::http::Resolver& r = nullptr) {
+        std::vector<std::string> v = cmk::http::resolve_entries(url, 2000, r);
+        EXPECT_EQ(v.size(), 1u) << url;
+        return v.empty() ? std::string() : v[0];
+    };
+    std::string e = one("https://localhost:8200/v1/x");
     EXPECT_EQ(e.rfind("localhost:8200:", 0), 0u) << e;
     EXPECT_NE(e.find("127.0.0.1"), std::string::npos) << e;
-    EXPECT_EQ(cmk::http::resolve_entry("https://localhost/", 2000).rfind("localhost:443:", 0), 0u);
-    EXPECT_EQ(cmk::http::resolve_entry("http://localhost/x?y", 2000).rfind("localhost:80:", 0), 0u);
+    EXPECT_EQ(one("https://localhost/").rfind("localhost:443:", 0), 0u);
+    EXPECT_EQ(one("http://localhost/x?y").rfind("localhost:80:", 0), 0u);
     // The resolver runs in the child, and sees the host and port libcurl will use.
     auto fixed = [](const std::string& host, const std::string& port) {
         if (host != "kms.example.com" || port != "443") throw std::runtime_error("asked for " + host + ":" + port);
         return std::vector<std::string>{"10.1.2.3", "[2001:db8::1]"};
     };
-    EXPECT_EQ(cmk::http::resolve_entry("https://kms.example.com/keys", 2000, fixed),
-              "kms.example.com:443:10.1.2.3,[2001:db8::1]");
+    EXPECT_EQ(one("https://kms.example.com/keys", fixed), "kms.example.com:443:10.1.2.3,[2001:db8::1]");
     // At most 16 addresses reach libcurl.
     auto many = [](const std::string&, const std::string&) {
         std::vector<std::string> v;
         for (int i = 1; i <= 20; ++i) v.push_back("10.0.0." + std::to_string(i));
         return v;
     };
-    std::string m = cmk::http::resolve_entry("https://kms.example.com:9443/", 2000, many);
+    std::string m = one("https://kms.example.com:9443/", many);
     EXPECT_EQ(m.rfind("kms.example.com:9443:10.0.0.1,", 0), 0u) << m;
     EXPECT_NE(m.find(",10.0.0.16"), std::string::npos) << m;
     EXPECT_EQ(m.find("10.0.0.17"), std::string::npos) << m;
@@ -212,11 +252,10 @@ TEST(ResolveEntry, ANameBecomesAnEntryForItsPort) {
 TEST(ResolveEntry, FailuresAreUnavailableAndNameTheHost) {
     REQUIRE_ONE_THREAD();
     cmk_test::EnvGuard env;
-    for (const char* v : {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"})
-        env.unset(v);
+    unset_proxies(env);
     const std::string url = "https://kms.example.com/";
     auto e = error_of([&] {
-        cmk::http::resolve_entry(url, 2000, [](const std::string&, const std::string&) -> std::vector<std::string> {
+        cmk::http::resolve_entries(url, 2000, [](const std::string&, const std::string&) -> std::vector<std::string> {
             throw std::runtime_error("Name or service not known");
         });
     });
@@ -225,7 +264,7 @@ TEST(ResolveEntry, FailuresAreUnavailableAndNameTheHost) {
     // A resolver that never answers is killed at the deadline.
     auto t0 = Clock::now();
     e = error_of([&] {
-        cmk::http::resolve_entry(url, 300, [](const std::string&, const std::string&) {
+        cmk::http::resolve_entries(url, 300, [](const std::string&, const std::string&) {
             ::sleep(30);
             return std::vector<std::string>{"10.0.0.1"};
         });
@@ -236,7 +275,7 @@ TEST(ResolveEntry, FailuresAreUnavailableAndNameTheHost) {
     // Only numeric addresses become an entry: nothing else is passed on to libcurl.
     for (const char* bad : {"10.0.0.1:80", "example.org", "[10.0.0.1]", "2001:db8::1", ""}) {
         e = error_of([&] {
-            cmk::http::resolve_entry(url, 2000, [bad](const std::string&, const std::string&) {
+            cmk::http::resolve_entries(url, 2000, [bad](const std::string&, const std::string&) {
                 return std::vector<std::string>{"10.0.0.2", bad};
             });
         });
@@ -244,7 +283,7 @@ TEST(ResolveEntry, FailuresAreUnavailableAndNameTheHost) {
         EXPECT_NE(std::string(e.what()).find("answered"), std::string::npos) << bad << ": " << e.what();
     }
     e = error_of([&] {
-        cmk::http::resolve_entry(url, 2000,
+        cmk::http::resolve_entries(url, 2000,
                                  [](const std::string&, const std::string&) { return std::vector<std::string>{}; });
     });
     EXPECT_STREQ(e.what(), "could not resolve host kms.example.com: no address");
@@ -273,10 +312,42 @@ std::string loopback_name() {
     return loop ? h : "";
 }
 
+// A one-request HTTP server on 127.0.0.1 in a child process: answers "ok" to a request
+// whose first line starts with `want`, "no" to any other. Its pid (-1 on failure).
+pid_t serve_one_request(const std::string& want, uint16_t* port) {
+    int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    struct sockaddr_in a;
+    std::memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t alen = sizeof a;
+    if (::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(s, 1) != 0 ||
+        ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &alen) != 0) {
+        ::close(s);
+        return -1;
+    }
+    *port = ntohs(a.sin_port);
+    const pid_t server = ::fork();
+    if (server == 0) {
+        ::alarm(20);
+        int c = ::accept(s, nullptr, nullptr);
+        std::string req;
+        char buf[1024];
+        ssize_t n;
+        while (req.find("\r\n\r\n") == std::string::npos && (n = ::read(c, buf, sizeof buf)) > 0) req.append(buf, n);
+        const std::string ok = req.rfind(want, 0) == 0 ? "ok" : "no";
+        put(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n" + ok);
+        ::_exit(0);
+    }
+    ::close(s);
+    return server;
+}
+
 }  // namespace
 
 // The whole point: a request to a host name leaves a process that had one thread with
-// one thread (glibc's __libc_single_threaded still set). Without resolve_entry,
+// one thread (glibc's __libc_single_threaded still set). Without resolve_entries,
 // Debian's libcurl resolves the name on a thread and glibc marks the process
 // multi-threaded for good. Runs in a fresh copy of this binary, which has never
 // started a thread.
@@ -296,41 +367,33 @@ TEST(HttpPerform, AHostNameLeavesAProcessWithOneThreadWithOne) {
     }
     ASSERT_TRUE(__libc_single_threaded) << "the fresh process already started a thread";
     cmk_test::EnvGuard env;
-    for (const char* v : {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"})
-        env.unset(v);
+    unset_proxies(env);
     const std::string name = loopback_name();
     if (name.empty()) GTEST_SKIP() << "this machine's host name does not resolve to 127.0.0.1 only";
-    // A one-request HTTP server on 127.0.0.1 in a child process.
-    int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    ASSERT_GE(s, 0);
-    struct sockaddr_in a;
-    std::memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t alen = sizeof a;
-    ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    ASSERT_EQ(::listen(s, 1), 0);
-    ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &alen), 0);
-    const pid_t server = ::fork();
-    if (server == 0) {
-        ::alarm(20);
-        int c = ::accept(s, nullptr, nullptr);
-        std::string req;
-        char buf[1024];
-        ssize_t n;
-        while (req.find("\r\n\r\n") == std::string::npos && (n = ::read(c, buf, sizeof buf)) > 0) req.append(buf, n);
-        const std::string ok = req.rfind("GET /probe ", 0) == 0 ? "ok" : "no";
-        put(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n" + ok);
-        ::_exit(0);
-    }
-    ::close(s);
-    cmk::http::Request r;
-    r.method = "GET";
-    r.url = "http://" + name + ":" + std::to_string(ntohs(a.sin_port)) + "/probe";
-    r.timeout_ms = 10000;
-    cmk::http::Response resp = cmk::http::perform(r);
+    auto probe = [](const std::string& url) {
+        cmk::http::Request r;
+        r.method = "GET";
+        r.url = url;
+        r.timeout_ms = 10000;
+        return cmk::http::perform(r);
+    };
+    // Straight to the server by its name.
+    uint16_t port = 0;
+    pid_t server = serve_one_request("GET /probe ", &port);
+    ASSERT_GT(server, 0);
+    cmk::http::Response resp = probe("http://" + name + ":" + std::to_string(port) + "/probe");
     ::waitpid(server, nullptr, 0);
     EXPECT_EQ(resp.status, 200);
     EXPECT_EQ(resp.body, "ok");
     EXPECT_TRUE(__libc_single_threaded) << "the request to " << name << " started a thread";
+    // Through an HTTP proxy named by the same name (http_proxy), to a KMS whose name only
+    // the proxy could resolve.
+    server = serve_one_request("GET http://kms.example.invalid/probe ", &port);
+    ASSERT_GT(server, 0);
+    env.set("http_proxy", "http://" + name + ":" + std::to_string(port));
+    resp = probe("http://kms.example.invalid/probe");
+    ::waitpid(server, nullptr, 0);
+    EXPECT_EQ(resp.status, 200);
+    EXPECT_EQ(resp.body, "ok");
+    EXPECT_TRUE(__libc_single_threaded) << "the request through the proxy " << name << " started a thread";
 }

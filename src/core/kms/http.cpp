@@ -1,7 +1,7 @@
 // libcurl behind cmk::http (http.hpp). Every handle is RAII; TLS verification is never
 // switched off; CURLOPT_NOSIGNAL because this runs in the postmaster and in background
 // workers whose signal handlers PostgreSQL owns. In a process with one thread a host
-// name is resolved in a child process and handed to libcurl (resolve_entry), so that
+// name is resolved in a child process and handed to libcurl (resolve_entries), so that
 // its threaded resolver never starts a thread there (kit::resolve_in_child; child.hpp
 // says why that matters).
 #include "http.hpp"
@@ -14,8 +14,11 @@
 #include <cctype>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 namespace cmk::http {
 namespace {
@@ -71,34 +74,50 @@ struct UrlDeleter {
     void operator()(CURLU* u) const { curl_url_cleanup(u); }
 };
 
-// The URL's host (as libcurl normalises it: an IPv6 literal in brackets) and port (the
-// scheme's default when none is given); false when libcurl cannot parse it (perform
-// then reports libcurl's own error).
-bool url_host_port(const std::string& url, std::string& host, std::string& port) {
+// The URL's scheme, host (as libcurl normalises it: an IPv6 literal in brackets) and
+// port (default_port when it names none, or the scheme's when default_port is empty);
+// false when libcurl cannot parse it (perform then reports libcurl's own error).
+bool url_parts(const std::string& url, std::string& scheme, std::string& host, std::string& port,
+               const char* default_port = nullptr) {
     std::unique_ptr<CURLU, UrlDeleter> u(curl_url());
-    if (!u || curl_url_set(u.get(), CURLUPART_URL, url.c_str(), 0) != CURLUE_OK) return false;
-    char* h = nullptr;
-    char* p = nullptr;
-    if (curl_url_get(u.get(), CURLUPART_HOST, &h, 0) != CURLUE_OK) return false;
-    if (curl_url_get(u.get(), CURLUPART_PORT, &p, CURLU_DEFAULT_PORT) != CURLUE_OK) {
-        curl_free(h);
-        return false;
+    if (!u || curl_url_set(u.get(), CURLUPART_URL, url.c_str(), CURLU_NON_SUPPORT_SCHEME) != CURLUE_OK) return false;
+    auto part = [&u](CURLUPart what, unsigned flags, std::string& out) {
+        char* v = nullptr;
+        CURLUcode rc = curl_url_get(u.get(), what, &v, flags);
+        if (rc == CURLUE_OK) out = v;
+        curl_free(v);
+        return rc;
+    };
+    if (part(CURLUPART_SCHEME, 0, scheme) != CURLUE_OK || part(CURLUPART_HOST, 0, host) != CURLUE_OK) return false;
+    CURLUcode rc = part(CURLUPART_PORT, default_port ? 0 : CURLU_DEFAULT_PORT, port);
+    if (rc == CURLUE_NO_PORT && default_port) {
+        port = default_port;
+        return true;
     }
-    host = h;
-    port = p;
-    curl_free(h);
-    curl_free(p);
-    return true;
+    return rc == CURLUE_OK;
 }
 
-// Whether the environment gives libcurl a proxy: the proxy then resolves the KMS's
-// name (or libcurl resolves the proxy's), not us.
-bool proxy_in_environment() {
-    for (const char* v : {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"}) {
-        const char* e = std::getenv(v);
-        if (e && *e) return true;
+// The host and port of each proxy libcurl may take from the environment for a URL of
+// this scheme (it applies no_proxy; we do not): it reads http_proxy in lower case only,
+// https_proxy in either, then all_proxy. A proxy without a scheme is an HTTP proxy; one
+// without a port listens on 443 (https://) or 1080 (the others).
+std::vector<std::pair<std::string, std::string>> env_proxies(const std::string& scheme) {
+    std::vector<const char*> names;
+    if (scheme == "https") names = {"https_proxy", "HTTPS_PROXY"};
+    if (scheme == "http") names = {"http_proxy"};
+    names.push_back("all_proxy");
+    names.push_back("ALL_PROXY");
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const char* n : names) {
+        const char* v = std::getenv(n);
+        if (!v || !*v) continue;
+        std::string url = std::strstr(v, "://") ? v : std::string("http://") + v;
+        std::string ps, ph, pp;
+        if (!url_parts(url, ps, ph, pp, "")) continue;
+        if (pp.empty()) pp = ps == "https" ? "443" : "1080";
+        out.emplace_back(ph, pp);
     }
-    return false;
+    return out;
 }
 
 }  // namespace
@@ -108,14 +127,33 @@ std::string Response::header(const std::string& lower_name) const {
     return it == headers.end() ? "" : it->second;
 }
 
-std::string resolve_entry(const std::string& url, long timeout_ms, const Resolver& resolver) {
-    std::string host, port;
-    if (!url_host_port(url, host, port) || host.empty() || kit::numeric_host(host) || proxy_in_environment())
-        return "";
-    std::string list;
-    for (const std::string& a : kit::resolve_in_child(host, port, timeout_ms, resolver))
-        list += (list.empty() ? "" : ",") + a;
-    return host + ":" + port + ":" + list;
+std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms, const Resolver& resolver) {
+    std::vector<std::string> out;
+    std::string scheme, host, port;
+    if (!url_parts(url, scheme, host, port)) return out;
+    const auto proxies = env_proxies(scheme);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    // Behind a proxy a name that does not resolve here is not an error: the proxy may
+    // resolve it (or no_proxy sends libcurl there directly, and it reports the failure).
+    auto add = [&](const std::string& h, const std::string& p, bool must_resolve) {
+        if (h.empty() || kit::numeric_host(h)) return;
+        const long left = static_cast<long>(
+            (std::chrono::duration_cast<std::chrono::microseconds>(deadline - std::chrono::steady_clock::now()).count() +
+             999) / 1000);  // rounded up: the first name gets the whole timeout
+        std::vector<std::string> addrs;
+        try {
+            addrs = kit::resolve_in_child(h, p, std::max(1L, left), resolver);
+        } catch (const KmsError&) {
+            if (must_resolve) throw;
+            return;
+        }
+        std::string entry = h + ":" + p + ":";
+        for (size_t i = 0; i < addrs.size(); ++i) entry += (i ? "," : "") + addrs[i];
+        out.push_back(entry);
+    };
+    add(host, port, proxies.empty());
+    for (const auto& pr : proxies) add(pr.first, pr.second, false);
+    return out;
 }
 
 Response perform(const Request& req) {
@@ -146,15 +184,20 @@ Response perform(const Request& req) {
     std::unique_ptr<curl_slist, SlistDeleter> resolved;
     if (__libc_single_threaded) {
         const auto t0 = std::chrono::steady_clock::now();
-        std::string entry;
+        std::vector<std::string> entries;
         try {
-            entry = resolve_entry(req.url, connect_timeout_ms > 0 ? std::min(connect_timeout_ms, timeout_ms) : timeout_ms);
+            entries =
+                resolve_entries(req.url, connect_timeout_ms > 0 ? std::min(connect_timeout_ms, timeout_ms) : timeout_ms);
         } catch (const KmsError& e) {
             throw KmsError(e.kind, "request to " + host_of(req.url) + " failed: " + e.what());
         }
-        if (!entry.empty()) {
-            resolved.reset(curl_slist_append(nullptr, entry.c_str()));
-            if (!resolved) throw unavailable("out of memory building an HTTP request");
+        for (const std::string& entry : entries) {
+            curl_slist* n = curl_slist_append(resolved.get(), entry.c_str());
+            if (!n) throw unavailable("out of memory building an HTTP request");
+            resolved.release();
+            resolved.reset(n);
+        }
+        if (resolved) {
             curl_easy_setopt(h, CURLOPT_RESOLVE, resolved.get());
             const long spent = static_cast<long>(
                 std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count());

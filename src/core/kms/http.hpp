@@ -39,20 +39,24 @@ struct Response {
 
 // One request. Throws KmsError Unavailable (timeout, refused, DNS, TLS failure) with a
 // message naming the host and curl's reason; never the request body. In a process with
-// one thread (glibc's __libc_single_threaded) the host name is resolved first by
-// resolve_entry, within the connect timeout, and the request keeps what is left of its
-// own; elsewhere libcurl resolves it (Debian's libcurl: on a thread).
+// one thread (glibc's __libc_single_threaded) host names are resolved first by
+// resolve_entries, within the connect timeout, and the request keeps what is left of
+// its own; elsewhere libcurl resolves them (Debian's libcurl: on a thread).
 Response perform(const Request& req);
 
 using kit::Resolver;
 
-// The CURLOPT_RESOLVE entry ("host:port:addr[,addr...]") for the URL's host name,
-// resolved by kit::resolve_in_child (in a child process, within timeout_ms; its errors)
-// so that libcurl's threaded resolver never starts a thread in this process. "" when
-// there is nothing to resolve here: the host is an IP literal, the URL does not parse
-// (libcurl reports it), or a proxy is set in the environment (libcurl resolves the
-// proxy's name). Only for a process with one thread.
-std::string resolve_entry(const std::string& url, long timeout_ms, const Resolver& resolver = nullptr);
+// The CURLOPT_RESOLVE entries ("host:port:addr[,addr...]") for the names libcurl may
+// look up for this URL, resolved by kit::resolve_in_child (in a child process, all
+// within timeout_ms) so that libcurl's threaded resolver never starts a thread in this
+// process: the URL's host, and the host of each proxy the environment gives for its
+// scheme (https_proxy, HTTPS_PROXY, http_proxy, all_proxy, ALL_PROXY; no_proxy is
+// libcurl's to apply, so both are resolved). IP literals need no entry; an unparsable
+// URL gets none (libcurl reports it). Throws kit::resolve_in_child's Unavailable when
+// the URL's host does not resolve and no proxy is set; a proxy's host, or the URL's
+// behind a proxy, that does not resolve gets no entry (the proxy may resolve it; libcurl
+// reports what it cannot reach). Only for a process with one thread.
+std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms, const Resolver& resolver = nullptr);
 
 struct RetryPolicy {
     int attempts = kit::kAttempts;  // total tries; pauses between them: kit::Backoff
