@@ -133,8 +133,9 @@ std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms
     if (!url_parts(url, scheme, host, port)) return out;
     const auto proxies = env_proxies(scheme);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-    // Behind a proxy a name that does not resolve here is not an error: the proxy may
-    // resolve it (or no_proxy sends libcurl there directly, and it reports the failure).
+    // Behind a proxy only the proxies' names: the endpoint's is the proxy's to resolve,
+    // and a local DNS that cannot (a firewalled one may not even answer) must not eat the
+    // request's time. A proxy's name that does not resolve is libcurl's to report.
     auto add = [&](const std::string& h, const std::string& p, bool must_resolve) {
         if (h.empty() || kit::numeric_host(h)) return;
         const long left = static_cast<long>(
@@ -151,7 +152,7 @@ std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms
         for (size_t i = 0; i < addrs.size(); ++i) entry += (i ? "," : "") + addrs[i];
         out.push_back(entry);
     };
-    add(host, port, proxies.empty());
+    if (proxies.empty()) add(host, port, true);
     for (const auto& pr : proxies) add(pr.first, pr.second, false);
     return out;
 }

@@ -46,16 +46,16 @@ Response perform(const Request& req);
 
 using kit::Resolver;
 
-// The CURLOPT_RESOLVE entries ("host:port:addr[,addr...]") for the names libcurl may
+// The CURLOPT_RESOLVE entries ("host:port:addr[,addr...]") for the names libcurl will
 // look up for this URL, resolved by kit::resolve_in_child (in a child process, all
 // within timeout_ms) so that libcurl's threaded resolver never starts a thread in this
-// process: the URL's host, and the host of each proxy the environment gives for its
-// scheme (https_proxy, HTTPS_PROXY, http_proxy, all_proxy, ALL_PROXY; no_proxy is
-// libcurl's to apply, so both are resolved). IP literals need no entry; an unparsable
-// URL gets none (libcurl reports it). Throws kit::resolve_in_child's Unavailable when
-// the URL's host does not resolve and no proxy is set; a proxy's host, or the URL's
-// behind a proxy, that does not resolve gets no entry (the proxy may resolve it; libcurl
-// reports what it cannot reach). Only for a process with one thread.
+// process: the URL's host, or, when the environment gives a proxy for its scheme
+// (https_proxy, HTTPS_PROXY, http_proxy, all_proxy, ALL_PROXY), the host of each such
+// proxy instead (the proxy resolves the URL's; a URL that no_proxy exempts is then
+// resolved by libcurl, on its thread). IP literals need no entry; an unparsable URL
+// gets none (libcurl reports it). Throws kit::resolve_in_child's Unavailable when the
+// URL's host does not resolve; a proxy's that does not gets no entry (libcurl reports
+// it). Only for a process with one thread.
 std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms, const Resolver& resolver = nullptr);
 
 struct RetryPolicy {
