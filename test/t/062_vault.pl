@@ -182,7 +182,7 @@ is($rc, 3, 'AppRole: an expired secret id is revoked (exit 3)');
 # libcurl (Debian's: the threaded resolver) would resolve the name on a thread while the
 # postmaster unwraps the KEK, and glibc would treat the postmaster and every process it
 # forks as multi-threaded for good (dearer system calls); the name is resolved in a
-# child process instead (src/core/kms/http.cpp, resolve_entry).
+# child process instead (src/core/kms/http.cpp, resolve_entries).
 SKIP:
 {
 	skip 'this machine\'s host name does not resolve to 127.0.0.1', 4 unless defined $name;
