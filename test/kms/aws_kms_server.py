@@ -473,6 +473,8 @@ class Handler(BaseHTTPRequestHandler):
                 if "state" in req:
                     KEYS[kid]["state"] = req["state"]
                     KEYS[kid]["deletion"] = time.time() + 7 * 86400 if req["state"] == "PendingDeletion" else None
+                if "deletion" in req:  # DescribeKey's DeletionDate, as given (any JSON number)
+                    KEYS[kid]["deletion"] = req["deletion"]
                 if "deny" in req:
                     KEYS[kid]["deny"] = set(req["deny"] or [])
                 return self.reply(200, json.dumps({"KeyState": KEYS[kid]["state"]}), "application/json")

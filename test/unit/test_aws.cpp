@@ -524,6 +524,19 @@ TEST_F(AwsServerTest, WrapUnwrapStatusAndEveryKeyState) {
         EXPECT_EQ(st.state, state);
         EXPECT_EQ(kind_of([&] { p->unwrap(w.blob); }), cmk::KmsErrorKind::Revoked);
     }
+    // DeletionDate is the peer's number: a date is named, one no integer holds is left out
+    // (it once went through an out-of-range double conversion; fuzz_answers found it).
+    s.control("set", "{\"key\":\"" + kid + "\",\"state\":\"PendingDeletion\",\"deletion\":1700604800.5}");
+    st = p->status();
+    EXPECT_EQ(st.health, cmk::KeyHealth::Revoked) << st.detail;
+    EXPECT_NE(st.detail.find("(deletion scheduled for epoch 1700604800)"), std::string::npos) << st.detail;
+    for (const char* when : {"1e300", "-1e300", "9.3e18"}) {
+        SCOPED_TRACE(when);
+        s.control("set", "{\"key\":\"" + kid + "\",\"deletion\":" + when + "}");
+        st = p->status();
+        EXPECT_EQ(st.health, cmk::KeyHealth::Revoked) << st.detail;
+        EXPECT_EQ(st.detail.find("deletion scheduled"), std::string::npos) << st.detail;
+    }
     s.control("set", "{\"key\":\"" + kid + "\",\"state\":\"Enabled\"}");
     EXPECT_EQ(p->status().health, cmk::KeyHealth::Ok);
 

@@ -262,9 +262,10 @@ public:
                 s.detail = "AWS KMS key " + name + " is " + s.state + " (transient); retrying";
                 break;
         }
-        if (const rapidjson::Value* v = member(*md, "DeletionDate"); v && v->IsNumber())
-            s.detail += " (deletion scheduled for epoch " +
-                        std::to_string(static_cast<long long>(v->GetDouble())) + ")";
+        // A peer's number: kit::int_member refuses what no long long holds (converting an
+        // out-of-range double is undefined behaviour; found by fuzz_answers).
+        if (long long when = 0; kit::int_member(*md, "DeletionDate", &when))
+            s.detail += " (deletion scheduled for epoch " + std::to_string(when) + ")";
         return s;
     }
 

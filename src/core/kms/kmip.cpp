@@ -234,7 +234,6 @@ private:
         } catch (const KmsError& e) {
             fail(e.what(), true);
         }
-        return {};
     }
 
     void connect_tcp() {
