@@ -62,7 +62,8 @@ for t in "${targets[@]}"; do
 		pass=$((pass + 1))
 	else
 		grep -E 'ERROR: |SUMMARY: |runtime error|Test unit written' "$log" | head -n 10
-		echo "FAIL $t: exit $rc after ${runs:-?} runs (log and input in $work)"
+		seed=$(sed -n 's/^INFO: Seed: \([0-9]*\).*/\1/p' "$log" | head -n 1)
+		echo "FAIL $t: exit $rc after ${runs:-?} runs, -seed=${seed:-?} (log and input in $work)"
 		fail=$((fail + 1))
 		CMK_FUZZ_KEEP=1
 	fi
