@@ -212,6 +212,22 @@ TEST(ResolveEntry, BehindAProxyOnlyTheProxysName) {
     env.set("ALL_PROXY", "socks5://proxy.corp:1081");
     EXPECT_EQ(cmk::http::resolve_entries("http://kms.example.com/", 2000, addr_of),
               (std::vector<std::string>{"proxy.corp:1081:10.9.9.57"}));
+    // As in libcurl the first proxy variable set wins: the others' names are never looked
+    // up (one that does not answer would eat the request's time).
+    env.set("https_proxy", "http://proxy.corp:3129");
+    env.set("all_proxy", "http://other.corp:3128");
+    env.set("ALL_PROXY", "http://other.corp:3130");
+    t0 = Clock::now();
+    EXPECT_EQ(cmk::http::resolve_entries("https://kms.example.com/", 2000, addr_of),
+              (std::vector<std::string>{"proxy.corp:3129:10.9.9.57"}));
+    EXPECT_LT(ms_since(t0), 1500) << "a proxy libcurl does not use was looked up";
+    env.unset("https_proxy");
+    env.set("HTTPS_PROXY", "http://[::1");  // set but unparsable: libcurl reports it
+    t0 = Clock::now();
+    EXPECT_EQ(cmk::http::resolve_entries("https://kms.example.com/", 2000, addr_of), std::vector<std::string>{});
+    EXPECT_LT(ms_since(t0), 1500) << "a name was looked up behind an unparsable proxy";
+    env.unset("HTTPS_PROXY");
+    env.unset("all_proxy");
     // A proxy's name that does not resolve: no entry, no error (libcurl reports it).
     env.set("ALL_PROXY", "http://no-such-proxy.invalid:3128");
     EXPECT_EQ(cmk::http::resolve_entries("http://kms.example.com/", 2000,

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -97,27 +98,29 @@ bool url_parts(const std::string& url, std::string& scheme, std::string& host, s
     return rc == CURLUE_OK;
 }
 
-// The host and port of each proxy libcurl may take from the environment for a URL of
-// this scheme (it applies no_proxy; we do not): it reads http_proxy in lower case only,
-// https_proxy in either, then all_proxy. A proxy without a scheme is an HTTP proxy; one
-// without a port listens on 443 (https://) or 1080 (the others).
-std::vector<std::pair<std::string, std::string>> env_proxies(const std::string& scheme) {
+// The host and port of the proxy libcurl takes from the environment for a URL of this
+// scheme, if any (it applies no_proxy; we do not). As libcurl does, the first variable
+// set wins: https_proxy then HTTPS_PROXY (http_proxy in lower case only), then
+// all_proxy, then ALL_PROXY; an empty one counts as unset. A proxy without a scheme is
+// an HTTP proxy; one without a port listens on 443 (https://) or 1080 (the others). A
+// proxy that does not parse gives an empty host.
+std::optional<std::pair<std::string, std::string>> env_proxy(const std::string& scheme) {
     std::vector<const char*> names;
     if (scheme == "https") names = {"https_proxy", "HTTPS_PROXY"};
     if (scheme == "http") names = {"http_proxy"};
     names.push_back("all_proxy");
     names.push_back("ALL_PROXY");
-    std::vector<std::pair<std::string, std::string>> out;
     for (const char* n : names) {
         const char* v = std::getenv(n);
         if (!v || !*v) continue;
         std::string url = std::strstr(v, "://") ? v : std::string("http://") + v;
         std::string ps, ph, pp;
-        if (!url_parts(url, ps, ph, pp, "")) continue;
+        // Unparsable: libcurl uses it all the same and reports it; nothing to resolve.
+        if (!url_parts(url, ps, ph, pp, "")) return std::make_pair(std::string(), std::string());
         if (pp.empty()) pp = ps == "https" ? "443" : "1080";
-        out.emplace_back(ph, pp);
+        return std::make_pair(ph, pp);
     }
-    return out;
+    return std::nullopt;
 }
 
 }  // namespace
@@ -131,9 +134,9 @@ std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms
     std::vector<std::string> out;
     std::string scheme, host, port;
     if (!url_parts(url, scheme, host, port)) return out;
-    const auto proxies = env_proxies(scheme);
+    const auto proxy = env_proxy(scheme);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-    // Behind a proxy only the proxies' names: the endpoint's is the proxy's to resolve,
+    // Behind a proxy only the proxy's name: the endpoint's is the proxy's to resolve,
     // and a local DNS that cannot (a firewalled one may not even answer) must not eat the
     // request's time. A proxy's name that does not resolve is libcurl's to report.
     auto add = [&](const std::string& h, const std::string& p, bool must_resolve) {
@@ -152,8 +155,10 @@ std::vector<std::string> resolve_entries(const std::string& url, long timeout_ms
         for (size_t i = 0; i < addrs.size(); ++i) entry += (i ? "," : "") + addrs[i];
         out.push_back(entry);
     };
-    if (proxies.empty()) add(host, port, true);
-    for (const auto& pr : proxies) add(pr.first, pr.second, false);
+    if (proxy)
+        add(proxy->first, proxy->second, false);
+    else
+        add(host, port, true);
     return out;
 }
 

@@ -49,10 +49,10 @@ using kit::Resolver;
 // The CURLOPT_RESOLVE entries ("host:port:addr[,addr...]") for the names libcurl will
 // look up for this URL, resolved by kit::resolve_in_child (in a child process, all
 // within timeout_ms) so that libcurl's threaded resolver never starts a thread in this
-// process: the URL's host, or, when the environment gives a proxy for its scheme
-// (https_proxy, HTTPS_PROXY, http_proxy, all_proxy, ALL_PROXY), the host of each such
-// proxy instead (the proxy resolves the URL's; a URL that no_proxy exempts is then
-// resolved by libcurl, on its thread). IP literals need no entry; an unparsable URL
+// process: the URL's host, or, when the environment gives a proxy for its scheme, the
+// host of the proxy libcurl takes (the first set of https_proxy, HTTPS_PROXY or
+// http_proxy, then all_proxy, ALL_PROXY) instead: the proxy resolves the URL's; a URL
+// that no_proxy exempts is then resolved by libcurl, on its thread. At most one entry. IP literals need no entry; an unparsable URL
 // gets none (libcurl reports it). Throws kit::resolve_in_child's Unavailable when the
 // URL's host does not resolve; a proxy's that does not gets no entry (libcurl reports
 // it). Only for a process with one thread.
